@@ -1,0 +1,39 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+BASE   := base/tiny-paligemma
+DATA   := data/shapes-qa
+export HF_HUB_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: demo test base data venv clean
+
+venv: $(STAMP)
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	rm -f $(VENV)/.installed-* && touch $@
+
+# The tiny base VLM (PaliGemma architecture), pretrained here on synthetic captions.
+base: $(BASE)/config.json
+$(BASE)/config.json: $(STAMP) demo/shapes.py demo/pretrain_base.py
+	$(PY) demo/pretrain_base.py --out $(BASE)
+
+# The demo's fine-tuning data: a question type the base never saw, written as an imagefolder.
+data: $(DATA)/train/metadata.jsonl
+$(DATA)/train/metadata.jsonl: $(STAMP) demo/shapes.py demo/make_data.py
+	$(PY) demo/make_data.py --out $(DATA)
+
+demo: base data
+	$(PY) demo/run_demo.py --config configs/demo.toml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs base data

@@ -1,0 +1,53 @@
+"""Synthetic images for the embedded demo: one coloured shape in one quadrant of a 32×32 image.
+
+Everything is a function of an integer seed, so the base model and the demo data rebuild
+bit for bit. The base model learns to *caption* these images ("red circle top left"); the
+demo then teaches it, with QLoRA, to *answer questions* about them, which it never saw.
+"""
+
+from __future__ import annotations
+
+import random
+
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220),
+          "yellow": (230, 210, 40), "purple": (150, 60, 190), "white": (245, 245, 245)}
+SHAPES = ["circle", "square", "triangle"]
+POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
+SIZE = 32
+
+# The demo's new skill: three question types the base never saw.
+QUESTIONS = {"what color is the shape": "color", "what shape is it": "shape", "where is the shape": "position"}
+
+
+def draw(color: str, shape: str, position: str, rng: random.Random) -> Image.Image:
+    """One shape, 9-13 px across, jittered inside its quadrant, on a dark noisy background."""
+    bg = tuple(rng.randint(0, 60) for _ in range(3))
+    img = Image.new("RGB", (SIZE, SIZE), bg)
+    d = ImageDraw.Draw(img)
+    s = rng.randint(9, 13)
+    half = SIZE // 2
+    x0 = (half if "right" in position else 0) + rng.randint(1, half - s - 1)
+    y0 = (half if "bottom" in position else 0) + rng.randint(1, half - s - 1)
+    box = [x0, y0, x0 + s, y0 + s]
+    fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLORS[color])
+    if shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif shape == "square":
+        d.rectangle(box, fill=fill)
+    else:
+        d.polygon([(x0 + s / 2, y0), (x0, y0 + s), (x0 + s, y0 + s)], fill=fill)
+    return img
+
+
+def sample(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
+    attrs = {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "position": rng.choice(POSITIONS)}
+    return draw(attrs["color"], attrs["shape"], attrs["position"], rng), attrs
+
+
+def caption(attrs: dict[str, str]) -> str:
+    return f"{attrs['color']} {attrs['shape']} {attrs['position']}"
+
+
+VOCAB = sorted({w for text in [*COLORS, *SHAPES, *POSITIONS, *QUESTIONS, "caption"] for w in text.split()})

@@ -1,0 +1,1 @@
+"""minivlm: QLoRA fine-tuning of vision-language models in plain PyTorch."""

@@ -1,0 +1,69 @@
+"""From config to a QLoRA-ready model: load -> quantize -> (checkpointing) -> inject LoRA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from minivlm.config import Config, ConfigError
+from minivlm.lora import count_parameters, inject_lora
+from minivlm.models import get_family
+from minivlm.quant import quantize_linears
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Built:
+    model: nn.Module
+    processor: object
+    family: ModuleType
+    device: torch.device
+    quantized: list[str]  # names of the Linear4bit layers
+    adapted: list[str]  # names of the LoRALinear layers
+    trainable_params: int
+    total_params: int
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build(cfg: Config) -> Built:
+    """Load the base model named in the config and make it ready for QLoRA training."""
+    family = get_family(cfg.model.family)
+    device = pick_device(cfg.train.device)
+    dtype = DTYPES[cfg.model.dtype]
+    try:
+        processor = family.load_processor(cfg.model.name_or_path)
+        # Loaded on the CPU in `dtype`; quantize_linears then moves one layer at a time to the
+        # device, so the accelerator never holds the full-precision language model.
+        model = family.MODEL_CLASS.from_pretrained(cfg.model.name_or_path, dtype=dtype)
+    except OSError as e:
+        raise ConfigError(f"cannot load model.name_or_path = {cfg.model.name_or_path!r}: {e}\n"
+                         "Point it at a local directory holding the checkpoint, or a hub id "
+                         "that is already in the Hugging Face cache.") from None
+    quantized = []
+    if cfg.quant.load_in_4bit:
+        skip = family.QUANT_SKIP if cfg.quant.skip is None else cfg.quant.skip
+        quantized = quantize_linears(model, skip, dtype, device, cfg.quant.quant_type, cfg.quant.double_quant)
+    model.to(device)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing recomputes through frozen inputs too, so every adapter
+        # gets its gradient even though the embeddings (the inputs) require none.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    torch.manual_seed(cfg.train.seed)  # A's random init
+    adapted = inject_lora(
+        model,
+        targets=family.LORA_TARGETS if cfg.lora.targets is None else cfg.lora.targets,
+        skip=family.LORA_SKIP if cfg.lora.skip is None else cfg.lora.skip,
+        r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, train_modules=cfg.lora.train_modules,
+    )
+    trainable, total = count_parameters(model)
+    return Built(model, processor, family, device, quantized, adapted, trainable, total)

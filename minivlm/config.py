@@ -1,0 +1,219 @@
+"""TOML config -> dataclasses, validated.
+
+A config is five tables, one dataclass each: [model], [quant], [lora], [data], [train].
+Every mistake a user can make in a TOML file ends in one `ConfigError` whose message
+names the key and says what would be accepted; `train.py` prints it and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config problem, with a message meant for the user (no traceback needed)."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "paligemma"  # which minivlm/models/<family>.py handles prompts and labels
+    name_or_path: str = ""  # hub id or local dir, passed to from_pretrained
+    dtype: str = "bfloat16"  # dtype of unquantized weights and of the 4-bit matmuls
+
+
+@dataclass
+class QuantConfig:
+    load_in_4bit: bool = True
+    quant_type: str = "nf4"  # "nf4" (QLoRA paper) or "fp4"
+    double_quant: bool = True  # quantize the per-block absmax constants too (~0.37 bit/param saved)
+    skip: list[str] | None = None  # modules left unquantized; None = the family's default
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] | None = None  # names (suffix match) or "re:<regex>"; None = family default
+    skip: list[str] | None = None  # never adapted; None = the family's default
+    train_modules: list[str] = field(default_factory=list)  # trained in full, saved with the adapter
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ""  # hub id, local imagefolder dir, or a .jsonl/.parquet file
+    train_split: str = "train"
+    eval_split: str = ""  # "" = no evaluation split
+    image_column: str = "image"
+    question_column: str = "question"
+    answer_column: str = "answer"
+    prompt_template: str = "{question}"  # what the model reads before the answer
+    max_length: int = 256  # longer samples are dropped (never cut through image tokens)
+    eval_samples: int = 0  # 0 = the whole eval split
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # "cosine", "linear" or "constant" after warmup
+    optimizer: str = "paged_adamw_8bit"  # or "adamw_8bit", "adamw"
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    max_new_tokens: int = 16
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "quant.quant_type": ("nf4", "fp4"),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
+}
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a TOML file, apply `section.key=value` overrides (value in TOML syntax), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass an existing TOML file, e.g. configs/demo.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.max_steps=3")
+        section, name = key.strip().split(".", 1)
+        raw.setdefault(section, {})[name] = _parse_value(value.strip())
+    return from_dict(raw)
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: treat as a string, so paths need no quotes on the command line
+
+
+def from_dict(raw: dict) -> Config:
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    built = {}
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(f"unknown section [{section}]{_did_you_mean(section, sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of keys, got {values!r}")
+        built[section] = _build_section(section, hints[section], values)
+    cfg = Config(**built)
+    validate(cfg)
+    return cfg
+
+
+def _build_section(section: str, cls: type, values: dict):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key {section}.{key}{_did_you_mean(key, hints)}")
+        kwargs[key] = _check_type(f"{section}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _check_type(name: str, value, hint):
+    """Accept `value` if it fits `hint` (int where float is asked is fine); else a one-line error."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_check_type(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{name} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _did_you_mean(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(candidates)}"
+
+
+def validate(cfg: Config) -> None:
+    """Impossible values, each with the key that holds it."""
+    from minivlm.models import FAMILIES  # late: models import config
+
+    checks = [
+        (cfg.model.family in FAMILIES, "model.family", f"must be one of {sorted(FAMILIES)}"),
+        (cfg.lora.r > 0, "lora.r", "must be > 0 (the adapter rank)"),
+        (cfg.lora.alpha > 0, "lora.alpha", "must be > 0 (the update is scaled by alpha/r)"),
+        (0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
+        (cfg.train.lr > 0, "train.lr", "must be > 0"),
+        (cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
+        (cfg.train.epochs >= 1 or cfg.train.max_steps > 0, "train.epochs", "must be >= 1 (or set train.max_steps)"),
+        (cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = use epochs)"),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
+        (cfg.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = no clipping)"),
+        (len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "train.betas",
+         "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
+        (not (cfg.train.fp16 and cfg.train.bf16), "train.fp16", "and train.bf16 are both true; pick one"),
+        ("{question}" in cfg.data.prompt_template, "data.prompt_template", "must contain {question}"),
+        (cfg.data.max_length > 0, "data.max_length", "must be > 0"),
+        (cfg.data.eval_samples >= 0, "data.eval_samples", "must be >= 0 (0 = all)"),
+        (cfg.train.save_every >= 0, "train.save_every", "must be >= 0 (0 = only at the end)"),
+        (cfg.train.device in ("auto", "cpu") or cfg.train.device.startswith("cuda"), "train.device",
+         "must be 'auto', 'cpu' or 'cuda[:N]'"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key} = {_get(cfg, key)!r} {msg}")
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not one of {list(allowed)}{_did_you_mean(value, allowed)}")
+
+
+def _get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,42 @@
+"""Greedy answers from a (QLoRA) model, and accuracy on a dataset split."""
+
+from __future__ import annotations
+
+import datasets
+import torch
+from PIL import Image
+
+from minivlm.build import DTYPES, Built
+from minivlm.config import Config
+from minivlm.data import prompt_of
+from minivlm.loop import autocast, model_inputs
+from minivlm.metrics import exact_match
+
+
+@torch.no_grad()
+def answer(cfg: Config, built: Built, images: list[Image.Image], questions: list[str]) -> list[str]:
+    """Greedy-decode one answer per (image, question), as a batch."""
+    model, processor = built.model, built.processor
+    was_training = model.training
+    model.eval()  # dropout off
+    batch = built.family.generation_batch(processor, [im.convert("RGB") for im in images],
+                                          [prompt_of(cfg.data, q) for q in questions])
+    inputs = model_inputs(batch, built.device, DTYPES[cfg.model.dtype])
+    with autocast(cfg, built.device):
+        out = model.generate(**inputs, max_new_tokens=cfg.train.max_new_tokens, do_sample=False, use_cache=True)
+    model.train(was_training)
+    new_tokens = out[:, inputs["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
+    return [s.strip() for s in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 16) -> dict:
+    """Exact-match accuracy of greedy answers on `ds` (the first data.eval_samples rows if set)."""
+    if cfg.data.eval_samples:
+        ds = ds.select(range(min(cfg.data.eval_samples, len(ds))))
+    predictions, references = [], []
+    for i in range(0, len(ds), batch_size):
+        rows = ds[i:i + batch_size]
+        predictions += answer(cfg, built, rows[cfg.data.image_column], rows[cfg.data.question_column])
+        references += [str(a) for a in rows[cfg.data.answer_column]]
+    return {"accuracy": exact_match(predictions, references), "n": len(references),
+            "predictions": predictions, "references": references}

@@ -1,0 +1,124 @@
+"""The training loop: one readable function from batches to optimizer steps.
+
+One optimizer step = `grad_accum` micro-batches. The loss of the step is
+
+    L = Σ_micro Σ_answer-tokens  -log p(token)   /   N_answer-tokens(all micro-batches)
+
+so every answer token weighs the same however the tokens fall into micro-batches:
+batch 4 × accum 1 and batch 1 × accum 4 give the same gradient. (Averaging each micro-batch's
+mean loss instead would over-weight the tokens of short answers.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import warnings
+from pathlib import Path
+
+import datasets
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from minivlm.build import DTYPES, Built
+from minivlm.checkpoint import load_adapter, load_training_state, save_checkpoint
+from minivlm.config import Config, to_dict
+from minivlm.data import collate, epoch_batches, steps_per_epoch
+from minivlm.optim import build_optimizer, lr_at
+
+
+def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over labelled positions (labels != -100), in fp32.
+
+    logits[:, t] predicts token t+1, hence the shift. Only labelled rows are upcast to fp32,
+    not the whole (batch, seq, vocab) tensor.
+    """
+    targets = labels[:, 1:]
+    keep = targets != -100
+    return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+
+
+def autocast(cfg: Config, device: torch.device):
+    if cfg.train.bf16 or cfg.train.fp16:
+        return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.train.bf16 else torch.float16)
+    return contextlib.nullcontext()
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict:
+    """Everything but labels, on the device; images in the dtype the vision tower was loaded in."""
+    return {k: v.to(device, dtype=dtype if v.is_floating_point() else None)
+            for k, v in batch.items() if k != "labels"}
+
+
+def train(cfg: Config, built: Built, train_ds: datasets.Dataset, resume: str | Path | None = None) -> dict:
+    """Train the adapters of `built.model` on `train_ds`; write checkpoints and a JSONL log to output_dir.
+
+    Returns {"step", "loss", "train_seconds"} of the finished run.
+    """
+    t, model, device = cfg.train, built.model, built.device
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_epoch = steps_per_epoch(len(train_ds), t.batch_size, t.grad_accum)
+    total_steps = t.max_steps or per_epoch * t.epochs
+    optimizer = build_optimizer(model, t)
+    # Loss scaling only matters for fp16, whose 5 exponent bits underflow small gradients;
+    # bf16 has fp32's exponent range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=t.fp16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    dtype = DTYPES[cfg.model.dtype]
+
+    start = 0
+    if resume:
+        load_adapter(resume, model)
+        start = load_training_state(resume, optimizer, scaler)  # RNG too: same dropout masks as unbroken
+
+    model.train()
+    log = (out / "log.jsonl").open("a")
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", dynamic_ncols=True)
+    loss_value, t0, samples = float("nan"), time.perf_counter(), 0
+    order_epoch, order = -1, []
+    for step in bar:
+        epoch, offset = divmod(step, per_epoch)
+        if epoch != order_epoch:
+            order_epoch, order = epoch, epoch_batches(len(train_ds), t.batch_size, t.seed, epoch)
+        window = order[offset * t.grad_accum:(offset + 1) * t.grad_accum]
+        batches = [collate(train_ds, idx, cfg.data, built.family, built.processor) for idx in window]
+        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        if n_tokens == 0:
+            warnings.warn(f"step {step}: no answer tokens in these {len(window)} micro-batches (all labels "
+                          "masked); skipping the step instead of dividing by zero")
+            continue
+
+        loss_sum = 0.0
+        for batch in batches:
+            with autocast(cfg, device):
+                logits = model(**model_inputs(batch, device, dtype)).logits
+            loss = answer_loss_sum(logits, batch["labels"].to(device)) / n_tokens
+            scaler.scale(loss).backward()
+            loss_sum += loss.item()
+
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
+        lr = lr_at(step, total_steps, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_value = loss_sum
+        samples += sum(len(idx) for idx in window)
+        rate = samples / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+        log.write(json.dumps({"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
+                              "grad_norm": float(grad_norm), "answer_tokens": n_tokens,
+                              "samples_per_s": rate}) + "\n")
+        log.flush()
+        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total_steps:
+            save_checkpoint(out / "last", model, optimizer, scaler, step + 1, to_dict(cfg))
+    bar.close()
+    log.close()
+    save_checkpoint(out / "last", model, optimizer, scaler, total_steps, to_dict(cfg))
+    return {"step": total_steps, "loss": loss_value, "train_seconds": time.perf_counter() - t0}

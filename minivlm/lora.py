@@ -1,0 +1,164 @@
+"""LoRA: a low-rank trainable update beside a frozen (possibly 4-bit) linear layer.
+
+                 x  (…, in)
+                 │
+      ┌──────────┴───────────┐
+      │                      │ dropout(x)
+      │                      ▼
+      │                ┌───────────┐
+      │                │  A  (r×in)│  Kaiming-uniform init, fp32, trainable
+      │                └─────┬─────┘
+      ▼                      ▼ (…, r)
+ ┌──────────┐          ┌───────────┐
+ │  W  base │          │  B (out×r)│  zero init, fp32, trainable
+ │  frozen  │          └─────┬─────┘
+ │ NF4 or fp│                │ × alpha / r
+ └────┬─────┘                │
+      ▼                      ▼
+      y  =  W x      +     (alpha/r) · B A dropout(x)
+
+Hu et al. 2021 (LoRA), eq. 3: h = W0 x + ΔW x = W0 x + B A x. QLoRA (Dettmers et al. 2023)
+keeps W0 in 4-bit NF4 and A, B in higher precision: gradients flow through the dequantized
+W0 to reach earlier adapters, but only A and B are ever updated.
+
+B = 0 at init, so the adapted model starts out exactly equal to the base model. The alpha/r
+scale keeps the update's size roughly independent of r, so the learning rate need not be
+retuned when r changes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+from minivlm.modules import matches, replace_module
+from minivlm.quant import dequantize
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + dropout(x) @ Aᵀ @ Bᵀ · alpha/r, with `base` frozen (nn.Linear or bnb Linear4bit)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be > 0, got {r}")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / r
+        device = base.weight.device
+        # Adapters stay fp32 whatever the base computes in: the optimizer updates fp32 values, and
+        # autocast casts them down for the matmul only (the "master weights" of mixed precision).
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
+        # Same init as nn.Linear (and PEFT) for A; B = 0 makes ΔW = BA = 0 at step 0.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        h = self.dropout(x).to(self.lora_A.dtype)
+        delta = nn.functional.linear(nn.functional.linear(h, self.lora_A), self.lora_B)  # (…, out)
+        return y + (delta * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = (alpha/r) · B A, shape (out, in), fp32."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the base weight, so forward costs one matmul.
+
+        A 4-bit base is first replaced by its dequantized float copy: NF4 cannot hold W + ΔW
+        without a second rounding, so we never requantize behind the user's back.
+        """
+        if self.merged:
+            return
+        if isinstance(self.base, bnb.nn.Linear4bit):
+            self.base = dequantize(self.base)
+        w = self.base.weight
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ΔW again (the base stays float if merge() dequantized it)."""
+        if not self.merged:
+            return
+        w = self.base.weight
+        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def inject_lora(
+    model: nn.Module,
+    targets: list[str],
+    skip: list[str],
+    r: int,
+    alpha: float,
+    dropout: float,
+    train_modules: list[str] = (),
+) -> list[str]:
+    """Freeze `model`, wrap every targeted linear in a LoRALinear, in place; return the wrapped names.
+
+    A module is targeted when its name matches a `targets` pattern (suffix) and no `skip`
+    pattern (anywhere). Modules named in `train_modules` are unfrozen and trained in full (in
+    fp32). Raises ValueError if a target hits nothing or hits a module that is not linear.
+    """
+    model.requires_grad_(False)
+    chosen = []
+    for name, module in model.named_modules():
+        if any(matches(name, p, anywhere=False) for p in targets) and not any(matches(name, s, anywhere=True) for s in skip):
+            if not isinstance(module, (nn.Linear, bnb.nn.Linear4bit)):
+                raise ValueError(f"LoRA target {name!r} is a {type(module).__name__}, not a linear layer; "
+                                 "narrow lora.targets (e.g. 'self_attn.q_proj') or add it to lora.skip")
+            chosen.append(name)
+    if not chosen:
+        linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, bnb.nn.Linear4bit))]
+        raise ValueError(f"lora.targets {targets} match no linear layer outside lora.skip {skip}; "
+                         f"linear layers look like: {linears[:6]}")
+    for name in chosen:
+        replace_module(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
+    for pattern in train_modules:
+        hits = [m for n, m in model.named_modules() if matches(n, pattern, anywhere=False)]
+        if not hits:
+            raise ValueError(f"lora.train_modules entry {pattern!r} matches no module")
+        for module in hits:
+            if any(isinstance(m, bnb.nn.Linear4bit) for m in module.modules()):
+                raise ValueError(f"lora.train_modules entry {pattern!r} holds 4-bit layers, which cannot be "
+                                 "trained; add it to quant.skip")
+            module.float().requires_grad_(True)  # full fine-tuning wants fp32 master weights
+    return chosen
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a fine-tune adds to its base: every parameter that requires grad (A, B, train_modules)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put plain linears back in their place (for export)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            module.merge()
+            replace_module(model, name, module.base)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a 4-bit weight counts as its logical in×out, not its packed bytes."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.quant_state.shape.numel() if isinstance(p, bnb.nn.Params4bit) and p.quant_state is not None else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,59 @@
+"""PaliGemma: SigLIP vision tower -> linear projector -> Gemma decoder, trained as a prefix LM.
+
+The processor lays a sample out as
+
+    <image> × image_seq_length  <bos>  prompt  \\n  answer  <eos>  <pad>…
+    └──────────── prefix: token_type_ids = 0 ─────┘└ suffix: 1 ┘
+
+and the model attends bidirectionally inside the prefix, causally over the suffix. The loss
+is taken on the suffix only: answer tokens and the EOS that teaches the model to stop.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+MODEL_CLASS = PaliGemmaForConditionalGeneration
+QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_SKIP = ["vision_tower", "multi_modal_projector"]
+
+
+def load_processor(name_or_path: str) -> PaliGemmaProcessor:
+    return AutoProcessor.from_pretrained(name_or_path)
+
+
+def _text(processor: PaliGemmaProcessor, prompt: str) -> str:
+    # Placing <image> ourselves; without it the processor guesses the layout and warns.
+    return processor.image_token + prompt
+
+
+def sequence_length(processor: PaliGemmaProcessor, prompt: str, answer: str) -> int:
+    """Length of the training sequence, without running the image processor."""
+    tok = processor.tokenizer
+    n_prompt = len(tok(prompt + "\n", add_special_tokens=False)["input_ids"])
+    n_answer = len(tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"])
+    return processor.image_seq_length + 1 + n_prompt + n_answer  # + 1 for <bos>
+
+
+def training_batch(processor: PaliGemmaProcessor, images: list[Image.Image], prompts: list[str],
+                   answers: list[str]) -> dict[str, torch.Tensor]:
+    processor.tokenizer.padding_side = "right"
+    batch = processor(images=images, text=[_text(processor, p) for p in prompts], suffix=answers,
+                      padding="longest", return_tensors="pt")
+    # Label only the suffix (token_type_ids == 1): never image tokens, the prompt or padding.
+    # The processor's own `labels` does the same but is kept upstream only for old code.
+    batch["labels"] = batch["input_ids"].masked_fill(batch["token_type_ids"] == 0, -100)
+    return dict(batch)
+
+
+def generation_batch(processor: PaliGemmaProcessor, images: list[Image.Image],
+                     prompts: list[str]) -> dict[str, torch.Tensor]:
+    # Left padding: generation appends at the right end, so every row must end with its prompt.
+    processor.tokenizer.padding_side = "left"
+    batch = processor(images=images, text=[_text(processor, p) for p in prompts], padding="longest",
+                      return_tensors="pt")
+    batch.pop("labels", None)
+    return dict(batch)

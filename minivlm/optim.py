@@ -1,0 +1,45 @@
+"""The optimizer and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+from minivlm.config import TrainConfig
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters only (the frozen base has no optimizer state at all).
+
+    "paged_adamw_8bit" (the QLoRA default) keeps Adam's two moments in 8 bits, block-wise
+    quantized (Dettmers et al. 2022), in paged memory that spills to CPU RAM under GPU
+    memory pressure instead of failing. On the CPU there is nothing to page from and
+    bitsandbytes uses its plain 8-bit AdamW.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    paged = cfg.optimizer == "paged_adamw_8bit" and params[0].is_cuda
+    if cfg.optimizer == "paged_adamw_8bit" and not paged:
+        warnings.warn("paged_adamw_8bit needs CUDA; using bitsandbytes AdamW8bit (not paged) on the CPU")
+    return (bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit)(params, **kwargs)
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine/linear/constant.
+
+    A pure function of the step, so resuming needs nothing but the step.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        return cfg.lr * (1 - progress)
+    return cfg.lr

@@ -1,0 +1,72 @@
+"""4-bit quantization of a model's linear layers with bitsandbytes (the "Q" in QLoRA).
+
+Each selected `nn.Linear` becomes a `bnb.nn.Linear4bit` whose weight is stored as 4-bit codes
+in blocks of 64 values, each block with one absmax scale (Dettmers et al. 2023, §3):
+
+    W  ≈  absmax_block · NF4[code]      NF4 = 16 quantiles of N(0, 1), normalised to [-1, 1]
+
+Double quantization stores the absmax scales themselves in 8 bits (blocks of 256), saving
+~0.37 bit per parameter. In forward, bitsandbytes dequantizes W to `compute_dtype` and runs a
+normal matmul: the 4-bit weight only saves memory, the arithmetic is bf16/fp16/fp32.
+
+The scope is explicit: the vision tower, projector, embeddings and lm_head are small next to
+the language model and sensitive to rounding, so families list them in `quant.skip`.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+from minivlm.modules import matches, replace_module
+
+
+def quantize_linears(
+    model: nn.Module,
+    skip: list[str],
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+) -> list[str]:
+    """Replace every `nn.Linear` outside `skip` by a 4-bit `Linear4bit` on `device`, in place.
+
+    Each weight is quantized as it moves to `device` (bitsandbytes quantizes in
+    `Params4bit.to`), one layer at a time, so the GPU never holds the full-precision model.
+    Returns the names of the quantized layers.
+    """
+    names = [
+        name for name, m in model.named_modules()
+        # type() is, not isinstance: nn.MultiheadAttention's out_proj subclasses nn.Linear but
+        # is read as a raw .weight by MHA's fused kernel, so it must stay a float Linear.
+        if type(m) is nn.Linear and not any(matches(name, s, anywhere=True) for s in skip)
+    ]
+    for name in names:
+        linear = model.get_submodule(name)
+        q = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type, device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(linear.weight.data.to("cpu"), requires_grad=False,
+                                     compress_statistics=double_quant, quant_type=quant_type)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place into an
+        # inference-only layout the first time it runs in eval mode without grad; a training step
+        # after that fails ("a view of a leaf Variable ... in-place"). We evaluate and train the
+        # same modules, so keep the training layout.
+        q.support_avx512bf16_for_cpu = False
+        replace_module(model, name, q.to(device))
+    return names
+
+
+def dequantize(layer: bnb.nn.Linear4bit) -> nn.Linear:
+    """A float `nn.Linear` holding exactly the values the 4-bit kernel computes with."""
+    w = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(layer.compute_dtype)
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                    device=w.device, dtype=w.dtype)
+    out.weight.data.copy_(w)
+    if layer.bias is not None:
+        out.bias.data.copy_(layer.bias.data)
+    return out.requires_grad_(False)

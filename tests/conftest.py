@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny random PaliGemma saved like a hub checkpoint, and a tiny imagefolder dataset."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from demo.make_data import write_split  # noqa: E402
+from demo.pretrain_base import make_model, make_processor  # noqa: E402
+from minivlm.config import from_dict  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_paligemma(tmp_path_factory) -> Path:
+    """A random-weight PaliGemma (SigLIP + Gemma, real classes) and its processor, save_pretrained to disk."""
+    out = tmp_path_factory.mktemp("tiny-paligemma")
+    torch.manual_seed(0)
+    processor = make_processor()
+    make_model(processor, hidden=64, layers=2).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes-qa")
+    write_split(out / "train", 24, seed=1)
+    write_split(out / "test", 8, seed=2)
+    return out
+
+
+def tiny_config(model_dir: Path, data_dir: Path, output_dir: Path, **train) -> "Config":  # noqa: F821
+    """A CPU config for the tiny model; `train` overrides [train] keys."""
+    return from_dict({
+        "model": {"family": "paligemma", "name_or_path": str(model_dir), "dtype": "float32"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"dataset": str(data_dir), "eval_split": "test", "max_length": 64},
+        "train": {"output_dir": str(output_dir), "batch_size": 4, "grad_accum": 1, "lr": 1e-3,
+                  "optimizer": "adamw", "device": "cpu", "max_new_tokens": 4, **train},
+    })

@@ -1,0 +1,146 @@
+"""Properties of LoRALinear and the injector: the math of LoRA, checked, not printed."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from torch import nn
+
+from minivlm.lora import LoRALinear, count_parameters, inject_lora, merge_lora, trainable_state_dict
+from minivlm.modules import matches
+from minivlm.quant import quantize_linears
+
+
+def float_linear(seed: int = 0, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(64, 32, bias=bias)
+
+
+def nf4_linear(seed: int = 0) -> bnb.nn.Linear4bit:
+    holder = nn.Sequential(float_linear(seed))
+    quantize_linears(holder, skip=[], compute_dtype=torch.float32, device=torch.device("cpu"))
+    return holder[0]
+
+
+BASES = {"float": float_linear, "nf4": nf4_linear}
+
+
+def randomize_b(layer: LoRALinear) -> None:
+    with torch.no_grad():
+        layer.lora_B.normal_()
+
+
+@pytest.mark.parametrize("kind", BASES)
+def test_zero_init_b_leaves_output_unchanged(kind):
+    base = BASES[kind]()
+    x = torch.randn(5, 64)
+    expected = base(x)
+    layer = LoRALinear(base, r=4, alpha=8)
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
+def test_scaling_is_alpha_over_r():
+    base = float_linear()
+    layer = LoRALinear(base, r=4, alpha=12)
+    assert layer.scaling == 3.0
+    with torch.no_grad():
+        layer.lora_A.fill_(0.5)
+        layer.lora_B.fill_(0.25)
+    x = torch.randn(3, 64)
+    # B A x with constant A, B: every output gets r * 0.25 * 0.5 * sum(x), times alpha/r.
+    delta = (12 / 4) * 4 * 0.25 * 0.5 * x.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(layer(x) - base(x), delta.expand(3, 32), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", BASES)
+def test_merge_equals_unmerged_and_unmerge_restores(kind):
+    layer = LoRALinear(BASES[kind](), r=4, alpha=8)
+    randomize_b(layer)
+    x = torch.randn(7, 64)
+    unmerged = layer(x)
+    layer.merge()
+    assert layer.merged and type(layer.base) is nn.Linear  # a 4-bit base became a float Linear
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    layer.unmerge()  # idempotent: a second unmerge must not subtract ΔW twice
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_lora_returns_plain_linears_with_same_outputs():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    quantize_linears(model, skip=[], compute_dtype=torch.float32, device=torch.device("cpu"))
+    inject_lora(model, targets=["0", "2"], skip=[], r=4, alpha=4, dropout=0.0)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            randomize_b(m)
+    x = torch.randn(4, 64)
+    expected = model(x)
+    merge_lora(model)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_applies_in_train_mode_only():
+    layer = LoRALinear(float_linear(), r=4, alpha=8, dropout=0.5)
+    randomize_b(layer)
+    x = torch.randn(8, 64)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x))
+    no_dropout = layer.base(x) + layer.scaling * (x @ layer.lora_A.T @ layer.lora_B.T)
+    torch.testing.assert_close(layer(x), no_dropout, rtol=1e-5, atol=1e-5)
+    layer.train()
+    assert not torch.allclose(layer(x), no_dropout, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", BASES)
+def test_only_adapters_get_gradients_and_4bit_base_stays_frozen(kind):
+    model = nn.Sequential(BASES[kind](), nn.ReLU(), nn.Linear(32, 8))
+    inject_lora(model, targets=["0"], skip=[], r=4, alpha=8, dropout=0.0)
+    packed_before = model[0].base.weight.data.clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):  # two steps: B moves in the first, then A gets a non-zero gradient too
+        model(torch.randn(6, 64)).pow(2).sum().backward()
+        opt.step()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == {"0.lora_A", "0.lora_B"}
+    assert set(trainable_state_dict(model)) == {"0.lora_A", "0.lora_B"}
+    assert torch.equal(model[0].base.weight.data, packed_before)
+    assert model[0].lora_A.dtype == torch.float32
+
+
+def test_train_modules_are_trained_in_full_fp32():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.bfloat16))
+    inject_lora(model, targets=["0"], skip=[], r=2, alpha=2, dropout=0.0, train_modules=["1"])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"0.lora_A", "0.lora_B", "1.weight", "1.bias"}
+    assert model[1].weight.dtype == torch.float32
+
+
+def test_count_parameters_counts_4bit_weights_logically():
+    model = nn.Sequential(nn.Linear(64, 32, bias=False))
+    quantize_linears(model, skip=[], compute_dtype=torch.float32, device=torch.device("cpu"))
+    inject_lora(model, targets=["0"], skip=[], r=4, alpha=8, dropout=0.0)
+    trainable, total = count_parameters(model)
+    assert trainable == 4 * 64 + 32 * 4
+    assert total == 64 * 32 + trainable
+
+
+def test_name_matching():
+    assert matches("language_model.layers.0.self_attn.q_proj", "q_proj", anywhere=False)
+    assert matches("language_model.layers.0.self_attn.q_proj", "self_attn.q_proj", anywhere=False)
+    assert not matches("language_model.layers.0.self_attn.q_proj_extra", "q_proj", anywhere=False)
+    assert matches("model.vision_tower.encoder.layers.0.fc1", "vision_tower", anywhere=True)
+    assert not matches("model.vision_towers.fc1", "vision_tower", anywhere=True)
+    assert matches("layers.3.mlp.up_proj", r"re:layers\.[0-3]\.mlp\..*", anywhere=False)
+    assert not matches("layers.13.mlp.up_proj", r"re:layers\.[0-3]\.mlp\..*", anywhere=False)
+
+
+def test_injector_errors_name_the_problem():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(ValueError, match="match no linear layer"):
+        inject_lora(model, targets=["q_proj"], skip=[], r=2, alpha=2, dropout=0.0)
+    with pytest.raises(ValueError, match="not a linear layer"):
+        inject_lora(model, targets=["1"], skip=[], r=2, alpha=2, dropout=0.0)

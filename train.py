@@ -1,0 +1,66 @@
+"""QLoRA-fine-tune a VLM from a TOML config.
+
+    python train.py --config configs/paligemma.toml [--set train.max_steps=3 ...] [--resume [DIR]]
+
+With data.eval_split set, the model is scored before and after training, and
+<output_dir>/metrics.json records both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from minivlm.build import build
+from minivlm.config import ConfigError, load_config
+from minivlm.data import drop_too_long, load_split
+from minivlm.evaluate import evaluate
+from minivlm.loop import train
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value, e.g. --set train.max_steps=3")
+    ap.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                    help="continue from a checkpoint directory (default: <output_dir>/last)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        resume = None
+        if args.resume is not None:
+            resume = Path(args.resume or Path(cfg.train.output_dir) / "last")
+            if not (resume / "state.json").is_file():
+                raise ConfigError(f"--resume: {resume} holds no checkpoint (no state.json); "
+                                  "give the directory a previous run saved, e.g. runs/demo/last")
+        built = build(cfg)
+        train_ds = drop_too_long(load_split(cfg.data, cfg.data.train_split), cfg.data, built.family, built.processor)
+        eval_ds = load_split(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    print(f"{len(built.quantized)} linears in 4-bit, {len(built.adapted)} with LoRA; trainable params "
+          f"{built.trainable_params:,} of {built.total_params:,} ({100 * built.trainable_params / built.total_params:.2f}%)")
+
+    metrics = {"trainable_params": built.trainable_params, "total_params": built.total_params}
+    if eval_ds is not None:
+        metrics["accuracy_before"] = evaluate(cfg, built, eval_ds)["accuracy"]
+        print(f"accuracy before: {metrics['accuracy_before']:.3f}")
+    result = train(cfg, built, train_ds, resume=resume)
+    metrics.update(train_seconds=result["train_seconds"], final_loss=result["loss"], steps=result["step"])
+    if eval_ds is not None:
+        after = evaluate(cfg, built, eval_ds)
+        metrics["accuracy_after"] = after["accuracy"]
+        print(f"accuracy after:  {metrics['accuracy_after']:.3f}   (training took {result['train_seconds']:.0f}s)")
+        for q, p, r in list(zip(eval_ds[cfg.data.question_column], after["predictions"], after["references"]))[:5]:
+            print(f"  {q!r:32} -> {p!r:16} (reference {r!r})")
+    out = Path(cfg.train.output_dir) / "metrics.json"
+    out.write_text(json.dumps(metrics, indent=2))
+    print(f"wrote {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
