@@ -99,6 +99,6 @@ def caption_accuracy(model, processor, rng: random.Random, n: int = 200) -> floa
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("base/tiny-paligemma"))
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=1500)
     args = ap.parse_args()
     pretrain(args.out, args.steps)

@@ -26,18 +26,25 @@ from torch import nn
 from minivlm.lora import trainable_state_dict
 
 
-def _split(obj, tensors: dict, path: str):
-    """Replace every tensor in a nested structure by a placeholder; collect tensors by key."""
+def _split(obj, tensors: dict, path: str, seen: dict | None = None):
+    """Replace every tensor in a nested structure by a placeholder; collect tensors by key.
+
+    One tensor object met twice (bitsandbytes shares its quantization maps between all
+    parameters' states) is stored once and referenced twice, so loading shares it again.
+    """
+    seen = {} if seen is None else seen
     if torch.is_tensor(obj):
-        tensors[path] = obj.detach().cpu().contiguous()
-        return {"__tensor__": path}
+        if id(obj) not in seen:
+            seen[id(obj)] = path
+            tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": seen[id(obj)]}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
-            return {k: _split(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+            return {k: _split(v, tensors, f"{path}.{k}", seen) for k, v in obj.items()}
         # Optimizer states are keyed by int param ids; JSON keys would turn them into strings.
-        return {"__items__": [[k, _split(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+        return {"__items__": [[k, _split(v, tensors, f"{path}.{k}", seen)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
-        items = [_split(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+        items = [_split(v, tensors, f"{path}.{i}", seen) for i, v in enumerate(obj)]
         return {"__tuple__": items} if isinstance(obj, tuple) else items
     return obj
 

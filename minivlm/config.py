@@ -169,7 +169,19 @@ def _check_type(name: str, value, hint):
     return value
 
 
+# What users of TrainingArguments / LoraConfig / BitsAndBytesConfig will type, and our name for it.
+ALIASES = {
+    "learning_rate": "lr", "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs", "lr_scheduler_type": "schedule", "optim": "optimizer", "rank": "r",
+    "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets", "modules_to_save": "train_modules",
+    "bnb_4bit_quant_type": "quant_type", "bnb_4bit_use_double_quant": "double_quant",
+    "llm_int8_skip_modules": "skip", "model_id": "name_or_path", "torch_dtype": "dtype",
+}
+
+
 def _did_you_mean(word: str, candidates) -> str:
+    if ALIASES.get(word) in candidates:
+        return f"; did you mean {ALIASES[word]!r}?"
     close = difflib.get_close_matches(word, list(candidates), n=1)
     return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(candidates)}"
 

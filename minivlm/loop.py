@@ -52,6 +52,29 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, dtype: to
             for k, v in batch.items() if k != "labels"}
 
 
+def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry loss: labelled positions that some earlier position predicts."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def backward_window(cfg: Config, built: Built, batches: list[dict], scaler: torch.amp.GradScaler) -> float:
+    """Forward + backward over one accumulation window; returns the window's loss per answer token.
+
+    Each micro-batch's summed loss is divided by the answer tokens of the *whole* window, so
+    the accumulated .grad is the gradient of the per-token mean over the window.
+    """
+    n_tokens = sum(answer_tokens(b) for b in batches)
+    dtype = DTYPES[cfg.model.dtype]
+    total = 0.0
+    for batch in batches:
+        with autocast(cfg, built.device):
+            logits = built.model(**model_inputs(batch, built.device, dtype)).logits
+        loss = answer_loss_sum(logits, batch["labels"].to(built.device)) / n_tokens
+        scaler.scale(loss).backward()
+        total += loss.item()
+    return total
+
+
 def train(cfg: Config, built: Built, train_ds: datasets.Dataset, resume: str | Path | None = None) -> dict:
     """Train the adapters of `built.model` on `train_ds`; write checkpoints and a JSONL log to output_dir.
 
@@ -67,7 +90,6 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, resume: str | P
     # bf16 has fp32's exponent range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=t.fp16)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    dtype = DTYPES[cfg.model.dtype]
 
     start = 0
     if resume:
@@ -85,19 +107,13 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, resume: str | P
             order_epoch, order = epoch, epoch_batches(len(train_ds), t.batch_size, t.seed, epoch)
         window = order[offset * t.grad_accum:(offset + 1) * t.grad_accum]
         batches = [collate(train_ds, idx, cfg.data, built.family, built.processor) for idx in window]
-        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        n_tokens = sum(answer_tokens(b) for b in batches)
         if n_tokens == 0:
             warnings.warn(f"step {step}: no answer tokens in these {len(window)} micro-batches (all labels "
                           "masked); skipping the step instead of dividing by zero")
             continue
 
-        loss_sum = 0.0
-        for batch in batches:
-            with autocast(cfg, device):
-                logits = model(**model_inputs(batch, device, dtype)).logits
-            loss = answer_loss_sum(logits, batch["labels"].to(device)) / n_tokens
-            scaler.scale(loss).backward()
-            loss_sum += loss.item()
+        loss_value = backward_window(cfg, built, batches, scaler)
 
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
@@ -108,7 +124,6 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, resume: str | P
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-        loss_value = loss_sum
         samples += sum(len(idx) for idx in window)
         rate = samples / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")

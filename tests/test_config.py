@@ -1,0 +1,61 @@
+"""Config validation: every mistake ends in one message naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from minivlm.config import ConfigError, from_dict, load_config
+
+GOOD = {"model": {"name_or_path": "x"}, "lora": {"r": 8}, "train": {"lr": 1e-4}}
+
+
+def with_(section: str, **values) -> dict:
+    raw = {k: dict(v) for k, v in GOOD.items()}
+    raw.setdefault(section, {}).update(values)
+    return raw
+
+
+@pytest.mark.parametrize("raw, message", [
+    (with_("lora", rank=8), r"unknown key lora.rank; did you mean 'r'\?"),
+    (with_("lora", bias="none"), r"unknown key lora.bias; known: r, alpha, dropout"),
+    (with_("lora", alpah=8), r"unknown key lora.alpah; did you mean 'alpha'\?"),
+    (with_("train", learning_rate=1e-4), r"unknown key train.learning_rate; did you mean 'lr'\?"),
+    ({"trian": {}}, r"unknown section \[trian\]; did you mean 'train'\?"),
+    (with_("lora", r=0), r"lora.r = 0 must be > 0"),
+    (with_("lora", r=-2), r"lora.r = -2 must be > 0"),
+    (with_("train", lr=0.0), r"train.lr = 0.0 must be > 0"),
+    (with_("train", fp16=True, bf16=True), r"train.fp16 = True and train.bf16 are both true"),
+    (with_("lora", r="8"), r"lora.r must be int, got str '8'"),
+    (with_("train", bf16="yes"), r"train.bf16 must be true or false"),
+    (with_("lora", r=True), r"lora.r must be int, got bool"),
+    (with_("lora", targets="q_proj"), r"lora.targets must be a list"),
+    (with_("train", schedule="cosin"), r"train.schedule = 'cosin' is not one of .*did you mean 'cosine'\?"),
+    (with_("model", family="llava"), r"model.family = 'llava' must be one of \['paligemma'\]"),
+    (with_("lora", dropout=1.0), r"lora.dropout = 1.0 must be in \[0, 1\)"),
+    (with_("train", betas=[0.9]), r"train.betas = \[0.9\] must be two numbers"),
+    (with_("data", prompt_template="Q:"), r"data.prompt_template = 'Q:' must contain \{question\}"),
+])
+def test_bad_values_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(raw)
+
+
+def test_good_config_and_int_for_float():
+    cfg = from_dict(with_("train", lr=1, bf16=True))
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float) and cfg.train.bf16
+    assert cfg.lora.targets is None  # family default
+
+
+def test_overrides_and_shipped_configs(tmp_path):
+    for name in ("configs/demo.toml", "configs/paligemma.toml"):
+        load_config(name)
+    cfg = load_config("configs/paligemma.toml", ["train.max_steps=3", "model.name_or_path=/tmp/x", "train.bf16=false"])
+    assert cfg.train.max_steps == 3 and cfg.model.name_or_path == "/tmp/x" and cfg.train.bf16 is False
+    assert cfg.train.batch_size == 2 and cfg.train.grad_accum == 8 and cfg.train.lr == 2e-5
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config("configs/demo.toml", ["max_steps=3"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("[train\nlr = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "bad.toml")

@@ -1,0 +1,64 @@
+"""End to end through the CLIs: train.py, then infer.py; the seed config on a tiny model; bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import infer
+import train
+from conftest import ROOT, write_split
+
+
+def test_train_then_infer(tiny_paligemma, shapes_data, tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text((ROOT / "configs/demo.toml").read_text())
+    sets = [f"model.name_or_path={tiny_paligemma}", f"data.dataset={shapes_data}", f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=3", "train.batch_size=4"]
+    metrics = train.main(["--config", str(config), *sum((["--set", s] for s in sets), [])])
+    assert metrics["steps"] == 3 and 0 <= metrics["accuracy_before"] <= 1 and 0 <= metrics["accuracy_after"] <= 1
+    saved = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert {"accuracy_before", "accuracy_after", "train_seconds", "trainable_params", "total_params"} <= saved.keys()
+    assert 0 < saved["trainable_params"] < saved["total_params"]
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] > 0 for r in log)
+
+    image = tmp_path / "img.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    answer = infer.main(["--config", str(config), "--checkpoint", str(tmp_path / "run/last"), "--image", str(image),
+                         "--prompt", "what color is the shape", "--set", f"model.name_or_path={tiny_paligemma}"])
+    assert isinstance(answer, str)
+
+
+def test_seed_config_runs_on_a_tiny_paligemma(tiny_paligemma, tmp_path):
+    """configs/paligemma.toml (seed 004: bf16, 4-bit, checkpointing, VQAv2 columns), paths overridden."""
+    data = tmp_path / "vqa"
+    write_split(data / "train", 12, seed=3)
+    meta = data / "train/metadata.jsonl"
+    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    meta.write_text("".join(json.dumps({"file_name": r["file_name"], "question": r["question"],
+                                        "multiple_choice_answer": r["answer"]}) + "\n" for r in rows))
+    sets = [f"model.name_or_path={tiny_paligemma}", f"data.dataset={data}", "data.train_split=train",
+            'data.eval_split=""', f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.device=cpu"]
+    metrics = train.main(["--config", str(ROOT / "configs/paligemma.toml"), *sum((["--set", s] for s in sets), [])])
+    assert metrics["steps"] == 3
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    adapter = load_file(tmp_path / "run/last/adapter.safetensors")
+    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in adapter.items())  # adapters changed
+    state = json.loads((tmp_path / "run/last/state.json").read_text())
+    assert state["config"]["train"]["bf16"] and state["config"]["train"]["gradient_checkpointing"]
+
+
+def test_bad_config_is_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[lora]\nr = 0\n')
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(bad)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "error: lora.r = 0 must be > 0 (the adapter rank)"

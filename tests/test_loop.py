@@ -1,0 +1,134 @@
+"""The loop: token-normalised accumulation, exact resume, masked batches, the schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from minivlm.build import build
+from minivlm.config import TrainConfig
+from minivlm.data import collate, load_split
+from minivlm import loop
+from minivlm.loop import answer_loss_sum, backward_window, train
+from minivlm.models import paligemma
+from minivlm.optim import lr_at
+
+
+def grads_after(cfg, built, batches) -> dict[str, torch.Tensor]:
+    built.model.zero_grad(set_to_none=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    backward_window(cfg, built, batches, scaler)
+    return {n: p.grad.clone() for n, p in built.model.named_parameters() if p.requires_grad}
+
+
+def test_batch4_accum1_equals_batch1_accum4(tiny_paligemma, shapes_data, tmp_path):
+    cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path)
+    built = build(cfg)
+    with torch.no_grad():  # non-zero B, so A gets a gradient too
+        for n, p in built.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    ds = load_split(cfg.data, "train")
+    # Answers of different lengths ("top left" is 2 words + EOS, "red" 1 + EOS): a mean of
+    # per-micro-batch means would weigh them differently than one mean over all tokens.
+    idx = [0, 1, 2, 3]
+    assert len({len(a.split()) for a in ds[idx]["answer"]}) > 1
+    one_batch = grads_after(cfg, built, [collate(ds, idx, cfg.data, paligemma, built.processor)])
+    micro = [collate(ds, [i], cfg.data, paligemma, built.processor) for i in idx]
+    accumulated = grads_after(cfg, built, micro)
+    for name in one_batch:
+        torch.testing.assert_close(accumulated[name], one_batch[name], rtol=1e-4, atol=1e-6)
+    assert any(accumulated[n].abs().sum() > 0 for n in accumulated if "lora_A" in n)
+
+    # The test can fail: averaging per-micro-batch means gives a different gradient.
+    built.model.zero_grad(set_to_none=True)
+    for b in micro:
+        logits = built.model(**{k: v for k, v in b.items() if k != "labels"}).logits
+        (answer_loss_sum(logits, b["labels"]) / (b["labels"][:, 1:] != -100).sum() / 4).backward()
+    naive = {n: p.grad for n, p in built.model.named_parameters() if p.requires_grad}
+    assert not all(torch.allclose(naive[n], one_batch[n], rtol=1e-3, atol=1e-6) for n in one_batch)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_n_plus_n_equals_2n(tiny_paligemma, shapes_data, tmp_path, monkeypatch):
+    """A run killed right after its step-4 checkpoint, resumed, ends bit-identical to an unbroken run."""
+    def cfg_for(out):
+        # r=64 makes some adapters >= 4096 values, so bitsandbytes keeps their Adam moments in
+        # 8 bits (with shared quantization maps): the state that is hardest to save and restore.
+        # dropout > 0: the RNG state must be restored too.
+        cfg = tiny_config(tiny_paligemma, shapes_data, out, optimizer="adamw_8bit", batch_size=2,
+                          grad_accum=2, max_steps=8, warmup_steps=2, lr=5e-3, save_every=4)
+        cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 64, 16.0, 0.1
+        return cfg
+
+    ds = load_split(cfg_for(tmp_path).data, "train")  # 24 samples = 6 steps per epoch: crosses an epoch
+    train(cfg_for(tmp_path / "full"), build(cfg_for(tmp_path / "full")), ds)
+
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Crash
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train(cfg_for(tmp_path / "split"), build(cfg_for(tmp_path / "split")), ds)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    assert json.loads((tmp_path / "split/last/state.json").read_text())["step"] == 4
+    train(cfg_for(tmp_path / "split"), build(cfg_for(tmp_path / "split")), ds, resume=tmp_path / "split/last")
+
+    a = load_file(tmp_path / "full/last/adapter.safetensors")
+    b = load_file(tmp_path / "split/last/adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = load_file(tmp_path / "full/last/state.safetensors")
+    sb = load_file(tmp_path / "split/last/state.safetensors")
+    assert sa.keys() == sb.keys() and any("state1" in k and sa[k].dtype == torch.uint8 for k in sa)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    # And the runs really trained: the adapters moved from B = 0.
+    assert any(k.endswith("lora_B") and a[k].abs().sum() > 0 for k in a)
+    log = [json.loads(line) for line in (tmp_path / "split/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))
+
+
+def test_all_masked_batch_is_skipped_not_nan(tiny_paligemma, shapes_data, tmp_path, monkeypatch):
+    original = paligemma.training_batch
+
+    def masked(*args, **kwargs):
+        batch = original(*args, **kwargs)
+        batch["labels"][:] = -100
+        return batch
+
+    monkeypatch.setattr(paligemma, "training_batch", masked)
+    cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path, max_steps=2)
+    built = build(cfg)
+    ds = load_split(cfg.data, "train")
+    with pytest.warns(UserWarning, match="no answer tokens"):
+        train(cfg, built, ds)
+    for n, p in built.model.named_parameters():
+        if p.requires_grad:
+            assert torch.isfinite(p).all(), n
+            if "lora_B" in n:
+                assert torch.count_nonzero(p) == 0, n  # no step was taken
+
+
+def test_lr_schedule_warmup_then_decay():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, schedule="cosine")
+    lrs = [lr_at(s, 20, cfg) for s in range(20)]
+    assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert lrs[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[-1] < 0.02
+    cfg.schedule = "linear"
+    assert lr_at(12, 20, cfg) == pytest.approx(0.5)
+    cfg.schedule = "constant"
+    assert lr_at(19, 20, cfg) == 1.0
