@@ -30,7 +30,8 @@ $(DATA)/train/metadata.jsonl: $(STAMP) demo/shapes.py demo/make_data.py
 	$(PY) demo/make_data.py --out $(DATA)
 
 demo: base data
-	$(PY) demo/run_demo.py --config configs/demo.toml
+	rm -rf runs/demo
+	$(PY) train.py --config configs/demo.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

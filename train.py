@@ -20,6 +20,12 @@ from minivlm.evaluate import evaluate
 from minivlm.loop import train
 
 
+def show(when: str, scored: dict, questions) -> None:
+    print(f"accuracy {when} training: {scored['accuracy']:.3f} on {scored['n']} held-out samples")
+    for q, p, r in list(zip(questions, scored["predictions"], scored["references"]))[:4]:
+        print(f"  {q!r:28} -> {p!r:22} (reference {r!r})")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
@@ -30,12 +36,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        resume = None
+        last, resume = Path(cfg.train.output_dir) / "last", None
         if args.resume is not None:
-            resume = Path(args.resume or Path(cfg.train.output_dir) / "last")
+            resume = Path(args.resume or last)
             if not (resume / "state.json").is_file():
                 raise ConfigError(f"--resume: {resume} holds no checkpoint (no state.json); "
                                   "give the directory a previous run saved, e.g. runs/demo/last")
+        elif last.exists():  # never overwrite saved work by accident
+            raise ConfigError(f"{cfg.train.output_dir} already holds a checkpoint; continue it with --resume, "
+                              "or set another train.output_dir (or delete that one)")
         built = build(cfg)
         train_ds = drop_too_long(load_split(cfg.data, cfg.data.train_split), cfg.data, built.family, built.processor)
         eval_ds = load_split(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
@@ -46,16 +55,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     metrics = {"trainable_params": built.trainable_params, "total_params": built.total_params}
     if eval_ds is not None:
-        metrics["accuracy_before"] = evaluate(cfg, built, eval_ds)["accuracy"]
-        print(f"accuracy before: {metrics['accuracy_before']:.3f}")
+        before = evaluate(cfg, built, eval_ds)
+        metrics["accuracy_before"] = before["accuracy"]
+        show("before", before, eval_ds[cfg.data.question_column])
     result = train(cfg, built, train_ds, resume=resume)
     metrics.update(train_seconds=result["train_seconds"], final_loss=result["loss"], steps=result["step"])
     if eval_ds is not None:
         after = evaluate(cfg, built, eval_ds)
         metrics["accuracy_after"] = after["accuracy"]
-        print(f"accuracy after:  {metrics['accuracy_after']:.3f}   (training took {result['train_seconds']:.0f}s)")
-        for q, p, r in list(zip(eval_ds[cfg.data.question_column], after["predictions"], after["references"]))[:5]:
-            print(f"  {q!r:32} -> {p!r:16} (reference {r!r})")
+        show("after", after, eval_ds[cfg.data.question_column])
+        print(f"training took {result['train_seconds']:.0f}s")
     out = Path(cfg.train.output_dir) / "metrics.json"
     out.write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out}")

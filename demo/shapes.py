@@ -22,11 +22,11 @@ QUESTIONS = {"what color is the shape": "color", "what shape is it": "shape", "w
 
 
 def draw(color: str, shape: str, position: str, rng: random.Random) -> Image.Image:
-    """One shape, 11-14 px across, jittered inside its 16-px quadrant, on a dark noisy background."""
+    """One shape, 12-14 px across, jittered inside its 16-px quadrant, on a dark noisy background."""
     bg = tuple(rng.randint(0, 60) for _ in range(3))
     img = Image.new("RGB", (SIZE, SIZE), bg)
     d = ImageDraw.Draw(img)
-    s = rng.randint(11, 14)
+    s = rng.randint(12, 14)
     half = SIZE // 2
     x0 = (half if "right" in position else 0) + rng.randint(1, half - s - 1)
     y0 = (half if "bottom" in position else 0) + rng.randint(1, half - s - 1)

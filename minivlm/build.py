@@ -56,7 +56,7 @@ def build(cfg: Config) -> Built:
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing recomputes through frozen inputs too, so every adapter
         # gets its gradient even though the embeddings (the inputs) require none.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     torch.manual_seed(cfg.train.seed)  # A's random init
     adapted = inject_lora(

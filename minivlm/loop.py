@@ -75,6 +75,16 @@ def backward_window(cfg: Config, built: Built, batches: list[dict], scaler: torc
     return total
 
 
+def open_log(path: Path, keep_until: int):
+    """The JSONL step log, holding only the steps up to `keep_until` (those a resume continues from)."""
+    kept = []
+    if keep_until and path.exists():
+        kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= keep_until]
+    log = path.open("w")
+    log.writelines(kept)
+    return log
+
+
 def train(cfg: Config, built: Built, train_ds: datasets.Dataset, resume: str | Path | None = None) -> dict:
     """Train the adapters of `built.model` on `train_ds`; write checkpoints and a JSONL log to output_dir.
 
@@ -95,9 +105,9 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, resume: str | P
     if resume:
         load_adapter(resume, model)
         start = load_training_state(resume, optimizer, scaler)  # RNG too: same dropout masks as unbroken
+    log = open_log(out / "log.jsonl", keep_until=start)
 
     model.train()
-    log = (out / "log.jsonl").open("a")
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", dynamic_ncols=True)
     loss_value, t0, samples = float("nan"), time.perf_counter(), 0
     order_epoch, order = -1, []

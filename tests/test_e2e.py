@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -62,3 +63,20 @@ def test_bad_config_is_one_clear_line(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode != 0
     assert proc.stderr.strip() == "error: lora.r = 0 must be > 0 (the adapter rank)"
+
+
+def test_cli_refuses_to_overwrite_and_resumes(tiny_paligemma, shapes_data, tmp_path):
+    sets = [f"model.name_or_path={tiny_paligemma}", f"data.dataset={shapes_data}", 'data.eval_split=""',
+            f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.optimizer=adamw"]
+    args = ["--config", str(ROOT / "configs/demo.toml"), *sum((["--set", s] for s in sets), [])]
+    train.main(args)
+    saved = (tmp_path / "run/last/adapter.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a checkpoint; continue it with --resume"):
+        train.main(args)
+    assert (tmp_path / "run/last/adapter.safetensors").read_bytes() == saved  # nothing lost
+    metrics = train.main(args + ["--set", "train.max_steps=4", "--resume"])
+    assert metrics["steps"] == 4
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    with pytest.raises(SystemExit, match="holds no checkpoint"):
+        train.main(args + ["--resume", str(tmp_path / "nowhere")])

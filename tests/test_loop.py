@@ -19,6 +19,7 @@ from minivlm.optim import lr_at
 
 
 def grads_after(cfg, built, batches) -> dict[str, torch.Tensor]:
+    built.model.train()  # transformers checkpoints only in training mode
     built.model.zero_grad(set_to_none=True)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     backward_window(cfg, built, batches, scaler)
@@ -132,3 +133,31 @@ def test_lr_schedule_warmup_then_decay():
     assert lr_at(12, 20, cfg) == pytest.approx(0.5)
     cfg.schedule = "constant"
     assert lr_at(19, 20, cfg) == 1.0
+
+
+@pytest.mark.parametrize("precision, scaled", [("fp16", True), ("bf16", False)])
+def test_grad_scaler_only_with_fp16(tiny_paligemma, shapes_data, tmp_path, precision, scaled):
+    cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path, max_steps=2, **{precision: True})
+    cfg.model.dtype = "float16" if precision == "fp16" else "bfloat16"
+    result = train(cfg, build(cfg), load_split(cfg.data, "train"))
+    assert torch.isfinite(torch.tensor(result["loss"]))
+    scaler_state = json.loads((tmp_path / "last/state.json").read_text())["state"]["scaler"]
+    assert ("scale" in scaler_state) == scaled
+
+
+def test_activation_checkpointing_gives_every_adapter_the_same_gradient(tiny_paligemma, shapes_data, tmp_path):
+    grads = {}
+    for checkpointing in (False, True):
+        cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path, gradient_checkpointing=checkpointing)
+        built = build(cfg)
+        assert built.model.is_activation_checkpointing == checkpointing
+        with torch.no_grad():
+            for n, p in built.model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+        ds = load_split(cfg.data, "train")
+        grads[checkpointing] = grads_after(cfg, built, [collate(ds, [0, 1, 2], cfg.data, paligemma, built.processor)])
+    assert grads[True].keys() == grads[False].keys()
+    for name, g in grads[True].items():
+        assert g.abs().sum() > 0, name  # every adapter, in every layer, gets a gradient
+        torch.testing.assert_close(g, grads[False][name], rtol=1e-4, atol=1e-6)
