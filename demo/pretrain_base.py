@@ -22,12 +22,11 @@ from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalG
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from demo.shapes import SIZE, VOCAB, caption, sample  # noqa: E402
+from demo.shapes import CAPTION_PROMPTS, SIZE, VOCAB, caption, sample  # noqa: E402
 from minivlm.loop import answer_loss_sum  # noqa: E402
 from minivlm.models import paligemma  # noqa: E402
 
 PATCH = 8
-CAPTION_PROMPT = "caption"
 
 
 def make_processor() -> PaliGemmaProcessor:
@@ -46,7 +45,8 @@ def make_processor() -> PaliGemmaProcessor:
 
 def make_model(processor: PaliGemmaProcessor, hidden: int = 128, layers: int = 4) -> PaliGemmaForConditionalGeneration:
     vision = SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                                num_attention_heads=4, image_size=SIZE, patch_size=PATCH)
+                                num_attention_heads=4, image_size=SIZE, patch_size=PATCH,
+                                vision_use_head=False)  # as in real PaliGemma: it reads all patch tokens
     text = GemmaConfig(vocab_size=len(processor.tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                        max_position_embeddings=128, pad_token_id=processor.tokenizer.pad_token_id,
@@ -65,8 +65,10 @@ def pretrain(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):
-        images, captions = zip(*[(im, caption(a)) for im, a in (sample(rng) for _ in range(batch_size))])
-        batch = paligemma.training_batch(processor, list(images), [CAPTION_PROMPT] * batch_size, list(captions))
+        prompts = [rng.choice(list(CAPTION_PROMPTS)) for _ in range(batch_size)]
+        images, captions = zip(*[(im, caption(a, CAPTION_PROMPTS[p])) for p, (im, a) in
+                                 zip(prompts, (sample(rng) for _ in range(batch_size)))])
+        batch = paligemma.training_batch(processor, list(images), prompts, list(captions))
         labels = batch.pop("labels")
         logits = model(**batch).logits
         loss = answer_loss_sum(logits, labels) / (labels[:, 1:] != -100).sum()
@@ -77,7 +79,9 @@ def pretrain(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed
         opt.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - t0:.0f}s", flush=True)
-    print(f"caption accuracy on 200 new images: {caption_accuracy(model, processor, random.Random(seed + 1)):.3f}")
+    for prompt in CAPTION_PROMPTS:
+        accuracy = caption_accuracy(model, processor, prompt, random.Random(seed + 1))
+        print(f"{prompt!r} accuracy on 200 new images: {accuracy:.3f}")
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(out)
@@ -87,13 +91,13 @@ def pretrain(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed
 
 
 @torch.no_grad()
-def caption_accuracy(model, processor, rng: random.Random, n: int = 200) -> float:
+def caption_accuracy(model, processor, prompt: str, rng: random.Random, n: int = 200) -> float:
     model.eval()
     images, attrs = zip(*[sample(rng) for _ in range(n)])
-    batch = paligemma.generation_batch(processor, list(images), [CAPTION_PROMPT] * n)
+    batch = paligemma.generation_batch(processor, list(images), [prompt] * n)
     out = model.generate(**batch, max_new_tokens=8, do_sample=False)
     texts = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return sum(t.strip() == caption(a) for t, a in zip(texts, attrs)) / n
+    return sum(t.strip() == caption(a, CAPTION_PROMPTS[prompt]) for t, a in zip(texts, attrs)) / n
 
 
 if __name__ == "__main__":

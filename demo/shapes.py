@@ -1,8 +1,13 @@
 """Synthetic images for the embedded demo: one coloured shape in one quadrant of a 32×32 image.
 
 Everything is a function of an integer seed, so the base model and the demo data rebuild
-bit for bit. The base model learns to *caption* these images ("red circle top left"); the
-demo then teaches it, with QLoRA, to *answer questions* about them, which it never saw.
+bit for bit. The base model learns to *caption* these images, in English or Spanish as its
+prompt asks, like PaliGemma's "caption en" / "caption es" prefixes:
+
+    "caption en" -> "red circle top left"        "caption es" -> "circulo rojo arriba izquierda"
+
+Two prompt-dependent tasks teach the base that its prompt matters. The demo then teaches it,
+with QLoRA, to *answer questions* about the images, which it never saw.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220),
 SHAPES = ["circle", "square", "triangle"]
 POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
 SIZE = 32
+
+SPANISH = {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo", "purple": "morado",
+           "white": "blanco", "circle": "circulo", "square": "cuadrado", "triangle": "triangulo",
+           "top": "arriba", "bottom": "abajo", "left": "izquierda", "right": "derecha"}
+CAPTION_PROMPTS = {"caption en": "en", "caption es": "es"}
 
 # The demo's new skill: three question types the base never saw.
 QUESTIONS = {"what color is the shape": "color", "what shape is it": "shape", "where is the shape": "position"}
@@ -46,8 +56,12 @@ def sample(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
     return draw(attrs["color"], attrs["shape"], attrs["position"], rng), attrs
 
 
-def caption(attrs: dict[str, str]) -> str:
-    return f"{attrs['color']} {attrs['shape']} {attrs['position']}"
+def caption(attrs: dict[str, str], lang: str = "en") -> str:
+    if lang == "en":
+        return f"{attrs['color']} {attrs['shape']} {attrs['position']}"
+    position = " ".join(SPANISH[w] for w in attrs["position"].split())
+    return f"{SPANISH[attrs['shape']]} {SPANISH[attrs['color']]} {position}"  # noun before adjective
 
 
-VOCAB = sorted({w for text in [*COLORS, *SHAPES, *POSITIONS, *QUESTIONS, "caption"] for w in text.split()})
+VOCAB = sorted({w for text in [*COLORS, *SHAPES, *POSITIONS, *QUESTIONS, *CAPTION_PROMPTS, *SPANISH.values()]
+                for w in text.split()})

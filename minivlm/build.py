@@ -54,8 +54,9 @@ def build(cfg: Config) -> Built:
         quantized = quantize_linears(model, skip, dtype, device, cfg.quant.quant_type, cfg.quant.double_quant)
     model.to(device)
     if cfg.train.gradient_checkpointing:
-        # Non-reentrant checkpointing recomputes through frozen inputs too, so every adapter
-        # gets its gradient even though the embeddings (the inputs) require none.
+        # Each decoder layer keeps only its input and recomputes the rest in backward. The
+        # non-reentrant variant tracks gradients through the recomputation itself, so adapters
+        # get theirs although the layer's input (from frozen embeddings) requires no grad.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     torch.manual_seed(cfg.train.seed)  # A's random init
