@@ -15,7 +15,7 @@ from pathlib import Path
 
 from minivlm.build import build
 from minivlm.config import ConfigError, load_config
-from minivlm.data import drop_too_long, load_split
+from minivlm.data import load_split
 from minivlm.evaluate import evaluate
 from minivlm.loop import train
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise ConfigError(f"{cfg.train.output_dir} already holds a checkpoint; continue it with --resume, "
                               "or set another train.output_dir (or delete that one)")
         built = build(cfg)
-        train_ds = drop_too_long(load_split(cfg.data, cfg.data.train_split), cfg.data, built.family, built.processor)
+        train_ds = load_split(cfg.data, cfg.data.train_split)
         eval_ds = load_split(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
     except ConfigError as e:
         sys.exit(f"error: {e}")

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minivlm.build import build  # noqa: E402
 from minivlm.config import load_config  # noqa: E402
-from minivlm.data import drop_too_long, load_split  # noqa: E402
+from minivlm.data import load_split  # noqa: E402
 from minivlm.loop import train  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def measure(config: str, overrides: list[str], steps: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(config, [*overrides, f"train.max_steps={steps}", f"train.output_dir={out}"])
         built = build(cfg)
-        ds = drop_too_long(load_split(cfg.data, cfg.data.train_split), cfg.data, built.family, built.processor)
+        ds = load_split(cfg.data, cfg.data.train_split)
         if built.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()

@@ -54,6 +54,7 @@ class DataConfig:
     question_column: str = "question"
     answer_column: str = "answer"
     prompt_template: str = "{question}"  # what the model reads before the answer
+    system_prompt: str = ""  # a system turn, for chat-template families
     max_length: int = 256  # longer samples are dropped (never cut through image tokens)
     eval_samples: int = 0  # 0 = the whole eval split
 

@@ -41,24 +41,6 @@ def prompt_of(cfg: DataConfig, question: str) -> str:
     return cfg.prompt_template.format(question=question)
 
 
-def drop_too_long(ds: datasets.Dataset, cfg: DataConfig, family: ModuleType, processor) -> datasets.Dataset:
-    """Remove samples longer than `cfg.max_length`, so no batch ever needs truncating.
-
-    Truncation would cut the answer (or, worse, image tokens, which the model must see in
-    full); a dropped sample is a smaller harm, and we say how many.
-    """
-    def fits(question: str, answer: str) -> bool:
-        return family.sequence_length(processor, prompt_of(cfg, question), str(answer)) <= cfg.max_length
-
-    kept = ds.filter(fits, input_columns=[cfg.question_column, cfg.answer_column])
-    if len(kept) == 0:
-        raise ConfigError(f"every sample is longer than data.max_length = {cfg.max_length} tokens; raise it")
-    if len(kept) < len(ds):
-        warnings.warn(f"dropped {len(ds) - len(kept)} of {len(ds)} samples longer than data.max_length = "
-                      f"{cfg.max_length} tokens (raise it to keep them)")
-    return kept
-
-
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Shuffled index batches for one epoch; a function of (seed, epoch) only, so resume can replay it."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -70,10 +52,38 @@ def steps_per_epoch(n: int, batch_size: int, grad_accum: int) -> int:
     return math.ceil(math.ceil(n / batch_size) / grad_accum)
 
 
+def answer_text(answer) -> str:
+    """Datasets store answers as strings or as lists of accepted answers (ChartQA); train on the first."""
+    return str(answer[0] if isinstance(answer, (list, tuple)) else answer)
+
+
 def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: ModuleType,
             processor) -> dict[str, torch.Tensor]:
+    """The family's training batch for `ds[indices]`, minus any sample longer than `cfg.max_length`.
+
+    Too-long samples are dropped, never truncated: truncation would cut the answer or, worse,
+    image tokens, whose count the model checks against the image features.
+    """
     rows = ds[indices]  # one columnar read
     images = [im.convert("RGB") for im in rows[cfg.image_column]]
     prompts = [prompt_of(cfg, q) for q in rows[cfg.question_column]]
-    answers = [str(a) for a in rows[cfg.answer_column]]
-    return family.training_batch(processor, images, prompts, answers)
+    answers = [answer_text(a) for a in rows[cfg.answer_column]]
+    batch = family.training_batch(processor, images, prompts, answers, system=cfg.system_prompt)
+    lengths = batch["attention_mask"].sum(1)
+    keep = lengths <= cfg.max_length
+    if not keep.all():
+        dropped = [i for i, k in zip(indices, keep.tolist()) if not k]
+        warnings.warn(f"dropped sample(s) {dropped}: longer than data.max_length = {cfg.max_length} tokens "
+                      f"({lengths.max().item()}); raise data.max_length to train on them")
+        batch = _select_rows(batch, keep, int(lengths[keep].max()) if keep.any() else 0)
+    return batch
+
+
+def _select_rows(batch: dict[str, torch.Tensor], keep: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+    """Keep the rows where `keep`; cut the (right) padding of the token tensors to `length`."""
+    n, seq = batch["input_ids"].shape
+    out = {}
+    for key, value in batch.items():
+        value = value[keep] if value.shape[0] == n else value
+        out[key] = value[:, :length] if value.dim() == 2 and value.shape[1] == seq else value
+    return out

@@ -8,7 +8,7 @@ from PIL import Image
 
 from minivlm.build import DTYPES, Built
 from minivlm.config import Config
-from minivlm.data import prompt_of
+from minivlm.data import answer_text, prompt_of
 from minivlm.loop import autocast, model_inputs
 from minivlm.metrics import exact_match
 
@@ -20,7 +20,7 @@ def answer(cfg: Config, built: Built, images: list[Image.Image], questions: list
     was_training = model.training
     model.eval()  # dropout off
     batch = built.family.generation_batch(processor, [im.convert("RGB") for im in images],
-                                          [prompt_of(cfg.data, q) for q in questions])
+                                          [prompt_of(cfg.data, q) for q in questions], system=cfg.data.system_prompt)
     inputs = model_inputs(batch, built.device, DTYPES[cfg.model.dtype])
     with autocast(cfg, built.device):
         out = model.generate(**inputs, max_new_tokens=cfg.train.max_new_tokens, do_sample=False, use_cache=True)
@@ -37,6 +37,6 @@ def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 
     for i in range(0, len(ds), batch_size):
         rows = ds[i:i + batch_size]
         predictions += answer(cfg, built, rows[cfg.data.image_column], rows[cfg.data.question_column])
-        references += [str(a) for a in rows[cfg.data.answer_column]]
+        references += [answer_text(a) for a in rows[cfg.data.answer_column]]
     return {"accuracy": exact_match(predictions, references), "n": len(references),
             "predictions": predictions, "references": references}

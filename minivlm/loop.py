@@ -67,6 +67,8 @@ def backward_window(cfg: Config, built: Built, batches: list[dict], scaler: torc
     dtype = DTYPES[cfg.model.dtype]
     total = 0.0
     for batch in batches:
+        if answer_tokens(batch) == 0:  # nothing to learn here (all masked, or all samples too long)
+            continue
         with autocast(cfg, built.device):
             logits = built.model(**model_inputs(batch, built.device, dtype)).logits
         loss = answer_loss_sum(logits, batch["labels"].to(built.device)) / n_tokens

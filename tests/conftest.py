@@ -44,3 +44,15 @@ def tiny_config(model_dir: Path, data_dir: Path, output_dir: Path, **train) -> "
         "train": {"output_dir": str(output_dir), "batch_size": 4, "grad_accum": 1, "lr": 1e-3,
                   "optimizer": "adamw", "device": "cpu", "max_new_tokens": 4, **train},
     })
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics2(tmp_path_factory) -> Path:
+    from tiny import save_tiny_idefics2
+    return save_tiny_idefics2(tmp_path_factory.mktemp("tiny-idefics2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm(tmp_path_factory) -> Path:
+    from tiny import save_tiny_smolvlm
+    return save_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm"))

@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from minivlm.config import ConfigError, DataConfig
-from minivlm.data import drop_too_long, load_split
+from minivlm.data import collate, load_split
 from minivlm.models import paligemma
 
 
@@ -43,11 +43,6 @@ def test_labels_are_exactly_answer_plus_eos(processor):
     assert (batch["token_type_ids"][batch["labels"] != -100] == 1).all()  # suffix = prefix-LM "1"
 
 
-def test_sequence_length_matches_processor(processor):
-    batch = paligemma.training_batch(processor, images(1), ["what shape is it"], ["circle"])
-    assert paligemma.sequence_length(processor, "what shape is it", "circle") == batch["input_ids"].shape[1]
-
-
 def test_generation_batch_is_left_padded_without_labels(processor):
     batch = paligemma.generation_batch(processor, images(2), ["what", "what color is the shape"])
     assert "labels" not in batch
@@ -58,16 +53,22 @@ def test_generation_batch_is_left_padded_without_labels(processor):
 def test_too_long_samples_are_dropped_never_cut(processor, shapes_data):
     cfg = DataConfig(dataset=str(shapes_data), max_length=processor.image_seq_length + 7)
     ds = load_split(cfg, "train")
-    with pytest.warns(UserWarning, match=r"dropped \d+ of 24 samples longer than data.max_length"):
-        kept = drop_too_long(ds, cfg, paligemma, processor)
-    assert 0 < len(kept) < len(ds)
-    batch = paligemma.training_batch(processor, [im.convert("RGB") for im in kept["image"]],
-                                     list(kept["question"]), list(kept["answer"]))
-    assert batch["input_ids"].shape[1] <= cfg.max_length
+    lengths = [len(q.split()) + len(a.split()) for q, a in zip(ds["question"], ds["answer"])]
+    idx = [i for i, n in enumerate(lengths) if n == 5][:2] + [i for i, n in enumerate(lengths) if n > 5][:2]
+    with pytest.warns(UserWarning, match=r"dropped sample\(s\) \[\d+, \d+\]: longer than data.max_length"):
+        batch = collate(ds, idx, cfg, paligemma, processor)
+    assert batch["input_ids"].shape == (2, cfg.max_length) and batch["pixel_values"].shape[0] == 2
     assert ((batch["input_ids"] == processor.image_token_id).sum(1) == processor.image_seq_length).all()
+    assert (batch["labels"] != -100).sum() == 4  # two one-word answers + EOS each, intact
     cfg.max_length = processor.image_seq_length
-    with pytest.raises(ConfigError, match="every sample is longer than data.max_length"):
-        drop_too_long(ds, cfg, paligemma, processor)
+    with pytest.warns(UserWarning, match="dropped"):
+        empty = collate(ds, idx, cfg, paligemma, processor)
+    assert empty["input_ids"].shape[0] == 0
+
+
+def test_system_prompt_is_refused(processor):
+    with pytest.raises(ConfigError, match="PaliGemma has no system turn"):
+        paligemma.training_batch(processor, images(1), ["what"], ["red"], system="be brief")
 
 
 def test_missing_columns_are_named(shapes_data):

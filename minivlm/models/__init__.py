@@ -5,17 +5,18 @@ A family module provides:
   QUANT_SKIP        modules kept unquantized by default
   LORA_TARGETS      modules wrapped by LoRA by default (suffix names)
   LORA_SKIP         modules never adapted by default
-  load_processor(path)                         -> the family's real processor
-  sequence_length(processor, prompt, answer)   -> tokens a training sample takes
-  training_batch(processor, images, prompts, answers) -> tensors incl. labels (-100 = no loss)
-  generation_batch(processor, images, prompts) -> left-padded tensors for model.generate
+  load_processor(path)                                       -> the family's real processor
+  training_batch(processor, images, prompts, answers, system) -> tensors incl. labels (-100 = no loss)
+  generation_batch(processor, images, prompts, system)       -> left-padded tensors for model.generate
+
+Chat-template families share their batching in `chat.py`.
 """
 
 from types import ModuleType
 
-from minivlm.models import paligemma
+from minivlm.models import idefics2, paligemma, smolvlm
 
-FAMILIES: dict[str, ModuleType] = {"paligemma": paligemma}
+FAMILIES: dict[str, ModuleType] = {"paligemma": paligemma, "idefics2": idefics2, "smolvlm": smolvlm}
 
 
 def get_family(name: str) -> ModuleType:

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
+from minivlm.config import ConfigError
+
 MODEL_CLASS = PaliGemmaForConditionalGeneration
 QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -30,16 +32,15 @@ def _text(processor: PaliGemmaProcessor, prompt: str) -> str:
     return processor.image_token + prompt
 
 
-def sequence_length(processor: PaliGemmaProcessor, prompt: str, answer: str) -> int:
-    """Length of the training sequence, without running the image processor."""
-    tok = processor.tokenizer
-    n_prompt = len(tok(prompt + "\n", add_special_tokens=False)["input_ids"])
-    n_answer = len(tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"])
-    return processor.image_seq_length + 1 + n_prompt + n_answer  # + 1 for <bos>
+def _no_system(system: str) -> None:
+    if system:
+        raise ConfigError("PaliGemma has no system turn; put the instruction into data.prompt_template "
+                          "and leave data.system_prompt empty")
 
 
 def training_batch(processor: PaliGemmaProcessor, images: list[Image.Image], prompts: list[str],
-                   answers: list[str]) -> dict[str, torch.Tensor]:
+                   answers: list[str], system: str = "") -> dict[str, torch.Tensor]:
+    _no_system(system)
     processor.tokenizer.padding_side = "right"
     batch = processor(images=images, text=[_text(processor, p) for p in prompts], suffix=answers,
                       padding="longest", return_tensors="pt")
@@ -50,7 +51,8 @@ def training_batch(processor: PaliGemmaProcessor, images: list[Image.Image], pro
 
 
 def generation_batch(processor: PaliGemmaProcessor, images: list[Image.Image],
-                     prompts: list[str]) -> dict[str, torch.Tensor]:
+                     prompts: list[str], system: str = "") -> dict[str, torch.Tensor]:
+    _no_system(system)
     # Left padding: generation appends at the right end, so every row must end with its prompt.
     processor.tokenizer.padding_side = "left"
     batch = processor(images=images, text=[_text(processor, p) for p in prompts], padding="longest",

@@ -1,0 +1,22 @@
+"""Idefics2: SigLIP vision tower -> perceiver-resampler connector -> Mistral decoder.
+
+Each image becomes `image_seq_len` (64) resampled tokens; with `do_image_splitting` the
+processor also cuts it into 4 crops + the whole image, each with its own tokens. All of that
+is the real Idefics2Processor's job; here we only say which turn to learn from.
+"""
+
+from functools import partial
+
+from transformers import Idefics2ForConditionalGeneration
+
+from minivlm.models import chat
+
+MODEL_CLASS = Idefics2ForConditionalGeneration
+QUANT_SKIP = ["vision_model", "connector", "lm_head", "embed_tokens"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_SKIP = ["vision_model", "connector"]
+END_OF_TURN = "<end_of_utterance>"
+
+load_processor = chat.load_processor
+training_batch = partial(chat.training_batch, end_of_turn=END_OF_TURN)
+generation_batch = chat.generation_batch
