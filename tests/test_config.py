@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import ROOT
 from minivlm.config import ConfigError, from_dict, load_config
 
 GOOD = {"model": {"name_or_path": "x"}, "lora": {"r": 8}, "train": {"lr": 1e-4}}
@@ -30,7 +31,7 @@ def with_(section: str, **values) -> dict:
     (with_("lora", r=True), r"lora.r must be int, got bool"),
     (with_("lora", targets="q_proj"), r"lora.targets must be a list"),
     (with_("train", schedule="cosin"), r"train.schedule = 'cosin' is not one of .*did you mean 'cosine'\?"),
-    (with_("model", family="llava"), r"model.family = 'llava' must be one of \['paligemma'\]"),
+    (with_("model", family="lava"), r"model.family = 'lava' must be one of \[.*'paligemma'.*\]"),
     (with_("lora", dropout=1.0), r"lora.dropout = 1.0 must be in \[0, 1\)"),
     (with_("train", betas=[0.9]), r"train.betas = \[0.9\] must be two numbers"),
     (with_("data", prompt_template="Q:"), r"data.prompt_template = 'Q:' must contain \{question\}"),
@@ -47,7 +48,7 @@ def test_good_config_and_int_for_float():
 
 
 def test_overrides_and_shipped_configs(tmp_path):
-    for name in ("configs/demo.toml", "configs/paligemma.toml"):
+    for name in sorted(str(p) for p in ROOT.glob("configs/*.toml")):
         load_config(name)
     cfg = load_config("configs/paligemma.toml", ["train.max_steps=3", "model.name_or_path=/tmp/x", "train.bf16=false"])
     assert cfg.train.max_steps == 3 and cfg.model.name_or_path == "/tmp/x" and cfg.train.bf16 is False
