@@ -20,9 +20,9 @@ from minivlm.evaluate import evaluate
 from minivlm.loop import train
 
 
-def show(when: str, scored: dict, questions) -> None:
+def show(when: str, scored: dict) -> None:
     print(f"accuracy {when} training: {scored['accuracy']:.3f} on {scored['n']} held-out samples")
-    for q, p, r in list(zip(questions, scored["predictions"], scored["references"]))[:4]:
+    for q, p, r in list(zip(scored["prompts"], scored["predictions"], scored["references"]))[:4]:
         print(f"  {q!r:28} -> {p!r:22} (reference {r!r})")
 
 
@@ -57,13 +57,13 @@ def main(argv: list[str] | None = None) -> dict:
     if eval_ds is not None:
         before = evaluate(cfg, built, eval_ds)
         metrics["accuracy_before"] = before["accuracy"]
-        show("before", before, eval_ds[cfg.data.question_column])
+        show("before", before)
     result = train(cfg, built, train_ds, resume=resume)
     metrics.update(train_seconds=result["train_seconds"], final_loss=result["loss"], steps=result["step"])
     if eval_ds is not None:
         after = evaluate(cfg, built, eval_ds)
         metrics["accuracy_after"] = after["accuracy"]
-        show("after", after, eval_ds[cfg.data.question_column])
+        show("after", after)
         print(f"training took {result['train_seconds']:.0f}s")
     out = Path(cfg.train.output_dir) / "metrics.json"
     out.write_text(json.dumps(metrics, indent=2))

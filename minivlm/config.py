@@ -53,8 +53,10 @@ class DataConfig:
     image_column: str = "image"
     question_column: str = "question"
     answer_column: str = "answer"
-    prompt_template: str = "{question}"  # what the model reads before the answer
+    prompt_template: str = "{question}"  # what the model reads; {question} or any {column}
+    answer_template: str = ""  # what it learns to write; "" = the answer column; else any {column}
     system_prompt: str = ""  # a system turn, for chat-template families
+    random_resized_crop: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0]: train-time crop scale
     max_length: int = 256  # longer samples are dropped (never cut through image tokens)
     eval_samples: int = 0  # 0 = the whole eval split
 
@@ -207,7 +209,9 @@ def validate(cfg: Config) -> None:
         (len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "train.betas",
          "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
         (not (cfg.train.fp16 and cfg.train.bf16), "train.fp16", "and train.bf16 are both true; pick one"),
-        ("{question}" in cfg.data.prompt_template, "data.prompt_template", "must contain {question}"),
+        (not cfg.data.random_resized_crop or (len(cfg.data.random_resized_crop) == 2
+         and 0 < cfg.data.random_resized_crop[0] <= cfg.data.random_resized_crop[1] <= 1),
+         "data.random_resized_crop", "must be [] or [min_scale, max_scale] with 0 < min <= max <= 1"),
         (cfg.data.max_length > 0, "data.max_length", "must be > 0"),
         (cfg.data.eval_samples >= 0, "data.eval_samples", "must be >= 0 (0 = all)"),
         (cfg.train.save_every >= 0, "train.save_every", "must be >= 0 (0 = only at the end)"),

@@ -1,14 +1,17 @@
-"""Datasets in, batches out: loading through `datasets`, length filtering, shuffled batching."""
+"""Datasets in, batches out: loading through `datasets`, prompts and answers, shuffled batches."""
 
 from __future__ import annotations
 
 import math
+import string
 import warnings
 from pathlib import Path
 from types import ModuleType
 
 import datasets
 import torch
+from PIL import Image
+from transformers.image_utils import load_image
 
 from minivlm.config import ConfigError, DataConfig
 
@@ -29,16 +32,70 @@ def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
             ds = datasets.load_dataset(cfg.dataset, split=split)
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         raise ConfigError(f"cannot load split {split!r} of data.dataset = {cfg.dataset!r}: {e}") from None
-    wanted = [cfg.image_column, cfg.question_column, cfg.answer_column]
-    missing = [c for c in wanted if c not in ds.column_names]
+    missing = [c for c in required_columns(cfg) if c not in ds.column_names]
     if missing:
         raise ConfigError(f"data.dataset {cfg.dataset!r} has no column(s) {missing}; its columns are "
-                          f"{ds.column_names}: set data.image_column / question_column / answer_column")
+                          f"{ds.column_names}: set data.image_column / question_column / answer_column, "
+                          "or the fields of data.prompt_template / answer_template")
     return ds
 
 
-def prompt_of(cfg: DataConfig, question: str) -> str:
-    return cfg.prompt_template.format(question=question)
+def _fields(template: str) -> set[str]:
+    return {field for _, field, _, _ in string.Formatter().parse(template) if field}
+
+
+def required_columns(cfg: DataConfig) -> list[str]:
+    """The image column and every column the prompt and answer templates read."""
+    aliases = {"question": cfg.question_column, "answer": cfg.answer_column}
+    fields = _fields(cfg.prompt_template) | _fields(cfg.answer_template or "{answer}")
+    return [cfg.image_column, *sorted(aliases.get(f, f) for f in fields)]
+
+
+def _row_values(cfg: DataConfig, row: dict) -> dict:
+    return {**row, "question": row.get(cfg.question_column), "answer": answer_text(row.get(cfg.answer_column))}
+
+
+def prompt_of(cfg: DataConfig, row: dict) -> str:
+    """data.prompt_template filled from one row: {question} is the question column, {name} any column."""
+    return cfg.prompt_template.format(**_row_values(cfg, row))
+
+
+def answer_of(cfg: DataConfig, row: dict) -> str:
+    """The target text: the answer column, or data.answer_template filled from the row."""
+    values = _row_values(cfg, row)
+    return cfg.answer_template.format(**values) if cfg.answer_template else values["answer"]
+
+
+def answer_text(answer) -> str:
+    """Datasets store answers as strings or as lists of accepted answers (ChartQA); train on the first."""
+    return str(answer[0] if isinstance(answer, (list, tuple)) else answer)
+
+
+def to_rgb(image: Image.Image | str) -> Image.Image:
+    """A PIL image, a path or a URL, as RGB. Transparency is composited on white: a bare
+    convert("RGB") turns transparent pixels black (seed 002's convert_to_rgb)."""
+    if isinstance(image, str):  # transformers' load_image fetches URLs (and flattens alpha itself)
+        image = load_image(image) if image.startswith(("http://", "https://")) else Image.open(image)
+    if image.mode == "RGB":
+        return image
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255)), rgba).convert("RGB")
+
+
+def random_resized_crop(image: Image.Image, scale: list[float], ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    """torchvision's RandomResizedCrop without the resize (the processor resizes next): a random
+    region of `scale` of the area and aspect ratio in `ratio`. Uses the global torch RNG, whose
+    state checkpoints save, so a resumed run draws the same crops."""
+    w, h = image.size
+    for _ in range(10):
+        area = w * h * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item())
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x = int(torch.randint(0, w - cw + 1, (1,)))
+            y = int(torch.randint(0, h - ch + 1, (1,)))
+            return image.crop((x, y, x + cw, y + ch))
+    return image
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -52,9 +109,9 @@ def steps_per_epoch(n: int, batch_size: int, grad_accum: int) -> int:
     return math.ceil(math.ceil(n / batch_size) / grad_accum)
 
 
-def answer_text(answer) -> str:
-    """Datasets store answers as strings or as lists of accepted answers (ChartQA); train on the first."""
-    return str(answer[0] if isinstance(answer, (list, tuple)) else answer)
+def rows_of(ds: datasets.Dataset, indices: list[int]) -> list[dict]:
+    columns = ds[indices]  # one columnar read
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
 def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: ModuleType,
@@ -64,10 +121,12 @@ def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: M
     Too-long samples are dropped, never truncated: truncation would cut the answer or, worse,
     image tokens, whose count the model checks against the image features.
     """
-    rows = ds[indices]  # one columnar read
-    images = [im.convert("RGB") for im in rows[cfg.image_column]]
-    prompts = [prompt_of(cfg, q) for q in rows[cfg.question_column]]
-    answers = [answer_text(a) for a in rows[cfg.answer_column]]
+    rows = rows_of(ds, indices)
+    images = [to_rgb(row[cfg.image_column]) for row in rows]
+    if cfg.random_resized_crop:
+        images = [random_resized_crop(im, cfg.random_resized_crop) for im in images]
+    prompts = [prompt_of(cfg, row) for row in rows]
+    answers = [answer_of(cfg, row) for row in rows]
     batch = family.training_batch(processor, images, prompts, answers, system=cfg.system_prompt)
     lengths = batch["attention_mask"].sum(1)
     keep = lengths <= cfg.max_length

@@ -8,19 +8,19 @@ from PIL import Image
 
 from minivlm.build import DTYPES, Built
 from minivlm.config import Config
-from minivlm.data import answer_text, prompt_of
+from minivlm.data import answer_of, prompt_of, rows_of, to_rgb
 from minivlm.loop import autocast, model_inputs
 from minivlm.metrics import exact_match
 
 
 @torch.no_grad()
-def answer(cfg: Config, built: Built, images: list[Image.Image], questions: list[str]) -> list[str]:
-    """Greedy-decode one answer per (image, question), as a batch."""
+def answer(cfg: Config, built: Built, images: list[Image.Image], prompts: list[str]) -> list[str]:
+    """Greedy-decode one answer per (image, prompt), as a batch."""
     model, processor = built.model, built.processor
     was_training = model.training
     model.eval()  # dropout off
-    batch = built.family.generation_batch(processor, [im.convert("RGB") for im in images],
-                                          [prompt_of(cfg.data, q) for q in questions], system=cfg.data.system_prompt)
+    batch = built.family.generation_batch(processor, [to_rgb(im) for im in images], prompts,
+                                          system=cfg.data.system_prompt)
     inputs = model_inputs(batch, built.device, DTYPES[cfg.model.dtype])
     with autocast(cfg, built.device):
         out = model.generate(**inputs, max_new_tokens=cfg.train.max_new_tokens, do_sample=False, use_cache=True)
@@ -33,10 +33,12 @@ def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 
     """Exact-match accuracy of greedy answers on `ds` (the first data.eval_samples rows if set)."""
     if cfg.data.eval_samples:
         ds = ds.select(range(min(cfg.data.eval_samples, len(ds))))
-    predictions, references = [], []
+    prompts, predictions, references = [], [], []
     for i in range(0, len(ds), batch_size):
-        rows = ds[i:i + batch_size]
-        predictions += answer(cfg, built, rows[cfg.data.image_column], rows[cfg.data.question_column])
-        references += [answer_text(a) for a in rows[cfg.data.answer_column]]
+        rows = rows_of(ds, list(range(i, min(i + batch_size, len(ds)))))
+        batch_prompts = [prompt_of(cfg.data, row) for row in rows]
+        predictions += answer(cfg, built, [row[cfg.data.image_column] for row in rows], batch_prompts)
+        prompts += batch_prompts
+        references += [answer_of(cfg.data, row) for row in rows]
     return {"accuracy": exact_match(predictions, references), "n": len(references),
-            "predictions": predictions, "references": references}
+            "prompts": prompts, "predictions": predictions, "references": references}

@@ -34,7 +34,7 @@ def with_(section: str, **values) -> dict:
     (with_("model", family="lava"), r"model.family = 'lava' must be one of \[.*'paligemma'.*\]"),
     (with_("lora", dropout=1.0), r"lora.dropout = 1.0 must be in \[0, 1\)"),
     (with_("train", betas=[0.9]), r"train.betas = \[0.9\] must be two numbers"),
-    (with_("data", prompt_template="Q:"), r"data.prompt_template = 'Q:' must contain \{question\}"),
+    (with_("data", random_resized_crop=[0.9]), r"data.random_resized_crop = \[0.9\] must be \[\] or \[min_scale"),
 ])
 def test_bad_values_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,0 +1,55 @@
+"""Data: templates over columns, images from anywhere as RGB, the crop augmentation, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from minivlm.config import ConfigError, DataConfig
+from minivlm.data import (answer_of, epoch_batches, load_split, prompt_of, random_resized_crop, required_columns,
+                          steps_per_epoch, to_rgb)
+
+
+def test_templates_read_any_column():
+    cfg = DataConfig(question_column="q", answer_column="caption", prompt_template="Question: {q}? Answer:",
+                     answer_template="This is {name}. {answer}")
+    row = {"q": "who", "caption": ["A card", "other"], "name": "Pikachu"}
+    assert prompt_of(cfg, row) == "Question: who? Answer:"
+    assert answer_of(cfg, row) == "This is Pikachu. A card"  # a list answer: its first entry
+    assert required_columns(cfg) == ["image", "caption", "name", "q"]
+
+
+def test_missing_template_column_is_named(shapes_data):
+    cfg = DataConfig(dataset=str(shapes_data), answer_template="This is {name}.")
+    with pytest.raises(ConfigError, match=r"no column\(s\) \['name'\]"):
+        load_split(cfg, "train")
+
+
+def test_to_rgb_composites_transparency_on_white(tmp_path):
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    rgb = to_rgb(rgba)
+    assert rgb.mode == "RGB" and rgb.getpixel((1, 1)) == (255, 255, 255) and rgb.getpixel((0, 0)) == (0, 0, 255)
+    path = tmp_path / "p.png"
+    rgba.save(path)
+    assert to_rgb(str(path)).getpixel((1, 1)) == (255, 255, 255)  # a path loads too
+
+
+def test_random_resized_crop_scale_and_determinism():
+    image = Image.new("RGB", (100, 80))
+    torch.manual_seed(0)
+    crops = [random_resized_crop(image, [0.5, 0.6]) for _ in range(50)]
+    areas = [c.size[0] * c.size[1] / (100 * 80) for c in crops]
+    assert all(0.47 <= a <= 0.63 for a in areas)  # rounding to whole pixels
+    assert len({c.size for c in crops}) > 5
+    torch.manual_seed(0)
+    assert [random_resized_crop(image, [0.5, 0.6]).size for _ in range(50)] == [c.size for c in crops]
+
+
+def test_epoch_batches_cover_every_sample_once_and_reshuffle():
+    first = epoch_batches(10, 3, seed=0, epoch=0)
+    assert sorted(i for b in first for i in b) == list(range(10)) and [len(b) for b in first] == [3, 3, 3, 1]
+    assert first == epoch_batches(10, 3, seed=0, epoch=0)
+    assert first != epoch_batches(10, 3, seed=0, epoch=1)
+    assert steps_per_epoch(10, 3, 2) == 2
