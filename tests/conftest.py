@@ -35,10 +35,11 @@ def shapes_data(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_config(model_dir: Path, data_dir: Path, output_dir: Path, **train) -> "Config":  # noqa: F821
+def tiny_config(model_dir: Path, data_dir: Path, output_dir: Path, family: str = "paligemma",
+                **train) -> "Config":  # noqa: F821
     """A CPU config for the tiny model; `train` overrides [train] keys."""
     return from_dict({
-        "model": {"family": "paligemma", "name_or_path": str(model_dir), "dtype": "float32"},
+        "model": {"family": family, "name_or_path": str(model_dir), "dtype": "float32"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"dataset": str(data_dir), "eval_split": "test", "max_length": 64},
         "train": {"output_dir": str(output_dir), "batch_size": 4, "grad_accum": 1, "lr": 1e-3,
@@ -56,3 +57,9 @@ def tiny_idefics2(tmp_path_factory) -> Path:
 def tiny_smolvlm(tmp_path_factory) -> Path:
     from tiny import save_tiny_smolvlm
     return save_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics(tmp_path_factory) -> Path:
+    from tiny import save_tiny_idefics
+    return save_tiny_idefics(tmp_path_factory.mktemp("tiny-idefics"))

@@ -75,8 +75,7 @@ def test_too_long_sample_is_dropped_not_cut(family, shapes_data):
 
 def test_quantization_scope(family, shapes_data, tmp_path):
     name, path = family
-    cfg = tiny_config(path, shapes_data, tmp_path)
-    cfg.model.family = name
+    cfg = tiny_config(path, shapes_data, tmp_path, family=name)
     model = build(cfg).model
     projections = {n for n, m in model.named_modules() if n.startswith("model.text_model.layers.")
                    and n.rsplit(".", 1)[-1] in {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}}
@@ -110,3 +109,44 @@ def test_seed_config_trains_three_steps(family, tmp_path):
     assert len(log) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     adapter = load_file(tmp_path / "run/last/adapter.safetensors")
     assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in adapter.items())
+
+
+def test_idefics_labels_are_the_answer_and_eos(tiny_idefics):
+    processor = AutoProcessor.from_pretrained(tiny_idefics)
+    tok = processor.tokenizer
+    prompt = "Question: What's on the picture? Answer:"
+    answers = ["This is red circle", "This is blue"]
+    batch = get_family("idefics").training_batch(processor, images(2), [prompt] * 2, answers)
+    answer_start = tok.convert_tokens_to_ids("Answer")
+    for row, answer in enumerate(answers):
+        labels, ids = batch["labels"][row], batch["input_ids"][row]
+        labelled = labels[labels != -100]
+        assert labelled.tolist() == tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        positions = (labels != -100).nonzero().squeeze(1)
+        assert positions.min() > (ids == answer_start).nonzero().max() + 1  # not even the ":" after "Answer"
+    assert (batch["labels"][batch["input_ids"] == processor.image_token_id] == -100).all()
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_idefics_seed_config_with_urls_as_paths(tiny_idefics, tmp_path):
+    """configs/idefics.toml: image_url column (here local paths), answer from two columns, RGBA images,
+    random resized crops, fp16, q/k/v LoRA in self- and cross-attention, 3 steps."""
+    rows = []
+    for i, color in enumerate(["red", "blue", "green", "white"]):
+        path = tmp_path / f"card{i}.png"
+        Image.new("RGBA", (40, 56), (200, 20 * i, 0, 128)).save(path)
+        rows.append({"image_url": str(path), "name": color, "caption": f"{color} circle top left. More text"})
+    (tmp_path / "cards.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sets = [f"model.name_or_path={tiny_idefics}", f"data.dataset={tmp_path / 'cards.jsonl'}", "data.train_split=train",
+            'data.eval_split=""', f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.save_every=0",
+            "train.device=cpu"]
+    metrics = train.main(["--config", str(ROOT / "configs/idefics.toml"), *sum((["--set", s] for s in sets), [])])
+    assert metrics["steps"] == 3
+    adapter = load_file(tmp_path / "run/last/adapter.safetensors")
+    adapted = {k.rsplit(".", 1)[0] for k in adapter}
+    assert any(".cross_attn.q_proj" in k for k in adapted) and any(".self_attn.v_proj" in k for k in adapted)
+    assert not any("vision_model" in k or "o_proj" in k for k in adapted)
+    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in adapter.items())
+    model = build(tiny_config(tiny_idefics, tmp_path, tmp_path / "scope", family="idefics")).model
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.vision_model.modules())
+    assert type(model.lm_head).__name__ == "IdeficsDecoupledLinear"

@@ -81,3 +81,26 @@ def save_tiny_smolvlm(out: Path, hidden: int = 64) -> Path:
     Idefics3ForConditionalGeneration(config).save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def save_tiny_idefics(out: Path, hidden: int = 64) -> Path:
+    """IDEFICS (v1, Flamingo-style): a Llama decoder with gated cross-attention to CLIP-style image features."""
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
+    from transformers.models.idefics.configuration_idefics import IdeficsVisionConfig
+    from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
+
+    tokenizer = word_tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>"],
+                               ["Question", "Answer", "This", ":", ".", "?", "'", "s", "What", "on", "picture"])
+    processor = IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=32), tokenizer=tokenizer,
+                                 image_size=32)
+    config = IdeficsConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, cross_layer_interval=1, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vision_config=IdeficsVisionConfig(embed_dim=hidden, image_size=32, patch_size=8, intermediate_size=2 * hidden,
+                                          num_hidden_layers=1, num_attention_heads=2),
+        alpha_initializer="ones")  # open gates (tanh(1)), so the image reaches the text
+    torch.manual_seed(0)
+    IdeficsForVisionText2Text(config).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

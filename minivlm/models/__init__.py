@@ -14,9 +14,10 @@ Chat-template families share their batching in `chat.py`.
 
 from types import ModuleType
 
-from minivlm.models import idefics2, paligemma, smolvlm
+from minivlm.models import idefics, idefics2, paligemma, smolvlm
 
-FAMILIES: dict[str, ModuleType] = {"paligemma": paligemma, "idefics2": idefics2, "smolvlm": smolvlm}
+FAMILIES: dict[str, ModuleType] = {"paligemma": paligemma, "idefics2": idefics2, "idefics": idefics,
+                                   "smolvlm": smolvlm}
 
 
 def get_family(name: str) -> ModuleType:

@@ -1,4 +1,5 @@
 """What chat-template families share: turns in, tokens out, loss on the assistant turn only.
+(`answer_labels` serves every family whose processor takes a prompt followed by its answer.)
 
 A sample becomes the conversation
 
@@ -43,29 +44,36 @@ def _answer_token_count(tokenizer, prompt_text: str, full_text: str) -> int:
     return len(full_ids) - shared
 
 
+def answer_labels(batch: dict[str, torch.Tensor], tokenizer, prompt_texts: list[str], full_texts: list[str],
+                  end_token: str) -> torch.Tensor:
+    """Labels for processed `batch`: the answer tokens up to and including `end_token`, else -100.
+
+    `full_texts[i]` is `prompt_texts[i]` followed by the answer, as text before image expansion.
+    """
+    end_id = tokenizer.convert_tokens_to_ids(end_token)
+    labels = torch.full_like(batch["input_ids"], -100)
+    for row, (prompt_text, full_text) in enumerate(zip(prompt_texts, full_texts)):
+        n_answer = _answer_token_count(tokenizer, prompt_text, full_text)
+        real = batch["attention_mask"][row].nonzero().squeeze(1)  # positions of non-padding tokens
+        span = real[len(real) - n_answer:]
+        ends = (batch["input_ids"][row, span] == end_id).nonzero()
+        if len(ends) == 0:
+            raise ValueError(f"no {end_token!r} after the answer in {full_text!r}: the prompt format does "
+                             "not end the answer as this family expects")
+        span = span[: ends[-1].item() + 1]  # stop at the end token
+        labels[row, span] = batch["input_ids"][row, span]
+    return labels
+
+
 def training_batch(processor, images: list[Image.Image], prompts: list[str], answers: list[str],
                    end_of_turn: str, system: str = "") -> dict[str, torch.Tensor]:
     """Processor tensors plus `labels`: the answer tokens and the end-of-turn token, else -100."""
-    tok = processor.tokenizer
-    tok.padding_side = "right"
+    processor.tokenizer.padding_side = "right"
     prompt_texts = [processor.apply_chat_template(conversation(p, system=system), add_generation_prompt=True)
                     for p in prompts]
     full_texts = [processor.apply_chat_template(conversation(p, a, system)) for p, a in zip(prompts, answers)]
     batch = dict(processor(text=full_texts, images=[[im] for im in images], padding=True, return_tensors="pt"))
-    end_id = tok.convert_tokens_to_ids(end_of_turn)
-    labels = torch.full_like(batch["input_ids"], -100)
-    for row, (prompt_text, full_text) in enumerate(zip(prompt_texts, full_texts)):
-        n_answer = _answer_token_count(tok, prompt_text, full_text)
-        real = batch["attention_mask"][row].nonzero().squeeze(1)  # positions of non-padding tokens
-        span = real[len(real) - n_answer:]
-        ids = batch["input_ids"][row, span]
-        ends = (ids == end_id).nonzero()
-        if len(ends) == 0:
-            raise ValueError(f"no {end_of_turn!r} after the answer in {full_text!r}: the chat template does "
-                             "not close the assistant turn as this family expects")
-        span = span[: ends[-1].item() + 1]  # stop at the turn's end token
-        labels[row, span] = batch["input_ids"][row, span]
-    batch["labels"] = labels
+    batch["labels"] = answer_labels(batch, processor.tokenizer, prompt_texts, full_texts, end_of_turn)
     return batch
 
 

@@ -32,9 +32,9 @@ def _text(processor: PaliGemmaProcessor, prompt: str) -> str:
     return processor.image_token + prompt
 
 
-def _no_system(system: str) -> None:
+def _no_system(system: str, family: str = "PaliGemma") -> None:
     if system:
-        raise ConfigError("PaliGemma has no system turn; put the instruction into data.prompt_template "
+        raise ConfigError(f"{family} has no system turn; put the instruction into data.prompt_template "
                           "and leave data.system_prompt empty")
 
 

@@ -1,0 +1,43 @@
+"""IDEFICS (v1, HuggingFaceM4/idefics-9b): Flamingo-style. A Llama decoder reads the text; every
+`cross_layer_interval` layers a gated cross-attention block looks at CLIP image features. An
+image takes a single <image> token in the text, so sequences stay short.
+
+The processor takes interleaved lists, [image, text], and wraps each image in
+<fake_token_around_image>. A sample is [image, "prompt answer</s>"], the loss on "answer</s>".
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from transformers import IdeficsForVisionText2Text
+
+from minivlm.models import chat
+from minivlm.models.paligemma import _no_system
+
+MODEL_CLASS = IdeficsForVisionText2Text
+# lm_head and embed_tokens are decoupled layers (extra rows for added tokens) and never quantized.
+QUANT_SKIP = ["vision_model", "perceiver_resampler", "lm_head", "embed_tokens"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj"]  # in self-attention and in the gated cross-attention
+LORA_SKIP = ["vision_model", "perceiver_resampler"]
+
+load_processor = chat.load_processor
+
+
+def training_batch(processor, images: list[Image.Image], prompts: list[str], answers: list[str],
+                   system: str = "") -> dict[str, torch.Tensor]:
+    _no_system(system, "IDEFICS")
+    tok = processor.tokenizer
+    tok.padding_side = "right"
+    full = [f"{p} {a}" for p, a in zip(prompts, answers)]
+    batch = dict(processor(text=[[im, t] for im, t in zip(images, full)], add_eos_token=True, padding=True,
+                           return_tensors="pt"))
+    batch["labels"] = chat.answer_labels(batch, tok, prompts, [t + tok.eos_token for t in full], tok.eos_token)
+    return batch
+
+
+def generation_batch(processor, images: list[Image.Image], prompts: list[str],
+                     system: str = "") -> dict[str, torch.Tensor]:
+    _no_system(system, "IDEFICS")
+    processor.tokenizer.padding_side = "left"
+    return dict(processor(text=[[im, p] for im, p in zip(images, prompts)], padding=True, return_tensors="pt"))
