@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from minivlm.build import build
+from minivlm.checkpoint import load_adapter
 from minivlm.config import ConfigError, load_config
-from minivlm.data import load_split
+from minivlm.data import collate, load_split
 from minivlm.evaluate import evaluate
 from minivlm.loop import train
 
@@ -46,9 +47,13 @@ def main(argv: list[str] | None = None) -> dict:
             raise ConfigError(f"{cfg.train.output_dir} already holds a checkpoint; continue it with --resume, "
                               "or set another train.output_dir (or delete that one)")
         built = build(cfg)
+        if cfg.train.init_from and resume is None:
+            loaded = load_adapter(cfg.train.init_from, built.model, partial=True)
+            print(f"train.init_from: {len(loaded)} tensors from {cfg.train.init_from}")
         train_ds = load_split(cfg.data, cfg.data.train_split)
+        collate(train_ds, [0], cfg.data, built.family, built.processor)  # data/family mismatches show up now
         eval_ds = load_split(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"{len(built.quantized)} linears in 4-bit, {len(built.adapted)} with LoRA; trainable params "
           f"{built.trainable_params:,} of {built.total_params:,} ({100 * built.trainable_params / built.total_params:.2f}%)")
@@ -58,8 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
         before = evaluate(cfg, built, eval_ds)
         metrics["accuracy_before"] = before["accuracy"]
         show("before", before)
-    result = train(cfg, built, train_ds, resume=resume)
+    result = train(cfg, built, train_ds, eval_ds=eval_ds, resume=resume)
     metrics.update(train_seconds=result["train_seconds"], final_loss=result["loss"], steps=result["step"])
+    if cfg.train.eval_every:
+        metrics.update(best_val_loss=result["best_val_loss"], stopped_early=result["stopped_early"])
     if eval_ds is not None:
         after = evaluate(cfg, built, eval_ds)
         metrics["accuracy_after"] = after["accuracy"]

@@ -68,7 +68,7 @@ def pretrain(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed
         prompts = [rng.choice(list(CAPTION_PROMPTS)) for _ in range(batch_size)]
         images, captions = zip(*[(im, caption(a, CAPTION_PROMPTS[p])) for p, (im, a) in
                                  zip(prompts, (sample(rng) for _ in range(batch_size)))])
-        batch = paligemma.training_batch(processor, list(images), prompts, list(captions))
+        batch = paligemma.training_batch(processor, list(images), [[(p, c)] for p, c in zip(prompts, captions)])
         labels = batch.pop("labels")
         logits = model(**batch).logits
         loss = answer_loss_sum(logits, labels) / (labels[:, 1:] != -100).sum()

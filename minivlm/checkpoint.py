@@ -78,7 +78,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, step: int, config: dict) -> Path:
+                    scaler: torch.amp.GradScaler, step: int, config: dict, loop_state: dict | None = None) -> Path:
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -88,7 +88,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     skeleton = _split({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()},
                       tensors, "s")
     save_file(tensors, tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": config, "state": skeleton}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "config": config, "state": skeleton,
+                                                "loop": loop_state or {}}))
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         directory.rename(old)
@@ -97,8 +98,12 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     return directory
 
 
-def load_adapter(directory: str | Path, model: nn.Module) -> None:
-    """Load adapter.safetensors into the matching trainable parameters; every one must be there."""
+def load_adapter(directory: str | Path, model: nn.Module, partial: bool = False) -> list[str]:
+    """Load adapter.safetensors into the model's trainable parameters; return the names loaded.
+
+    By default every trainable parameter must be in the file and nothing else. `partial=True`
+    loads whatever the two share (e.g. stage 1's projector into stage 2's projector + LoRA).
+    """
     path = Path(directory) / "adapter.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: --checkpoint must be a directory written by train.py "
@@ -106,22 +111,27 @@ def load_adapter(directory: str | Path, model: nn.Module) -> None:
     saved = load_file(path)
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
-    if set(saved) != expected:
+    names = sorted(expected & set(saved)) if partial else sorted(saved)
+    if (not names) if partial else set(saved) != expected:
         missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
         raise ValueError(f"{path} does not fit this model (was it trained with another [lora] config?): "
                          f"missing {missing[:3]}, unexpected {extra[:3]}")
     with torch.no_grad():
-        for name, tensor in saved.items():
-            params[name].copy_(tensor)
+        for name in names:
+            if params[name].shape != saved[name].shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(saved[name].shape)}, the model "
+                                 f"{tuple(params[name].shape)}")
+            params[name].copy_(saved[name])
+    return names
 
 
 def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
-                        scaler: torch.amp.GradScaler) -> int:
-    """Restore optimizer, scaler and RNG states; return the step to continue from."""
+                        scaler: torch.amp.GradScaler) -> tuple[int, dict]:
+    """Restore optimizer, scaler and RNG states; return the step to continue from and the loop's state."""
     directory = Path(directory)
     meta = json.loads((directory / "state.json").read_text())
     state = _join(meta["state"], load_file(directory / "state.safetensors"))
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    return meta["step"]
+    return meta["step"], meta["loop"]

@@ -56,6 +56,8 @@ class DataConfig:
     prompt_template: str = "{question}"  # what the model reads; {question} or any {column}
     answer_template: str = ""  # what it learns to write; "" = the answer column; else any {column}
     system_prompt: str = ""  # a system turn, for chat-template families
+    conversations_column: str = ""  # LLaVA-style multi-turn data instead of question/answer columns
+    image_root: str = ""  # directory that relative image paths in image_column are under
     random_resized_crop: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0]: train-time crop scale
     max_length: int = 256  # longer samples are dropped (never cut through image tokens)
     eval_samples: int = 0  # 0 = the whole eval split
@@ -80,6 +82,9 @@ class TrainConfig:
     fp16: bool = False
     gradient_checkpointing: bool = False
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    eval_every: int = 0  # optimizer steps between validation-loss evaluations (needs data.eval_split); 0 = never
+    early_stopping_patience: int = 0  # stop after this many evaluations without a better loss; 0 = never
+    init_from: str = ""  # a checkpoint whose matching trainable weights start this run (LLaVA stage 2)
     device: str = "auto"  # "auto" = cuda if available, else cpu
     max_new_tokens: int = 16
 
@@ -215,6 +220,11 @@ def validate(cfg: Config) -> None:
         (cfg.data.max_length > 0, "data.max_length", "must be > 0"),
         (cfg.data.eval_samples >= 0, "data.eval_samples", "must be >= 0 (0 = all)"),
         (cfg.train.save_every >= 0, "train.save_every", "must be >= 0 (0 = only at the end)"),
+        (cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = never)"),
+        (not cfg.train.eval_every or cfg.data.eval_split, "train.eval_every", "needs data.eval_split"),
+        (cfg.train.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0 (0 = never)"),
+        (not cfg.train.early_stopping_patience or cfg.train.eval_every, "train.early_stopping_patience",
+         "needs train.eval_every > 0"),
         (cfg.train.device in ("auto", "cpu") or cfg.train.device.startswith("cuda"), "train.device",
          "must be 'auto', 'cpu' or 'cuda[:N]'"),
     ]

@@ -46,6 +46,8 @@ def _fields(template: str) -> set[str]:
 
 def required_columns(cfg: DataConfig) -> list[str]:
     """The image column and every column the prompt and answer templates read."""
+    if cfg.conversations_column:
+        return [cfg.image_column, cfg.conversations_column]
     aliases = {"question": cfg.question_column, "answer": cfg.answer_column}
     fields = _fields(cfg.prompt_template) | _fields(cfg.answer_template or "{answer}")
     return [cfg.image_column, *sorted(aliases.get(f, f) for f in fields)]
@@ -64,6 +66,28 @@ def answer_of(cfg: DataConfig, row: dict) -> str:
     """The target text: the answer column, or data.answer_template filled from the row."""
     values = _row_values(cfg, row)
     return cfg.answer_template.format(**values) if cfg.answer_template else values["answer"]
+
+
+def dialog_of(cfg: DataConfig, row: dict) -> list[tuple[str, str]]:
+    """The (user, assistant) exchanges of a row: one from the templates, or a LLaVA-style
+    conversation [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]."""
+    if not cfg.conversations_column:
+        return [(prompt_of(cfg, row), answer_of(cfg, row))]
+    turns = row[cfg.conversations_column]
+    roles = [t["from"] for t in turns]
+    if len(turns) % 2 or roles != ["human", "gpt"] * (len(turns) // 2):
+        raise ConfigError(f"data.conversations_column {cfg.conversations_column!r}: expected alternating "
+                         f"human/gpt turns, got {roles}")
+    # The family's template places the image; drop the dataset's own <image> marker.
+    text = [t["value"].replace("<image>", "").strip() for t in turns]
+    return list(zip(text[0::2], text[1::2]))
+
+
+def image_of(cfg: DataConfig, row: dict) -> Image.Image:
+    value = row[cfg.image_column]
+    if isinstance(value, str) and cfg.image_root and not value.startswith(("http://", "https://", "/")):
+        value = str(Path(cfg.image_root) / value)
+    return to_rgb(value)
 
 
 def answer_text(answer) -> str:
@@ -122,12 +146,10 @@ def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: M
     image tokens, whose count the model checks against the image features.
     """
     rows = rows_of(ds, indices)
-    images = [to_rgb(row[cfg.image_column]) for row in rows]
+    images = [image_of(cfg, row) for row in rows]
     if cfg.random_resized_crop:
         images = [random_resized_crop(im, cfg.random_resized_crop) for im in images]
-    prompts = [prompt_of(cfg, row) for row in rows]
-    answers = [answer_of(cfg, row) for row in rows]
-    batch = family.training_batch(processor, images, prompts, answers, system=cfg.system_prompt)
+    batch = family.training_batch(processor, images, [dialog_of(cfg, row) for row in rows], system=cfg.system_prompt)
     lengths = batch["attention_mask"].sum(1)
     keep = lengths <= cfg.max_length
     if not keep.all():

@@ -8,7 +8,7 @@ from PIL import Image
 
 from minivlm.build import DTYPES, Built
 from minivlm.config import Config
-from minivlm.data import answer_of, prompt_of, rows_of, to_rgb
+from minivlm.data import dialog_of, image_of, rows_of, to_rgb
 from minivlm.loop import autocast, model_inputs
 from minivlm.metrics import exact_match
 
@@ -36,9 +36,9 @@ def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 
     prompts, predictions, references = [], [], []
     for i in range(0, len(ds), batch_size):
         rows = rows_of(ds, list(range(i, min(i + batch_size, len(ds)))))
-        batch_prompts = [prompt_of(cfg.data, row) for row in rows]
-        predictions += answer(cfg, built, [row[cfg.data.image_column] for row in rows], batch_prompts)
-        prompts += batch_prompts
-        references += [answer_of(cfg.data, row) for row in rows]
+        first = [dialog_of(cfg.data, row)[0] for row in rows]  # a conversation is scored on its first exchange
+        predictions += answer(cfg, built, [image_of(cfg.data, row) for row in rows], [q for q, _ in first])
+        prompts += [q for q, _ in first]
+        references += [a for _, a in first]
     return {"accuracy": exact_match(predictions, references), "n": len(references),
             "prompts": prompts, "predictions": predictions, "references": references}

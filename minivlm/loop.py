@@ -77,6 +77,25 @@ def backward_window(cfg: Config, built: Built, batches: list[dict], scaler: torc
     return total
 
 
+@torch.no_grad()
+def validation_loss(cfg: Config, built: Built, ds: datasets.Dataset) -> float:
+    """Loss per answer token over the eval split (its first data.eval_samples rows if set)."""
+    n = min(cfg.data.eval_samples or len(ds), len(ds))
+    dtype = DTYPES[cfg.model.dtype]
+    built.model.eval()  # dropout off
+    total, tokens = 0.0, 0
+    for i in range(0, n, cfg.train.batch_size):
+        batch = collate(ds, list(range(i, min(i + cfg.train.batch_size, n))), cfg.data, built.family, built.processor)
+        if answer_tokens(batch) == 0:
+            continue
+        with autocast(cfg, built.device):
+            logits = built.model(**model_inputs(batch, built.device, dtype)).logits
+        total += answer_loss_sum(logits, batch["labels"].to(built.device)).item()
+        tokens += answer_tokens(batch)
+    built.model.train()
+    return total / max(tokens, 1)
+
+
 def open_log(path: Path, keep_until: int):
     """The JSONL step log, holding only the steps up to `keep_until` (those a resume continues from)."""
     kept = []
@@ -87,10 +106,13 @@ def open_log(path: Path, keep_until: int):
     return log
 
 
-def train(cfg: Config, built: Built, train_ds: datasets.Dataset, resume: str | Path | None = None) -> dict:
+def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datasets.Dataset | None = None,
+          resume: str | Path | None = None) -> dict:
     """Train the adapters of `built.model` on `train_ds`; write checkpoints and a JSONL log to output_dir.
 
-    Returns {"step", "loss", "train_seconds"} of the finished run.
+    With train.eval_every, the loss on `eval_ds` is measured every that many steps; each new
+    best is saved to <output_dir>/best, and train.early_stopping_patience evaluations without
+    one end the run. Returns {"step", "loss", "train_seconds", "best_val_loss", "stopped_early"}.
     """
     t, model, device = cfg.train, built.model, built.device
     out = Path(t.output_dir)
@@ -103,16 +125,17 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, resume: str | P
     scaler = torch.amp.GradScaler(device.type, enabled=t.fp16)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    start = 0
+    start, loop_state = 0, {"best_val_loss": float("inf"), "evals_since_best": 0}
     if resume:
         load_adapter(resume, model)
-        start = load_training_state(resume, optimizer, scaler)  # RNG too: same dropout masks as unbroken
+        start, saved = load_training_state(resume, optimizer, scaler)  # RNG too: same dropout masks
+        loop_state.update(saved)
     log = open_log(out / "log.jsonl", keep_until=start)
 
     model.train()
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", dynamic_ncols=True)
     loss_value, t0, samples = float("nan"), time.perf_counter(), 0
-    order_epoch, order = -1, []
+    order_epoch, order, step = -1, [], start - 1
     for step in bar:
         epoch, offset = divmod(step, per_epoch)
         if epoch != order_epoch:
@@ -143,9 +166,24 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, resume: str | P
                               "grad_norm": float(grad_norm), "answer_tokens": n_tokens,
                               "samples_per_s": rate}) + "\n")
         log.flush()
+        if t.eval_every and eval_ds is not None and (step + 1) % t.eval_every == 0:
+            val = validation_loss(cfg, built, eval_ds)
+            log.write(json.dumps({"step": step + 1, "val_loss": val}) + "\n")
+            bar.write(f"step {step + 1}: validation loss {val:.4f}")
+            if val < loop_state["best_val_loss"]:
+                loop_state.update(best_val_loss=val, evals_since_best=0)
+                save_checkpoint(out / "best", model, optimizer, scaler, step + 1, to_dict(cfg), loop_state)
+            else:
+                loop_state["evals_since_best"] += 1
+            if t.early_stopping_patience and loop_state["evals_since_best"] >= t.early_stopping_patience:
+                bar.write(f"early stop: no better validation loss in {t.early_stopping_patience} evaluations "
+                          f"(best {loop_state['best_val_loss']:.4f}, kept in {out / 'best'})")
+                break
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(out / "last", model, optimizer, scaler, step + 1, to_dict(cfg))
+            save_checkpoint(out / "last", model, optimizer, scaler, step + 1, to_dict(cfg), loop_state)
     bar.close()
     log.close()
-    save_checkpoint(out / "last", model, optimizer, scaler, total_steps, to_dict(cfg))
-    return {"step": total_steps, "loss": loss_value, "train_seconds": time.perf_counter() - t0}
+    stopped_early = step + 1 < total_steps
+    save_checkpoint(out / "last", model, optimizer, scaler, step + 1, to_dict(cfg), loop_state)
+    return {"step": step + 1, "loss": loss_value, "train_seconds": time.perf_counter() - t0,
+            "best_val_loss": loop_state["best_val_loss"], "stopped_early": stopped_early}

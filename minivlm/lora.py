@@ -110,6 +110,8 @@ def inject_lora(
 ) -> list[str]:
     """Freeze `model`, wrap every targeted linear in a LoRALinear, in place; return the wrapped names.
 
+    Empty `targets` wraps nothing: only `train_modules` train (LLaVA's projector-only stage 1).
+
     A module is targeted when its name matches a `targets` pattern (suffix) and no `skip`
     pattern (anywhere). Modules named in `train_modules` are unfrozen and trained in full (in
     fp32). Raises ValueError if a target hits nothing or hits a module that is not linear.
@@ -122,7 +124,7 @@ def inject_lora(
                 raise ValueError(f"LoRA target {name!r} is a {type(module).__name__}, not a linear layer; "
                                  "narrow lora.targets (e.g. 'self_attn.q_proj') or add it to lora.skip")
             chosen.append(name)
-    if not chosen:
+    if targets and not chosen:
         linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, bnb.nn.Linear4bit))]
         raise ValueError(f"lora.targets {targets} match no linear layer outside lora.skip {skip}; "
                          f"linear layers look like: {linears[:6]}")
@@ -137,6 +139,8 @@ def inject_lora(
                 raise ValueError(f"lora.train_modules entry {pattern!r} holds 4-bit layers, which cannot be "
                                  "trained; add it to quant.skip")
             module.float().requires_grad_(True)  # full fine-tuning wants fp32 master weights
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("nothing to train: lora.targets and lora.train_modules are both empty")
     return chosen
 
 

@@ -63,3 +63,13 @@ def tiny_smolvlm(tmp_path_factory) -> Path:
 def tiny_idefics(tmp_path_factory) -> Path:
     from tiny import save_tiny_idefics
     return save_tiny_idefics(tmp_path_factory.mktemp("tiny-idefics"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_phi2(tmp_path_factory) -> Path:
+    """A LLaVA-Phi model assembled, like the real one, from a separate Phi and CLIP checkpoint."""
+    from tiny import save_tiny_phi_and_clip
+    from minivlm.models.llava_phi2 import assemble
+    root = tmp_path_factory.mktemp("tiny-llava-phi2")
+    phi, clip = save_tiny_phi_and_clip(root)
+    return assemble(str(phi), str(clip), root / "assembled")

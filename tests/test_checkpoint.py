@@ -53,7 +53,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path / "last", model, opt, scaler, step=9, config={})
     assert (tmp_path / "last/adapter.safetensors").read_bytes() == before
-    assert load_training_state(tmp_path / "last", opt, scaler) == 5
+    assert load_training_state(tmp_path / "last", opt, scaler) == (5, {})
 
 
 def test_adapter_that_does_not_fit_is_refused(tmp_path):

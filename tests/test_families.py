@@ -38,8 +38,8 @@ def test_labels_are_the_assistant_answer_and_end_of_turn(family, system):
     processor = AutoProcessor.from_pretrained(path)
     tok = processor.tokenizer
     answers = ["top left", "red"]
-    batch = get_family(name).training_batch(processor, images(2), ["where is the shape", "what color is it"],
-                                            answers, system=system)
+    dialogs = [[(q, a)] for q, a in zip(["where is the shape", "what color is it"], answers)]
+    batch = get_family(name).training_batch(processor, images(2), dialogs, system=system)
     end_id = tok.convert_tokens_to_ids("<end_of_utterance>")
     assistant_id = tok.convert_tokens_to_ids("Assistant")
     for row, answer in enumerate(answers):
@@ -116,7 +116,7 @@ def test_idefics_labels_are_the_answer_and_eos(tiny_idefics):
     tok = processor.tokenizer
     prompt = "Question: What's on the picture? Answer:"
     answers = ["This is red circle", "This is blue"]
-    batch = get_family("idefics").training_batch(processor, images(2), [prompt] * 2, answers)
+    batch = get_family("idefics").training_batch(processor, images(2), [[(prompt, a)] for a in answers])
     answer_start = tok.convert_tokens_to_ids("Answer")
     for row, answer in enumerate(answers):
         labels, ids = batch["labels"][row], batch["input_ids"][row]

@@ -24,7 +24,7 @@ def images(n: int) -> list[Image.Image]:
 def test_labels_are_exactly_answer_plus_eos(processor):
     prompts = ["what color is the shape", "where is it"]
     answers = ["top left", "red"]
-    batch = paligemma.training_batch(processor, images(2), prompts, answers)
+    batch = paligemma.training_batch(processor, images(2), [[(p, a)] for p, a in zip(prompts, answers)])
     tok = processor.tokenizer
     for row, answer in enumerate(answers):
         labels = batch["labels"][row]
@@ -68,7 +68,9 @@ def test_too_long_samples_are_dropped_never_cut(processor, shapes_data):
 
 def test_system_prompt_is_refused(processor):
     with pytest.raises(ConfigError, match="PaliGemma has no system turn"):
-        paligemma.training_batch(processor, images(1), ["what"], ["red"], system="be brief")
+        paligemma.training_batch(processor, images(1), [[("what", "red")]], system="be brief")
+    with pytest.raises(ConfigError, match="PaliGemma learns one question per sample"):
+        paligemma.training_batch(processor, images(1), [[("what", "red"), ("where", "top")]])
 
 
 def test_missing_columns_are_named(shapes_data):

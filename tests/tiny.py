@@ -104,3 +104,23 @@ def save_tiny_idefics(out: Path, hidden: int = 64) -> Path:
     IdeficsForVisionText2Text(config).save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def save_tiny_phi_and_clip(out: Path, hidden: int = 64) -> tuple[Path, Path]:
+    """Two separate checkpoints, as on the hub: a Phi causal LM with its tokenizer, a CLIP vision model
+    with its image processor. llava_phi2.assemble joins them."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, PhiConfig, PhiForCausalLM
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    phi_dir, clip_dir = out / "phi", out / "clip"
+    tokenizer = word_tokenizer([], CHAT_WORDS)
+    tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
+    torch.manual_seed(0)
+    PhiForCausalLM(PhiConfig(vocab_size=len(tokenizer) + 8, hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=2, num_attention_heads=2, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)).save_pretrained(phi_dir)
+    tokenizer.save_pretrained(phi_dir)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                                     num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(clip_dir)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip_dir)
+    return phi_dir, clip_dir

@@ -6,18 +6,19 @@ A family module provides:
   LORA_TARGETS      modules wrapped by LoRA by default (suffix names)
   LORA_SKIP         modules never adapted by default
   load_processor(path)                                       -> the family's real processor
-  training_batch(processor, images, prompts, answers, system) -> tensors incl. labels (-100 = no loss)
+  training_batch(processor, images, dialogs, system)          -> tensors incl. labels (-100 = no loss)
   generation_batch(processor, images, prompts, system)       -> left-padded tensors for model.generate
 
-Chat-template families share their batching in `chat.py`.
+A dialog is a list of (user, assistant) exchanges; most data has one. Chat-template families
+share their batching in `chat.py`.
 """
 
 from types import ModuleType
 
-from minivlm.models import idefics, idefics2, paligemma, smolvlm
+from minivlm.models import idefics, idefics2, llava_phi2, paligemma, smolvlm
 
 FAMILIES: dict[str, ModuleType] = {"paligemma": paligemma, "idefics2": idefics2, "idefics": idefics,
-                                   "smolvlm": smolvlm}
+                                   "smolvlm": smolvlm, "llava_phi2": llava_phi2}
 
 
 def get_family(name: str) -> ModuleType:

@@ -1,17 +1,19 @@
-"""What chat-template families share: turns in, tokens out, loss on the assistant turn only.
-(`answer_labels` serves every family whose processor takes a prompt followed by its answer.)
+"""What chat-template families share: dialogs in, tokens out, loss on the assistant turns only.
 
-A sample becomes the conversation
+A sample is a dialog, a list of (user, assistant) exchanges; single-question data is a dialog
+of one. It is rendered by the processor's own chat template (each checkpoint ships the one it
+was trained with), the image attached to the first user turn:
 
-    [system]  user: <image> prompt   assistant: answer
+    [system]  user: <image> question₁   assistant: answer₁   user: question₂   assistant: answer₂ …
 
-rendered by the processor's own chat template (each checkpoint ships the one it was trained
-with). The label mask needs to know where the assistant's answer starts in the *processed*
-tokens, after the processor has expanded each <image> into its many image tokens. The image
-comes before the answer, so counting from the end is safe: render the conversation with and
-without the answer, tokenize both texts (no images needed), and the tokens the full text has
-beyond the shared prefix are the answer's. They are labelled up to and including the turn's
-end token; whatever the template adds after it (a newline) is not.
+The label mask must find each answer in the *processed* tokens, after the processor has
+expanded <image> into many image tokens. We find it in the text instead: render the dialog up
+to "assistant:" of exchange k and up to the end of answer k; tokenized (text only, no images),
+the second has the answer's tokens beyond the shared prefix. The whole text, tokenized the same
+way, is shorter than the processed row by exactly the tokens the processor inserted, all of
+them before the first answer (the image); that difference maps text positions to row positions.
+An answer is labelled up to and including its end token; what a template adds after (a
+newline) is not.
 """
 
 from __future__ import annotations
@@ -20,60 +22,87 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
+from minivlm.config import ConfigError
+
+Dialog = list[tuple[str, str]]  # [(user text, assistant text), ...]
+
 
 def load_processor(name_or_path: str):
     return AutoProcessor.from_pretrained(name_or_path)
 
 
-def conversation(prompt: str, answer: str | None = None, system: str = "") -> list[dict]:
+def messages(dialog: Dialog, system: str = "", upto: int | None = None, answered: bool = True) -> list[dict]:
+    """Chat messages for the first `upto` exchanges of `dialog` (all by default); the last one
+    without its answer when `answered` is False."""
+    exchanges = dialog[:upto]
     turns = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-    turns.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
-    if answer is not None:
-        turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    for i, (user, assistant) in enumerate(exchanges):
+        image = [{"type": "image"}] if i == 0 else []
+        turns.append({"role": "user", "content": [*image, {"type": "text", "text": user}]})
+        if answered or i < len(exchanges) - 1:
+            turns.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
     return turns
 
 
-def _answer_token_count(tokenizer, prompt_text: str, full_text: str) -> int:
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-    shared = 0
-    for a, b in zip(prompt_ids, full_ids):
-        if a != b:
+def single_exchange(dialogs: list[Dialog], system: str, family: str) -> tuple[list[str], list[str]]:
+    """(prompts, answers) for families that learn one question per sample and have no system turn."""
+    if system:
+        raise ConfigError(f"{family} has no system turn; put the instruction into data.prompt_template "
+                         "and leave data.system_prompt empty")
+    if any(len(d) != 1 for d in dialogs):
+        raise ConfigError(f"{family} learns one question per sample; multi-turn conversations need a "
+                         "chat-template family (idefics2, smolvlm, llava_phi2)")
+    return [d[0][0] for d in dialogs], [d[0][1] for d in dialogs]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
             break
-        shared += 1
-    return len(full_ids) - shared
+        n += 1
+    return n
 
 
-def answer_labels(batch: dict[str, torch.Tensor], tokenizer, prompt_texts: list[str], full_texts: list[str],
-                  end_token: str) -> torch.Tensor:
-    """Labels for processed `batch`: the answer tokens up to and including `end_token`, else -100.
+def answer_labels(batch: dict[str, torch.Tensor], tokenizer, spans_text: list[list[tuple[str, str]]],
+                  full_texts: list[str], end_token: str) -> torch.Tensor:
+    """Labels for a processed `batch`: each answer's tokens up to and including `end_token`, else -100.
 
-    `full_texts[i]` is `prompt_texts[i]` followed by the answer, as text before image expansion.
+    spans_text[row] lists, per answer, (text up to the answer, text up to the answer's end);
+    full_texts[row] is the row's whole text before image expansion.
     """
     end_id = tokenizer.convert_tokens_to_ids(end_token)
     labels = torch.full_like(batch["input_ids"], -100)
-    for row, (prompt_text, full_text) in enumerate(zip(prompt_texts, full_texts)):
-        n_answer = _answer_token_count(tokenizer, prompt_text, full_text)
+    for row, (spans, full_text) in enumerate(zip(spans_text, full_texts)):
         real = batch["attention_mask"][row].nonzero().squeeze(1)  # positions of non-padding tokens
-        span = real[len(real) - n_answer:]
-        ends = (batch["input_ids"][row, span] == end_id).nonzero()
-        if len(ends) == 0:
-            raise ValueError(f"no {end_token!r} after the answer in {full_text!r}: the prompt format does "
-                             "not end the answer as this family expects")
-        span = span[: ends[-1].item() + 1]  # stop at the end token
-        labels[row, span] = batch["input_ids"][row, span]
+        inserted = len(real) - len(_ids(tokenizer, full_text))  # image tokens (and a BOS) the processor added
+        for before, through in spans:
+            through_ids = _ids(tokenizer, through)
+            start = _shared_prefix(_ids(tokenizer, before), through_ids)
+            span = real[inserted + start:inserted + len(through_ids)]
+            ends = (batch["input_ids"][row, span] == end_id).nonzero()
+            if len(ends) == 0:
+                raise ValueError(f"no {end_token!r} after the answer in {through!r}: the prompt format does "
+                                 "not end an answer as this family expects")
+            span = span[: ends[-1].item() + 1]  # stop at the end token
+            labels[row, span] = batch["input_ids"][row, span]
     return labels
 
 
-def training_batch(processor, images: list[Image.Image], prompts: list[str], answers: list[str],
-                   end_of_turn: str, system: str = "") -> dict[str, torch.Tensor]:
-    """Processor tensors plus `labels`: the answer tokens and the end-of-turn token, else -100."""
+def training_batch(processor, images: list[Image.Image], dialogs: list[Dialog], end_of_turn: str,
+                   system: str = "") -> dict[str, torch.Tensor]:
+    """Processor tensors plus `labels`: every assistant answer and its end-of-turn token, else -100."""
     processor.tokenizer.padding_side = "right"
-    prompt_texts = [processor.apply_chat_template(conversation(p, system=system), add_generation_prompt=True)
-                    for p in prompts]
-    full_texts = [processor.apply_chat_template(conversation(p, a, system)) for p, a in zip(prompts, answers)]
+    render = processor.apply_chat_template
+    full_texts = [render(messages(d, system)) for d in dialogs]
+    spans = [[(render(messages(d, system, k, answered=False), add_generation_prompt=True),
+               render(messages(d, system, k))) for k in range(1, len(d) + 1)] for d in dialogs]
     batch = dict(processor(text=full_texts, images=[[im] for im in images], padding=True, return_tensors="pt"))
-    batch["labels"] = answer_labels(batch, processor.tokenizer, prompt_texts, full_texts, end_of_turn)
+    batch["labels"] = answer_labels(batch, processor.tokenizer, spans, full_texts, end_of_turn)
     return batch
 
 
@@ -81,6 +110,6 @@ def generation_batch(processor, images: list[Image.Image], prompts: list[str],
                      system: str = "") -> dict[str, torch.Tensor]:
     # Left padding: generation appends at the right end, so every row must end with its prompt.
     processor.tokenizer.padding_side = "left"
-    texts = [processor.apply_chat_template(conversation(p, system=system), add_generation_prompt=True)
+    texts = [processor.apply_chat_template(messages([(p, "")], system, answered=False), add_generation_prompt=True)
              for p in prompts]
     return dict(processor(text=texts, images=[[im] for im in images], padding=True, return_tensors="pt"))

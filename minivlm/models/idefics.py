@@ -13,7 +13,6 @@ from PIL import Image
 from transformers import IdeficsForVisionText2Text
 
 from minivlm.models import chat
-from minivlm.models.paligemma import _no_system
 
 MODEL_CLASS = IdeficsForVisionText2Text
 # lm_head and embed_tokens are decoupled layers (extra rows for added tokens) and never quantized.
@@ -24,20 +23,20 @@ LORA_SKIP = ["vision_model", "perceiver_resampler"]
 load_processor = chat.load_processor
 
 
-def training_batch(processor, images: list[Image.Image], prompts: list[str], answers: list[str],
+def training_batch(processor, images: list[Image.Image], dialogs: list[chat.Dialog],
                    system: str = "") -> dict[str, torch.Tensor]:
-    _no_system(system, "IDEFICS")
+    prompts, answers = chat.single_exchange(dialogs, system, "IDEFICS")
     tok = processor.tokenizer
     tok.padding_side = "right"
-    full = [f"{p} {a}" for p, a in zip(prompts, answers)]
-    batch = dict(processor(text=[[im, t] for im, t in zip(images, full)], add_eos_token=True, padding=True,
-                           return_tensors="pt"))
-    batch["labels"] = chat.answer_labels(batch, tok, prompts, [t + tok.eos_token for t in full], tok.eos_token)
+    full = [f"{p} {a}{tok.eos_token}" for p, a in zip(prompts, answers)]
+    batch = dict(processor(text=[[im, t.removesuffix(tok.eos_token)] for im, t in zip(images, full)],
+                           add_eos_token=True, padding=True, return_tensors="pt"))
+    batch["labels"] = chat.answer_labels(batch, tok, [[(p, t)] for p, t in zip(prompts, full)], full, tok.eos_token)
     return batch
 
 
 def generation_batch(processor, images: list[Image.Image], prompts: list[str],
                      system: str = "") -> dict[str, torch.Tensor]:
-    _no_system(system, "IDEFICS")
+    chat.single_exchange([[(p, "")] for p in prompts], system, "IDEFICS")
     processor.tokenizer.padding_side = "left"
     return dict(processor(text=[[im, p] for im, p in zip(images, prompts)], padding=True, return_tensors="pt"))

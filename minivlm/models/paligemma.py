@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-from minivlm.config import ConfigError
+from minivlm.models import chat
 
 MODEL_CLASS = PaliGemmaForConditionalGeneration
 QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
@@ -32,15 +32,9 @@ def _text(processor: PaliGemmaProcessor, prompt: str) -> str:
     return processor.image_token + prompt
 
 
-def _no_system(system: str, family: str = "PaliGemma") -> None:
-    if system:
-        raise ConfigError(f"{family} has no system turn; put the instruction into data.prompt_template "
-                          "and leave data.system_prompt empty")
-
-
-def training_batch(processor: PaliGemmaProcessor, images: list[Image.Image], prompts: list[str],
-                   answers: list[str], system: str = "") -> dict[str, torch.Tensor]:
-    _no_system(system)
+def training_batch(processor: PaliGemmaProcessor, images: list[Image.Image], dialogs: list[chat.Dialog],
+                   system: str = "") -> dict[str, torch.Tensor]:
+    prompts, answers = chat.single_exchange(dialogs, system, "PaliGemma")
     processor.tokenizer.padding_side = "right"
     batch = processor(images=images, text=[_text(processor, p) for p in prompts], suffix=answers,
                       padding="longest", return_tensors="pt")
@@ -52,7 +46,7 @@ def training_batch(processor: PaliGemmaProcessor, images: list[Image.Image], pro
 
 def generation_batch(processor: PaliGemmaProcessor, images: list[Image.Image],
                      prompts: list[str], system: str = "") -> dict[str, torch.Tensor]:
-    _no_system(system)
+    chat.single_exchange([[(p, "")] for p in prompts], system, "PaliGemma")
     # Left padding: generation appends at the right end, so every row must end with its prompt.
     processor.tokenizer.padding_side = "left"
     batch = processor(images=images, text=[_text(processor, p) for p in prompts], padding="longest",
