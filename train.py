@@ -22,9 +22,9 @@ from minivlm.loop import train
 
 
 def show(when: str, scored: dict) -> None:
-    print(f"accuracy {when} training: {scored['accuracy']:.3f} on {scored['n']} held-out samples")
+    print(f"{scored['metric']} {when} training: {scored['score']:.3f} on {scored['n']} held-out samples")
     for q, p, r in list(zip(scored["prompts"], scored["predictions"], scored["references"]))[:4]:
-        print(f"  {q!r:28} -> {p!r:22} (reference {r!r})")
+        print(f"  {q!r:28} -> {p!r:22} (reference {' | '.join(r)!r})")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -61,15 +61,16 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {"trainable_params": built.trainable_params, "total_params": built.total_params}
     if eval_ds is not None:
         before = evaluate(cfg, built, eval_ds)
-        metrics["accuracy_before"] = before["accuracy"]
+        metrics[f"{cfg.data.metric}_before"] = before["score"]
         show("before", before)
     result = train(cfg, built, train_ds, eval_ds=eval_ds, resume=resume)
     metrics.update(train_seconds=result["train_seconds"], final_loss=result["loss"], steps=result["step"])
     if cfg.train.eval_every:
-        metrics.update(best_val_loss=result["best_val_loss"], stopped_early=result["stopped_early"])
+        key = f"best_{cfg.train.best_by}"
+        metrics.update({key: result[key], "stopped_early": result["stopped_early"]})
     if eval_ds is not None:
         after = evaluate(cfg, built, eval_ds)
-        metrics["accuracy_after"] = after["accuracy"]
+        metrics[f"{cfg.data.metric}_after"] = after["score"]
         show("after", after)
         print(f"training took {result['train_seconds']:.0f}s")
     out = Path(cfg.train.output_dir) / "metrics.json"

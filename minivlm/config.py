@@ -61,6 +61,8 @@ class DataConfig:
     random_resized_crop: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0]: train-time crop scale
     max_length: int = 256  # longer samples are dropped (never cut through image tokens)
     eval_samples: int = 0  # 0 = the whole eval split
+    metric: str = "accuracy"  # how answers are scored: see minivlm/metrics.py
+    references_column: str = ""  # column of reference answers for the metric; "" = the answer column
 
 
 @dataclass
@@ -83,7 +85,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     eval_every: int = 0  # optimizer steps between validation-loss evaluations (needs data.eval_split); 0 = never
-    early_stopping_patience: int = 0  # stop after this many evaluations without a better loss; 0 = never
+    early_stopping_patience: int = 0  # stop after this many evaluations without a better best_by; 0 = never
+    best_by: str = "metric"  # what <output_dir>/best is chosen by: "metric" (higher is better) or "val_loss"
     init_from: str = ""  # a checkpoint whose matching trainable weights start this run (LLaVA stage 2)
     device: str = "auto"  # "auto" = cuda if available, else cpu
     max_new_tokens: int = 16
@@ -99,9 +102,11 @@ class Config:
 
 
 CHOICES = {
+    "data.metric": ("accuracy", "vqa_accuracy", "anls", "relaxed_accuracy", "bleu4", "cider_d"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "quant.quant_type": ("nf4", "fp4"),
     "train.schedule": ("cosine", "linear", "constant"),
+    "train.best_by": ("metric", "val_loss"),
     "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
 }
 

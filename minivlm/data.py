@@ -46,11 +46,12 @@ def _fields(template: str) -> set[str]:
 
 def required_columns(cfg: DataConfig) -> list[str]:
     """The image column and every column the prompt and answer templates read."""
+    extra = [cfg.references_column] if cfg.references_column else []
     if cfg.conversations_column:
-        return [cfg.image_column, cfg.conversations_column]
+        return [cfg.image_column, cfg.conversations_column, *extra]
     aliases = {"question": cfg.question_column, "answer": cfg.answer_column}
     fields = _fields(cfg.prompt_template) | _fields(cfg.answer_template or "{answer}")
-    return [cfg.image_column, *sorted(aliases.get(f, f) for f in fields)]
+    return [cfg.image_column, *sorted(aliases.get(f, f) for f in fields), *extra]
 
 
 def _row_values(cfg: DataConfig, row: dict) -> dict:
@@ -81,6 +82,16 @@ def dialog_of(cfg: DataConfig, row: dict) -> list[tuple[str, str]]:
     # The family's template places the image; drop the dataset's own <image> marker.
     text = [t["value"].replace("<image>", "").strip() for t in turns]
     return list(zip(text[0::2], text[1::2]))
+
+
+def references_of(cfg: DataConfig, row: dict) -> list[str]:
+    """The answers a prediction is scored against: data.references_column (a string, a list of
+    strings, or VQAv2's list of {"answer": ...}), else the first exchange's answer."""
+    if not cfg.references_column:
+        return [dialog_of(cfg, row)[0][1]]
+    value = row[cfg.references_column]
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v["answer"] if isinstance(v, dict) else str(v) for v in values]
 
 
 def image_of(cfg: DataConfig, row: dict) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Greedy answers from a (QLoRA) model, and accuracy on a dataset split."""
+"""Greedy answers from a (QLoRA) model, and their score (data.metric) on a dataset split."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from PIL import Image
 
 from minivlm.build import DTYPES, Built
 from minivlm.config import Config
-from minivlm.data import dialog_of, image_of, rows_of, to_rgb
-from minivlm.loop import autocast, model_inputs
-from minivlm.metrics import exact_match
+from minivlm.data import dialog_of, image_of, references_of, rows_of, to_rgb
+from minivlm.precision import autocast, model_inputs
+from minivlm.metrics import METRICS
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def answer(cfg: Config, built: Built, images: list[Image.Image], prompts: list[s
 
 
 def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 16) -> dict:
-    """Exact-match accuracy of greedy answers on `ds` (the first data.eval_samples rows if set)."""
+    """data.metric of greedy answers on `ds` (the first data.eval_samples rows if set)."""
     if cfg.data.eval_samples:
         ds = ds.select(range(min(cfg.data.eval_samples, len(ds))))
     prompts, predictions, references = [], [], []
@@ -39,6 +39,6 @@ def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 
         first = [dialog_of(cfg.data, row)[0] for row in rows]  # a conversation is scored on its first exchange
         predictions += answer(cfg, built, [image_of(cfg.data, row) for row in rows], [q for q, _ in first])
         prompts += [q for q, _ in first]
-        references += [a for _, a in first]
-    return {"accuracy": exact_match(predictions, references), "n": len(references),
-            "prompts": prompts, "predictions": predictions, "references": references}
+        references += [references_of(cfg.data, row) for row in rows]
+    return {"metric": cfg.data.metric, "score": METRICS[cfg.data.metric](predictions, references),
+            "n": len(references), "prompts": prompts, "predictions": predictions, "references": references}

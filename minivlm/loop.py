@@ -11,7 +11,6 @@ mean loss instead would over-weight the tokens of short answers.)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import warnings
@@ -22,11 +21,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minivlm.build import DTYPES, Built
+from minivlm.build import Built
 from minivlm.checkpoint import load_adapter, load_training_state, save_checkpoint
 from minivlm.config import Config, to_dict
 from minivlm.data import collate, epoch_batches, steps_per_epoch
+from minivlm.evaluate import evaluate
 from minivlm.optim import build_optimizer, lr_at
+from minivlm.precision import logits_of
 
 
 def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -38,18 +39,6 @@ def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     targets = labels[:, 1:]
     keep = targets != -100
     return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
-
-
-def autocast(cfg: Config, device: torch.device):
-    if cfg.train.bf16 or cfg.train.fp16:
-        return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.train.bf16 else torch.float16)
-    return contextlib.nullcontext()
-
-
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict:
-    """Everything but labels, on the device; images in the dtype the vision tower was loaded in."""
-    return {k: v.to(device, dtype=dtype if v.is_floating_point() else None)
-            for k, v in batch.items() if k != "labels"}
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -64,14 +53,11 @@ def backward_window(cfg: Config, built: Built, batches: list[dict], scaler: torc
     the accumulated .grad is the gradient of the per-token mean over the window.
     """
     n_tokens = sum(answer_tokens(b) for b in batches)
-    dtype = DTYPES[cfg.model.dtype]
     total = 0.0
     for batch in batches:
         if answer_tokens(batch) == 0:  # nothing to learn here (all masked, or all samples too long)
             continue
-        with autocast(cfg, built.device):
-            logits = built.model(**model_inputs(batch, built.device, dtype)).logits
-        loss = answer_loss_sum(logits, batch["labels"].to(built.device)) / n_tokens
+        loss = answer_loss_sum(logits_of(cfg, built, batch), batch["labels"].to(built.device)) / n_tokens
         scaler.scale(loss).backward()
         total += loss.item()
     return total
@@ -81,16 +67,13 @@ def backward_window(cfg: Config, built: Built, batches: list[dict], scaler: torc
 def validation_loss(cfg: Config, built: Built, ds: datasets.Dataset) -> float:
     """Loss per answer token over the eval split (its first data.eval_samples rows if set)."""
     n = min(cfg.data.eval_samples or len(ds), len(ds))
-    dtype = DTYPES[cfg.model.dtype]
     built.model.eval()  # dropout off
     total, tokens = 0.0, 0
     for i in range(0, n, cfg.train.batch_size):
         batch = collate(ds, list(range(i, min(i + cfg.train.batch_size, n))), cfg.data, built.family, built.processor)
         if answer_tokens(batch) == 0:
             continue
-        with autocast(cfg, built.device):
-            logits = built.model(**model_inputs(batch, built.device, dtype)).logits
-        total += answer_loss_sum(logits, batch["labels"].to(built.device)).item()
+        total += answer_loss_sum(logits_of(cfg, built, batch), batch["labels"].to(built.device)).item()
         tokens += answer_tokens(batch)
     built.model.train()
     return total / max(tokens, 1)
@@ -110,9 +93,10 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
           resume: str | Path | None = None) -> dict:
     """Train the adapters of `built.model` on `train_ds`; write checkpoints and a JSONL log to output_dir.
 
-    With train.eval_every, the loss on `eval_ds` is measured every that many steps; each new
-    best is saved to <output_dir>/best, and train.early_stopping_patience evaluations without
-    one end the run. Returns {"step", "loss", "train_seconds", "best_val_loss", "stopped_early"}.
+    With train.eval_every, the loss and data.metric on `eval_ds` are measured every that many
+    steps; each new best (train.best_by) is saved to <output_dir>/best, and
+    train.early_stopping_patience evaluations without one end the run.
+    Returns {"step", "loss", "train_seconds", "best_<best_by>", "stopped_early"}.
     """
     t, model, device = cfg.train, built.model, built.device
     out = Path(t.output_dir)
@@ -125,7 +109,7 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     scaler = torch.amp.GradScaler(device.type, enabled=t.fp16)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    start, loop_state = 0, {"best_val_loss": float("inf"), "evals_since_best": 0}
+    start, loop_state = 0, {"best_score": -float("inf"), "evals_since_best": 0}
     if resume:
         load_adapter(resume, model)
         start, saved = load_training_state(resume, optimizer, scaler)  # RNG too: same dropout masks
@@ -167,17 +151,23 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
                               "samples_per_s": rate}) + "\n")
         log.flush()
         if t.eval_every and eval_ds is not None and (step + 1) % t.eval_every == 0:
-            val = validation_loss(cfg, built, eval_ds)
-            log.write(json.dumps({"step": step + 1, "val_loss": val}) + "\n")
-            bar.write(f"step {step + 1}: validation loss {val:.4f}")
-            if val < loop_state["best_val_loss"]:
-                loop_state.update(best_val_loss=val, evals_since_best=0)
+            # Generation puts the model in eval mode without grad: the moment bitsandbytes would
+            # repack 4-bit weights on some CPUs, which quant.py turns off so training can go on.
+            record = {"step": step + 1, "val_loss": validation_loss(cfg, built, eval_ds),
+                      cfg.data.metric: evaluate(cfg, built, eval_ds)["score"]}
+            log.write(json.dumps(record) + "\n")
+            bar.write(f"step {step + 1}: validation loss {record['val_loss']:.4f}, "
+                      f"{cfg.data.metric} {record[cfg.data.metric]:.4f}")
+            # Higher is better for every metric; lower for the loss.
+            score = record[cfg.data.metric] if t.best_by == "metric" else -record["val_loss"]
+            if score > loop_state["best_score"]:
+                loop_state.update(best_score=score, evals_since_best=0)
                 save_checkpoint(out / "best", model, optimizer, scaler, step + 1, to_dict(cfg), loop_state)
             else:
                 loop_state["evals_since_best"] += 1
             if t.early_stopping_patience and loop_state["evals_since_best"] >= t.early_stopping_patience:
-                bar.write(f"early stop: no better validation loss in {t.early_stopping_patience} evaluations "
-                          f"(best {loop_state['best_val_loss']:.4f}, kept in {out / 'best'})")
+                bar.write(f"early stop: no better {t.best_by} in {t.early_stopping_patience} evaluations "
+                          f"(best kept in {out / 'best'})")
                 break
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(out / "last", model, optimizer, scaler, step + 1, to_dict(cfg), loop_state)
@@ -185,5 +175,6 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     log.close()
     stopped_early = step + 1 < total_steps
     save_checkpoint(out / "last", model, optimizer, scaler, step + 1, to_dict(cfg), loop_state)
+    best = loop_state["best_score"] if t.best_by == "metric" else -loop_state["best_score"]
     return {"step": step + 1, "loss": loss_value, "train_seconds": time.perf_counter() - t0,
-            "best_val_loss": loop_state["best_val_loss"], "stopped_early": stopped_early}
+            f"best_{t.best_by}": best, "stopped_early": stopped_early}

@@ -1,6 +1,6 @@
 """Scoring answers against references: the metrics the seed recipes report.
 
-    exact_match        normalised string equality (the demo)
+    accuracy           exact match after light normalisation, against any reference (the demo)
     vqa_accuracy       VQAv2: min(#humans who gave the answer / 3, 1), averaged over 10-choose-9 subsets
     anls               DocVQA: average normalised Levenshtein similarity, threshold 0.5
     relaxed_accuracy   ChartQA: numbers within 5% count as right
@@ -25,20 +25,17 @@ def normalize(answer: str) -> str:
     return re.sub(r"\s+", " ", answer).strip()
 
 
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Fraction of predictions equal to their reference after `normalize`."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not references:
-        return 0.0
-    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / len(references)
-
-
 def _check(predictions: list[str], references: list[list[str]]) -> None:
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists")
     if not predictions:
         raise ValueError("no predictions to score")
+
+
+def accuracy(predictions: list[str], references: list[list[str]]) -> float:
+    """Fraction of predictions equal to one of their references after `normalize`."""
+    _check(predictions, references)
+    return sum(normalize(p) in {normalize(r) for r in refs} for p, refs in zip(predictions, references)) / len(predictions)
 
 
 # --- VQAv2 -------------------------------------------------------------------------------------
@@ -234,3 +231,7 @@ def cider_d(predictions: list[str], references: list[list[str]], sigma: float = 
                     score += penalty * sum(min(x, vr.get(g, 0.0)) * vr.get(g, 0.0) for g, x in vc.items()) / denominator
         total += 10 * score / (4 * len(refs))
     return total / n_images
+
+
+METRICS = {"accuracy": accuracy, "vqa_accuracy": vqa_accuracy, "anls": anls, "relaxed_accuracy": relaxed_accuracy,
+           "bleu4": bleu4, "cider_d": cider_d}

@@ -43,7 +43,9 @@ def test_seed_config_runs_on_a_tiny_paligemma(tiny_paligemma, tmp_path):
     meta = data / "train/metadata.jsonl"
     rows = [json.loads(line) for line in meta.read_text().splitlines()]
     meta.write_text("".join(json.dumps({"file_name": r["file_name"], "question": r["question"],
-                                        "multiple_choice_answer": r["answer"]}) + "\n" for r in rows))
+                                        "multiple_choice_answer": r["answer"],
+                                        "answers": [{"answer": r["answer"], "answer_id": i} for i in range(10)]})
+                            + "\n" for r in rows))
     sets = [f"model.name_or_path={tiny_paligemma}", f"data.dataset={data}", "data.train_split=train",
             'data.eval_split=""', f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.device=cpu"]
     metrics = train.main(["--config", str(ROOT / "configs/paligemma.toml"), *sum((["--set", s] for s in sets), [])])

@@ -97,7 +97,7 @@ def test_two_stages_then_infer(tiny_llava_phi2, tmp_path):
 
     stage2 = run("configs/llava_phi2.toml", common + [
         f"train.output_dir={tmp_path / 's2'}", f"train.init_from={tmp_path / 's1/last'}", "train.max_steps=4",
-        "train.eval_every=2", "data.train_split=train[:6]", "data.eval_split=train[6:]", "data.eval_samples=0",
+        "train.eval_every=2", "train.best_by=val_loss", "data.train_split=train[:6]", "data.eval_split=train[6:]", "data.eval_samples=0",
         "train.max_new_tokens=3"])
     assert stage2["steps"] == 4 and stage2["best_val_loss"] < float("inf")
     log = [json.loads(line) for line in (tmp_path / "s2/log.jsonl").read_text().splitlines()]
@@ -113,15 +113,23 @@ def test_two_stages_then_infer(tiny_llava_phi2, tmp_path):
     assert isinstance(text, str)
 
 
-def test_early_stopping_keeps_the_best(tiny_paligemma, shapes_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("best_by, losses, scores, best_step", [
+    ("val_loss", [1.0, 0.8, 0.9, 0.85, 0.7], [0.0] * 5, 2),      # lower loss is better
+    ("metric", [1.0] * 5, [0.2, 0.5, 0.4, 0.45, 0.9], 2),        # higher score is better
+])
+def test_early_stopping_keeps_the_best(tiny_paligemma, shapes_data, tmp_path, monkeypatch, best_by, losses, scores,
+                                       best_step):
     from minivlm import loop
     from minivlm.data import load_split
-    losses = iter([1.0, 0.8, 0.9, 0.85, 0.7])
+    losses, scores = iter(losses), iter(scores)
     monkeypatch.setattr(loop, "validation_loss", lambda *a: next(losses))
-    cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path, max_steps=10, eval_every=1, early_stopping_patience=2)
+    monkeypatch.setattr(loop, "evaluate", lambda *a: {"score": next(scores)})
+    cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path, max_steps=10, eval_every=1, early_stopping_patience=2,
+                      best_by=best_by)
     result = loop.train(cfg, build(cfg), load_split(cfg.data, "train"), eval_ds=load_split(cfg.data, "test"))
-    assert result["stopped_early"] and result["step"] == 4 and result["best_val_loss"] == 0.8
-    assert json.loads((tmp_path / "best/state.json").read_text())["step"] == 2
+    assert result["stopped_early"] and result["step"] == 4
+    assert result[f"best_{best_by}"] == (0.8 if best_by == "val_loss" else 0.5)
+    assert json.loads((tmp_path / "best/state.json").read_text())["step"] == best_step
     assert json.loads((tmp_path / "last/state.json").read_text())["step"] == 4
 
 

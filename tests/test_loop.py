@@ -16,6 +16,7 @@ from minivlm import loop
 from minivlm.loop import answer_loss_sum, backward_window, train
 from minivlm.models import paligemma
 from minivlm.optim import lr_at
+from minivlm.precision import logits_of
 
 
 def grads_after(cfg, built, batches) -> dict[str, torch.Tensor]:
@@ -48,8 +49,7 @@ def test_batch4_accum1_equals_batch1_accum4(tiny_paligemma, shapes_data, tmp_pat
     # The test can fail: averaging per-micro-batch means gives a different gradient.
     built.model.zero_grad(set_to_none=True)
     for b in micro:
-        logits = built.model(**{k: v for k, v in b.items() if k != "labels"}).logits
-        (answer_loss_sum(logits, b["labels"]) / (b["labels"][:, 1:] != -100).sum() / 4).backward()
+        (answer_loss_sum(logits_of(cfg, built, b), b["labels"]) / (b["labels"][:, 1:] != -100).sum() / 4).backward()
     naive = {n: p.grad for n, p in built.model.named_parameters() if p.requires_grad}
     assert not all(torch.allclose(naive[n], one_batch[n], rtol=1e-3, atol=1e-6) for n in one_batch)
 
@@ -161,3 +161,25 @@ def test_activation_checkpointing_gives_every_adapter_the_same_gradient(tiny_pal
     for name, g in grads[True].items():
         assert g.abs().sum() > 0, name  # every adapter, in every layer, gets a gradient
         torch.testing.assert_close(g, grads[False][name], rtol=1e-4, atol=1e-6)
+
+
+def test_train_evaluate_train_on_4bit(tiny_paligemma, shapes_data, tmp_path, monkeypatch):
+    """Evaluation (loss, then generation in eval mode without grad) in the middle of training, on
+    4-bit weights, and training goes on: the adapters keep moving after each evaluation."""
+    cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path, max_steps=4, eval_every=2, lr=1e-2)
+    built = build(cfg)
+    snapshots = []
+    real_evaluate = loop.evaluate
+
+    def evaluate_and_snapshot(*args):
+        snapshots.append({n: p.detach().clone() for n, p in built.model.named_parameters() if p.requires_grad})
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate_and_snapshot)
+    train(cfg, built, load_split(cfg.data, "train"), eval_ds=load_split(cfg.data, "test"))
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["accuracy"] <= 1 for r in evals)
+    after = {n: p for n, p in built.model.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(after[n], snapshots[0][n]) for n in after)  # steps 3-4 trained after eval 1
+    assert (tmp_path / "best/adapter.safetensors").is_file()

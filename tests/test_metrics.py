@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from minivlm.metrics import anls, bleu4, cider_d, exact_match, levenshtein, relaxed_accuracy, vqa_accuracy, vqa_normalize
+from minivlm.metrics import accuracy, anls, bleu4, cider_d, levenshtein, relaxed_accuracy, vqa_accuracy, vqa_normalize
 
 
 @pytest.mark.parametrize("raw, normalized", [
@@ -82,7 +82,8 @@ def test_cider_d():
     assert cider_d(["red red red circle", "a blue square"], refs) < cider_d(["red circle", "a blue square"], refs)
 
 
-def test_exact_match_and_shape_errors():
-    assert exact_match(["Red.", "blue"], ["red", "green"]) == 0.5
+def test_accuracy_and_shape_errors():
+    assert accuracy(["Red.", "blue"], [["red"], ["green", "cyan"]]) == 0.5
+    assert accuracy(["cyan"], [["green", "Cyan!"]]) == 1.0
     with pytest.raises(ValueError, match="2 predictions for 1"):
         vqa_accuracy(["a", "b"], [["a"]])
