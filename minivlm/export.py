@@ -1,0 +1,94 @@
+"""Hand a fine-tune over: as a PEFT adapter, or merged into a plain transformers checkpoint.
+
+    python -m minivlm.export --config C --checkpoint runs/x/best --out dir            # PEFT layout
+    python -m minivlm.export --config C --checkpoint runs/x/best --out dir --merge    # merged model
+
+The PEFT layout is what `PeftModel.from_pretrained(base, dir)` reads: adapter_config.json and
+adapter_model.safetensors with PEFT's key names,
+
+    ours: model.language_model.layers.0.self_attn.q_proj.lora_A
+    PEFT: base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight
+
+The merged checkpoint dequantizes every 4-bit layer, folds W + (alpha/r)·BA into it
+(LoRALinear.merge), and saves the model with `save_pretrained` and its processor, so that
+`AutoModelForImageTextToText.from_pretrained(dir)` loads it without minivlm, PEFT or bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import bitsandbytes as bnb
+from safetensors.torch import save_file
+from transformers import PreTrainedModel
+
+from minivlm.build import Built, build
+from minivlm.checkpoint import load_adapter
+from minivlm.config import Config, ConfigError, load_config
+from minivlm.lora import LoRALinear, merge_lora
+from minivlm.modules import replace_module
+from minivlm.quant import dequantize
+
+
+def export_peft(cfg: Config, built: Built, out: str | Path) -> Path:
+    """Write `built.model`'s adapters (and train_modules) in PEFT's LoRA layout."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, module in built.model.named_modules():
+        if isinstance(module, LoRALinear):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = module.lora_A.detach().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = module.lora_B.detach().contiguous()
+    for name, param in built.model.named_parameters():  # train_modules = PEFT's modules_to_save
+        if param.requires_grad and not name.endswith((".lora_A", ".lora_B")):
+            tensors[f"base_model.model.{name}"] = param.detach().contiguous()
+    save_file(tensors, out / "adapter_model.safetensors")
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": cfg.model.name_or_path,
+        "r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
+        "target_modules": sorted(built.adapted), "modules_to_save": cfg.lora.train_modules or None,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def export_merged(built: Built, out: str | Path) -> Path:
+    """Merge the adapters, dequantize what is left in 4-bit, save a plain transformers checkpoint."""
+    if not isinstance(built.model, PreTrainedModel):
+        raise ConfigError(f"--merge writes a transformers checkpoint, and {type(built.model).__name__} is not a "
+                          "transformers model; export its adapter without --merge")
+    model = merge_lora(built.model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):  # quantized but not adapted
+            replace_module(model, name, dequantize(module))
+    model.save_pretrained(out)
+    built.processor.save_pretrained(out)
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--checkpoint", required=True, help="a directory written by train.py (runs/x/last or best)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--merge", action="store_true", help="merge into a plain checkpoint instead of a PEFT adapter")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        built = build(cfg)
+        load_adapter(args.checkpoint, built.model)
+        out = export_merged(built, args.out) if args.merge else export_peft(cfg, built, args.out)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Export: our adapter loads into PEFT (the reference) with the same logits; a merged export
+loads into plain transformers and answers like the adapter model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import train
+from conftest import ROOT, tiny_config
+from minivlm import export
+from minivlm.build import build
+from minivlm.checkpoint import load_adapter
+from minivlm.config import ConfigError, load_config
+from minivlm.evaluate import answer
+from minivlm.precision import model_inputs
+
+
+def trained_adapter(cfg):
+    """A built model with non-zero adapters, as training would leave it."""
+    built = build(cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in built.model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    return built
+
+
+def sample_batch(built):
+    images = [Image.new("RGB", (32, 32), (200, 40, 40)), Image.new("RGB", (40, 32), (40, 40, 200))]
+    batch = built.family.training_batch(built.processor, images, [[("what color is the shape", "red")],
+                                                                   [("where is it", "top left")]])
+    return model_inputs(batch, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("family", ["paligemma", "idefics2"])
+def test_peft_loads_our_adapter_with_the_same_logits(family, request, tmp_path):
+    path = request.getfixturevalue(f"tiny_{family}")
+    cfg = tiny_config(path, tmp_path, tmp_path / "run", family=family)
+    cfg.quant.load_in_4bit = False  # the reference: PEFT on the float base, our adapter on ours
+    built = trained_adapter(cfg)
+    built.model.eval()
+    inputs = sample_batch(built)
+    with torch.no_grad():
+        ours = built.model(**inputs).logits
+    out = export.export_peft(cfg, built, tmp_path / "peft")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == cfg.lora.r and config["lora_alpha"] == cfg.lora.alpha and config["peft_type"] == "LORA"
+
+    base = AutoModelForImageTextToText.from_pretrained(path).eval()
+    with torch.no_grad():
+        plain = base(**inputs).logits
+    assert not torch.allclose(plain, ours, atol=1e-3)  # the adapters matter, so the comparison means something
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    assert sum(1 for n, _ in peft_model.named_parameters() if "lora_A" in n) == len(built.adapted)
+    with torch.no_grad():
+        theirs = peft_model(**inputs).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_merged_export_loads_in_plain_transformers_and_answers_alike(tiny_paligemma, shapes_data, tmp_path):
+    """train.py (4-bit base) -> python -m minivlm.export --merge -> AutoModelForImageTextToText."""
+    sets = sum((["--set", s] for s in [f"model.name_or_path={tiny_paligemma}", f"data.dataset={shapes_data}",
+                                         'data.eval_split=""', f"train.output_dir={tmp_path / 'run'}",
+                                         "train.max_steps=3", "train.lr=5e-2", "train.max_new_tokens=4"]), [])
+    config = str(ROOT / "configs/demo.toml")
+    train.main(["--config", config, *sets])
+    out = export.main(["--config", config, "--checkpoint", str(tmp_path / "run/last"), "--out", str(tmp_path / "merged"),
+                       "--merge", *sets])
+
+    cfg = load_config(config, sets[1::2])
+    built = build(cfg)
+    load_adapter(tmp_path / "run/last", built.model)
+    built.model.eval()
+    inputs = sample_batch(built)
+    images = [Image.new("RGB", (32, 32), (200, 40, 40))]
+    with torch.no_grad():
+        ours = built.model(**inputs).logits
+    ours_text = answer(cfg, built, images, ["what color is the shape"])[0]
+
+    merged = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert not any(type(m).__name__ in ("Linear4bit", "LoRALinear") for m in merged.modules())
+    with torch.no_grad():
+        theirs = merged(**inputs).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)  # fp32 compute here; bf16 needs ~1e-2
+    processor = AutoProcessor.from_pretrained(out)
+    processor.tokenizer.padding_side = "left"
+    batch = processor(images=images, text=[processor.image_token + "what color is the shape"], return_tensors="pt")
+    generated = merged.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert processor.tokenizer.decode(generated[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() == ours_text
+
+
+def test_merge_refuses_a_non_transformers_model(tiny_llava_phi2, tmp_path):
+    cfg = tiny_config(tiny_llava_phi2, tmp_path, tmp_path / "run", family="llava_phi2")
+    with pytest.raises(ConfigError, match="not a transformers model"):
+        export.export_merged(build(cfg), tmp_path / "merged")
