@@ -19,6 +19,7 @@ from minivlm.config import ConfigError, load_config
 from minivlm.data import collate, load_split
 from minivlm.evaluate import evaluate
 from minivlm.loop import train
+from minivlm.plot import plot_run
 
 
 def show(when: str, scored: dict) -> None:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"training took {result['train_seconds']:.0f}s")
     out = Path(cfg.train.output_dir) / "metrics.json"
     out.write_text(json.dumps(metrics, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {out} and {plot_run(cfg.train.output_dir, cfg.data.metric)}")
     return metrics
 
 

@@ -16,6 +16,7 @@ from minivlm import loop
 from minivlm.loop import answer_loss_sum, backward_window, train
 from minivlm.models import paligemma
 from minivlm.optim import lr_at
+from minivlm.plot import plot_run
 from minivlm.precision import logits_of
 
 
@@ -183,3 +184,5 @@ def test_train_evaluate_train_on_4bit(tiny_paligemma, shapes_data, tmp_path, mon
     after = {n: p for n, p in built.model.named_parameters() if p.requires_grad}
     assert any(not torch.equal(after[n], snapshots[0][n]) for n in after)  # steps 3-4 trained after eval 1
     assert (tmp_path / "best/adapter.safetensors").is_file()
+    png = plot_run(tmp_path, "accuracy")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
