@@ -69,7 +69,7 @@ def test_bad_config_is_one_clear_line(tmp_path):
 
 def test_cli_refuses_to_overwrite_and_resumes(tiny_paligemma, shapes_data, tmp_path):
     sets = [f"model.name_or_path={tiny_paligemma}", f"data.dataset={shapes_data}", 'data.eval_split=""',
-            f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.optimizer=adamw"]
+            f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.optimizer=adamw", "train.eval_every=0"]
     args = ["--config", str(ROOT / "configs/demo.toml"), *sum((["--set", s] for s in sets), [])]
     train.main(args)
     saved = (tmp_path / "run/last/adapter.safetensors").read_bytes()
