@@ -1,47 +1,85 @@
-"""Answer one question about one image with a base model and (optionally) a trained adapter.
+"""Answer questions about images with a base model and (optionally) a trained adapter.
 
-    python infer.py --config configs/demo.toml --checkpoint runs/demo/last \
-                    --image img.png --prompt "what color is the shape"
+    python infer.py --config configs/demo.toml --checkpoint runs/demo/last \\
+                    --image img.png --prompt "what color is the shape"          # one image
+    python infer.py ... --image photos/ --prompt "what is shown"                # every image in a folder
+    python infer.py ... --split test --eval --out answers.jsonl                 # a split of data.dataset
+
+--prompt is the question; it goes through data.prompt_template. With --split, the questions
+and references come from the dataset, and --eval prints data.metric. --out writes one JSON
+line per answer.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from PIL import Image
 
 from minivlm.build import build
 from minivlm.checkpoint import load_adapter
 from minivlm.config import ConfigError, load_config
-from minivlm.data import prompt_of
-from minivlm.evaluate import answer
+from minivlm.data import load_split, prompt_of
+from minivlm.evaluate import answer, evaluate
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
 
-def main(argv: list[str] | None = None) -> str:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--checkpoint", help="a directory written by train.py; omit to ask the base model")
-    ap.add_argument("--image", required=True)
-    ap.add_argument("--prompt", required=True, help="the question; it goes through data.prompt_template")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="an image file, or a folder of them")
+    source.add_argument("--split", help="a split of data.dataset, e.g. test or validation[:100]")
+    ap.add_argument("--prompt", help="the question (with --image)")
+    ap.add_argument("--eval", action="store_true", help="with --split: print data.metric against the references")
+    ap.add_argument("--out", help="write the answers as JSONL here")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args(argv)
     try:
+        if args.image and not args.prompt:
+            raise ConfigError("--image needs --prompt, the question to ask")
+        if args.eval and not args.split:
+            raise ConfigError("--eval needs --split: the references come from the dataset")
         cfg = load_config(args.config, args.set)
-        image = Image.open(args.image)
+        if args.image:
+            path = Path(args.image)
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+            if not files:
+                raise ConfigError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
+            images = [Image.open(f) for f in files]
+            try:
+                prompt = prompt_of(cfg.data, {cfg.data.question_column: args.prompt})
+            except KeyError as e:
+                raise ConfigError(f"data.prompt_template reads column {e} that a single question cannot fill; "
+                                  "override it, e.g. --set data.prompt_template='{question}'") from None
+        else:
+            ds = load_split(cfg.data, args.split)
         built = build(cfg)
         if args.checkpoint:
             load_adapter(args.checkpoint, built.model)
     except (ConfigError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    try:
-        prompt = prompt_of(cfg.data, {cfg.data.question_column: args.prompt})
-    except KeyError as e:
-        sys.exit(f"error: data.prompt_template reads column {e} that a single question cannot fill; "
-                 "override it, e.g. --set data.prompt_template='{question}'")
-    text = answer(cfg, built, [image], [prompt])[0]
-    print(text)
-    return text
+
+    if args.image:
+        texts = [t for i in range(0, len(images), 16) for t in answer(cfg, built, images[i:i + 16],
+                                                                       [prompt] * len(images[i:i + 16]))]
+        rows = [{"image": str(f), "prompt": prompt, "answer": t} for f, t in zip(files, texts)]
+    else:
+        scored = evaluate(cfg, built, ds)
+        rows = [{"index": i, "prompt": p, "answer": a, "references": r}
+                for i, (p, a, r) in enumerate(zip(scored["prompts"], scored["predictions"], scored["references"]))]
+    for row in rows:
+        print(row["answer"] if args.image and len(rows) == 1 else json.dumps(row))
+    if args.eval:
+        print(f"{scored['metric']}: {scored['score']:.4f} on {scored['n']} samples")
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows
 
 
 if __name__ == "__main__":

@@ -31,9 +31,18 @@ def test_train_then_infer(tiny_paligemma, shapes_data, tmp_path):
 
     image = tmp_path / "img.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
-    answer = infer.main(["--config", str(config), "--checkpoint", str(tmp_path / "run/last"), "--image", str(image),
-                         "--prompt", "what color is the shape", "--set", f"model.name_or_path={tiny_paligemma}"])
-    assert isinstance(answer, str)
+    common = ["--config", str(config), "--checkpoint", str(tmp_path / "run/last"),
+              "--set", f"model.name_or_path={tiny_paligemma}", "--set", f"data.dataset={shapes_data}"]
+    one = infer.main([*common, "--image", str(image), "--prompt", "what color is the shape"])
+    assert len(one) == 1 and isinstance(one[0]["answer"], str)
+    folder = infer.main([*common, "--image", str(shapes_data / "test"), "--prompt", "what shape is it"])
+    assert len(folder) == 8 and all(r["image"].endswith(".png") for r in folder)
+    assert folder[0]["answer"] == infer.main([*common, "--image", folder[0]["image"], "--prompt", "what shape is it"])[0]["answer"]
+    split = infer.main([*common, "--split", "test", "--eval", "--out", str(tmp_path / "answers.jsonl")])
+    lines = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert lines == split and len(lines) == 8 and all(r["references"] for r in lines)
+    with pytest.raises(SystemExit, match="--eval needs --split"):
+        infer.main([*common, "--image", str(image), "--prompt", "x", "--eval"])
 
 
 def test_seed_config_runs_on_a_tiny_paligemma(tiny_paligemma, tmp_path):

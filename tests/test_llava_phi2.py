@@ -106,11 +106,11 @@ def test_two_stages_then_infer(tiny_llava_phi2, tmp_path):
     assert any("lora_A" in k for k in second) and "projector.0.weight" in second
 
     image = tmp_path / "data/images/0.png"
-    text = infer.main(["--config", str(ROOT / "configs/llava_phi2.toml"), "--checkpoint", str(tmp_path / "s2/best"),
+    rows = infer.main(["--config", str(ROOT / "configs/llava_phi2.toml"), "--checkpoint", str(tmp_path / "s2/best"),
                        "--image", str(image), "--prompt", "what color is the shape",
                        "--set", f"model.name_or_path={tiny_llava_phi2}", "--set", "train.device=cpu",
                        "--set", "train.max_new_tokens=3"])
-    assert isinstance(text, str)
+    assert isinstance(rows[0]["answer"], str)
 
 
 @pytest.mark.parametrize("best_by, losses, scores, best_step", [
