@@ -119,7 +119,7 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     model.train()
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", dynamic_ncols=True)
     loss_value, t0, samples = float("nan"), time.perf_counter(), 0
-    order_epoch, order, step = -1, [], start - 1
+    order_epoch, order, step, last_eval = -1, [], start - 1, {}
     for step in bar:
         epoch, offset = divmod(step, per_epoch)
         if epoch != order_epoch:
@@ -145,7 +145,7 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
 
         samples += sum(len(idx) for idx in window)
         rate = samples / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", **last_eval)
         log.write(json.dumps({"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
                               "grad_norm": float(grad_norm), "answer_tokens": n_tokens,
                               "samples_per_s": rate}) + "\n")
@@ -156,6 +156,7 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
             record = {"step": step + 1, "val_loss": validation_loss(cfg, built, eval_ds),
                       cfg.data.metric: evaluate(cfg, built, eval_ds)["score"]}
             log.write(json.dumps(record) + "\n")
+            last_eval = {k: f"{v:.4f}" for k, v in record.items() if k != "step"}
             bar.write(f"step {step + 1}: validation loss {record['val_loss']:.4f}, "
                       f"{cfg.data.metric} {record[cfg.data.metric]:.4f}")
             # Higher is better for every metric; lower for the loss.

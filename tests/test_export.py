@@ -26,7 +26,7 @@ def trained_adapter(cfg):
     built = build(cfg)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for n, p in built.model.named_parameters():
+        for p in built.model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.2)
     return built
