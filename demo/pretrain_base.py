@@ -2,7 +2,7 @@
 
     python demo/pretrain_base.py --out base/tiny-paligemma      (or: make base)
 
-Deterministic (fixed seeds, synthetic data) and about two minutes on 2 CPU cores. The result is
+Deterministic (fixed seeds, synthetic data) and about three minutes on 2 CPU cores. The result is
 saved with `save_pretrained` like any hub checkpoint, processor included, so the demo loads it
 through exactly the code path a real PaliGemma goes through.
 """

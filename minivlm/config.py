@@ -31,7 +31,7 @@ class ModelConfig:
 class QuantConfig:
     load_in_4bit: bool = True
     quant_type: str = "nf4"  # "nf4" (QLoRA paper) or "fp4"
-    double_quant: bool = True  # quantize the per-block absmax constants too (~0.37 bit/param saved)
+    double_quant: bool = True  # quantize the per-block absmax constants too (QLoRA paper: ~0.37 bit/param saved)
     skip: list[str] | None = None  # modules left unquantized; None = the family's default
 
 
@@ -182,7 +182,7 @@ def _check_type(name: str, value, hint):
     return value
 
 
-# What users of TrainingArguments / LoraConfig / BitsAndBytesConfig will type, and our name for it.
+# The names users of the transformers Trainer, PEFT and bitsandbytes configs will type, and ours.
 ALIASES = {
     "learning_rate": "lr", "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
     "num_train_epochs": "epochs", "lr_scheduler_type": "schedule", "optim": "optimizer", "rank": "r",

@@ -46,13 +46,17 @@ def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def backward_window(cfg: Config, built: Built, batches: list[dict], scaler: torch.amp.GradScaler) -> float:
-    """Forward + backward over one accumulation window; returns the window's loss per answer token.
+def backward_window(cfg: Config, built: Built, batches: list[dict],
+                    scaler: torch.amp.GradScaler) -> tuple[float, int]:
+    """Forward + backward over one accumulation window; returns (loss per answer token, answer tokens).
 
     Each micro-batch's summed loss is divided by the answer tokens of the *whole* window, so
-    the accumulated .grad is the gradient of the per-token mean over the window.
+    the accumulated .grad is the gradient of the per-token mean over the window. A window
+    without answer tokens does nothing and returns (nan, 0).
     """
     n_tokens = sum(answer_tokens(b) for b in batches)
+    if n_tokens == 0:
+        return float("nan"), 0
     total = 0.0
     for batch in batches:
         if answer_tokens(batch) == 0:  # nothing to learn here (all masked, or all samples too long)
@@ -60,7 +64,7 @@ def backward_window(cfg: Config, built: Built, batches: list[dict], scaler: torc
         loss = answer_loss_sum(logits_of(cfg, built, batch), batch["labels"].to(built.device)) / n_tokens
         scaler.scale(loss).backward()
         total += loss.item()
-    return total
+    return total, n_tokens
 
 
 @torch.no_grad()
@@ -71,10 +75,11 @@ def validation_loss(cfg: Config, built: Built, ds: datasets.Dataset) -> float:
     total, tokens = 0.0, 0
     for i in range(0, n, cfg.train.batch_size):
         batch = collate(ds, list(range(i, min(i + cfg.train.batch_size, n))), cfg.data, built.family, built.processor)
-        if answer_tokens(batch) == 0:
+        n = answer_tokens(batch)
+        if n == 0:
             continue
         total += answer_loss_sum(logits_of(cfg, built, batch), batch["labels"].to(built.device)).item()
-        tokens += answer_tokens(batch)
+        tokens += n
     built.model.train()
     return total / max(tokens, 1)
 
@@ -126,13 +131,12 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
             order_epoch, order = epoch, epoch_batches(len(train_ds), t.batch_size, t.seed, epoch)
         window = order[offset * t.grad_accum:(offset + 1) * t.grad_accum]
         batches = [collate(train_ds, idx, cfg.data, built.family, built.processor) for idx in window]
-        n_tokens = sum(answer_tokens(b) for b in batches)
+        window_loss, n_tokens = backward_window(cfg, built, batches, scaler)
         if n_tokens == 0:
             warnings.warn(f"step {step}: no answer tokens in these {len(window)} micro-batches (all labels "
                           "masked); skipping the step instead of dividing by zero")
             continue
-
-        loss_value = backward_window(cfg, built, batches, scaler)
+        loss_value = window_loss
 
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
