@@ -6,8 +6,9 @@ in blocks of 64 values, each block with one absmax scale (Dettmers et al. 2023, 
     W  ≈  absmax_block · NF4[code]      NF4 = 16 quantiles of N(0, 1), normalised to [-1, 1]
 
 Double quantization stores the absmax scales themselves in 8 bits (blocks of 256), saving
-~0.37 bit per parameter (the QLoRA paper's figure). In forward, bitsandbytes dequantizes W to `compute_dtype` and runs a
-normal matmul: the 4-bit weight only saves memory, the arithmetic is bf16/fp16/fp32.
+~0.37 bit per parameter (the QLoRA paper's figure). In forward, bitsandbytes dequantizes W to
+`compute_dtype` and runs a normal matmul: the 4-bit weight only saves memory, the arithmetic is
+bf16/fp16/fp32.
 
 The scope is explicit: the vision tower, projector, embeddings and lm_head are small next to
 the language model and sensitive to rounding, so families list them in `quant.skip`.
