@@ -70,16 +70,17 @@ def backward_window(cfg: Config, built: Built, batches: list[dict],
 @torch.no_grad()
 def validation_loss(cfg: Config, built: Built, ds: datasets.Dataset) -> float:
     """Loss per answer token over the eval split (its first data.eval_samples rows if set)."""
-    n = min(cfg.data.eval_samples or len(ds), len(ds))
+    rows = min(cfg.data.eval_samples or len(ds), len(ds))
     built.model.eval()  # dropout off
     total, tokens = 0.0, 0
-    for i in range(0, n, cfg.train.batch_size):
-        batch = collate(ds, list(range(i, min(i + cfg.train.batch_size, n))), cfg.data, built.family, built.processor)
-        n = answer_tokens(batch)
-        if n == 0:
+    for i in range(0, rows, cfg.train.batch_size):
+        batch = collate(ds, list(range(i, min(i + cfg.train.batch_size, rows))), cfg.data, built.family,
+                        built.processor)
+        batch_tokens = answer_tokens(batch)
+        if batch_tokens == 0:
             continue
         total += answer_loss_sum(logits_of(cfg, built, batch), batch["labels"].to(built.device)).item()
-        tokens += n
+        tokens += batch_tokens
     built.model.train()
     return total / max(tokens, 1)
 

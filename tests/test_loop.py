@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import tiny_config
@@ -186,3 +187,45 @@ def test_train_evaluate_train_on_4bit(tiny_paligemma, shapes_data, tmp_path, mon
     assert (tmp_path / "best/adapter.safetensors").is_file()
     png = plot_run(tmp_path, "accuracy")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_validation_loss_reads_every_row_of_a_long_split(tiny_paligemma, tmp_path, monkeypatch):
+    """50 rows in batches of 8, answers 1 to 9 words long: the loss is the per-token mean over every
+    row, computed here one row at a time with plain torch."""
+    from demo.shapes import VOCAB
+    from PIL import Image
+
+    data = tmp_path / "long-eval" / "test"
+    data.mkdir(parents=True)
+    rows = []
+    for i in range(50):
+        Image.new("RGB", (32, 32), (5 * i, 100, 200 - 3 * i)).save(data / f"{i:03d}.png")
+        answer = " ".join(VOCAB[(i + k) % len(VOCAB)] for k in range(1 + i % 9))
+        rows.append(json.dumps({"file_name": f"{i:03d}.png", "question": "what shape is it", "answer": answer}))
+    (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = tiny_config(tiny_paligemma, data.parent, tmp_path / "run", batch_size=8)
+    cfg.data.max_length = 128
+    built = build(cfg)
+    with torch.no_grad():  # a non-trivial adapter, so dropout-free eval mode matters
+        for n, p in built.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    ds = load_split(cfg.data, "test")
+
+    read = []
+    real_collate = loop.collate
+    monkeypatch.setattr(loop, "collate", lambda ds, idx, *a: read.extend(idx) or real_collate(ds, idx, *a))
+    ours = loop.validation_loss(cfg, built, ds)
+    assert sorted(read) == list(range(50))
+
+    built.model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(50):
+            batch = real_collate(ds, [i], cfg.data, paligemma, built.processor)
+            labels = batch.pop("labels")[0, 1:]
+            logits = built.model(**batch).logits[0, :-1]
+            total += F.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="sum").item()
+            tokens += int((labels != -100).sum())
+    assert tokens > 50 * 2  # answers really are of many lengths
+    assert ours == pytest.approx(total / tokens, rel=1e-5)
