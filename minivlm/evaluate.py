@@ -10,7 +10,7 @@ from minivlm.build import DTYPES, Built
 from minivlm.config import Config
 from minivlm.data import dialog_of, image_of, references_of, rows_of, to_rgb
 from minivlm.precision import autocast, model_inputs
-from minivlm.metrics import METRICS
+from minivlm.metrics import METRICS, clip_scores
 
 
 @torch.no_grad()
@@ -33,12 +33,19 @@ def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 
     """data.metric of greedy answers on `ds` (the first data.eval_samples rows if set)."""
     if cfg.data.eval_samples:
         ds = ds.select(range(min(cfg.data.eval_samples, len(ds))))
-    prompts, predictions, references = [], [], []
+    clip = cfg.data.metric == "clip_score"  # the one metric that reads the images, not the references
+    prompts, predictions, references, clip_per_sample = [], [], [], []
     for i in range(0, len(ds), batch_size):
         rows = rows_of(ds, list(range(i, min(i + batch_size, len(ds)))))
+        images = [image_of(cfg.data, row) for row in rows]
         first = [dialog_of(cfg.data, row)[0] for row in rows]  # a conversation is scored on its first exchange
-        predictions += answer(cfg, built, [image_of(cfg.data, row) for row in rows], [q for q, _ in first])
+        answers = answer(cfg, built, images, [q for q, _ in first])
+        if clip:  # scored batch by batch, so the split's images are never all in memory
+            clip_per_sample += clip_scores(images, answers, cfg.data.clip_model, built.device)
+        predictions += answers
         prompts += [q for q, _ in first]
         references += [references_of(cfg.data, row) for row in rows]
-    return {"metric": cfg.data.metric, "score": METRICS[cfg.data.metric](predictions, references),
-            "n": len(references), "prompts": prompts, "predictions": predictions, "references": references}
+    score = (sum(clip_per_sample) / len(clip_per_sample) if clip
+             else METRICS[cfg.data.metric](predictions, references))
+    return {"metric": cfg.data.metric, "score": score, "n": len(references), "prompts": prompts,
+            "predictions": predictions, "references": references}

@@ -6,17 +6,30 @@
     relaxed_accuracy   ChartQA: numbers within 5% count as right
     bleu4              corpus BLEU with 4-grams and the brevity penalty (Papineni et al. 2002)
     cider_d            consensus of TF-IDF n-grams with clipping and a length penalty (Vedantam et al. 2015)
+    clip_score         CLIPScore: how well CLIP matches caption and image, no references (Hessel et al. 2021)
 
-Each takes `predictions: list[str]` and `references: list[list[str]]` (one or more per
-prediction) and returns one float.
+Each but clip_score takes `predictions: list[str]` and `references: list[list[str]]` (one or more
+per prediction) and returns one float; clip_score reads the images instead of references.
+
+BLEU-4 and CIDEr-D see a caption as its lower-cased runs of letters and digits, of any script.
+coco-caption, whose numbers papers quote, first runs the PTB tokenizer, which lower-cases and drops
+punctuation too (but splits "don't" into "do n't"): on lower-cased, punctuation-free text the two
+tokenise alike, and our CIDEr-D equals its scorer's.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
+import unicodedata
 from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoProcessor, CLIPModel, ProcessorMixin
 
 
 def normalize(answer: str) -> str:
@@ -75,12 +88,16 @@ def vqa_normalize(answer: str) -> str:
     """The VQAv2 answer normalisation: punctuation, periods, number words, articles, contractions."""
     text = answer.replace("\n", " ").replace("\t", " ").strip()
     # A punctuation mark next to a space, or any text with a "1,000"-style number, loses it;
-    # otherwise it becomes a space ("black/white" -> "black white").
+    # otherwise it becomes a space ("black/white" -> "black white"). As in vqaEval.py, "next to a
+    # space" is judged on the answer as given, not as earlier marks left it ("red/-blue-green").
     joined = re.search(r"\d,\d", text) is not None
+    out = text
     for mark in _PUNCTUATION:
-        text = text.replace(mark, "" if (mark + " " in text or " " + mark in text or joined) else " ")
-    text = re.sub(r"(?<!\d)\.(?!\d)", "", text)  # periods, except decimal points
-    words = [_NUMBERS.get(w, w) for w in text.lower().split()]
+        out = out.replace(mark, "" if (mark + " " in text or " " + mark in text or joined) else " ")
+    # vqaEval.py's periodStrip, "(?!<=\d)(\.)(?!\d)", means a lookbehind but is written as a lookahead:
+    # it strips every period not followed by a digit, so "2." -> "2" and "3.5." -> "3.5".
+    out = re.sub(r"\.(?!\d)", "", out)
+    words = [_NUMBERS.get(w, w) for w in out.lower().split()]
     words = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
     return " ".join(words)
 
@@ -166,7 +183,10 @@ def relaxed_accuracy(predictions: list[str], references: list[list[str]], tolera
 # --- captions ------------------------------------------------------------------------------------------
 
 def _tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
+    # \w, not [a-z0-9]: letters of any script, so "café niño" is two words, not "caf ni o" (the
+    # underscore \w also takes hardly occurs in captions). NFC first, or a decomposed "ñ" (n + combining
+    # tilde, not a word character) would cut "niño" in two.
+    return re.findall(r"\w+", unicodedata.normalize("NFC", text).lower())
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
@@ -200,10 +220,11 @@ def bleu4(predictions: list[str], references: list[list[str]]) -> float:
 
 
 def cider_d(predictions: list[str], references: list[list[str]], sigma: float = 6.0) -> float:
-    """CIDEr-D: for n = 1..4, n-gram counts weighted by IDF over the reference sets
-    (log(#images / #images whose references hold the n-gram)); the candidate's counts clipped to
-    each reference's; cosine similarity times exp(-(len_c - len_r)² / 2σ²); averaged over
-    references and n, times 10, then over images."""
+    """CIDEr-D as coco-caption's scorer computes it: for n = 1..4, n-gram counts weighted by IDF over
+    the reference sets, log(#images / max(1, #images whose references hold the n-gram)); the
+    candidate's counts clipped to each reference's; cosine similarity times
+    exp(-(len_c - len_r)² / 2σ²); averaged over references and n, times 10, then over images.
+    Words as `_tokens` splits them (see the module docstring)."""
     _check(predictions, references)
     n_images = len(references)
     ref_tokens = [[_tokens(a) for a in answers] for answers in references]
@@ -212,7 +233,9 @@ def cider_d(predictions: list[str], references: list[list[str]], sigma: float = 
         df.update({g for ref in refs for n in range(1, 5) for g in _ngrams(ref, n)})
 
     def vectors(tokens: list[str]) -> list[dict]:
-        return [{g: k * math.log(n_images / df[g]) if df[g] else 0.0 for g, k in _ngrams(tokens, n).items()}
+        # An n-gram in no reference weighs the most, log(#images), not 0: it adds to the candidate's
+        # norm, so words no reference uses lower the cosine.
+        return [{g: k * math.log(n_images / max(df[g], 1)) for g, k in _ngrams(tokens, n).items()}
                 for n in range(1, 5)]
 
     def norm(v: dict) -> float:
@@ -224,6 +247,8 @@ def cider_d(predictions: list[str], references: list[list[str]], sigma: float = 
         cand_vecs = vectors(cand)
         score = 0.0
         for ref in refs:
+            # coco-caption measures length in bigrams (len - 1, and 0 for an empty caption): the same
+            # difference as in words unless one side is empty, and then the cosine is 0 anyway.
             penalty = math.exp(-((len(cand) - len(ref)) ** 2) / (2 * sigma ** 2))
             for vc, vr in zip(cand_vecs, vectors(ref)):
                 denominator = norm(vc) * norm(vr)
@@ -231,6 +256,39 @@ def cider_d(predictions: list[str], references: list[list[str]], sigma: float = 
                     score += penalty * sum(min(x, vr.get(g, 0.0)) * vr.get(g, 0.0) for g, x in vc.items()) / denominator
         total += 10 * score / (4 * len(refs))
     return total / n_images
+
+
+# --- CLIPScore -----------------------------------------------------------------------------------------
+
+CLIP_PREFIX = "A photo depicts "  # what the reference implementation (jmhessel/clipscore) puts before every caption
+
+
+@functools.lru_cache(maxsize=1)
+def _clip(name: str) -> tuple[CLIPModel, ProcessorMixin]:
+    return CLIPModel.from_pretrained(name).eval(), AutoProcessor.from_pretrained(name)
+
+
+@torch.no_grad()
+def clip_scores(images: list[Image.Image], captions: list[str], clip_model: str = "openai/clip-vit-base-patch32",
+                device: str | torch.device = "cpu") -> list[float]:
+    """Per sample, CLIP-S(c, v) = w · max(cos(E_image(v), E_text(c)), 0) with w = 2.5 (Hessel et al.
+    2021, eq. 1; w only rescales), the text being "A photo depicts <c>" cut to CLIP's context length."""
+    model, processor = _clip(clip_model)
+    model.to(device)
+    inputs = processor(text=[CLIP_PREFIX + c for c in captions], images=images, return_tensors="pt", padding=True,
+                       truncation=True, max_length=model.config.text_config.max_position_embeddings).to(device)
+    image = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output
+    return (2.5 * F.cosine_similarity(image, text, dim=-1).clamp(min=0)).tolist()
+
+
+def clip_score(images: list[Image.Image], captions: list[str], clip_model: str = "openai/clip-vit-base-patch32",
+               device: str | torch.device = "cpu") -> float:
+    """CLIPScore of a corpus: the mean of `clip_scores`."""
+    if len(images) != len(captions) or not images:
+        raise ValueError(f"{len(captions)} captions for {len(images)} images; need as many, and at least one")
+    scores = clip_scores(images, captions, clip_model, device)
+    return sum(scores) / len(scores)
 
 
 METRICS = {"accuracy": accuracy, "vqa_accuracy": vqa_accuracy, "anls": anls, "relaxed_accuracy": relaxed_accuracy,
