@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from minivlm import plain_warnings
 from minivlm.build import build
 from minivlm.checkpoint import load_adapter
 from minivlm.config import ConfigError, load_config
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", help="write the answers as JSONL here")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args(argv)
+    plain_warnings()
     try:
         if args.image and not args.prompt:
             raise ConfigError("--image needs --prompt, the question to ask")

@@ -13,8 +13,9 @@ import json
 import sys
 from pathlib import Path
 
+from minivlm import plain_warnings
 from minivlm.build import build
-from minivlm.checkpoint import load_adapter
+from minivlm.checkpoint import latest_checkpoint, load_adapter
 from minivlm.config import ConfigError, load_config
 from minivlm.data import collate, load_split
 from minivlm.evaluate import evaluate
@@ -34,17 +35,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a config value, e.g. --set train.max_steps=3")
     ap.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
-                    help="continue from a checkpoint directory (default: <output_dir>/last)")
+                    help="continue from a checkpoint directory (default: the newest save in <output_dir>)")
     args = ap.parse_args(argv)
+    plain_warnings()
     try:
         cfg = load_config(args.config, args.set)
-        last, resume = Path(cfg.train.output_dir) / "last", None
+        resume = None
         if args.resume is not None:
-            resume = Path(args.resume or last)
-            if not (resume / "state.json").is_file():
-                raise ConfigError(f"--resume: {resume} holds no checkpoint (no state.json); "
+            resume = Path(args.resume) if args.resume else latest_checkpoint(cfg.train.output_dir)
+            if resume is None or not (resume / "state.json").is_file():
+                raise ConfigError(f"--resume: {resume or cfg.train.output_dir} holds no checkpoint (no state.json); "
                                   "give the directory a previous run saved, e.g. runs/demo/last")
-        elif last.exists():  # never overwrite saved work by accident
+        elif latest_checkpoint(cfg.train.output_dir):  # never overwrite saved work by accident
             raise ConfigError(f"{cfg.train.output_dir} already holds a checkpoint; continue it with --resume, "
                               "or set another train.output_dir (or delete that one)")
         built = build(cfg)

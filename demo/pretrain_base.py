@@ -16,28 +16,51 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
                           PreTrainedTokenizerFast, SiglipVisionConfig)
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from demo.shapes import CAPTION_PROMPTS, SIZE, VOCAB, caption, sample  # noqa: E402
+from demo.shapes import CAPTION_PROMPTS, COLORS, POSITIONS, QUESTIONS, SHAPES, SIZE, caption, sample  # noqa: E402
 from minivlm.loop import answer_loss_sum  # noqa: E402
 from minivlm.models import paligemma  # noqa: E402
 
 PATCH = 8
 
 
+# Words beyond the shapes' own, so that a user's data (digits, yes/no, common nouns) tokenizes
+# into whole words instead of single bytes; anything else is still spelled byte by byte.
+MORE_WORDS = """yes no how many what which who where when why is are was there here the a an of in on at to and or
+not this that it its with for from by as be has have do does can could one two three four five six seven eight nine
+ten zero number digit letter word text sign picture photo image color shape size big small large little left right
+top bottom middle center up down above below near far front back person man woman child dog cat bird horse car bus
+train tree flower sky water grass road house room table chair food plate cup book ball black brown orange pink gray"""
+
+
+def tokenizer_corpus() -> list[str]:
+    """Every caption the base learns, the demo's questions, more words and the numbers 0-99."""
+    attrs = [{"color": c, "shape": s, "position": p} for c in COLORS for s in SHAPES for p in POSITIONS]
+    captions = [caption(a, lang) for a in attrs for lang in CAPTION_PROMPTS.values()]
+    return [*captions, *CAPTION_PROMPTS, *QUESTIONS, *MORE_WORDS.split(), *map(str, range(100))]
+
+
 def make_processor() -> PaliGemmaProcessor:
-    """A word-level tokenizer over the demo's words, in the real PaliGemmaProcessor."""
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    """A byte-level BPE tokenizer in the real PaliGemmaProcessor.
+
+    Byte-level: the 256 bytes are tokens, so any text, in any script, has a spelling and nothing
+    becomes <unk>; merges learned on `tokenizer_corpus()` make its words single tokens (691 in
+    all, below the 1024 asked for: the corpus runs out of pairs). A space is prefixed to every
+    text, so a word is the same token at the start of an answer as inside it.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<pad>", "<eos>", "<bos>", "<image>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(tokenizer_corpus(), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                        bos_token="<bos>", unk_token="<unk>",
-                                        extra_special_tokens={"image_token": "<image>"})
+                                        bos_token="<bos>", extra_special_tokens={"image_token": "<image>"})
     image_processor = SiglipImageProcessorPil(size={"height": SIZE, "width": SIZE})
     image_processor.image_seq_length = (SIZE // PATCH) ** 2
     return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)

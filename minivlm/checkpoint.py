@@ -1,26 +1,41 @@
 """Checkpoints: the adapter, and everything needed to continue training bit for bit.
 
-    <dir>/adapter.safetensors   trainable weights (LoRA A/B + train_modules), by parameter name
-    <dir>/state.safetensors     every tensor of the optimizer, GradScaler and RNG states
-    <dir>/state.json            the rest of those states (ints, floats, nesting), the step, the config
+An output directory holds one directory per save, never changed once complete, and two
+pointers to them:
+
+    <output_dir>/checkpoints/step-00000400/
+        adapter.safetensors   trainable weights (LoRA A/B + train_modules), by parameter name
+        state.safetensors     every tensor of the optimizer, GradScaler and RNG states
+        state.json            the rest of those states, the step, the config, the save's number
+    <output_dir>/last  ->  checkpoints/step-00000400     (relative symlinks, so
+    <output_dir>/best  ->  checkpoints/step-00000300      runs/x/last/adapter.safetensors works)
 
 safetensors only stores flat name -> tensor maps, so nested states are split: tensors go to
 state.safetensors under a path-like key, and state.json keeps the structure with a
 {"__tensor__": key} placeholder where each tensor was.
 
-A checkpoint is written to <dir>.tmp and renamed over <dir> when complete, so a crash while
-saving never leaves a half-written checkpoint in place of a good one.
+No crash can lose or block a checkpoint (a kill -9, a power cut, the OOM killer, at any point):
+
+    1. write the files into checkpoints/<name>.tmp/, each fsync'ed
+    2. rename it to checkpoints/<name>/                 <- the save happens here, atomically
+    3. point `last` (and `best`) at it: a new symlink renamed over the old one, atomically
+    4. delete saves beyond train.keep_checkpoints: renamed to <name>.del first, then removed
+
+A directory under checkpoints/ without a suffix is therefore always complete, and state.json
+numbers the saves, so `--resume` takes the newest by that number, whatever the pointers say.
+Leftovers of an interrupted save (.tmp, .del) are ignored, and removed by the next run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from minivlm.lora import trainable_state_dict
@@ -77,25 +92,141 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, step: int, config: dict, loop_state: dict | None = None) -> Path:
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in trainable_state_dict(model).items()}, tmp / "adapter.safetensors")
+def _write(path: Path, data: bytes) -> None:
+    """Write a file and fsync it: after a crash it is either complete or not part of a checkpoint."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename or a new file is durable only once its directory's entry is on disk.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """os.replace: atomic on POSIX, so `dst` is the old or the new thing, never neither."""
+    os.replace(src, dst)
+    _fsync_dir(dst.parent)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace a small file (a log, a metrics file) so that a crash leaves the old or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    _write(tmp, data)
+    _replace(tmp, path)
+
+
+def _point(link: Path, target: Path) -> None:
+    """Make `link` a relative symlink to `target`, replacing what was there in one rename."""
+    tmp = link.with_name(link.name + ".tmp")
+    _remove(tmp)
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    _replace(tmp, link)
+
+
+def _meta(directory: Path) -> dict | None:
+    """state.json of a complete checkpoint directory, else None."""
+    try:
+        return json.loads((directory / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def saved_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints under <output_dir>/checkpoints, oldest save first."""
+    root = Path(output_dir) / "checkpoints"
+    found = [(meta.get("saved", 0), d) for d in (root.iterdir() if root.is_dir() else [])
+             if d.is_dir() and "." not in d.name and (meta := _meta(d)) is not None]
+    return [d for _, d in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete save of a run (what --resume continues), or None."""
+    recover(output_dir)
+    saved = saved_checkpoints(output_dir)
+    return saved[-1] if saved else None
+
+
+def recover(output_dir: str | Path, keep: int = 0) -> None:
+    """Finish what a crash interrupted: remove leftovers of interrupted saves, point `last` at the
+    newest save and `best` at the newest one saved as best, prune to `keep` saves. Moves a
+    `last`/`best` directory of minivlm's earlier layout into checkpoints/ first, so nothing
+    saved is lost."""
+    out = Path(output_dir)
+    root = out / "checkpoints"
+    for name in ("last", "best"):
+        legacy = out / name
+        if legacy.is_dir() and not legacy.is_symlink() and _meta(legacy) is not None:
+            root.mkdir(exist_ok=True)
+            _replace(legacy, root / f"{name}-{_meta(legacy)['step']:08d}")
+    if not root.is_dir():
+        return
+    for leftover in [*root.glob("*.tmp"), *root.glob("*.del"), out / "last.tmp", out / "best.tmp"]:
+        _remove(leftover)
+    saved = saved_checkpoints(out)
+    if saved:
+        _point(out / "last", saved[-1])
+    best = [d for d in saved if _meta(d).get("best")]
+    if best:
+        _point(out / "best", best[-1])
+    _prune(out, keep)
+
+
+def save_checkpoint(output_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, step: int, config: dict, loop_state: dict | None = None,
+                    best: bool = False, keep: int = 0) -> Path:
+    """Save a checkpoint of `step` under <output_dir>/checkpoints; point `last` (and, if `best`, `best`)
+    at it; then delete all but the `keep` newest saves and the best (keep = 0: delete none)."""
+    out = Path(output_dir)
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    taken = {d.name for d in root.iterdir()}
+    # A step saved before (by a run resumed from an earlier checkpoint) is never overwritten.
+    name = next(n for n in [name, *(f"{name}-{k}" for k in range(2, 10_000))] if n not in taken)
+    tmp, final = root / f"{name}.tmp", root / name
+
+    _remove(tmp)
+    tmp.mkdir()
+    _write(tmp / "adapter.safetensors",
+           save({k: v.contiguous() for k, v in trainable_state_dict(model).items()}))
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()},
                       tensors, "s")
-    save_file(tensors, tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": config, "state": skeleton,
-                                                "loop": loop_state or {}}))
-    old = directory.with_name(directory.name + ".old")
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-    return directory
+    _write(tmp / "state.safetensors", save(tensors))
+    number = max((_meta(d).get("saved", 0) for d in saved_checkpoints(out)), default=0) + 1
+    _write(tmp / "state.json", json.dumps({"step": step, "saved": number, "best": best, "config": config,
+                                           "state": skeleton, "loop": loop_state or {}}).encode())
+    _fsync_dir(tmp)
+    _replace(tmp, final)
+
+    _point(out / "last", final)
+    if best:
+        _point(out / "best", final)
+    _prune(out, keep)
+    return final
+
+
+def _prune(out: Path, keep: int) -> None:
+    """Delete all but the `keep` newest saves and the best (keep = 0: delete none)."""
+    if not keep:
+        return
+    best = (out / "best").resolve() if (out / "best").exists() else None
+    for old in saved_checkpoints(out)[:-keep]:
+        if old.resolve() != best:
+            doomed = old.with_name(old.name + ".del")
+            _replace(old, doomed)  # no longer a checkpoint before any of its files goes
+            _remove(doomed)
 
 
 def load_adapter(directory: str | Path, model: nn.Module, partial: bool = False) -> list[str]:

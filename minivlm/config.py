@@ -63,6 +63,7 @@ class DataConfig:
     eval_samples: int = 0  # 0 = the whole eval split
     metric: str = "accuracy"  # how answers are scored: see minivlm/metrics.py
     references_column: str = ""  # column of reference answers for the metric; "" = the answer column
+    clip_model: str = "openai/clip-vit-base-patch32"  # the CLIP checkpoint for data.metric = "clip_score"
 
 
 @dataclass
@@ -83,7 +84,8 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end (and at each new best)
+    keep_checkpoints: int = 2  # the newest saves kept (plus the best); 0 = keep every one
     eval_every: int = 0  # optimizer steps between validation-loss evaluations (needs data.eval_split); 0 = never
     early_stopping_patience: int = 0  # stop after this many evaluations without a better best_by; 0 = never
     best_by: str = "metric"  # what <output_dir>/best is chosen by: "metric" (higher is better) or "val_loss"
@@ -102,7 +104,7 @@ class Config:
 
 
 CHOICES = {
-    "data.metric": ("accuracy", "vqa_accuracy", "anls", "relaxed_accuracy", "bleu4", "cider_d"),
+    "data.metric": ("accuracy", "vqa_accuracy", "anls", "relaxed_accuracy", "bleu4", "cider_d", "clip_score"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "quant.quant_type": ("nf4", "fp4"),
     "train.schedule": ("cosine", "linear", "constant"),
@@ -189,6 +191,7 @@ ALIASES = {
     "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets", "modules_to_save": "train_modules",
     "bnb_4bit_quant_type": "quant_type", "bnb_4bit_use_double_quant": "double_quant",
     "llm_int8_skip_modules": "skip", "model_id": "name_or_path", "torch_dtype": "dtype",
+    "save_total_limit": "keep_checkpoints", "save_steps": "save_every", "eval_steps": "eval_every",
 }
 
 
@@ -225,6 +228,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.max_length > 0, "data.max_length", "must be > 0"),
         (cfg.data.eval_samples >= 0, "data.eval_samples", "must be >= 0 (0 = all)"),
         (cfg.train.save_every >= 0, "train.save_every", "must be >= 0 (0 = only at the end)"),
+        (cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0 = keep every save)"),
         (cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = never)"),
         (not cfg.train.eval_every or cfg.data.eval_split, "train.eval_every", "needs data.eval_split"),
         (cfg.train.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0 (0 = never)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import string
 import warnings
@@ -24,10 +25,12 @@ def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
     src = Path(cfg.dataset)
     try:
         if src.is_dir():
-            ds = datasets.load_dataset("imagefolder", data_dir=str(src), split=split)
+            with _local_files_quietly():
+                ds = datasets.load_dataset("imagefolder", data_dir=str(src), split=split)
         elif src.suffix in (".jsonl", ".json", ".parquet"):
             builder = "parquet" if src.suffix == ".parquet" else "json"
-            ds = datasets.load_dataset(builder, data_files=str(src), split=split)
+            with _local_files_quietly():
+                ds = datasets.load_dataset(builder, data_files=str(src), split=split)
         else:
             ds = datasets.load_dataset(cfg.dataset, split=split)
     except (FileNotFoundError, ValueError, ConnectionError) as e:
@@ -38,6 +41,19 @@ def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
                           f"{ds.column_names}: set data.image_column / question_column / answer_column, "
                           "or the fields of data.prompt_template / answer_template")
     return ds
+
+
+@contextlib.contextmanager
+def _local_files_quietly():
+    """No progress bars while `datasets` indexes local files: they read "Downloading data" and
+    "Generating split" although nothing is downloaded. Hub datasets keep their bars."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def _fields(template: str) -> set[str]:

@@ -25,6 +25,7 @@ import bitsandbytes as bnb
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from minivlm import plain_warnings
 from minivlm.build import Built, build
 from minivlm.checkpoint import load_adapter
 from minivlm.config import Config, ConfigError, load_config
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--merge", action="store_true", help="merge into a plain checkpoint instead of a PEFT adapter")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args(argv)
+    plain_warnings()
     try:
         cfg = load_config(args.config, args.set)
         built = build(cfg)

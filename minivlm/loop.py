@@ -12,6 +12,7 @@ mean loss instead would over-weight the tokens of short answers.)
 from __future__ import annotations
 
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minivlm.build import Built
-from minivlm.checkpoint import load_adapter, load_training_state, save_checkpoint
+from minivlm.checkpoint import load_adapter, load_training_state, recover, save_checkpoint, write_atomic
 from minivlm.config import Config, to_dict
 from minivlm.data import collate, epoch_batches, steps_per_epoch
 from minivlm.evaluate import evaluate
@@ -86,21 +87,30 @@ def validation_loss(cfg: Config, built: Built, ds: datasets.Dataset) -> float:
 
 
 def open_log(path: Path, keep_until: int):
-    """The JSONL step log, holding only the steps up to `keep_until` (those a resume continues from)."""
+    """The JSONL step log, holding only the steps up to `keep_until` (those a resume continues from).
+
+    The kept lines are written to a new file renamed over the old one, so a crash right here
+    cannot empty the log; a last line cut short by a crash is dropped."""
     kept = []
     if keep_until and path.exists():
-        kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= keep_until]
-    log = path.open("w")
-    log.writelines(kept)
-    return log
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                if json.loads(line)["step"] <= keep_until:
+                    kept.append(line)
+            except ValueError:
+                pass
+    write_atomic(path, "".join(kept).encode())
+    return path.open("a")
 
 
 def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datasets.Dataset | None = None,
           resume: str | Path | None = None) -> dict:
     """Train the adapters of `built.model` on `train_ds`; write checkpoints and a JSONL log to output_dir.
 
+    Checkpoints go to <output_dir>/checkpoints (see checkpoint.py): every train.save_every steps,
+    at the end, and at each new best; `last` points at the newest, `best` at the best.
     With train.eval_every, the loss and data.metric on `eval_ds` are measured every that many
-    steps; each new best (train.best_by) is saved to <output_dir>/best, and
+    steps; the best is chosen by train.best_by, and
     train.early_stopping_patience evaluations without one end the run.
     Returns {"step", "loss", "train_seconds", "best_<best_by>", "stopped_early"}.
     """
@@ -116,14 +126,26 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     start, loop_state = 0, {"best_score": -float("inf"), "evals_since_best": 0}
+    recover(out, t.keep_checkpoints)  # what a crash left half done: see checkpoint.py
     if resume:
         load_adapter(resume, model)
         start, saved = load_training_state(resume, optimizer, scaler)  # RNG too: same dropout masks
         loop_state.update(saved)
     log = open_log(out / "log.jsonl", keep_until=start)
+    saved_step = start if resume else -1
+
+    def save(step: int, best: bool = False) -> None:
+        # One directory per step, however many reasons there are to save it (best, save_every, the end).
+        nonlocal saved_step
+        if step != saved_step or best:
+            save_checkpoint(out, model, optimizer, scaler, step, to_dict(cfg), loop_state, best=best,
+                            keep=t.keep_checkpoints)
+            saved_step = step
 
     model.train()
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", dynamic_ncols=True)
+    # In a log file (CI, nohup) every refresh is a new line: refresh every 30 s there instead.
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30)
     loss_value, t0, samples = float("nan"), time.perf_counter(), 0
     order_epoch, order, step, last_eval = -1, [], start - 1, {}
     for step in bar:
@@ -168,19 +190,19 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
             score = record[cfg.data.metric] if t.best_by == "metric" else -record["val_loss"]
             if score > loop_state["best_score"]:
                 loop_state.update(best_score=score, evals_since_best=0)
-                save_checkpoint(out / "best", model, optimizer, scaler, step + 1, to_dict(cfg), loop_state)
+                save(step + 1, best=True)
             else:
                 loop_state["evals_since_best"] += 1
             if t.early_stopping_patience and loop_state["evals_since_best"] >= t.early_stopping_patience:
                 bar.write(f"early stop: no better {t.best_by} in {t.early_stopping_patience} evaluations "
                           f"(best kept in {out / 'best'})")
                 break
-        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(out / "last", model, optimizer, scaler, step + 1, to_dict(cfg), loop_state)
+        if t.save_every and (step + 1) % t.save_every == 0:
+            save(step + 1)
     bar.close()
     log.close()
     stopped_early = step + 1 < total_steps
-    save_checkpoint(out / "last", model, optimizer, scaler, step + 1, to_dict(cfg), loop_state)
+    save(step + 1)
     best = loop_state["best_score"] if t.best_by == "metric" else -loop_state["best_score"]
     return {"step": step + 1, "loss": loss_value, "train_seconds": time.perf_counter() - t0,
             f"best_{t.best_by}": best, "stopped_early": stopped_early}

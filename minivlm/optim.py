@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import bitsandbytes as bnb
 import torch
@@ -17,8 +16,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
     "paged_adamw_8bit" (the QLoRA default) keeps Adam's two moments in 8 bits, block-wise
     quantized (Dettmers et al. 2022), in paged memory that spills to CPU RAM under GPU
-    memory pressure instead of failing. On the CPU there is nothing to page from and
-    bitsandbytes uses its plain 8-bit AdamW.
+    memory pressure instead of failing. On the CPU there is nothing to page from: the same
+    8-bit AdamW runs, not paged, and one line says so.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -26,7 +25,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         return torch.optim.AdamW(params, **kwargs)
     paged = cfg.optimizer == "paged_adamw_8bit" and params[0].is_cuda
     if cfg.optimizer == "paged_adamw_8bit" and not paged:
-        warnings.warn("paged_adamw_8bit needs CUDA; using bitsandbytes AdamW8bit (not paged) on the CPU")
+        print("optimizer: paged_adamw_8bit pages only on CUDA; using the same 8-bit AdamW, not paged, on the CPU")
     return (bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit)(params, **kwargs)
 
 

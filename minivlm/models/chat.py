@@ -18,6 +18,9 @@ newline) is not.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from PIL import Image
 from transformers import AutoProcessor
@@ -25,6 +28,25 @@ from transformers import AutoProcessor
 from minivlm.config import ConfigError
 
 Dialog = list[tuple[str, str]]  # [(user text, assistant text), ...]
+
+
+def leaves_no_state(batch_fn: Callable) -> Callable:
+    """Wrap a family's training_batch/generation_batch so the processor it is given ends as it began.
+
+    A fast tokenizer keeps the padding and truncation of its last call in its Rust backend, and
+    save_pretrained writes them into tokenizer.json: a base saved after generating would reload
+    left-padded. Families pass padding_side per call and this puts the backend back.
+    """
+    @functools.wraps(batch_fn)
+    def wrapped(processor, *args, **kwargs):
+        backend = processor.tokenizer.backend_tokenizer
+        padding, truncation = backend.padding, backend.truncation
+        try:
+            return batch_fn(processor, *args, **kwargs)
+        finally:
+            backend.no_padding() if padding is None else backend.enable_padding(**padding)
+            backend.no_truncation() if truncation is None else backend.enable_truncation(**truncation)
+    return wrapped
 
 
 def load_processor(name_or_path: str):
@@ -93,23 +115,26 @@ def answer_labels(batch: dict[str, torch.Tensor], tokenizer, spans_text: list[li
     return labels
 
 
+@leaves_no_state
 def training_batch(processor, images: list[Image.Image], dialogs: list[Dialog], end_of_turn: str,
                    system: str = "") -> dict[str, torch.Tensor]:
     """Processor tensors plus `labels`: every assistant answer and its end-of-turn token, else -100."""
-    processor.tokenizer.padding_side = "right"
     render = processor.apply_chat_template
     full_texts = [render(messages(d, system)) for d in dialogs]
     spans = [[(render(messages(d, system, k, answered=False), add_generation_prompt=True),
                render(messages(d, system, k))) for k in range(1, len(d) + 1)] for d in dialogs]
-    batch = dict(processor(text=full_texts, images=[[im] for im in images], padding=True, return_tensors="pt"))
+    batch = dict(processor(text=full_texts, images=[[im] for im in images], padding=True, padding_side="right",
+                           return_tensors="pt"))
     batch["labels"] = answer_labels(batch, processor.tokenizer, spans, full_texts, end_of_turn)
     return batch
 
 
+@leaves_no_state
 def generation_batch(processor, images: list[Image.Image], prompts: list[str],
                      system: str = "") -> dict[str, torch.Tensor]:
     # Left padding: generation appends at the right end, so every row must end with its prompt.
-    processor.tokenizer.padding_side = "left"
+    # Passed per call, never set on the processor: a processor saved later keeps its own setting.
     texts = [processor.apply_chat_template(messages([(p, "")], system, answered=False), add_generation_prompt=True)
              for p in prompts]
-    return dict(processor(text=texts, images=[[im] for im in images], padding=True, return_tensors="pt"))
+    return dict(processor(text=texts, images=[[im] for im in images], padding=True, padding_side="left",
+                          return_tensors="pt"))

@@ -23,20 +23,21 @@ LORA_SKIP = ["vision_model", "perceiver_resampler"]
 load_processor = chat.load_processor
 
 
+@chat.leaves_no_state
 def training_batch(processor, images: list[Image.Image], dialogs: list[chat.Dialog],
                    system: str = "") -> dict[str, torch.Tensor]:
     prompts, answers = chat.single_exchange(dialogs, system, "IDEFICS")
     tok = processor.tokenizer
-    tok.padding_side = "right"
     full = [f"{p} {a}{tok.eos_token}" for p, a in zip(prompts, answers)]
     batch = dict(processor(text=[[im, t.removesuffix(tok.eos_token)] for im, t in zip(images, full)],
-                           add_eos_token=True, padding=True, return_tensors="pt"))
+                           add_eos_token=True, padding=True, padding_side="right", return_tensors="pt"))
     batch["labels"] = chat.answer_labels(batch, tok, [[(p, t)] for p, t in zip(prompts, full)], full, tok.eos_token)
     return batch
 
 
+@chat.leaves_no_state
 def generation_batch(processor, images: list[Image.Image], prompts: list[str],
                      system: str = "") -> dict[str, torch.Tensor]:
     chat.single_exchange([[(p, "")] for p in prompts], system, "IDEFICS")
-    processor.tokenizer.padding_side = "left"
-    return dict(processor(text=[[im, p] for im, p in zip(images, prompts)], padding=True, return_tensors="pt"))
+    return dict(processor(text=[[im, p] for im, p in zip(images, prompts)], padding=True, padding_side="left",
+                          return_tensors="pt"))

@@ -32,24 +32,25 @@ def _text(processor: PaliGemmaProcessor, prompt: str) -> str:
     return processor.image_token + prompt
 
 
+@chat.leaves_no_state
 def training_batch(processor: PaliGemmaProcessor, images: list[Image.Image], dialogs: list[chat.Dialog],
                    system: str = "") -> dict[str, torch.Tensor]:
     prompts, answers = chat.single_exchange(dialogs, system, "PaliGemma")
-    processor.tokenizer.padding_side = "right"
     batch = processor(images=images, text=[_text(processor, p) for p in prompts], suffix=answers,
-                      padding="longest", return_tensors="pt")
+                      padding="longest", padding_side="right", return_tensors="pt")
     # Label only the suffix (token_type_ids == 1): never image tokens, the prompt or padding.
     # The processor's own `labels` does the same but is kept upstream only for old code.
     batch["labels"] = batch["input_ids"].masked_fill(batch["token_type_ids"] == 0, -100)
     return dict(batch)
 
 
+@chat.leaves_no_state
 def generation_batch(processor: PaliGemmaProcessor, images: list[Image.Image],
                      prompts: list[str], system: str = "") -> dict[str, torch.Tensor]:
     chat.single_exchange([[(p, "")] for p in prompts], system, "PaliGemma")
     # Left padding: generation appends at the right end, so every row must end with its prompt.
-    processor.tokenizer.padding_side = "left"
+    # Passed per call, never set on the processor: a processor saved later keeps its own setting.
     batch = processor(images=images, text=[_text(processor, p) for p in prompts], padding="longest",
-                      return_tensors="pt")
+                      padding_side="left", return_tensors="pt")
     batch.pop("labels", None)
     return dict(batch)
