@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test base data venv clean
+.PHONY: demo test base data digits readme-check venv clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -32,6 +32,12 @@ $(DATA)/train/metadata.jsonl: $(STAMP) demo/shapes.py demo/make_data.py
 demo: base data
 	rm -rf runs/demo
 	$(PY) train.py --config configs/demo.toml
+
+# Answers the base never wrote ("0"-"9"): it learns them, as it would a user's own words.
+digits: base
+	$(PY) demo/make_digits.py --out data/digits
+	rm -rf runs/digits
+	$(PY) train.py --config configs/digits.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -17,7 +17,7 @@ from minivlm import plain_warnings
 from minivlm.build import build
 from minivlm.checkpoint import latest_checkpoint, load_adapter
 from minivlm.config import ConfigError, load_config
-from minivlm.data import collate, load_split
+from minivlm.data import collate, load_split, warn_unknown_answers
 from minivlm.evaluate import evaluate
 from minivlm.loop import train
 from minivlm.plot import plot_run
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"train.init_from: {len(loaded)} tensors from {cfg.train.init_from}")
         train_ds = load_split(cfg.data, cfg.data.train_split)
         collate(train_ds, [0], cfg.data, built.family, built.processor)  # data/family mismatches show up now
+        warn_unknown_answers(train_ds, cfg.data, built.processor.tokenizer)
         eval_ds = load_split(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
     except (ConfigError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
         before = evaluate(cfg, built, eval_ds)
         metrics[f"{cfg.data.metric}_before"] = before["score"]
         show("before", before)
-    result = train(cfg, built, train_ds, eval_ds=eval_ds, resume=resume)
+    result = train(cfg, built, train_ds, eval_ds=eval_ds, resume=resume,
+                   score_before=metrics.get(f"{cfg.data.metric}_before"))
     metrics.update(train_seconds=result["train_seconds"], final_loss=result["loss"], steps=result["step"])
     if cfg.train.eval_every:
         key = f"best_{cfg.train.best_by}"
@@ -78,7 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"training took {result['train_seconds']:.0f}s")
     out = Path(cfg.train.output_dir) / "metrics.json"
     out.write_text(json.dumps(metrics, indent=2))
-    print(f"wrote {out} and {plot_run(cfg.train.output_dir, cfg.data.metric)}")
+    title = f"{args.config}: {result['step']} steps, final train loss {result['loss']:.3g}"
+    if eval_ds is not None:
+        title += f", {cfg.data.metric} {metrics[f'{cfg.data.metric}_before']:.3f} -> {after['score']:.3f}"
+    print(f"wrote {out} and {plot_run(cfg.train.output_dir, cfg.data.metric, title)}")
     return metrics
 
 

@@ -149,6 +149,27 @@ def random_resized_crop(image: Image.Image, scale: list[float], ratio: tuple[flo
     return image
 
 
+def warn_unknown_answers(ds: datasets.Dataset, cfg: DataConfig, tokenizer, rows: int = 1000) -> int:
+    """Warn when answers hold words the tokenizer cannot spell: they become its unknown token, and
+    the model can only learn to write that. Returns how many of the first `rows` answers do."""
+    unk = tokenizer.unk_token_id
+    if unk is None:  # byte-level tokenizers spell everything
+        return 0
+    bad = []
+    for i, row in enumerate(rows_of(ds, list(range(min(rows, len(ds)))))):
+        for _, answer in dialog_of(cfg, row):
+            ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            if unk in ids:
+                bad.append((i, answer, tokenizer.convert_ids_to_tokens(ids)))
+                break
+    if bad:
+        examples = "; ".join(f"row {i}: {a!r} -> {t}" for i, a, t in bad[:3])
+        warnings.warn(f"{len(bad)} of the first {min(rows, len(ds))} answers hold words the tokenizer cannot spell "
+                      f"(they become {tokenizer.unk_token}), e.g. {examples}. The model can only learn to write "
+                      f"{tokenizer.unk_token} there: use a base whose tokenizer covers these words, or reword them.")
+    return len(bad)
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Shuffled index batches for one epoch; a function of (seed, epoch) only, so resume can replay it."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)

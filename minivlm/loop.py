@@ -104,7 +104,7 @@ def open_log(path: Path, keep_until: int):
 
 
 def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datasets.Dataset | None = None,
-          resume: str | Path | None = None) -> dict:
+          resume: str | Path | None = None, score_before: float | None = None) -> dict:
     """Train the adapters of `built.model` on `train_ds`; write checkpoints and a JSONL log to output_dir.
 
     Checkpoints go to <output_dir>/checkpoints (see checkpoint.py): every train.save_every steps,
@@ -112,6 +112,8 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     With train.eval_every, the loss and data.metric on `eval_ds` are measured every that many
     steps; the best is chosen by train.best_by, and
     train.early_stopping_patience evaluations without one end the run.
+    A fresh run logs step 0 too: `score_before` (data.metric before training, which train.py has
+    measured) and the validation loss, so curves start where training did.
     Returns {"step", "loss", "train_seconds", "best_<best_by>", "stopped_early"}.
     """
     t, model, device = cfg.train, built.model, built.device
@@ -132,6 +134,9 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
         start, saved = load_training_state(resume, optimizer, scaler)  # RNG too: same dropout masks
         loop_state.update(saved)
     log = open_log(out / "log.jsonl", keep_until=start)
+    if start == 0 and eval_ds is not None and score_before is not None:
+        log.write(json.dumps({"step": 0, "val_loss": validation_loss(cfg, built, eval_ds),
+                              cfg.data.metric: score_before}) + "\n")
     saved_step = start if resume else -1
 
     def save(step: int, best: bool = False) -> None:
@@ -172,7 +177,7 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
 
         samples += sum(len(idx) for idx in window)
         rate = samples / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", **last_eval)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", **last_eval, refresh=False)
         log.write(json.dumps({"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
                               "grad_norm": float(grad_norm), "answer_tokens": n_tokens,
                               "samples_per_s": rate}) + "\n")

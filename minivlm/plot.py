@@ -1,4 +1,10 @@
-"""One PNG per run: training loss, validation loss and the metric against the optimizer step."""
+"""One PNG per run: the loss and the metric against the optimizer step.
+
+Two panels, so neither scale hides the other: the loss on a log axis (on a linear one,
+everything after the first few dozen steps is a flat line), and the metric on its fixed range
+(0-1 for most), starting with the evaluation before training at step 0, so that a small change
+does not look like a leap.
+"""
 
 from __future__ import annotations
 
@@ -10,25 +16,43 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+# The metrics whose scores do not lie in [0, 1]: CIDEr-D is 10 × a cosine, CLIPScore 2.5 × one.
+METRIC_MAX = {"cider_d": 10.0, "clip_score": 2.5}
 
-def plot_run(output_dir: str | Path, metric: str) -> Path:
+
+def plot_run(output_dir: str | Path, metric: str, title: str = "") -> Path:
     """Read <output_dir>/log.jsonl and write <output_dir>/curves.png."""
     output_dir = Path(output_dir)
     records = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "val_loss" in r]
-    fig, loss_ax = plt.subplots(figsize=(7, 4))
-    loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
-    if evals:
-        loss_ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
-        metric_ax = loss_ax.twinx()
-        metric_ax.plot([r["step"] for r in evals], [r[metric] for r in evals], "s--", color="tab:green", label=metric)
-        metric_ax.set_ylabel(metric)
-        metric_ax.legend(loc="upper right")
+    evals = [r for r in records if "val_loss" in r or metric in r]
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+
+    loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.8, label="train")
+    val = [r for r in evals if "val_loss" in r]
+    if val:
+        loss_ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    loss_ax.set_yscale("log")
     loss_ax.set_xlabel("optimizer step")
-    loss_ax.set_ylabel("loss per answer token")
-    loss_ax.legend(loc="upper left")
-    loss_ax.set_title(output_dir.name)
+    loss_ax.set_ylabel("loss per answer token (log scale)")
+    loss_ax.grid(alpha=0.3, which="both")
+    loss_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+
+    scored = [r for r in evals if metric in r]
+    top = METRIC_MAX.get(metric, 1.0)
+    if scored:
+        steps, values = [r["step"] for r in scored], [r[metric] for r in scored]
+        metric_ax.plot(steps, values, "s-", color="tab:green", label=f"{metric} on the eval split")
+        for s, v in zip(steps, values):
+            metric_ax.annotate(f"{v:.2f}", (s, v), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+        metric_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+    metric_ax.set_ylim(0, top * 1.08)  # headroom for the labels above a perfect score
+    metric_ax.set_xlim(left=0, right=max([r["step"] for r in train + evals], default=1) * 1.03)
+    metric_ax.set_xlabel("optimizer step (0 = before training)")
+    metric_ax.set_ylabel(metric)
+    metric_ax.grid(alpha=0.3)
+
+    fig.suptitle(title or output_dir.name)
     fig.tight_layout()
     out = output_dir / "curves.png"
     fig.savefig(out, dpi=100)

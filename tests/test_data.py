@@ -53,3 +53,27 @@ def test_epoch_batches_cover_every_sample_once_and_reshuffle():
     assert first == epoch_batches(10, 3, seed=0, epoch=0)
     assert first != epoch_batches(10, 3, seed=0, epoch=1)
     assert steps_per_epoch(10, 3, 2) == 2
+
+
+def test_answers_the_tokenizer_cannot_spell_are_counted_and_shown(tiny_idefics2, tiny_paligemma, tmp_path):
+    import json
+
+    from transformers import AutoProcessor
+
+    from minivlm.data import warn_unknown_answers
+
+    data = tmp_path / "digits" / "train"
+    data.mkdir(parents=True)
+    answers = ["red", "7", "top left", "42 circle"]
+    for i, a in enumerate(answers):
+        Image.new("RGB", (8, 8)).save(data / f"{i}.png")
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "question": "what",
+                                                             "answer": a}) + "\n" for i, a in enumerate(answers)))
+    cfg = DataConfig(dataset=str(data.parent))
+    ds = load_split(cfg, "train")
+    word_level = AutoProcessor.from_pretrained(tiny_idefics2).tokenizer  # knows the shape words, no digit
+    with pytest.warns(UserWarning, match=r"2 of the first 4 answers .*row 1: '7' -> \['<unk>'\]; row 3: '42 circle'"):
+        assert warn_unknown_answers(ds, cfg, word_level) == 2
+    byte_level = AutoProcessor.from_pretrained(tiny_paligemma).tokenizer  # the embedded base's: spells anything
+    assert warn_unknown_answers(ds, cfg, byte_level) == 0
+    assert byte_level.decode(byte_level("42 café")["input_ids"], skip_special_tokens=True).strip() == "42 café"

@@ -27,7 +27,9 @@ def test_train_then_infer(tiny_paligemma, shapes_data, tmp_path):
     assert {"accuracy_before", "accuracy_after", "train_seconds", "trainable_params", "total_params"} <= saved.keys()
     assert 0 < saved["trainable_params"] < saved["total_params"]
     log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] > 0 for r in log)
+    # Step 0 is the evaluation before training, so the curves start where training did.
+    assert log[0]["step"] == 0 and log[0]["accuracy"] == metrics["accuracy_before"] and log[0]["val_loss"] > 0
+    assert [r["step"] for r in log[1:]] == [1, 2, 3] and all(r["loss"] > 0 for r in log[1:])
 
     image = tmp_path / "img.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
