@@ -42,5 +42,9 @@ digits: base
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Every README command marked <!-- readme-check -->, run as printed (needs make demo first).
+readme-check: $(STAMP)
+	$(PY) tests/readme_check.py
+
 clean:
 	rm -rf runs base data
