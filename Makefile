@@ -35,7 +35,7 @@ demo: base data
 
 # Answers the base never wrote ("0"-"9"): it learns them, as it would a user's own words.
 digits: base
-	$(PY) demo/make_digits.py --out data/digits
+	$(PY) demo/make_data.py --task digits --out data/digits
 	rm -rf runs/digits
 	$(PY) train.py --config configs/digits.toml
 

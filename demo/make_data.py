@@ -1,6 +1,13 @@
-"""Write the demo's fine-tuning data: shape images with questions the base model never saw.
+"""Write fine-tuning data for the tiny base, as `datasets` imagefolders.
 
-    python demo/make_data.py --out data/shapes-qa      (or: make data)
+    python demo/make_data.py --out data/shapes-qa                  (or: make data) the demo
+    python demo/make_data.py --task digits --out data/digits       (part of: make digits)
+
+shapes-qa: shape images with questions the base model never saw. digits: one digit an image,
+drawn with varying size, place, slant, stroke and brightness, asked "what digit is this" and
+answered "0" to "9": a stand-in for scikit-learn's handwritten digits, built without
+downloading anything, in words the base never wrote before (a tokenizer without digits would
+make every answer <unk>).
 
 The layout is the `datasets` imagefolder one (images + metadata.jsonl per split), loaded with
 `datasets.load_dataset("imagefolder", data_dir=...)`: the same path a user's own data takes.
@@ -16,28 +23,44 @@ import random
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from demo.shapes import QUESTIONS, sample  # noqa: E402
+from demo.shapes import QUESTIONS, draw_digit, sample  # noqa: E402
 
 
-def write_split(folder: Path, n: int, seed: int) -> None:
+def shapes_qa(rng: random.Random) -> tuple[Image.Image, str, str]:
+    image, attrs = sample(rng)
+    question = rng.choice(list(QUESTIONS))
+    return image, question, attrs[QUESTIONS[question]]
+
+
+def digits(rng: random.Random) -> tuple[Image.Image, str, str]:
+    digit = rng.randrange(10)
+    return draw_digit(digit, rng), "what digit is this", str(digit)
+
+
+TASKS = {"shapes-qa": (shapes_qa, 1000, 2000), "digits": (digits, 3000, 4000)}  # sample, train seed, test seed
+
+
+def write_split(folder: Path, n: int, seed: int, task: str = "shapes-qa") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     with (folder / "metadata.jsonl").open("w") as meta:
         for i in range(n):
-            image, attrs = sample(rng)
-            question = rng.choice(list(QUESTIONS))
+            image, question, answer = TASKS[task][0](rng)
             image.save(folder / f"{i:05d}.png")
-            meta.write(json.dumps({"file_name": f"{i:05d}.png", "question": question,
-                                   "answer": attrs[QUESTIONS[question]]}) + "\n")
+            meta.write(json.dumps({"file_name": f"{i:05d}.png", "question": question, "answer": answer}) + "\n")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=sorted(TASKS), default="shapes-qa")
     ap.add_argument("--out", type=Path, default=Path("data/shapes-qa"))
     ap.add_argument("--train", type=int, default=800)
     ap.add_argument("--test", type=int, default=200)
     args = ap.parse_args()
-    write_split(args.out / "train", args.train, seed=1000)
-    write_split(args.out / "test", args.test, seed=2000)
-    print(f"wrote {args.train} train and {args.test} test samples to {args.out}")
+    _, train_seed, test_seed = TASKS[args.task]
+    write_split(args.out / "train", args.train, train_seed, args.task)
+    write_split(args.out / "test", args.test, test_seed, args.task)
+    print(f"wrote {args.train} train and {args.test} test {args.task} samples to {args.out}")
