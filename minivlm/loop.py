@@ -149,11 +149,13 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
 
     model.train()
     # In a log file (CI, nohup) every refresh is a new line: refresh every 30 s there instead.
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", dynamic_ncols=True,
+    # Updated by hand, not iterated: an iterated bar only learns its count when it redraws.
+    bar = tqdm(initial=start, total=total_steps, desc="train", dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30)
     loss_value, t0, samples = float("nan"), time.perf_counter(), 0
     order_epoch, order, step, last_eval = -1, [], start - 1, {}
-    for step in bar:
+    for step in range(start, total_steps):
+        bar.update()
         epoch, offset = divmod(step, per_epoch)
         if epoch != order_epoch:
             order_epoch, order = epoch, epoch_batches(len(train_ds), t.batch_size, t.seed, epoch)
