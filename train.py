@@ -15,7 +15,7 @@ from pathlib import Path
 
 from minivlm import plain_warnings
 from minivlm.build import build
-from minivlm.checkpoint import latest_checkpoint, load_adapter
+from minivlm.checkpoint import latest_checkpoint, load_adapter, write_atomic
 from minivlm.config import ConfigError, load_config
 from minivlm.data import collate, load_split, warn_unknown_answers
 from minivlm.evaluate import evaluate
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         show("after", after)
         print(f"training took {result['train_seconds']:.0f}s")
     out = Path(cfg.train.output_dir) / "metrics.json"
-    out.write_text(json.dumps(metrics, indent=2))
+    write_atomic(out, json.dumps(metrics, indent=2).encode())
     title = f"{args.config}: {result['step']} steps, final train loss {result['loss']:.3g}"
     if eval_ds is not None:
         title += f", {cfg.data.metric} {metrics[f'{cfg.data.metric}_before']:.3f} -> {after['score']:.3f}"

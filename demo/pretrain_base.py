@@ -1,8 +1,9 @@
-"""Build the demo's base VLM: a tiny PaliGemma (SigLIP + Gemma) pretrained here to caption shapes.
+"""Build the demo's base VLM: a tiny PaliGemma (SigLIP + Gemma) pretrained here to caption shapes
+in English and Spanish and to repeat any word of its vocabulary, with a byte-level BPE tokenizer.
 
     python demo/pretrain_base.py --out base/tiny-paligemma      (or: make base)
 
-Deterministic (fixed seeds, synthetic data) and about three minutes on 2 CPU cores. The result is
+Deterministic (fixed seeds, synthetic data); 1.5 to 3 minutes on 2 CPU cores. The result is
 saved with `save_pretrained` like any hub checkpoint, processor included, so the demo loads it
 through exactly the code path a real PaliGemma goes through.
 """
@@ -53,8 +54,8 @@ def make_processor() -> PaliGemmaProcessor:
     """A byte-level BPE tokenizer in the real PaliGemmaProcessor.
 
     Byte-level: the 256 bytes are tokens, so any text, in any script, has a spelling and nothing
-    becomes <unk>; merges learned on `tokenizer_corpus()` make its words single tokens (691 in
-    all, below the 1024 asked for: the corpus runs out of pairs). A space is prefixed to every
+    becomes <unk>; merges learned on `tokenizer_corpus()` make each of its words one token (the
+    corpus runs out of pairs to merge before the 1024 asked for). A space is prefixed to every
     text, so a word is the same token at the start of an answer as inside it.
     """
     tok = Tokenizer(models.BPE())

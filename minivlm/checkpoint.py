@@ -116,11 +116,14 @@ def _replace(src: Path, dst: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Replace a small file (a log, a metrics file) so that a crash leaves the old or the new one."""
+    """Replace a small file (the log, metrics.json) so that a crash leaves the old or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     _write(tmp, data)
     _replace(tmp, path)
@@ -142,61 +145,90 @@ def _meta(directory: Path) -> dict | None:
         return None
 
 
-def saved_checkpoints(output_dir: str | Path) -> list[Path]:
-    """The complete checkpoints under <output_dir>/checkpoints, oldest save first."""
-    root = Path(output_dir) / "checkpoints"
-    found = [(meta.get("saved", 0), d) for d in (root.iterdir() if root.is_dir() else [])
+def _saves(out: Path) -> list[tuple[Path, dict]]:
+    """(directory, state.json) of every complete save under <out>/checkpoints, oldest first:
+    by save number, then step (saves moved in from the earlier layout have no number)."""
+    root = out / "checkpoints"
+    found = [(d, meta) for d in (root.iterdir() if root.is_dir() else [])
              if d.is_dir() and "." not in d.name and (meta := _meta(d)) is not None]
-    return [d for _, d in sorted(found)]
+    return sorted(found, key=lambda dm: (dm[1].get("saved", 0), dm[1]["step"], dm[0].name))
+
+
+def saved_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete saves of a run, oldest first."""
+    return [d for d, _ in _saves(Path(output_dir))]
+
+
+# minivlm's layout before checkpoints/: `last` and `best` were the checkpoints themselves, and a
+# crash between its two renames left the newest one as last.tmp (the older as last.old).
+LEGACY = ("last", "last.tmp", "last.old", "best", "best.tmp", "best.old")
+
+
+def _legacy(out: Path) -> list[tuple[Path, dict]]:
+    found = [(out / n, _meta(out / n)) for n in LEGACY if (out / n).is_dir() and not (out / n).is_symlink()]
+    return sorted([(d, m) for d, m in found if m is not None], key=lambda dm: dm[1]["step"])
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete save of a run (what --resume continues), or None."""
-    recover(output_dir)
-    saved = saved_checkpoints(output_dir)
-    return saved[-1] if saved else None
+    out = Path(output_dir)
+    saves = _saves(out) or _legacy(out)
+    return saves[-1][0] if saves else None
 
 
-def recover(output_dir: str | Path, keep: int = 0) -> None:
-    """Finish what a crash interrupted: remove leftovers of interrupted saves, point `last` at the
-    newest save and `best` at the newest one saved as best, prune to `keep` saves. Moves a
-    `last`/`best` directory of minivlm's earlier layout into checkpoints/ first, so nothing
-    saved is lost."""
+def recover(output_dir: str | Path, keep: int = 0, resumed: Path | None = None, best: str | None = None) -> None:
+    """Finish what a crash interrupted, before a run goes on.
+
+    Moves checkpoints of the earlier layout into checkpoints/; removes leftovers of interrupted
+    saves; points `last` at the newest save and `best` at `best` (the name the resumed save's
+    loop state holds: in a run resumed from an older save, a newer best belongs to the
+    abandoned future); prunes to `keep` saves, never `resumed` nor the best.
+    """
     out = Path(output_dir)
     root = out / "checkpoints"
-    for name in ("last", "best"):
-        legacy = out / name
-        if legacy.is_dir() and not legacy.is_symlink() and _meta(legacy) is not None:
-            root.mkdir(exist_ok=True)
-            _replace(legacy, root / f"{name}-{_meta(legacy)['step']:08d}")
+    for directory, meta in _legacy(out):
+        root.mkdir(exist_ok=True)
+        name = f"legacy-{directory.name.replace('.', '-')}-{meta['step']:08d}"
+        _replace(directory, root / name)
+        if directory.name.startswith("best"):
+            best = name
     if not root.is_dir():
         return
     for leftover in [*root.glob("*.tmp"), *root.glob("*.del"), out / "last.tmp", out / "best.tmp"]:
         _remove(leftover)
-    saved = saved_checkpoints(out)
-    if saved:
-        _point(out / "last", saved[-1])
-    best = [d for d in saved if _meta(d).get("best")]
-    if best:
-        _point(out / "best", best[-1])
-    _prune(out, keep)
+    saves = saved_checkpoints(out)
+    if saves:
+        _point(out / "last", saves[-1])
+    if best is not None and (root / best).is_dir():
+        _point(out / "best", root / best)
+    elif best is not None:
+        _remove(out / "best")  # pruned in the abandoned future: no save holds this run's best any more
+    _prune(out, keep, protect=resumed)
 
 
 def save_checkpoint(output_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, step: int, config: dict, loop_state: dict | None = None,
                     best: bool = False, keep: int = 0) -> Path:
     """Save a checkpoint of `step` under <output_dir>/checkpoints; point `last` (and, if `best`, `best`)
-    at it; then delete all but the `keep` newest saves and the best (keep = 0: delete none)."""
+    at it; then delete all but the `keep` newest saves and the best (keep = 0: delete none).
+
+    A best save writes its own name into `loop_state["best_checkpoint"]`, so that every later
+    save knows which one is the best (see `recover`).
+    """
     out = Path(output_dir)
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
-    taken = {d.name for d in root.iterdir()}
-    # A step saved before (by a run resumed from an earlier checkpoint) is never overwritten.
-    name = next(n for n in [name, *(f"{name}-{k}" for k in range(2, 10_000))] if n not in taken)
+    earlier = _saves(out)
+    # A step saved before (by a run resumed from an earlier save) is never overwritten: step-N-2.
+    name, k = f"step-{step:08d}", 1
+    while any((root / f"{name}{suffix}").exists() for suffix in ("", ".tmp", ".del")) and k < 10_000:
+        k += 1
+        name = f"step-{step:08d}-{k}"
+    loop_state = {} if loop_state is None else loop_state
+    if best:
+        loop_state["best_checkpoint"] = name
     tmp, final = root / f"{name}.tmp", root / name
 
-    _remove(tmp)
     tmp.mkdir()
     _write(tmp / "adapter.safetensors",
            save({k: v.contiguous() for k, v in trainable_state_dict(model).items()}))
@@ -204,9 +236,9 @@ def save_checkpoint(output_dir: str | Path, model: nn.Module, optimizer: torch.o
     skeleton = _split({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()},
                       tensors, "s")
     _write(tmp / "state.safetensors", save(tensors))
-    number = max((_meta(d).get("saved", 0) for d in saved_checkpoints(out)), default=0) + 1
-    _write(tmp / "state.json", json.dumps({"step": step, "saved": number, "best": best, "config": config,
-                                           "state": skeleton, "loop": loop_state or {}}).encode())
+    number = max((meta.get("saved", 0) for _, meta in earlier), default=0) + 1
+    _write(tmp / "state.json", json.dumps({"step": step, "saved": number, "config": config,
+                                           "state": skeleton, "loop": loop_state}).encode())
     _fsync_dir(tmp)
     _replace(tmp, final)
 
@@ -217,13 +249,13 @@ def save_checkpoint(output_dir: str | Path, model: nn.Module, optimizer: torch.o
     return final
 
 
-def _prune(out: Path, keep: int) -> None:
-    """Delete all but the `keep` newest saves and the best (keep = 0: delete none)."""
+def _prune(out: Path, keep: int, protect: Path | None = None) -> None:
+    """Delete all but the `keep` newest saves, the best and `protect` (keep = 0: delete none)."""
     if not keep:
         return
-    best = (out / "best").resolve() if (out / "best").exists() else None
+    spared = {p.resolve() for p in (out / "best", protect) if p is not None and p.exists()}
     for old in saved_checkpoints(out)[:-keep]:
-        if old.resolve() != best:
+        if old.resolve() not in spared:
             doomed = old.with_name(old.name + ".del")
             _replace(old, doomed)  # no longer a checkpoint before any of its files goes
             _remove(doomed)

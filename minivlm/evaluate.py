@@ -45,6 +45,8 @@ def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 
         predictions += answers
         prompts += [q for q, _ in first]
         references += [references_of(cfg.data, row) for row in rows]
+    if not predictions:
+        raise ValueError(f"the eval split has no rows to score {cfg.data.metric} on")
     score = (sum(clip_per_sample) / len(clip_per_sample) if clip
              else METRICS[cfg.data.metric](predictions, references))
     return {"metric": cfg.data.metric, "score": score, "n": len(references), "prompts": prompts,

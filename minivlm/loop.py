@@ -112,8 +112,9 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     With train.eval_every, the loss and data.metric on `eval_ds` are measured every that many
     steps; the best is chosen by train.best_by, and
     train.early_stopping_patience evaluations without one end the run.
-    A fresh run logs step 0 too: `score_before` (data.metric before training, which train.py has
-    measured) and the validation loss, so curves start where training did.
+    With train.eval_every, a fresh run logs step 0 too: `score_before` (data.metric before
+    training, which train.py has measured) and the validation loss, so curves start where
+    training did.
     Returns {"step", "loss", "train_seconds", "best_<best_by>", "stopped_early"}.
     """
     t, model, device = cfg.train, built.model, built.device
@@ -128,13 +129,15 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     start, loop_state = 0, {"best_score": -float("inf"), "evals_since_best": 0}
-    recover(out, t.keep_checkpoints)  # what a crash left half done: see checkpoint.py
     if resume:
         load_adapter(resume, model)
         start, saved = load_training_state(resume, optimizer, scaler)  # RNG too: same dropout masks
         loop_state.update(saved)
+    # What a crash left half done (see checkpoint.py); `best` is the resumed save's idea of it.
+    recover(out, t.keep_checkpoints, resumed=Path(resume) if resume else None,
+            best=loop_state.get("best_checkpoint"))
     log = open_log(out / "log.jsonl", keep_until=start)
-    if start == 0 and eval_ds is not None and score_before is not None:
+    if start == 0 and t.eval_every and eval_ds is not None and score_before is not None:
         log.write(json.dumps({"step": 0, "val_loss": validation_loss(cfg, built, eval_ds),
                               cfg.data.metric: score_before}) + "\n")
     saved_step = start if resume else -1
@@ -150,8 +153,9 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     model.train()
     # In a log file (CI, nohup) every refresh is a new line: refresh every 30 s there instead.
     # Updated by hand, not iterated: an iterated bar only learns its count when it redraws.
+    tty = sys.stderr.isatty()
     bar = tqdm(initial=start, total=total_steps, desc="train", dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 30)
+               mininterval=0.1 if tty else 30, maxinterval=10 if tty else 60)
     loss_value, t0, samples = float("nan"), time.perf_counter(), 0
     order_epoch, order, step, last_eval = -1, [], start - 1, {}
     for step in range(start, total_steps):

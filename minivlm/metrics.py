@@ -269,10 +269,13 @@ def _clip(name: str) -> tuple[CLIPModel, ProcessorMixin]:
 
 
 @torch.no_grad()
-def clip_scores(images: list[Image.Image], captions: list[str], clip_model: str = "openai/clip-vit-base-patch32",
+def clip_scores(images: list[Image.Image], captions: list[str], clip_model: str,
                 device: str | torch.device = "cpu") -> list[float]:
     """Per sample, CLIP-S(c, v) = w · max(cos(E_image(v), E_text(c)), 0) with w = 2.5 (Hessel et al.
-    2021, eq. 1; w only rescales), the text being "A photo depicts <c>" cut to CLIP's context length."""
+    2021, eq. 1; w only rescales), the text being "A photo depicts <c>" cut to CLIP's context length.
+    The corpus score is their mean."""
+    if len(images) != len(captions) or not images:
+        raise ValueError(f"{len(captions)} captions for {len(images)} images; need as many, and at least one")
     model, processor = _clip(clip_model)
     model.to(device)
     inputs = processor(text=[CLIP_PREFIX + c for c in captions], images=images, return_tensors="pt", padding=True,
@@ -280,15 +283,6 @@ def clip_scores(images: list[Image.Image], captions: list[str], clip_model: str 
     image = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
     text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output
     return (2.5 * F.cosine_similarity(image, text, dim=-1).clamp(min=0)).tolist()
-
-
-def clip_score(images: list[Image.Image], captions: list[str], clip_model: str = "openai/clip-vit-base-patch32",
-               device: str | torch.device = "cpu") -> float:
-    """CLIPScore of a corpus: the mean of `clip_scores`."""
-    if len(images) != len(captions) or not images:
-        raise ValueError(f"{len(captions)} captions for {len(images)} images; need as many, and at least one")
-    scores = clip_scores(images, captions, clip_model, device)
-    return sum(scores) / len(scores)
 
 
 METRICS = {"accuracy": accuracy, "vqa_accuracy": vqa_accuracy, "anls": anls, "relaxed_accuracy": relaxed_accuracy,

@@ -46,6 +46,9 @@ def plot_run(output_dir: str | Path, metric: str, title: str = "") -> Path:
         for s, v in zip(steps, values):
             metric_ax.annotate(f"{v:.2f}", (s, v), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
         metric_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+    else:
+        metric_ax.text(0.5, 0.5, "not evaluated during training\n(train.eval_every = 0)", ha="center",
+                       va="center", transform=metric_ax.transAxes, color="gray")
     metric_ax.set_ylim(0, top * 1.08)  # headroom for the labels above a perfect score
     metric_ax.set_xlim(left=0, right=max([r["step"] for r in train + evals], default=1) * 1.03)
     metric_ax.set_xlabel("optimizer step (0 = before training)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ from torch import nn
 from conftest import tiny_config
 from minivlm import checkpoint
 from minivlm.build import build
-from minivlm.checkpoint import (_join, _split, latest_checkpoint, load_adapter, load_training_state, save_checkpoint,
-                                saved_checkpoints)
+from minivlm.checkpoint import (_join, _split, latest_checkpoint, load_adapter, load_training_state, recover,
+                                save_checkpoint, saved_checkpoints)
 from minivlm.data import load_split
 from minivlm.loop import train
 from minivlm.lora import inject_lora
@@ -50,31 +51,100 @@ def test_adapter_that_does_not_fit_is_refused(tmp_path):
         load_adapter(tmp_path / "nowhere", other)
 
 
-def test_saves_are_pruned_but_never_the_best_and_old_layouts_are_kept(tmp_path):
+def saver(tmp_path):
     model = small_model()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def save(out, step, best=False, keep=0, loop=None):
+        return save_checkpoint(out, model, opt, scaler, step, {}, loop, best=best, keep=keep)
+
+    return save, opt, scaler
+
+
+def names(out):
+    return [d.name for d in saved_checkpoints(out)]
+
+
+def test_saves_are_pruned_but_never_the_best(tmp_path):
+    save, _, _ = saver(tmp_path)
     for step, best in [(1, False), (2, True), (3, False), (4, False)]:
-        save_checkpoint(tmp_path, model, opt, scaler, step, {}, best=best, keep=2)
-    assert [d.name for d in saved_checkpoints(tmp_path)] == ["step-00000002", "step-00000003", "step-00000004"]
+        save(tmp_path, step, best=best, keep=2)
+    assert names(tmp_path) == ["step-00000002", "step-00000003", "step-00000004"]
     assert (tmp_path / "last").resolve().name == "step-00000004" and (tmp_path / "best").resolve().name == "step-00000002"
     assert (tmp_path / "last").is_symlink() and (tmp_path / "last/adapter.safetensors").is_file()
     # The same step saved again (a run resumed from an earlier save) gets its own directory.
-    save_checkpoint(tmp_path, model, opt, scaler, 4, {}, keep=0)
+    save(tmp_path, 4)
     assert (tmp_path / "last").resolve().name == "step-00000004-2" and latest_checkpoint(tmp_path).name == "step-00000004-2"
 
-    # minivlm's earlier layout: `last` was a directory. Resuming moves it in with the others.
-    old = tmp_path / "old"
-    save_checkpoint(old, model, opt, scaler, 7, {})
-    legacy = old / "last"
-    legacy.unlink()
-    (old / "checkpoints/step-00000007").rename(legacy)
-    assert latest_checkpoint(old) == old / "checkpoints/last-00000007"
-    assert load_training_state(old / "last", opt, scaler)[0] == 7
+
+def test_resuming_an_older_save_keeps_it_and_its_own_best(tmp_path):
+    """A run resumed from an older save forks: its best is the one that save knew, not a newer
+    best of the abandoned future, and the save it resumed from is not pruned before it is used."""
+    save, _, _ = saver(tmp_path)
+    loop = {}
+    for step, best in [(1, True), (2, False), (3, True), (4, False)]:
+        save(tmp_path, step, best=best, loop=loop)  # keep = 0: all four stay
+    resumed = tmp_path / "checkpoints/step-00000002"
+    known = json.loads((resumed / "state.json").read_text())["loop"]["best_checkpoint"]
+    assert known == "step-00000001" and (tmp_path / "best").resolve().name == "step-00000003"
+    recover(tmp_path, keep=1, resumed=resumed, best=known)  # the resumed run keeps 1 save
+    assert (tmp_path / "best").resolve().name == "step-00000001"
+    assert names(tmp_path) == ["step-00000001", "step-00000002", "step-00000004"]  # best, resumed, newest
+
+
+@pytest.mark.parametrize("layout", [["last", "best"], ["last.old", "last.tmp"], ["best", "last.old", "last"]])
+def test_the_earlier_layout_is_moved_in_nothing_lost(tmp_path, layout):
+    """Before checkpoints/, `last` and `best` were the checkpoint directories, and a crash between
+    the two renames of a save left last.old (older) and last.tmp (newer)."""
+    save, opt, scaler = saver(tmp_path)
+    for step, name in enumerate(layout, 1):
+        new = save(tmp_path / "new", 10 * step)
+        (tmp_path / "new/last").unlink()
+        new.rename(tmp_path / name)
+    newest = 10 * len(layout)
+    assert load_training_state(latest_checkpoint(tmp_path), opt, scaler)[0] == newest
+    recover(tmp_path)
+    assert sorted(names(tmp_path)) == sorted(f"legacy-{n.replace('.', '-')}-{10 * i:08d}" for i, n in enumerate(layout, 1))
+    assert load_training_state(tmp_path / "last", opt, scaler)[0] == newest
+    if "best" in layout:
+        assert (tmp_path / "best").resolve().name.startswith("legacy-best-")
 
 
 class Crash(Exception):
     pass
+
+
+class Crasher:
+    """Makes the k-th file write, rename or delete of checkpoint.py crash, half done: a write
+    leaves half a file, a delete half a directory. k = 0 never crashes; `ops` counts them."""
+
+    NAMES = ("_write", "_replace", "_remove")
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.ops = monkeypatch, []
+        self.real = {name: getattr(checkpoint, name) for name in self.NAMES}
+
+    def at(self, k: int) -> None:
+        self.ops.clear()
+        for name in self.NAMES:
+            self.monkeypatch.setattr(checkpoint, name, self._hooked(name, k))
+
+    def off(self) -> None:
+        for name in self.NAMES:
+            self.monkeypatch.setattr(checkpoint, name, self.real[name])
+
+    def _hooked(self, name, k):
+        def op(*args):
+            self.ops.append(name)
+            if len(self.ops) == k:
+                if name == "_write":
+                    args[0].write_bytes(args[1][:len(args[1]) // 2])
+                elif name == "_remove" and args[0].is_dir() and not args[0].is_symlink():
+                    next((f for f in args[0].rglob("*") if f.is_file()), args[0] / "none").unlink(missing_ok=True)
+                raise Crash(f"crash at {name}{args}")
+            return self.real[name](*args)
+        return op
 
 
 def test_a_crash_at_any_filesystem_step_of_any_save_loses_nothing(tiny_paligemma, shapes_data, tmp_path, monkeypatch):
@@ -98,43 +168,62 @@ def test_a_crash_at_any_filesystem_step_of_any_save_loses_nothing(tiny_paligemma
                 "saves": [json.loads((d / "state.json").read_text())["step"] for d in saved_checkpoints(out)],
                 "log": log, "leftovers": sorted(p.name for p in (out / "checkpoints").iterdir() if "." in p.name)}
 
-    ops = []
-    real = {name: getattr(checkpoint, name) for name in ("_write", "_replace", "_remove")}
-
-    def partial_write(path, data):
-        path.write_bytes(data[:len(data) // 2])  # a crash mid-write leaves half a file
-
-    def partial_remove(path):
-        files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else []
-        if files:
-            files[0].unlink()  # a crash mid-rmtree leaves a half-deleted directory
-
-    def hooked(name, crash_at):
-        def op(*args):
-            ops.append(name)
-            if len(ops) == crash_at:
-                {"_write": partial_write, "_remove": partial_remove}.get(name, lambda *a: None)(*args)
-                raise Crash(f"crash at {name}{args}")
-            return real[name](*args)
-        return op
-
-    def crash_at(k):
-        ops.clear()
-        for name in real:
-            monkeypatch.setattr(checkpoint, name, hooked(name, k))
-
-    crash_at(0)
+    crash = Crasher(monkeypatch)
+    crash.at(0)
     run(tmp_path / "ref")
-    expected, n_ops = outcome(tmp_path / "ref"), len(ops)
+    expected, n_ops = outcome(tmp_path / "ref"), len(crash.ops)
     # Untrained, accuracy stays 0: the best is step 3 (a tie is not better), kept while 2 and 4 go.
     assert expected["saves"] == [3, 6] and (tmp_path / "ref/best").resolve().name == "step-00000003"
     assert n_ops > 20
     for k in range(1, n_ops + 1):
         out = tmp_path / f"crash{k}"
-        crash_at(k)
+        crash.at(k)
         with pytest.raises(Crash):
             run(out)
-        for name in real:
-            monkeypatch.setattr(checkpoint, name, real[name])
+        crash.off()
         run(out, resume=latest_checkpoint(out))  # None: nothing complete was saved, start over
-        assert outcome(out) == expected, f"crash at filesystem step {k} of {n_ops} ({ops[-1]})"
+        assert outcome(out) == expected, f"crash at filesystem step {k} of {n_ops} ({crash.ops[-1]})"
+
+
+def test_a_crash_inside_recover_is_finished_by_the_next_one(tmp_path, monkeypatch):
+    """recover() itself (moving the earlier layout in, clearing leftovers, re-pointing, pruning)
+    crashed at each of its steps, then run again, ends as if it had never crashed."""
+    def crashed_run(out):
+        save, _, _ = saver(out)
+        (out / "old").mkdir(parents=True)
+        save(out / "old", 9)
+        (out / "old/last").unlink()
+        (out / "old/checkpoints/step-00000009").rename(out / "last.old")  # the earlier layout
+        loop = {}
+        for step, best in [(10, True), (11, False), (12, False), (13, False)]:
+            save(out, step, best=best, loop=loop)
+        half = out / "checkpoints/step-00000014.tmp"  # a save that crashed while writing
+        half.mkdir()
+        (half / "adapter.safetensors").write_bytes(b"half")
+        (out / "checkpoints/step-00000011").rename(out / "checkpoints/step-00000011.del")  # a prune that crashed
+        (out / "last").unlink()  # a pointer swap that crashed
+        os.symlink("checkpoints/step-00000012", out / "last.tmp")
+        return loop["best_checkpoint"]
+
+    def outcome(out):
+        return {"saves": names(out), "last": (out / "last").resolve().name, "best": (out / "best").resolve().name,
+                "leftovers": sorted(p.name for p in [*(out / "checkpoints").iterdir(), *out.iterdir()] if "." in p.name)}
+
+    crash = Crasher(monkeypatch)
+    best = crashed_run(tmp_path / "ref")
+    crash.at(0)
+    recover(tmp_path / "ref", keep=2, best=best)
+    expected, n_ops = outcome(tmp_path / "ref"), len(crash.ops)
+    assert expected == {"saves": ["step-00000010", "step-00000012", "step-00000013"], "last": "step-00000013",
+                        "best": "step-00000010", "leftovers": []}  # legacy-last-old-9 and 11 pruned
+    assert n_ops > 8
+    for k in range(1, n_ops + 1):
+        out = tmp_path / f"crash{k}"
+        crash.off()
+        crashed_run(out)
+        crash.at(k)
+        with pytest.raises(Crash):
+            recover(out, keep=2, best=best)
+        crash.off()
+        recover(out, keep=2, best=best)
+        assert outcome(out) == expected, f"crash at step {k} of {n_ops} of recover ({crash.ops[-1]})"

@@ -58,7 +58,8 @@ def test_epoch_batches_cover_every_sample_once_and_reshuffle():
 def test_answers_the_tokenizer_cannot_spell_are_counted_and_shown(tiny_idefics2, tiny_paligemma, tmp_path):
     import json
 
-    from transformers import AutoProcessor
+    from tokenizers import Tokenizer, models
+    from transformers import AutoProcessor, PreTrainedTokenizerFast
 
     from minivlm.data import warn_unknown_answers
 
@@ -74,6 +75,10 @@ def test_answers_the_tokenizer_cannot_spell_are_counted_and_shown(tiny_idefics2,
     word_level = AutoProcessor.from_pretrained(tiny_idefics2).tokenizer  # knows the shape words, no digit
     with pytest.warns(UserWarning, match=r"2 of the first 4 answers .*row 1: '7' -> \['<unk>'\]; row 3: '42 circle'"):
         assert warn_unknown_answers(ds, cfg, word_level) == 2
+    # A tokenizer without an unknown token silently drops what it cannot spell: caught too.
+    letters = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}, merges=[]))
+    with pytest.warns(UserWarning, match=r"2 of the first 4 answers .*becomes nothing.*row 1: '7' -> \[\]"):
+        assert warn_unknown_answers(ds, cfg, PreTrainedTokenizerFast(tokenizer_object=letters)) == 2
     byte_level = AutoProcessor.from_pretrained(tiny_paligemma).tokenizer  # the embedded base's: spells anything
     assert warn_unknown_answers(ds, cfg, byte_level) == 0
     assert byte_level.decode(byte_level("42 café")["input_ids"], skip_special_tokens=True).strip() == "42 café"

@@ -18,7 +18,7 @@ from minivlm.build import build
 from minivlm.config import validate
 from minivlm.data import image_of, load_split, rows_of
 from minivlm.evaluate import evaluate
-from minivlm.metrics import (_tokens, accuracy, anls, bleu4, cider_d, clip_score, clip_scores, levenshtein,
+from minivlm.metrics import (_tokens, accuracy, anls, bleu4, cider_d, clip_scores, levenshtein,
                              relaxed_accuracy, vqa_accuracy, vqa_normalize)
 
 
@@ -193,8 +193,8 @@ def noise_images(n: int) -> list[Image.Image]:
 def test_clip_score_is_hessel_et_al(tiny_clips):
     path, negated = tiny_clips
     images, captions = noise_images(4), ["a red circle", "blue square", "", "a green triangle top left"]
-    assert clip_score(images, captions, path) == pytest.approx(clip_s_by_hand(path, images, captions).mean().item(),
-                                                               abs=1e-5)
+    torch.testing.assert_close(torch.tensor(clip_scores(images, captions, path)), clip_s_by_hand(path, images, captions),
+                               rtol=0, atol=1e-5)
     # The same pairs with every cosine's sign flipped: in each, one side is clamped to 0, the other is not.
     for a, b in zip(clip_scores(images, captions, path), clip_scores(images, captions, negated)):
         assert min(a, b) == 0 and max(a, b) > 0
@@ -202,15 +202,21 @@ def test_clip_score_is_hessel_et_al(tiny_clips):
     long = clip_scores([images[0]] * 2, ["red " * 40, "red " * 40 + "blue"], path)
     assert long[0] == pytest.approx(long[1])
     with pytest.raises(ValueError, match="2 captions for 1 images"):
-        clip_score(images[:1], captions[:2], path)
+        clip_scores(images[:1], captions[:2], path)
 
 
-def test_evaluate_scores_clip_score_batch_by_batch(tiny_paligemma, shapes_data, tiny_clips, tmp_path):
+def test_evaluate_scores_clip_score_batch_by_batch(tiny_paligemma, shapes_data, tiny_clips, tmp_path, monkeypatch):
+    from minivlm import evaluate as evaluate_module
+
     cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path / "run")
     cfg.data.metric, cfg.data.clip_model = "clip_score", tiny_clips[0]
     validate(cfg)
     ds = load_split(cfg.data, cfg.data.eval_split)
-    scored = evaluate(cfg, build(cfg), ds, batch_size=3)  # 8 samples: batches of 3, 3 and 2
+    batches = []
+    real = evaluate_module.clip_scores
+    monkeypatch.setattr(evaluate_module, "clip_scores", lambda images, *a: batches.append(len(images)) or real(images, *a))
+    scored = evaluate(cfg, build(cfg), ds, batch_size=3)
+    assert batches == [3, 3, 2]  # scored batch by batch: the split's images are never all in memory
     images = [image_of(cfg.data, row) for row in rows_of(ds, list(range(len(ds))))]
     expected = clip_s_by_hand(tiny_clips[0], images, scored["predictions"]).mean().item()
     assert scored["score"] == pytest.approx(expected, abs=1e-5)

@@ -44,8 +44,14 @@ def leaves_no_state(batch_fn: Callable) -> Callable:
         try:
             return batch_fn(processor, *args, **kwargs)
         finally:
-            backend.no_padding() if padding is None else backend.enable_padding(**padding)
-            backend.no_truncation() if truncation is None else backend.enable_truncation(**truncation)
+            if padding is None:
+                backend.no_padding()
+            else:
+                backend.enable_padding(**padding)
+            if truncation is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(**truncation)
     return wrapped
 
 
