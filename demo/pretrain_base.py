@@ -3,7 +3,7 @@ in English and Spanish and to repeat any word of its vocabulary, with a byte-lev
 
     python demo/pretrain_base.py --out base/tiny-paligemma      (or: make base)
 
-Deterministic (fixed seeds, synthetic data); 1.5 to 3 minutes on 2 CPU cores. The result is
+Deterministic (fixed seeds, synthetic data); about 100 s on this project's 2 CPU cores. The result is
 saved with `save_pretrained` like any hub checkpoint, processor included, so the demo loads it
 through exactly the code path a real PaliGemma goes through.
 """

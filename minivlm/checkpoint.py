@@ -203,7 +203,7 @@ def recover(output_dir: str | Path, keep: int = 0, resumed: Path | None = None, 
         _point(out / "best", root / best)
     elif best is not None:
         _remove(out / "best")  # pruned in the abandoned future: no save holds this run's best any more
-    _prune(out, keep, protect=resumed)
+    _prune(out, saves, keep, protect=resumed)
 
 
 def save_checkpoint(output_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -221,7 +221,7 @@ def save_checkpoint(output_dir: str | Path, model: nn.Module, optimizer: torch.o
     earlier = _saves(out)
     # A step saved before (by a run resumed from an earlier save) is never overwritten: step-N-2.
     name, k = f"step-{step:08d}", 1
-    while any((root / f"{name}{suffix}").exists() for suffix in ("", ".tmp", ".del")) and k < 10_000:
+    while any((root / f"{name}{suffix}").exists() for suffix in ("", ".tmp", ".del")):
         k += 1
         name = f"step-{step:08d}-{k}"
     loop_state = {} if loop_state is None else loop_state
@@ -245,16 +245,17 @@ def save_checkpoint(output_dir: str | Path, model: nn.Module, optimizer: torch.o
     _point(out / "last", final)
     if best:
         _point(out / "best", final)
-    _prune(out, keep)
+    _prune(out, [d for d, _ in earlier] + [final], keep)
     return final
 
 
-def _prune(out: Path, keep: int, protect: Path | None = None) -> None:
-    """Delete all but the `keep` newest saves, the best and `protect` (keep = 0: delete none)."""
+def _prune(out: Path, saves: list[Path], keep: int, protect: Path | None = None) -> None:
+    """Delete all but the `keep` newest of `saves` (oldest first), the best and `protect`
+    (keep = 0: delete none)."""
     if not keep:
         return
     spared = {p.resolve() for p in (out / "best", protect) if p is not None and p.exists()}
-    for old in saved_checkpoints(out)[:-keep]:
+    for old in saves[:-keep]:
         if old.resolve() not in spared:
             doomed = old.with_name(old.name + ".del")
             _replace(old, doomed)  # no longer a checkpoint before any of its files goes

@@ -110,11 +110,10 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     Checkpoints go to <output_dir>/checkpoints (see checkpoint.py): every train.save_every steps,
     at the end, and at each new best; `last` points at the newest, `best` at the best.
     With train.eval_every, the loss and data.metric on `eval_ds` are measured every that many
-    steps; the best is chosen by train.best_by, and
-    train.early_stopping_patience evaluations without one end the run.
-    With train.eval_every, a fresh run logs step 0 too: `score_before` (data.metric before
-    training, which train.py has measured) and the validation loss, so curves start where
-    training did.
+    steps; the best is chosen by train.best_by, and train.early_stopping_patience evaluations
+    without one end the run. A fresh run then logs step 0 too: `score_before` (data.metric
+    before training, which train.py has measured) and the validation loss, so curves start
+    where training did.
     Returns {"step", "loss", "train_seconds", "best_<best_by>", "stopped_early"}.
     """
     t, model, device = cfg.train, built.model, built.device

@@ -1,4 +1,5 @@
 """What chat-template families share: dialogs in, tokens out, loss on the assistant turns only.
+(Every family also takes `leaves_no_state`, `single_exchange` and `answer_labels` from here.)
 
 A sample is a dialog, a list of (user, assistant) exchanges; single-question data is a dialog
 of one. It is rendered by the processor's own chat template (each checkpoint ships the one it
@@ -139,7 +140,6 @@ def training_batch(processor, images: list[Image.Image], dialogs: list[Dialog], 
 def generation_batch(processor, images: list[Image.Image], prompts: list[str],
                      system: str = "") -> dict[str, torch.Tensor]:
     # Left padding: generation appends at the right end, so every row must end with its prompt.
-    # Passed per call, never set on the processor: a processor saved later keeps its own setting.
     texts = [processor.apply_chat_template(messages([(p, "")], system, answered=False), add_generation_prompt=True)
              for p in prompts]
     return dict(processor(text=texts, images=[[im] for im in images], padding=True, padding_side="left",

@@ -49,7 +49,6 @@ def generation_batch(processor: PaliGemmaProcessor, images: list[Image.Image],
                      prompts: list[str], system: str = "") -> dict[str, torch.Tensor]:
     chat.single_exchange([[(p, "")] for p in prompts], system, "PaliGemma")
     # Left padding: generation appends at the right end, so every row must end with its prompt.
-    # Passed per call, never set on the processor: a processor saved later keeps its own setting.
     batch = processor(images=images, text=[_text(processor, p) for p in prompts], padding="longest",
                       padding_side="left", return_tensors="pt")
     batch.pop("labels", None)
