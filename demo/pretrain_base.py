@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
@@ -25,7 +26,6 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from demo.shapes import CAPTION_PROMPTS, COLORS, POSITIONS, QUESTIONS, SHAPES, SIZE, caption, sample  # noqa: E402
-from minivlm.loop import answer_loss_sum  # noqa: E402
 from minivlm.models import paligemma  # noqa: E402
 
 PATCH = 8
@@ -115,7 +115,10 @@ def pretrain(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed
         batch = paligemma.training_batch(processor, list(images), [[(p, a)] for p, a in zip(prompts, answers)])
         labels = batch.pop("labels")
         logits = model(**batch).logits
-        loss = answer_loss_sum(logits, labels) / (labels[:, 1:] != -100).sum()
+        # Loss on the answer tokens: logits[:, t] predicts token t+1.
+        targets = labels[:, 1:]
+        keep = targets != -100
+        loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum") / keep.sum()
         loss.backward()
         for group in opt.param_groups:  # short warmup, then cosine to 10%
             group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.55 + 0.45 * torch.cos(torch.tensor(step / steps * 3.1416)).item())

@@ -31,15 +31,19 @@ from minivlm.optim import build_optimizer, lr_at
 from minivlm.precision import logits_of
 
 
-def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def answer_loss_sum(cfg: Config, built: Built, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled positions (labels != -100), in fp32.
 
-    logits[:, t] predicts token t+1, hence the shift. Only labelled rows are upcast to fp32,
-    not the whole (batch, seq, vocab) tensor.
+    Position t predicts token t+1, so the positions that carry loss are those whose *next* label
+    is set. Only they go through the lm_head: a PaliGemma sample is 256 image tokens, a prompt
+    and a few answer tokens, and full logits would be a (batch, seq, 257152) tensor, kept for
+    backward, of which all but the answer rows are thrown away. Here logits are (n answer
+    tokens, vocab), and only they are upcast to fp32.
     """
-    targets = labels[:, 1:]
+    targets = batch["labels"][:, 1:].to(built.device)
     keep = targets != -100
-    return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+    predicts = F.pad(keep, (0, 1), value=False)  # (batch, seq): the last position predicts nothing
+    return F.cross_entropy(logits_of(cfg, built, batch, at=predicts).float(), targets[keep], reduction="sum")
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -62,7 +66,7 @@ def backward_window(cfg: Config, built: Built, batches: list[dict],
     for batch in batches:
         if answer_tokens(batch) == 0:  # nothing to learn here (all masked, or all samples too long)
             continue
-        loss = answer_loss_sum(logits_of(cfg, built, batch), batch["labels"].to(built.device)) / n_tokens
+        loss = answer_loss_sum(cfg, built, batch) / n_tokens
         scaler.scale(loss).backward()
         total += loss.item()
     return total, n_tokens
@@ -80,7 +84,7 @@ def validation_loss(cfg: Config, built: Built, ds: datasets.Dataset) -> float:
         batch_tokens = answer_tokens(batch)
         if batch_tokens == 0:
             continue
-        total += answer_loss_sum(logits_of(cfg, built, batch), batch["labels"].to(built.device)).item()
+        total += answer_loss_sum(cfg, built, batch).item()
         tokens += batch_tokens
     built.model.train()
     return total / max(tokens, 1)

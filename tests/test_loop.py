@@ -51,7 +51,7 @@ def test_batch4_accum1_equals_batch1_accum4(tiny_paligemma, shapes_data, tmp_pat
     # The test can fail: averaging per-micro-batch means gives a different gradient.
     built.model.zero_grad(set_to_none=True)
     for b in micro:
-        (answer_loss_sum(logits_of(cfg, built, b), b["labels"]) / (b["labels"][:, 1:] != -100).sum() / 4).backward()
+        (answer_loss_sum(cfg, built, b) / (b["labels"][:, 1:] != -100).sum() / 4).backward()
     naive = {n: p.grad for n, p in built.model.named_parameters() if p.requires_grad}
     assert not all(torch.allclose(naive[n], one_batch[n], rtol=1e-3, atol=1e-6) for n in one_batch)
 
@@ -229,3 +229,37 @@ def test_validation_loss_reads_every_row_of_a_long_split(tiny_paligemma, tmp_pat
             tokens += int((labels != -100).sum())
     assert tokens > 50 * 2  # answers really are of many lengths
     assert ours == pytest.approx(total / tokens, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["paligemma", "idefics2", "smolvlm", "idefics", "llava_phi2"])
+def test_lm_head_runs_only_at_answer_positions_with_the_full_logits_loss(name, shapes_data, tmp_path, request):
+    cfg = tiny_config(request.getfixturevalue(f"tiny_{name}"), shapes_data, tmp_path, family=name)
+    built = build(cfg)
+    with torch.no_grad():  # non-zero B: the loss then depends on every adapter
+        for n, p in built.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    ds = load_split(cfg.data, "train")
+    batch = collate(ds, [0, 1, 2], cfg.data, built.family, built.processor)
+    n_answer = int((batch["labels"][:, 1:] != -100).sum())
+    lm_head = next(m for n, m in built.model.named_modules() if n.endswith("lm_head"))
+    rows = []
+    hook = lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+
+    built.model.zero_grad(set_to_none=True)
+    loss = answer_loss_sum(cfg, built, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in built.model.named_parameters() if p.requires_grad}
+    assert rows == [n_answer]  # not batch × seq rows
+    hook.remove()
+
+    # The same loss from the full (batch, seq, vocab) logits.
+    built.model.zero_grad(set_to_none=True)
+    logits, targets = logits_of(cfg, built, batch), batch["labels"][:, 1:]
+    full = F.cross_entropy(logits[:, :-1][targets != -100], targets[targets != -100], reduction="sum")
+    full.backward()
+    assert logits.shape[1] == batch["input_ids"].shape[1] and logits.shape[1] * 3 > n_answer
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-5)
+    for n, p in built.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6)
