@@ -40,6 +40,7 @@ class LoRAConfig:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
+    shared_dropout: bool = False  # one dropout mask per input tensor (q/k/v share one, gate/up one)
     targets: list[str] | None = None  # names (suffix match) or "re:<regex>"; None = family default
     skip: list[str] | None = None  # never adapted; None = the family's default
     train_modules: list[str] = field(default_factory=list)  # trained in full, saved with the adapter

@@ -29,6 +29,7 @@ retuned when r changes.
 from __future__ import annotations
 
 import math
+import weakref
 
 import bitsandbytes as bnb
 import torch
@@ -38,10 +39,43 @@ from minivlm.modules import matches, replace_module
 from minivlm.quant import dequantize
 
 
-class LoRALinear(nn.Module):
-    """y = base(x) + dropout(x) @ Aᵀ @ Bᵀ · alpha/r, with `base` frozen (nn.Linear or bnb Linear4bit)."""
+class SharedDropout(nn.Module):
+    """Dropout that draws one mask per input tensor, reused by every adapter reading that tensor.
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+    In a decoder layer q_proj, k_proj and v_proj are called on the very same tensor, and so are
+    gate_proj and up_proj. With a dropout each, every one of them draws its own mask: 7 masks per
+    layer where 4 distinct inputs exist. Sharing gives each adapter the same expected update
+    (each still sees x with a fraction p dropped and the rest scaled by 1/(1-p)); what changes is
+    that q, k and v see the same noise. Only the last input is remembered (a weak reference, so a
+    freed tensor whose id is reused can never match). Under activation checkpointing the
+    recomputed forward restores the RNG state and draws the same masks again.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self._last: tuple[weakref.ref, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        if self._last is not None and self._last[0]() is x:
+            return self._last[1]
+        out = nn.functional.dropout(x, self.p, training=True)
+        self._last = (weakref.ref(x), out)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, one mask per input tensor"
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + dropout(x) @ Aᵀ @ Bᵀ · alpha/r, with `base` frozen (nn.Linear or bnb Linear4bit).
+
+    `dropout` is a probability (the layer's own nn.Dropout) or a dropout module shared with other
+    layers (SharedDropout)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float | nn.Module = 0.0):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be > 0, got {r}")
@@ -56,14 +90,21 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
         # Same init as nn.Linear (and PEFT) for A; B = 0 makes ΔW = BA = 0 at step 0.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if isinstance(dropout, nn.Module):
+            self.dropout = dropout
+        else:  # dropout 0 costs nothing: no mask drawn, no copy of x
+            self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.merged:
             return y
-        h = self.dropout(x).to(self.lora_A.dtype)
+        h = self.dropout(x)
+        if not torch.is_autocast_enabled(h.device.type):
+            # Without autocast the matmul needs x in A's fp32. Under autocast it casts both to the
+            # compute dtype itself: an fp32 copy of x here would only be cast back (same values).
+            h = h.to(self.lora_A.dtype)
         delta = nn.functional.linear(nn.functional.linear(h, self.lora_A), self.lora_B)  # (…, out)
         return y + (delta * self.scaling).to(y.dtype)
 
@@ -107,6 +148,7 @@ def inject_lora(
     alpha: float,
     dropout: float,
     train_modules: list[str] = (),
+    shared_dropout: bool = False,
 ) -> list[str]:
     """Freeze `model`, wrap every targeted linear in a LoRALinear, in place; return the wrapped names.
 
@@ -114,7 +156,8 @@ def inject_lora(
 
     A module is targeted when its name matches a `targets` pattern (suffix) and no `skip`
     pattern (anywhere). Modules named in `train_modules` are unfrozen and trained in full (in
-    fp32). Raises ValueError if a target hits nothing or hits a module that is not linear.
+    fp32). With `shared_dropout`, all adapters share one SharedDropout (one mask per input
+    tensor). Raises ValueError if a target hits nothing or hits a module that is not linear.
     """
     model.requires_grad_(False)
     chosen = []
@@ -128,6 +171,8 @@ def inject_lora(
         linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, bnb.nn.Linear4bit))]
         raise ValueError(f"lora.targets {targets} match no linear layer outside lora.skip {skip}; "
                          f"linear layers look like: {linears[:6]}")
+    if shared_dropout and dropout > 0:
+        dropout = SharedDropout(dropout)
     for name in chosen:
         replace_module(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
     for pattern in train_modules:

@@ -147,10 +147,14 @@ def test_grad_scaler_only_with_fp16(tiny_paligemma, shapes_data, tmp_path, preci
     assert ("scale" in scaler_state) == scaled
 
 
-def test_activation_checkpointing_gives_every_adapter_the_same_gradient(tiny_paligemma, shapes_data, tmp_path):
+@pytest.mark.parametrize("dropout, shared", [(0.0, False), (0.3, False), (0.3, True)])
+def test_activation_checkpointing_gives_every_adapter_the_same_gradient(tiny_paligemma, shapes_data, tmp_path,
+                                                                        dropout, shared):
+    """Recomputation in backward must draw the same dropout masks as the forward did (shared or not)."""
     grads = {}
     for checkpointing in (False, True):
         cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path, gradient_checkpointing=checkpointing)
+        cfg.lora.dropout, cfg.lora.shared_dropout = dropout, shared
         built = build(cfg)
         assert built.model.is_activation_checkpointing == checkpointing
         with torch.no_grad():

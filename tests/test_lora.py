@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from minivlm.lora import LoRALinear, count_parameters, inject_lora, merge_lora, trainable_state_dict
+from minivlm.lora import LoRALinear, SharedDropout, count_parameters, inject_lora, merge_lora, trainable_state_dict
 from minivlm.modules import matches
 from minivlm.quant import quantize_linears
 
@@ -94,6 +94,45 @@ def test_dropout_applies_in_train_mode_only():
     torch.testing.assert_close(layer(x), no_dropout, rtol=1e-5, atol=1e-5)
     layer.train()
     assert not torch.allclose(layer(x), no_dropout, atol=1e-3)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_dropout_draws_one_mask_per_input_tensor(shared):
+    """q/k/v read the same tensor: with shared dropout their adapters see the same mask, and a new
+    tensor (even with equal values) gets a new one."""
+    model = nn.ModuleDict({n: float_linear() for n in ("q", "k", "v")})
+    inject_lora(model, targets=["q", "k", "v"], skip=[], r=4, alpha=8, dropout=0.5, shared_dropout=shared)
+    with torch.no_grad():  # identical adapters, so different deltas can only come from different masks
+        for layer in model.values():
+            layer.lora_A.copy_(model["q"].lora_A)
+            layer.lora_B.normal_(generator=torch.Generator().manual_seed(0))
+    assert (model["q"].dropout is model["k"].dropout) == shared
+    x = torch.randn(16, 64)
+
+    def delta(name, inp):
+        return model[name](inp) - model[name].base(inp)
+
+    dq, dk, dv = delta("q", x), delta("k", x), delta("v", x)
+    assert torch.equal(dq, dk) == shared and torch.equal(dq, dv) == shared
+    assert not torch.equal(delta("q", x.clone()), dq)  # a new input tensor draws a new mask
+    # Dropout's expectation is unchanged: inverted scaling, a fraction p of inputs zeroed.
+    h = SharedDropout(0.5).train()(torch.ones(100_000))
+    assert abs((h == 0).float().mean().item() - 0.5) < 0.01 and set(h.unique().tolist()) == {0.0, 2.0}
+    model.eval()
+    torch.testing.assert_close(delta("q", x), delta("k", x))
+
+
+def test_autocast_adapter_without_the_fp32_copy_computes_the_same_bits():
+    """Under bf16 autocast the adapter's input is no longer copied to fp32 first (autocast casts
+    it straight back to bf16 for the matmul): the output must be bit-identical to the copying code."""
+    layer = LoRALinear(float_linear(), r=4, alpha=8)
+    randomize_b(layer)
+    x = torch.randn(8, 64).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        with_copy = layer.base(x) + (nn.functional.linear(nn.functional.linear(x.float(), layer.lora_A), layer.lora_B)
+                                     * layer.scaling).to(y.dtype)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, with_copy)
 
 
 @pytest.mark.parametrize("kind", BASES)
