@@ -61,6 +61,7 @@ class DataConfig:
     image_root: str = ""  # directory that relative image paths in image_column are under
     random_resized_crop: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0]: train-time crop scale
     max_length: int = 256  # longer samples are dropped (never cut through image tokens)
+    workers: int = 0  # DataLoader processes preparing the next steps' batches while this one trains; 0 = inline
     eval_samples: int = 0  # 0 = the whole eval split
     metric: str = "accuracy"  # how answers are scored: see minivlm/metrics.py
     references_column: str = ""  # column of reference answers for the metric; "" = the answer column
@@ -193,6 +194,7 @@ ALIASES = {
     "bnb_4bit_quant_type": "quant_type", "bnb_4bit_use_double_quant": "double_quant",
     "llm_int8_skip_modules": "skip", "model_id": "name_or_path", "torch_dtype": "dtype",
     "save_total_limit": "keep_checkpoints", "save_steps": "save_every", "eval_steps": "eval_every",
+    "dataloader_num_workers": "workers",
 }
 
 
@@ -227,6 +229,7 @@ def validate(cfg: Config) -> None:
          and 0 < cfg.data.random_resized_crop[0] <= cfg.data.random_resized_crop[1] <= 1),
          "data.random_resized_crop", "must be [] or [min_scale, max_scale] with 0 < min <= max <= 1"),
         (cfg.data.max_length > 0, "data.max_length", "must be > 0"),
+        (cfg.data.workers >= 0, "data.workers", "must be >= 0 (0 = prepare batches in the training process)"),
         (cfg.data.eval_samples >= 0, "data.eval_samples", "must be >= 0 (0 = all)"),
         (cfg.train.save_every >= 0, "train.save_every", "must be >= 0 (0 = only at the end)"),
         (cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0 = keep every save)"),

@@ -15,6 +15,7 @@ from PIL import Image
 from transformers.image_utils import load_image
 
 from minivlm.config import ConfigError, DataConfig
+from minivlm.models import get_family
 
 
 def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
@@ -133,18 +134,18 @@ def to_rgb(image: Image.Image | str) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255)), rgba).convert("RGB")
 
 
-def random_resized_crop(image: Image.Image, scale: list[float], ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+def random_resized_crop(image: Image.Image, scale: list[float], generator: torch.Generator,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
     """torchvision's RandomResizedCrop without the resize (the processor resizes next): a random
-    region of `scale` of the area and aspect ratio in `ratio`. Uses the global torch RNG, whose
-    state checkpoints save, so a resumed run draws the same crops."""
+    region of `scale` of the area and aspect ratio in `ratio`, drawn from `generator`."""
     w, h = image.size
     for _ in range(10):
-        area = w * h * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item())
+        area = w * h * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).item())
         cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < cw <= w and 0 < ch <= h:
-            x = int(torch.randint(0, w - cw + 1, (1,)))
-            y = int(torch.randint(0, h - ch + 1, (1,)))
+            x = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+            y = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
             return image.crop((x, y, x + cw, y + ch))
     return image
 
@@ -183,22 +184,67 @@ def steps_per_epoch(n: int, batch_size: int, grad_accum: int) -> int:
     return math.ceil(math.ceil(n / batch_size) / grad_accum)
 
 
+class TrainSteps(torch.utils.data.Dataset):
+    """Item k: the sample indices and collated micro-batches of optimizer step `first + k`.
+
+    Addressed by step, not iterated: which samples a step trains on is epoch_batches(seed, epoch),
+    a pure function of the step. So DataLoader workers can prepare any step in any process, in
+    the order the loop asks for, and a resumed run simply starts at its step. Random crops draw
+    from a generator seeded by (seed, step) for the same reason: a worker's global RNG is not the
+    trainer's, and the crops must not depend on how many workers there are.
+    """
+
+    def __init__(self, ds: datasets.Dataset, cfg: DataConfig, family: str, processor, batch_size: int,
+                 grad_accum: int, seed: int, first: int, last: int):
+        self.ds, self.cfg, self.family, self.processor = ds, cfg, family, processor
+        self.batch_size, self.grad_accum, self.seed, self.first, self.last = batch_size, grad_accum, seed, first, last
+        self.per_epoch = steps_per_epoch(len(ds), batch_size, grad_accum)
+        self._order: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches): one shuffle per epoch
+
+    def __len__(self) -> int:
+        return self.last - self.first
+
+    def __getitem__(self, k: int) -> tuple[int, list[list[int]], list[dict[str, torch.Tensor]]]:
+        step = self.first + k
+        epoch, offset = divmod(step, self.per_epoch)
+        if self._order[0] != epoch:
+            self._order = (epoch, epoch_batches(len(self.ds), self.batch_size, self.seed, epoch))
+        window = self._order[1][offset * self.grad_accum:(offset + 1) * self.grad_accum]
+        crops = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        family = get_family(self.family)  # held by name: a module object does not pickle into workers
+        return step, window, [collate(self.ds, idx, self.cfg, family, self.processor, crops) for idx in window]
+
+
+def train_loader(ds: datasets.Dataset, cfg: DataConfig, family: str, processor, batch_size: int, grad_accum: int,
+                 seed: int, first: int, last: int) -> torch.utils.data.DataLoader:
+    """Steps first..last-1 in order, each (step, sample indices, micro-batches). With data.workers
+    > 0, that many processes prepare the next steps while the current one trains (two steps ahead
+    each); with 0, every step is prepared in the training process when it is needed."""
+    steps = TrainSteps(ds, cfg, family, processor, batch_size, grad_accum, seed, first, last)
+    # Its own generator: a DataLoader draws a seed for its workers when iterated, and from the
+    # global RNG that would shift every dropout mask after it (and break exact resume).
+    return torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=cfg.workers,
+                                       prefetch_factor=2 if cfg.workers else None, generator=torch.Generator())
+
+
 def rows_of(ds: datasets.Dataset, indices: list[int]) -> list[dict]:
     columns = ds[indices]  # one columnar read
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
 def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: ModuleType,
-            processor) -> dict[str, torch.Tensor]:
+            processor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The family's training batch for `ds[indices]`, minus any sample longer than `cfg.max_length`.
 
     Too-long samples are dropped, never truncated: truncation would cut the answer or, worse,
-    image tokens, whose count the model checks against the image features.
+    image tokens, whose count the model checks against the image features. Training passes a
+    `generator`, from which data.random_resized_crop draws its crops; without one (validation)
+    images are not cropped.
     """
     rows = rows_of(ds, indices)
     images = [image_of(cfg, row) for row in rows]
-    if cfg.random_resized_crop:
-        images = [random_resized_crop(im, cfg.random_resized_crop) for im in images]
+    if cfg.random_resized_crop and generator is not None:
+        images = [random_resized_crop(im, cfg.random_resized_crop, generator) for im in images]
     batch = family.training_batch(processor, images, [dialog_of(cfg, row) for row in rows], system=cfg.system_prompt)
     lengths = batch["attention_mask"].sum(1)
     keep = lengths <= cfg.max_length

@@ -25,8 +25,9 @@ from tqdm import tqdm
 from minivlm.build import Built
 from minivlm.checkpoint import load_adapter, load_training_state, recover, save_checkpoint, write_atomic
 from minivlm.config import Config, to_dict
-from minivlm.data import collate, epoch_batches, steps_per_epoch
+from minivlm.data import collate, steps_per_epoch, train_loader
 from minivlm.evaluate import evaluate
+from minivlm.lora import logical_numel
 from minivlm.optim import build_optimizer, lr_at
 from minivlm.precision import logits_of
 
@@ -88,6 +89,32 @@ def validation_loss(cfg: Config, built: Built, ds: datasets.Dataset) -> float:
         tokens += batch_tokens
     built.model.train()
     return total / max(tokens, 1)
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' spec sheets, for MFU; other GPUs log none.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+                   "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops_per_s(device: torch.device, cfg: Config) -> float:
+    """The GPU's bf16/fp16 peak, if known and training runs in half precision; else 0 (no MFU)."""
+    if device.type != "cuda" or not (cfg.train.bf16 or cfg.train.fp16):
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), 0.0)
+
+
+def train_flops_per_token(built: Built, checkpointing: bool) -> float:
+    """Matmul FLOPs of one training step per token, the estimate MFU is measured against.
+
+    Each weight costs 2 FLOPs per token forward (a multiply and an add) and 2 more backward for
+    the gradient of its input, which earlier adapters need; a frozen weight needs no gradient of
+    its own (the 2 more that full fine-tuning's 6N counts). Checkpointing runs the forward twice.
+    Attention scores and the adapters are left out (small at these sequence lengths and ranks),
+    and so are embeddings, which are a lookup: a slight underestimate, as nanoGPT's 6N is.
+    """
+    params = sum(logical_numel(p) for n, p in built.model.named_parameters() if "embed" not in n)
+    return (4 + 2 * checkpointing) * params
 
 
 def open_log(path: Path, keep_until: int):
@@ -159,15 +186,15 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     tty = sys.stderr.isatty()
     bar = tqdm(initial=start, total=total_steps, desc="train", dynamic_ncols=True,
                mininterval=0.1 if tty else 30, maxinterval=10 if tty else 60)
-    loss_value, t0, samples = float("nan"), time.perf_counter(), 0
-    order_epoch, order, step, last_eval = -1, [], start - 1, {}
-    for step in range(start, total_steps):
+    loss_value, t0, samples, tokens = float("nan"), time.perf_counter(), 0, 0
+    step, last_eval = start - 1, {}
+    peak_flops = peak_flops_per_s(device, cfg)
+    flops_per_token = train_flops_per_token(built, t.gradient_checkpointing)
+    steps = train_loader(train_ds, cfg.data, cfg.model.family, built.processor, t.batch_size, t.grad_accum,
+                         t.seed, start, total_steps)
+    for step, window, batches in steps:
         bar.update()
-        epoch, offset = divmod(step, per_epoch)
-        if epoch != order_epoch:
-            order_epoch, order = epoch, epoch_batches(len(train_ds), t.batch_size, t.seed, epoch)
-        window = order[offset * t.grad_accum:(offset + 1) * t.grad_accum]
-        batches = [collate(train_ds, idx, cfg.data, built.family, built.processor) for idx in window]
+        epoch = step // per_epoch
         window_loss, n_tokens = backward_window(cfg, built, batches, scaler)
         if n_tokens == 0:
             warnings.warn(f"step {step}: no answer tokens in these {len(window)} micro-batches (all labels "
@@ -185,11 +212,15 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
         optimizer.zero_grad(set_to_none=True)
 
         samples += sum(len(idx) for idx in window)
-        rate = samples / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", **last_eval, refresh=False)
+        tokens += sum(int(b["attention_mask"].sum()) for b in batches)  # image tokens count, padding not
+        seconds = time.perf_counter() - t0
+        speed = {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds}
+        if peak_flops:  # model FLOPs utilisation: the share of the GPU's peak the step's math used
+            speed["mfu"] = speed["tokens_per_s"] * flops_per_token / peak_flops
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed['tokens_per_s']:.0f}",
+                        **last_eval, refresh=False)
         log.write(json.dumps({"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
-                              "grad_norm": float(grad_norm), "answer_tokens": n_tokens,
-                              "samples_per_s": rate}) + "\n")
+                              "grad_norm": float(grad_norm), "answer_tokens": n_tokens, **speed}) + "\n")
         log.flush()
         if t.eval_every and eval_ds is not None and (step + 1) % t.eval_every == 0:
             # Generation puts the model in eval mode without grad: the moment bitsandbytes would

@@ -203,11 +203,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def logical_numel(p: torch.Tensor) -> int:
+    """Values a parameter holds: a 4-bit weight counts as its logical in×out, not its packed bytes."""
+    return p.quant_state.shape.numel() if isinstance(p, bnb.nn.Params4bit) and p.quant_state is not None else p.numel()
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; a 4-bit weight counts as its logical in×out, not its packed bytes."""
+    """(trainable, total) parameters, 4-bit weights counted logically."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.quant_state.shape.numel() if isinstance(p, bnb.nn.Params4bit) and p.quant_state is not None else p.numel()
+        n = logical_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -7,8 +7,10 @@ import torch
 from PIL import Image
 
 from minivlm.config import ConfigError, DataConfig
-from minivlm.data import (answer_of, epoch_batches, load_split, prompt_of, random_resized_crop, required_columns,
-                          steps_per_epoch, to_rgb)
+from conftest import tiny_config
+from minivlm.data import (answer_of, collate, epoch_batches, load_split, prompt_of, random_resized_crop,
+                          required_columns, steps_per_epoch, to_rgb, train_loader)
+from minivlm.models import paligemma
 
 
 def test_templates_read_any_column():
@@ -38,13 +40,13 @@ def test_to_rgb_composites_transparency_on_white(tmp_path):
 
 def test_random_resized_crop_scale_and_determinism():
     image = Image.new("RGB", (100, 80))
-    torch.manual_seed(0)
-    crops = [random_resized_crop(image, [0.5, 0.6]) for _ in range(50)]
+    g = torch.Generator().manual_seed(0)
+    crops = [random_resized_crop(image, [0.5, 0.6], g) for _ in range(50)]
     areas = [c.size[0] * c.size[1] / (100 * 80) for c in crops]
     assert all(0.47 <= a <= 0.63 for a in areas)  # rounding to whole pixels
     assert len({c.size for c in crops}) > 5
-    torch.manual_seed(0)
-    assert [random_resized_crop(image, [0.5, 0.6]).size for _ in range(50)] == [c.size for c in crops]
+    g = torch.Generator().manual_seed(0)
+    assert [random_resized_crop(image, [0.5, 0.6], g).size for _ in range(50)] == [c.size for c in crops]
 
 
 def test_epoch_batches_cover_every_sample_once_and_reshuffle():
@@ -82,3 +84,29 @@ def test_answers_the_tokenizer_cannot_spell_are_counted_and_shown(tiny_idefics2,
     byte_level = AutoProcessor.from_pretrained(tiny_paligemma).tokenizer  # the embedded base's: spells anything
     assert warn_unknown_answers(ds, cfg, byte_level) == 0
     assert byte_level.decode(byte_level("42 café")["input_ids"], skip_special_tokens=True).strip() == "42 café"
+
+
+def test_train_loader_gives_the_same_steps_with_workers_and_from_a_resumed_step(tiny_paligemma, shapes_data,
+                                                                             tmp_path):
+    """Workers prepare steps in other processes: the steps, their samples and their random crops
+    must not depend on how many there are, nor on where a (resumed) run starts."""
+    cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path)
+    cfg.data.random_resized_crop = [0.3, 0.5]
+    processor = paligemma.load_processor(str(tiny_paligemma))
+    ds = load_split(cfg.data, "train")  # 24 samples, batch 2 x accum 2: 6 steps an epoch
+
+    def steps(workers: int, first: int) -> list:
+        cfg.data.workers = workers
+        return list(train_loader(ds, cfg.data, "paligemma", processor, 2, 2, 0, first, 9))
+
+    inline, parallel, resumed = steps(0, 0), steps(2, 0), steps(0, 4)
+    assert [s for s, _, _ in inline] == list(range(9))
+    assert [w for _, w, _ in inline[:6]] == [epoch_batches(24, 2, 0, 0)[2 * k:2 * k + 2] for k in range(6)]
+    for a, b in [*zip(inline, parallel), *zip(inline[4:], resumed)]:
+        assert a[:2] == b[:2]
+        for x, y in zip(a[2], b[2]):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    # The crops are really drawn (the batches above are cropped), and only in training: a batch
+    # collated without a generator (validation) keeps whole images.
+    uncropped = collate(ds, inline[0][1][0], cfg.data, paligemma, processor)
+    assert not torch.equal(uncropped["pixel_values"], inline[0][2][0]["pixel_values"])

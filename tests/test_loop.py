@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from minivlm.build import build
 from minivlm.config import TrainConfig
-from minivlm.data import collate, load_split
+from minivlm.data import collate, epoch_batches, load_split
 from minivlm import loop
 from minivlm.loop import answer_loss_sum, backward_window, train
 from minivlm.models import paligemma
@@ -267,3 +267,18 @@ def test_lm_head_runs_only_at_answer_positions_with_the_full_logits_loss(name, s
     for n, p in built.model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_log_reports_tokens_per_second_counting_real_tokens(tiny_paligemma, shapes_data, tmp_path):
+    cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path, max_steps=3, batch_size=5)
+    built = build(cfg)
+    ds = load_split(cfg.data, "train")
+    train(cfg, built, ds)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    windows = epoch_batches(len(ds), 5, cfg.train.seed, 0)[:3]
+    batches = [collate(ds, w, cfg.data, paligemma, built.processor) for w in windows]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # image + text, never padding
+    assert tokens < sum(b["input_ids"].numel() for b in batches)  # there was padding to leave out
+    last = records[-1]
+    assert last["tokens_per_s"] / last["samples_per_s"] == pytest.approx(tokens / 15, rel=1e-9)
+    assert "mfu" not in last  # only on a GPU with a known peak
