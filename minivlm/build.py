@@ -58,6 +58,10 @@ def build(cfg: Config) -> Built:
         # non-reentrant variant tracks gradients through the recomputation itself, so adapters
         # get theirs although the layer's input (from frozen embeddings) requires no grad.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # transformers then also makes every input embedding's output require grad (a fix for the
+        # reentrant variant). One of them is the frozen vision tower's patch embedding: the whole
+        # tower would then keep its activations and run backward for a gradient nobody reads.
+        model.disable_input_require_grads()
     model.config.use_cache = False
     torch.manual_seed(cfg.train.seed)  # A's random init
     adapted = inject_lora(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -282,3 +284,34 @@ def test_log_reports_tokens_per_second_counting_real_tokens(tiny_paligemma, shap
     last = records[-1]
     assert last["tokens_per_s"] / last["samples_per_s"] == pytest.approx(tokens / 15, rel=1e-9)
     assert "mfu" not in last  # only on a GPU with a known peak
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_frozen_vision_tower_and_projector_keep_nothing_for_backward(tiny_paligemma, shapes_data, tmp_path,
+                                                                     checkpointing):
+    """Nothing before the first adapter needs a gradient, so no activation of the (frozen, float)
+    vision tower and projector may still be held for backward when the forward is done; the
+    decoder's are. (transformers' checkpointing made the tower's patch embeddings require grad,
+    and the whole tower kept its activations: build.py turns that off.)"""
+    cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path, gradient_checkpointing=checkpointing)
+    built = build(cfg)
+    built.model.train()
+    saved = {"vision": [], "decoder": []}
+    where = ["decoder"]
+    for name in ("vision_tower", "multi_modal_projector"):
+        module = built.model.get_submodule(f"model.{name}")
+        module.register_forward_pre_hook(lambda *a: where.append("vision"))  # returns None
+        module.register_forward_hook(lambda *a: where.pop() and None)  # None: keep the output
+
+    def pack(t):
+        saved[where[-1]].append(weakref.ref(t))
+        return t
+
+    batch = collate(load_split(cfg.data, "train"), [0, 1, 2], cfg.data, paligemma, built.processor)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = answer_loss_sum(cfg, built, batch)
+    gc.collect()
+    alive = {k: sum(t().numel() * t().element_size() for t in refs if t() is not None) for k, refs in saved.items()}
+    assert alive["vision"] == 0
+    assert alive["decoder"] > 0
+    loss.backward()

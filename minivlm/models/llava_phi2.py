@@ -67,6 +67,9 @@ class LlavaPhi(nn.Module):
     def activation_checkpointing_enable(self, **kwargs) -> None:
         self.language_model.activation_checkpointing_enable(**kwargs)
 
+    def disable_input_require_grads(self) -> None:
+        self.language_model.disable_input_require_grads()
+
     @property
     def is_activation_checkpointing(self) -> bool:
         return self.language_model.is_activation_checkpointing
