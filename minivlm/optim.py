@@ -32,7 +32,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine/linear/constant.
 
-    A pure function of the step, so resuming needs nothing but the step.
+    A pure function of the step, so resuming needs nothing but the step. Warmup step s gets
+    lr·(s+1)/(W+1): the first step already learns. transformers' schedules give lr·s/W, so their
+    first step runs at lr 0 and does nothing; after warmup both are the same curve.
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
