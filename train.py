@@ -20,6 +20,7 @@ from minivlm.config import ConfigError, load_config
 from minivlm.data import collate, load_split, warn_unknown_answers
 from minivlm.evaluate import evaluate
 from minivlm.loop import train
+from minivlm.plan import format_plan, parse_size, plan_memory
 from minivlm.plot import plot_run
 
 
@@ -36,10 +37,16 @@ def main(argv: list[str] | None = None) -> dict:
                     help="override a config value, e.g. --set train.max_steps=3")
     ap.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
                     help="continue from a checkpoint directory (default: the newest save in <output_dir>)")
+    ap.add_argument("--dry-run", action="store_true", help="print the expected peak memory (meta device: no weights read) and exit")
+    ap.add_argument("--gpu-memory", metavar="SIZE", help="with --dry-run: does it fit in SIZE, e.g. 24GiB")
     args = ap.parse_args(argv)
     plain_warnings()
     try:
         cfg = load_config(args.config, args.set)
+        if args.dry_run:  # minivlm/plan.py: from config.json alone, no weights, no data
+            plan = plan_memory(cfg)
+            print(format_plan(plan, parse_size(args.gpu_memory) if args.gpu_memory else None))
+            return {"dry_run": True, "total_bytes": plan.total()}
         resume = None
         if args.resume is not None:
             resume = Path(args.resume) if args.resume else latest_checkpoint(cfg.train.output_dir)

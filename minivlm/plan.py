@@ -1,0 +1,388 @@
+"""The memory plan: where a QLoRA run's GPU memory goes, computed before any weight is read.
+
+    python train.py --config configs/paligemma.toml --dry-run [--gpu-memory 24GiB]
+
+The model is built on PyTorch's "meta" device from the checkpoint's config.json alone: every
+tensor has a shape and a dtype but no storage, so a 9B model costs nothing and takes a second.
+Counting its parameters module by module, with the same rules build.py applies (which linears
+become 4-bit, which get adapters, which train in full), gives every term below. n = parameter
+count, b = bytes of the model dtype (2 for bf16/fp16, 4 for fp32).
+
+Weights (resident for the whole run)
+  4-bit linears    NF4 packs two weights per byte: 0.5 byte/param. Each block of 64 weights has
+                   one absmax scale. Without double quantization it is fp32: 4/64 = 0.0625
+                   byte/param (0.5 bit). With double quantization the scales are themselves
+                   quantized to 8 bits: 1/64 byte/param, plus one fp32 second-level absmax per
+                   256 blocks (4/16384), plus per layer a 256-entry fp32 code book (1 KiB), the
+                   16-entry NF4 code (64 B) and an fp32 offset. ≈ 0.516 byte/param in all, against
+                   2 in bf16: the QLoRA saving. Biases of quantized linears stay in b bytes.
+  float modules    everything else (vision tower, projector, embeddings, lm_head, norms): n · b.
+                   Tied weights (PaliGemma's lm_head = embed_tokens) are counted once.
+Training state (only for what trains: LoRA's A and B, and lora.train_modules)
+  LoRA adapters    A (r × in) and B (out × r) per targeted linear, fp32: 4 bytes/param.
+  train_modules    cast to fp32 (master weights): 4 bytes/param instead of b.
+  gradients        one fp32 gradient per trainable param: 4 bytes/param.
+  optimizer        adamw: two fp32 moments, 8 bytes/param. adamw_8bit / paged_adamw_8bit: two
+                   8-bit moments (2 bytes/param) + one fp32 absmax per 256-value block and moment
+                   (8/256 byte/param); bitsandbytes keeps tensors under 4096 values in 32-bit
+                   state (8 bytes/param). The frozen base has no gradient and no optimizer state:
+                   that is why QLoRA's training state is megabytes, not gigabytes.
+Activations (per step, for batch B × data.max_length tokens T: the worst case the data allows)
+  Tensors the forward pass keeps for backward, per token and decoder layer, e = b bytes:
+    norms          RMSNorm upcasts to fp32 and keeps that copy: 4·h per norm (2 norms/layer);
+                   Phi's LayerNorm keeps its input: e·h.
+    attention      the q/k/v input (e·h), q, k, v and the output kept by the fused attention
+                   kernel, and o_proj's input: 5·e·q (q = heads × head_dim; transformers repeats
+                   grouped k/v heads to the query head count before the kernel). Flash /
+                   memory-efficient attention keeps no T×T matrix, only a log-sum-exp per head.
+    MLP            its input (e·h) and, for gated MLPs (Gemma, Llama, Mistral), the gate output,
+                   the activation, the up output and their product: 4·e·i. Phi's gelu_new is
+                   written as 5 elementwise ops and keeps 5·e·i.
+    LoRA           nothing extra without dropout (A reads the tensor the base layer keeps anyway).
+                   With dropout each adapter keeps its mask (1 byte) and dropped copy (e) of its
+                   input; with lora.shared_dropout, once per distinct input.
+  IDEFICS's gated cross-attention blocks (one every cross_layer_interval layers) are counted as
+  one more decoder layer each. Tokens with no trainable parameter upstream keep nothing (the
+  frozen vision tower: only a transient one-layer peak while it runs), so that is left out.
+  With gradient checkpointing each layer keeps only its input (e·h per token) and one layer is
+  recomputed at a time in backward: L·e·h + one layer's full set.
+  Logits: minivlm runs the lm_head at labelled (answer) positions only, so the vocabulary-sized
+  term is (B × answer tokens) × V, not B·T·V: cross-entropy keeps fp32 log-probabilities
+  (4 bytes) and backward holds their fp32 gradient and the result (8 more): 12·A·V.
+  Also counted: the T×T attention mask (1 byte, once), the final norm, the largest 4-bit weight
+  dequantized for its matmul (bitsandbytes dequantizes per layer, per call), and the gradient
+  flowing back through the hidden states (3 · e·h per token).
+Fixed: the CUDA context (≈0.5 GiB, not visible to torch.cuda.memory_allocated but on the card).
+
+Host RAM to load: today build() loads the whole float model on the CPU before quantizing
+(n_total · b). Streamed loading (being written) holds one tensor at a time: the largest single
+tensor in float + ≈2 GiB of Python/torch/CUDA runtime. Both are printed.
+
+Assumptions, stated so they can be checked: activations are for a full-length batch (every
+sample at data.max_length); attention runs in a fused kernel (sdpa on a GPU); the answer length
+is a parameter (32 tokens/sample by default); allocator fragmentation is not modelled (leave a
+few percent spare). tests/test_plan.py checks the weight, adapter and optimizer terms against a
+real built model to the byte and the activation term against the tensors autograd actually saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+
+from minivlm.build import DTYPES
+from minivlm.config import Config, ConfigError
+from minivlm.models import get_family
+from minivlm.modules import matches
+
+GiB = 1024 ** 3
+BNB_BLOCK = 64  # weights per NF4 absmax block
+BNB_BLOCK2 = 256  # absmax values per second-level block (double quant)
+OPTIM_BLOCK = 256  # values per 8-bit optimizer-state block
+OPTIM_MIN_8BIT = 4096  # bitsandbytes keeps smaller tensors' optimizer state in 32 bits
+CUDA_CONTEXT = int(0.5 * GiB)
+HOST_RUNTIME = 2 * GiB
+
+
+def nf4_bytes(numel: int, double_quant: bool) -> int:
+    """Bytes of one bitsandbytes 4-bit weight with its quantization state (bnb 0.4x-0.5x layout)."""
+    blocks = math.ceil(numel / BNB_BLOCK)
+    packed = math.ceil(numel / 2) + 16 * 4  # two codes per byte + the 16-entry NF4 code book
+    if double_quant:  # uint8 absmax, fp32 absmax of the absmax, 256-entry code book, fp32 offset
+        return packed + blocks + 4 * math.ceil(blocks / BNB_BLOCK2) + 256 * 4 + 4
+    return packed + 4 * blocks
+
+
+def optimizer_bytes(numel: int, optimizer: str) -> int:
+    """Optimizer state for one trainable tensor of `numel` values."""
+    if optimizer == "adamw" or numel < OPTIM_MIN_8BIT:
+        return 8 * numel
+    return 2 * numel + 2 * 4 * math.ceil(numel / OPTIM_BLOCK)
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '24GB', '80G', '24576MiB' -> bytes (GB and G read as GiB, as nvidia-smi does)."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"--gpu-memory {text!r}: give a size such as 24GiB or 80GB")
+    return int(float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper()))
+
+
+@dataclass
+class Plan:
+    model: str
+    quantized: int = 0  # number of 4-bit linears
+    quant_params: int = 0
+    quant_bytes: int = 0
+    float_params: int = 0
+    float_bytes: int = 0
+    adapted: int = 0  # number of LoRA-wrapped linears
+    lora_params: int = 0
+    full_params: int = 0  # lora.train_modules, trained in full
+    trainable_bytes: int = 0  # fp32 adapters + train_modules
+    grad_bytes: int = 0
+    optim_bytes: int = 0
+    act_ckpt: int = 0  # activations with gradient checkpointing
+    act_full: int = 0  # ... without
+    act_saved: int = 0  # of act_full, the tensors kept for backward (the rest is backward workspace)
+    logits_bytes: int = 0
+    vision_transient: int = 0  # the frozen vision tower's one-layer peak while it runs
+    gradient_checkpointing: bool = False
+    host_streamed: int = 0
+    host_full: int = 0
+    notes: list[str] = field(default_factory=list)
+    tokens: str = ""  # how the sequence length and image tokens were counted
+
+    @property
+    def weights(self) -> int:
+        return self.quant_bytes + self.float_bytes
+
+    @property
+    def training_state(self) -> int:
+        return self.trainable_bytes + self.grad_bytes + self.optim_bytes
+
+    def total(self, checkpointing: bool | None = None) -> int:
+        ckpt = self.gradient_checkpointing if checkpointing is None else checkpointing
+        act = self.act_ckpt if ckpt else self.act_full
+        return self.weights + self.training_state + max(act, self.vision_transient) + CUDA_CONTEXT
+
+
+# ---------------------------------------------------------------------------------------------
+# The model on the meta device
+
+
+def _resolve(path: str, base: Path) -> str:
+    """A path in llava_phi2.json: relative to that file if it exists there, else as written."""
+    candidate = base / path
+    return str(candidate) if candidate.exists() else path
+
+
+def meta_model(cfg: Config, family: ModuleType) -> nn.Module:
+    """`family.MODEL_CLASS` with every tensor on the meta device, from config.json only."""
+    dtype = DTYPES[cfg.model.dtype]
+    path = cfg.model.name_or_path
+    try:
+        with torch.device("meta"):
+            if cfg.model.family == "llava_phi2":
+                spec = json.loads((Path(path) / "llava_phi2.json").read_text())
+                lm_cfg = AutoConfig.from_pretrained(_resolve(spec["language_model"], Path(path)))
+                vision_cfg = CLIPVisionConfig.from_pretrained(_resolve(spec["vision_model"], Path(path)))
+                model = family.MODEL_CLASS(AutoModelForCausalLM.from_config(lm_cfg, dtype=dtype),
+                                           CLIPVisionModel._from_config(vision_cfg, dtype=dtype),
+                                           spec["image_token_id"], spec)
+                return model.to(dtype)
+            config = AutoConfig.from_pretrained(path)
+            return family.MODEL_CLASS._from_config(config, dtype=dtype)
+    except OSError as e:
+        raise ConfigError(f"--dry-run reads only config.json, and cannot for model.name_or_path = {path!r}: {e}\n"
+                          "Point it at a directory with the checkpoint's config.json, e.g. "
+                          "--set model.name_or_path=configs/real/paligemma-3b-pt-224") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights and training state: counted module by module
+
+
+def _weight_terms(plan: Plan, model: nn.Module, cfg: Config, family: ModuleType) -> tuple[int, int]:
+    """Fill the weight and training-state terms; return (largest 4-bit weight numel, largest tensor bytes)."""
+    b = DTYPES[cfg.model.dtype].itemsize
+    quant_skip = family.QUANT_SKIP if cfg.quant.skip is None else cfg.quant.skip
+    targets = family.LORA_TARGETS if cfg.lora.targets is None else cfg.lora.targets
+    lora_skip = family.LORA_SKIP if cfg.lora.skip is None else cfg.lora.skip
+    # The same selections as quant.quantize_linears and lora.inject_lora.
+    quantized = {name for name, m in model.named_modules()
+                 if cfg.quant.load_in_4bit and type(m) is nn.Linear
+                 and not any(matches(name, s, anywhere=True) for s in quant_skip)}
+    adapted = [m for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and any(matches(name, p, anywhere=False) for p in targets)
+               and not any(matches(name, s, anywhere=True) for s in lora_skip)]
+    full = {id(p) for name, m in model.named_modules() for p in m.parameters()
+            if any(matches(name, pat, anywhere=False) for pat in cfg.lora.train_modules)}
+    quant_ids = {id(model.get_submodule(n).weight) for n in quantized}
+    trainable_numels = [m.in_features * cfg.lora.r for m in adapted] + [m.out_features * cfg.lora.r for m in adapted]
+    largest_q = largest = 0
+    for p in list(model.parameters()) + list(model.buffers()):  # parameters() yields tied weights once
+        largest = max(largest, p.numel() * b)
+        if id(p) in quant_ids:
+            plan.quant_params += p.numel()
+            plan.quant_bytes += nf4_bytes(p.numel(), cfg.quant.double_quant)
+            largest_q = max(largest_q, p.numel())
+        elif id(p) in full:
+            plan.full_params += p.numel()
+            trainable_numels.append(p.numel())
+        else:
+            plan.float_params += p.numel()
+            plan.float_bytes += p.numel() * p.element_size()
+    plan.quantized, plan.adapted = len(quantized), len(adapted)
+    plan.lora_params = sum(m.in_features + m.out_features for m in adapted) * cfg.lora.r
+    plan.trainable_bytes = 4 * (plan.lora_params + plan.full_params)
+    plan.grad_bytes = 4 * (plan.lora_params + plan.full_params)
+    plan.optim_bytes = sum(optimizer_bytes(n, cfg.train.optimizer) for n in trainable_numels)
+    plan.host_full = (plan.quant_params + plan.float_params + plan.full_params) * b + HOST_RUNTIME
+    plan.host_streamed = largest + HOST_RUNTIME
+    return largest_q, largest
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+
+def _preprocessor(path: str) -> dict:
+    f = Path(path) / "preprocessor_config.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def image_tokens(cfg: Config, model: nn.Module) -> tuple[int, int, int, int, str]:
+    """(image tokens per sample in the text sequence, images per sample through the vision tower,
+    patches per image, vision hidden size, how it was counted)."""
+    c, fam = model.config, cfg.model.family
+    if fam == "paligemma":
+        v = c.vision_config
+        n = c.text_config.num_image_tokens if getattr(c.text_config, "num_image_tokens", None) \
+            else (v.image_size // v.patch_size) ** 2
+        return n, 1, n, v.hidden_size, f"{n} image tokens ((image_size/patch)²)"
+    if fam == "idefics2":
+        v, pre = c.vision_config, _preprocessor(cfg.model.name_or_path)
+        split = pre.get("do_image_splitting", True)
+        images = 5 if split else 1
+        n = c.perceiver_config.resampler_n_latents * images
+        how = (f"{n} image tokens ({c.perceiver_config.resampler_n_latents} latents × {images} image"
+               f"{'s: 4 crops + the whole, image splitting' if split else ''}"
+               f"{'' if pre else '; no preprocessor_config.json, so splitting assumed'})")
+        return n, images, (v.image_size // v.patch_size) ** 2, v.hidden_size, how
+    if fam == "smolvlm":
+        v, pre = c.vision_config, _preprocessor(cfg.model.name_or_path)
+        per_tile = (v.image_size // v.patch_size) ** 2 // c.scale_factor ** 2
+        tile = pre.get("max_image_size", {}).get("longest_edge", v.image_size)
+        longest = pre.get("size", {}).get("longest_edge", 4 * tile)
+        grid = math.ceil(longest / tile) if pre.get("do_image_splitting", True) else 0
+        tiles = grid * grid + 1
+        how = (f"{per_tile * tiles} image tokens ({per_tile}/tile × ({grid}×{grid} tiles + 1 global)"
+               f"{'' if pre else '; no preprocessor_config.json, 4×4 tiles assumed'})")
+        return per_tile * tiles, tiles, (v.image_size // v.patch_size) ** 2, v.hidden_size, how
+    if fam == "llava_phi2":
+        v = model.vision_tower.config
+        n = (v.image_size // v.patch_size) ** 2
+        return n, 1, n + 1, v.hidden_size, f"{n} image tokens (CLIP patches, CLS dropped)"
+    if fam == "idefics":
+        v = c.vision_config
+        n = c.perceiver_config.resampler_n_latents
+        return 0, 1, (v.image_size // v.patch_size) ** 2 + 1, v.embed_dim, \
+            f"images enter by cross-attention ({n} perceiver latents), not as tokens"
+    raise ConfigError(f"--dry-run knows no image layout for family {fam!r}")
+
+
+def _per_token_layer_bytes(tc, e: int, cfg: Config) -> int:
+    """Bytes one decoder layer keeps for backward, per token (see the module docstring)."""
+    h, i, heads = tc.hidden_size, tc.intermediate_size, tc.num_attention_heads
+    q = heads * (getattr(tc, "head_dim", None) or h // heads)
+    if tc.model_type == "phi":  # one LayerNorm, attention and MLP in parallel on its output
+        norms, mlp, adapter_inputs = e * h + 8, 5 * e * i, [h, h, h, q, h, i]
+    else:
+        norms, mlp, adapter_inputs = 2 * (4 * h + 4), e * h + 4 * e * i, [h, h, h, q, h, h, i]
+    attention = e * h + 5 * e * q + 4 * heads
+    lora = 0
+    if cfg.lora.dropout > 0:  # mask (1 byte) + dropped copy (e) per adapter input
+        targets = cfg.lora.targets or []
+        n = len(adapter_inputs) if not targets else min(len(targets), len(adapter_inputs))
+        inputs = adapter_inputs[:n]
+        if cfg.lora.shared_dropout:
+            inputs = sorted(set(inputs))  # q/k/v and gate/up read the same tensor
+        lora = sum(inputs) * (1 + e)
+    return norms + attention + mlp + lora
+
+
+def _activation_terms(plan: Plan, model: nn.Module, cfg: Config, largest_q: int, answer_tokens: int) -> None:
+    tc = model.config.get_text_config() if cfg.model.family != "llava_phi2" else model.config
+    e = DTYPES[cfg.model.dtype].itemsize
+    B, T = cfg.train.batch_size, cfg.data.max_length
+    n_img, images, patches, d_vision, how = image_tokens(cfg, model)
+    layers = tc.num_hidden_layers
+    if cfg.model.family == "idefics":  # gated cross-attention blocks, per text token like a layer
+        layers += tc.num_hidden_layers // tc.cross_layer_interval
+    per_layer = _per_token_layer_bytes(tc, e, cfg)
+    tokens = B * T
+    answers = B * answer_tokens
+    plan.logits_bytes = 12 * answers * tc.vocab_size
+    layer_saves = layers * tokens * per_layer
+    # Kept for backward (without checkpointing): what saved_tensors_hooks sees in tests/test_plan.py.
+    plan.act_saved = (layer_saves
+                      + B * T * T  # the bool T×T attention mask
+                      + tokens * 4 * tc.hidden_size  # the final norm's fp32 copy
+                      + answers * e * tc.hidden_size  # lm_head input at answer positions
+                      + 4 * answers * tc.vocab_size)  # fp32 log-probabilities
+    if cfg.model.family == "llava_phi2":  # the trained projector keeps its input and its hidden
+        plan.act_saved += B * images * patches * e * (d_vision + 2 * tc.hidden_size)
+    # Alive only for a moment in backward, on top of what is saved:
+    workspace = (tokens * 3 * e * tc.hidden_size  # gradients of the hidden states
+                 + largest_q * e  # one dequantized 4-bit weight
+                 + 8 * answers * tc.vocab_size)  # fp32 gradient of the log-probabilities and its input
+    plan.act_full = plan.act_saved + workspace
+    plan.act_ckpt = plan.act_full - layer_saves + layers * tokens * e * tc.hidden_size + tokens * per_layer
+    v = model.vision_tower.config if cfg.model.family == "llava_phi2" else model.config.vision_config
+    i_v = v.intermediate_size
+    hidden_states = (v.num_hidden_layers + 1) if cfg.model.family == "llava_phi2" else 2  # output_hidden_states
+    plan.vision_transient = B * images * patches * e * ((4 + hidden_states) * d_vision + 2 * i_v)
+    plan.tokens = (f"batch {B} × max_length {T} tokens, {how}; logits at {answer_tokens} answer tokens/sample "
+                   f"× vocab {tc.vocab_size}")
+    if n_img >= T:
+        plan.notes.append(f"data.max_length {T} leaves no room for text after {n_img} image tokens")
+
+
+def plan_memory(cfg: Config, answer_tokens: int = 32) -> Plan:
+    """The memory plan for training `cfg`: meta-device model, no weights read, nothing allocated."""
+    family = get_family(cfg.model.family)
+    model = meta_model(cfg, family)
+    plan = Plan(model=cfg.model.name_or_path, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    largest_q, _ = _weight_terms(plan, model, cfg, family)
+    _activation_terms(plan, model, cfg, largest_q, answer_tokens)
+    if not cfg.quant.load_in_4bit:
+        plan.notes.append("quant.load_in_4bit is off: every weight is counted in float")
+    return plan
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:6.2f} GiB"
+
+
+def format_plan(plan: Plan, gpu_memory: int | None = None) -> str:
+    ck = "on" if plan.gradient_checkpointing else "off"
+    lines = [
+        f"memory plan for {plan.model} (meta device: no weights read)",
+        f"  {plan.tokens}",
+        f"  4-bit weights     {gib(plan.quant_bytes)}  {plan.quantized} linears, {plan.quant_params:,} params, "
+        f"NF4 + absmax (~0.52 byte/param)",
+        f"  float weights     {gib(plan.float_bytes)}  {plan.float_params:,} params (vision, embeddings, lm_head, norms)",
+        f"  LoRA + trained    {gib(plan.trainable_bytes)}  {plan.adapted} adapters, {plan.lora_params:,} + "
+        f"{plan.full_params:,} full params, fp32",
+        f"  gradients         {gib(plan.grad_bytes)}  fp32, trainable params only",
+        f"  optimizer state   {gib(plan.optim_bytes)}",
+        f"  activations       {gib(plan.act_ckpt)}  with gradient checkpointing"
+        f"{'  <- configured' if plan.gradient_checkpointing else ''}",
+        f"                    {gib(plan.act_full)}  without{'' if plan.gradient_checkpointing else '  <- configured'}",
+        f"    of which logits {gib(plan.logits_bytes)}  fp32, answer positions only",
+        f"  vision transient  {gib(plan.vision_transient)}  frozen tower's peak while it runs (before the rest)",
+        f"  CUDA context      {gib(CUDA_CONTEXT)}",
+        f"  total             {gib(plan.total())}  (checkpointing {ck}; "
+        f"{gib(plan.total(not plan.gradient_checkpointing)).strip()} with it {'off' if plan.gradient_checkpointing else 'on'})",
+        f"  host RAM to load  {gib(plan.host_streamed)}  streamed: largest float tensor + runtime "
+        f"(today's whole-model load: {gib(plan.host_full).strip()})",
+    ]
+    lines += [f"  note: {n}" for n in plan.notes]
+    if gpu_memory is not None:
+        spare = gpu_memory - plan.total()
+        if spare >= 0:
+            lines.append(f"  {gib(gpu_memory).strip()}: fits, {spare / GiB:.2f} GiB spare")
+        else:
+            hint = ("try smaller batch / max_length" if plan.gradient_checkpointing
+                    else "try gradient_checkpointing / smaller batch / max_length")
+            lines.append(f"  {gib(gpu_memory).strip()}: does not fit: needs {plan.total() / GiB:.2f} GiB; {hint}")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""The memory planner (minivlm/plan.py) against real built models: weights, adapters and optimizer
+state to the byte, saved activations within 15%, and --dry-run without reading a weight."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from minivlm.build import build
+from minivlm.config import from_dict
+from minivlm.loop import answer_loss_sum
+from minivlm.optim import build_optimizer
+from minivlm.plan import parse_size, plan_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(model_dir: Path, family: str, r: int = 4, **train):
+    return from_dict({
+        "model": {"family": family, "name_or_path": str(model_dir), "dtype": "float32"},
+        "lora": {"r": r, "alpha": 8, "dropout": 0.0},
+        "data": {"max_length": 64},
+        "train": {"batch_size": 2, "optimizer": "adamw_8bit", "device": "cpu", **train},
+    })
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer, and of each 4-bit weight's quantization state; shared
+    storage (tied embeddings) once."""
+    seen: dict[int, int] = {}
+
+    def add(t):
+        if t is not None:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    for t in list(model.parameters()) + list(model.buffers()):
+        add(t)
+        qs = getattr(t, "quant_state", None)
+        if qs is not None:
+            add(qs.absmax), add(qs.code)
+            if qs.nested:
+                add(qs.offset), add(qs.state2.absmax), add(qs.state2.code)
+    return sum(seen.values())
+
+
+@pytest.fixture(scope="module")
+def small_paligemma(tmp_path_factory) -> Path:
+    """6 layers, hidden 256: LoRA A of r 16 has 4096 values, so bnb's 8-bit optimizer path runs too."""
+    from demo.pretrain_base import make_model, make_processor
+    out = tmp_path_factory.mktemp("small-paligemma")
+    torch.manual_seed(0)
+    processor = make_processor()
+    make_model(processor, hidden=256, layers=6).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("model", ["tiny_paligemma", "small_paligemma", "tiny_idefics2", "tiny_llava_phi2"])
+def test_planned_weights_adapters_and_optimizer_equal_the_built_model(model, request):
+    family = {"tiny_idefics2": "idefics2", "tiny_llava_phi2": "llava_phi2"}.get(model, "paligemma")
+    cfg = config(request.getfixturevalue(model), family, r=16)
+    if family == "llava_phi2":
+        cfg.lora.train_modules = ["projector"]
+    plan = plan_memory(cfg)
+    built = build(cfg)
+    assert (plan.quantized, plan.adapted) == (len(built.quantized), len(built.adapted))
+    assert plan.lora_params + plan.full_params == built.trainable_params
+    # No bnb padding shows up at these shapes: the planned bytes are exact.
+    assert plan.weights + plan.trainable_bytes == resident_bytes(built.model)
+    optimizer = build_optimizer(built.model, cfg.train)
+    for p in built.model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    state = {v.data_ptr(): v.numel() * v.element_size() for s in optimizer.state.values() for k, v in s.items()
+             if torch.is_tensor(v) and k.startswith(("state", "absmax"))}
+    assert plan.optim_bytes == sum(state.values())
+    assert plan.grad_bytes == 4 * built.trainable_params
+
+
+def test_planned_activations_match_what_autograd_saves(small_paligemma):
+    """Bytes of the tensors kept for backward in one training forward (counted by a saved-tensors
+    hook, parameters excluded, shared storage once) against the plan's no-checkpointing term."""
+    cfg = config(small_paligemma, "paligemma")
+    built = build(cfg)
+    built.model.train()
+    images = [Image.new("RGB", (32, 32), (60 * i, 100, 200)) for i in range(2)]
+    batch = built.family.training_batch(built.processor, images, [[("what shape is it", "a red circle")]] * 2)
+    cfg.data.max_length = batch["input_ids"].shape[1]
+    answer_tokens = int((batch["labels"][:, 1:] != -100).sum()) / 2
+    frozen = {t.untyped_storage().data_ptr() for t in list(built.model.parameters()) + list(built.model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in frozen:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        answer_loss_sum(cfg, built, batch).backward()
+    planned = plan_memory(cfg, answer_tokens=answer_tokens).act_saved
+    assert abs(planned - sum(saved.values())) < 0.15 * sum(saved.values()), (planned, sum(saved.values()))
+
+
+def test_dry_run_of_a_seed_config_reads_no_weights(monkeypatch, capsys):
+    import safetensors.torch
+    from transformers import PreTrainedModel
+
+    import train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--dry-run read weights")
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    start = time.time()
+    result = train.main(["--config", str(ROOT / "configs/paligemma.toml"), "--set",
+                         f"model.name_or_path={ROOT / 'configs/real/paligemma-3b-pt-224'}",
+                         "--dry-run", "--gpu-memory", "24GiB"])
+    out = capsys.readouterr().out
+    assert time.time() - start < 30
+    assert "1,981,808,640 params" in out  # the 126 decoder linears of the real 3B PaliGemma
+    assert "total" in out and "fits, " in out
+    assert 3 * 2**30 < result["total_bytes"] < 6 * 2**30
+    train.main(["--config", str(ROOT / "configs/paligemma.toml"), "--set",
+                f"model.name_or_path={ROOT / 'configs/real/paligemma-3b-pt-224'}",
+                "--set", "train.gradient_checkpointing=false", "--dry-run", "--gpu-memory", "4GiB"])
+    assert "does not fit: needs" in capsys.readouterr().out
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == parse_size("24GB") == parse_size("24G") == 24 * 2**30
+    assert parse_size("512MiB") == 2**29
