@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test base data digits readme-check venv clean
+.PHONY: demo test base data digits bench readme-check venv clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -41,6 +41,11 @@ digits: base
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# minivlm against PEFT + the transformers Trainer on the same QLoRA job: speed, memory, loss curves
+# (bench/README.md). Results go to bench/results/.
+bench: $(STAMP) data
+	$(PY) bench/compare.py
 
 # Every README command marked <!-- readme-check -->, run as printed (needs make demo first).
 readme-check: $(STAMP)
