@@ -63,14 +63,15 @@ def backward_window(cfg: Config, built: Built, batches: list[dict],
     n_tokens = sum(answer_tokens(b) for b in batches)
     if n_tokens == 0:
         return float("nan"), 0
-    total = 0.0
+    losses = []
     for batch in batches:
         if answer_tokens(batch) == 0:  # nothing to learn here (all masked, or all samples too long)
             continue
         loss = answer_loss_sum(cfg, built, batch) / n_tokens
         scaler.scale(loss).backward()
-        total += loss.item()
-    return total, n_tokens
+        losses.append(loss.detach())
+    # Read back once per window: each .item() would make the CPU wait for the GPU to catch up.
+    return sum(torch.stack(losses).tolist()), n_tokens
 
 
 @torch.no_grad()
