@@ -240,7 +240,7 @@ dropout = {spec['dropout']}
 [data]
 dataset = "{spec['data']}"
 max_length = 1024  # no sample dropped: 256 image tokens + a short question and answer
-workers = {spec['workers']}
+{f"workers = {spec['workers']}" if spec['workers'] else ""}
 
 [train]
 output_dir = "{out / 'run'}"
