@@ -1,4 +1,4 @@
-"""From config to a QLoRA-ready model: load -> quantize -> (checkpointing) -> inject LoRA."""
+"""From config to a QLoRA-ready model: load, quantized as read -> (checkpointing) -> inject LoRA."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from types import ModuleType
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from minivlm.config import Config, ConfigError
+from minivlm.load import load_pretrained
 from minivlm.lora import count_parameters, inject_lora
 from minivlm.models import get_family
 from minivlm.quant import quantize_linears
@@ -39,20 +41,26 @@ def build(cfg: Config) -> Built:
     family = get_family(cfg.model.family)
     device = pick_device(cfg.train.device)
     dtype = DTYPES[cfg.model.dtype]
+    quant = cfg.quant
+    skip = family.QUANT_SKIP if quant.skip is None else quant.skip
     try:
         processor = family.load_processor(cfg.model.name_or_path)
-        # Loaded on the CPU in `dtype`; quantize_linears then moves one layer at a time to the
-        # device, so the accelerator never holds the full-precision language model.
-        model = family.MODEL_CLASS.from_pretrained(cfg.model.name_or_path, dtype=dtype)
+        if issubclass(family.MODEL_CLASS, PreTrainedModel):
+            # Streamed: read one tensor at a time, each 4-bit weight quantized as it arrives, straight
+            # to the device. The host never holds the float model.
+            model, quantized = load_pretrained(family.MODEL_CLASS, cfg.model.name_or_path, dtype, device,
+                                               quant.load_in_4bit, skip, quant.quant_type, quant.double_quant)
+        else:
+            # LLaVA-Phi is assembled from two checkpoints by its own from_pretrained: loaded whole in
+            # float on the host, then quantized one layer at a time onto the device.
+            model = family.MODEL_CLASS.from_pretrained(cfg.model.name_or_path, dtype=dtype)
+            quantized = (quantize_linears(model, skip, dtype, device, quant.quant_type, quant.double_quant)
+                         if quant.load_in_4bit else [])
+            model.to(device)
     except OSError as e:
         raise ConfigError(f"cannot load model.name_or_path = {cfg.model.name_or_path!r}: {e}\n"
                          "Point it at a local directory holding the checkpoint, or a hub id "
                          "that is already in the Hugging Face cache.") from None
-    quantized = []
-    if cfg.quant.load_in_4bit:
-        skip = family.QUANT_SKIP if cfg.quant.skip is None else cfg.quant.skip
-        quantized = quantize_linears(model, skip, dtype, device, cfg.quant.quant_type, cfg.quant.double_quant)
-    model.to(device)
     if cfg.train.gradient_checkpointing:
         # Each decoder layer keeps only its input and recomputes the rest in backward. The
         # non-reentrant variant tracks gradients through the recomputation itself, so adapters

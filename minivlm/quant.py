@@ -12,6 +12,11 @@ bf16/fp16/fp32.
 
 The scope is explicit: the vision tower, projector, embeddings and lm_head are small next to
 the language model and sensitive to rounding, so families list them in `quant.skip`.
+
+The float weights come straight from the checkpoint: `linear4bit_shells` puts empty 4-bit
+layers in a model skeleton and minivlm/load.py fills each with `quantize_into` as its weight
+is read, so the float model never exists whole. `quantize_linears` does the same for a model
+already in memory.
 """
 
 from __future__ import annotations
@@ -23,19 +28,17 @@ from torch import nn
 from minivlm.modules import matches, replace_module
 
 
-def quantize_linears(
+def linear4bit_shells(
     model: nn.Module,
     skip: list[str],
     compute_dtype: torch.dtype,
-    device: torch.device,
     quant_type: str = "nf4",
     double_quant: bool = True,
 ) -> list[str]:
-    """Replace every `nn.Linear` outside `skip` by a 4-bit `Linear4bit` on `device`, in place.
+    """Replace every `nn.Linear` outside `skip` by an empty `Linear4bit`, in place.
 
-    Each weight is quantized as it moves to `device` (bitsandbytes quantizes in
-    `Params4bit.to`), one layer at a time, so the GPU never holds the full-precision model.
-    Returns the names of the quantized layers.
+    The new layer's weight is on the meta device (no storage) until `quantize_into` fills it.
+    Returns the names of the replaced layers.
     """
     names = [
         name for name, m in model.named_modules()
@@ -49,16 +52,47 @@ def quantize_linears(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
             compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type, device="meta",
         )
-        q.weight = bnb.nn.Params4bit(linear.weight.data.to("cpu"), requires_grad=False,
-                                     compress_statistics=double_quant, quant_type=quant_type)
-        if linear.bias is not None:
-            q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
         # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place into an
         # inference-only layout the first time it runs in eval mode without grad; a training step
         # after that fails ("a view of a leaf Variable ... in-place"). We evaluate and train the
         # same modules, so keep the training layout.
         q.support_avx512bf16_for_cpu = False
-        replace_module(model, name, q.to(device))
+        replace_module(model, name, q)
+    return names
+
+
+def quantize_into(layer: bnb.nn.Linear4bit, weight: torch.Tensor, device: torch.device) -> None:
+    """Quantize a float `weight` into `layer`, on `device`, with the layer's quant_type and double quant.
+
+    bitsandbytes quantizes in `Params4bit.to`: the float weight goes in, the 4-bit codes and
+    their quant_state (absmax per block, code book, nested statistics) come out on `device`.
+    """
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=layer.weight.compress_statistics,
+                                     quant_type=layer.weight.quant_type).to(device)
+
+
+def quantize_linears(
+    model: nn.Module,
+    skip: list[str],
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+) -> list[str]:
+    """Replace every `nn.Linear` outside `skip` by a 4-bit `Linear4bit` on `device`, in place.
+
+    For a model already in memory (LLaVA-Phi, assembled from two checkpoints; small test models):
+    one layer at a time, so the device never holds the full-precision model, but the host already
+    did. Transformers checkpoints load through `minivlm.load`, which quantizes while reading.
+    Returns the names of the quantized layers.
+    """
+    floats = dict(model.named_modules())
+    names = linear4bit_shells(model, skip, compute_dtype, quant_type, double_quant)
+    for name in names:
+        linear, q = floats[name], model.get_submodule(name)
+        quantize_into(q, linear.weight.data, device)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.data.to(device, compute_dtype), requires_grad=False)
     return names
 
 
