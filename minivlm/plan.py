@@ -54,9 +54,11 @@ Activations (per step, for batch B × data.max_length tokens T: the worst case t
   flowing back through the hidden states (3 · e·h per token).
 Fixed: the CUDA context (≈0.5 GiB, not visible to torch.cuda.memory_allocated but on the card).
 
-Host RAM to load: today build() loads the whole float model on the CPU before quantizing
-(n_total · b). Streamed loading (being written) holds one tensor at a time: the largest single
-tensor in float + ≈2 GiB of Python/torch/CUDA runtime. Both are printed.
+Host RAM to load: build() streams the checkpoint (minivlm/load.py), one tensor at a time onto
+the GPU: the largest single tensor in float + ≈2 GiB of Python/torch/CUDA runtime. Loading the
+whole float model first, as from_pretrained-then-quantize does (and LLaVA-Phi, assembled from
+two checkpoints, still does), needs n_total · b: printed for comparison. On a CPU device the
+model itself lives in host RAM too: add the weights above.
 
 Assumptions, stated so they can be checked: activations are for a full-length batch (every
 sample at data.max_length); attention runs in a fused kernel (sdpa on a GPU); the answer length
@@ -374,7 +376,7 @@ def format_plan(plan: Plan, gpu_memory: int | None = None) -> str:
         f"  total             {gib(plan.total())}  (checkpointing {ck}; "
         f"{gib(plan.total(not plan.gradient_checkpointing)).strip()} with it {'off' if plan.gradient_checkpointing else 'on'})",
         f"  host RAM to load  {gib(plan.host_streamed)}  streamed: largest float tensor + runtime "
-        f"(today's whole-model load: {gib(plan.host_full).strip()})",
+        f"(a whole-model float load: {gib(plan.host_full).strip()})",
     ]
     lines += [f"  note: {n}" for n in plan.notes]
     if gpu_memory is not None:
