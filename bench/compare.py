@@ -59,6 +59,7 @@ the two loss curves differ by more than --tolerance (relative, default 2%) at an
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import hashlib
 import json
@@ -349,13 +350,11 @@ SIDES = {"minivlm": run_minivlm, "peft": run_peft}
 
 
 def in_fresh_process(fn, *args):
-    """fn(*args) in a new spawned interpreter: nothing loaded or allocated carries over between runs."""
-    pool = multiprocessing.get_context("spawn").Pool(1)
-    try:
-        return pool.apply(fn, args)
-    finally:
-        pool.close()  # and join: a terminated pool leaves semaphores behind (resource_tracker warnings)
-        pool.join()
+    """fn(*args) in a new spawned interpreter: nothing loaded or allocated carries over between runs.
+    (An executor's process, not a multiprocessing.Pool's: a Pool's are daemons, which may not start
+    the DataLoader's worker processes.)"""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 # ---------------------------------------------------------------------------------------------
