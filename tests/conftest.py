@@ -16,15 +16,18 @@ from demo.pretrain_base import make_model, make_processor  # noqa: E402
 from minivlm.config import from_dict  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def tiny_paligemma(tmp_path_factory) -> Path:
-    """A random-weight PaliGemma (SigLIP + Gemma, real classes) and its processor, save_pretrained to disk."""
-    out = tmp_path_factory.mktemp("tiny-paligemma")
+def save_paligemma(out: Path, hidden: int = 64, layers: int = 2) -> Path:
+    """A random-weight PaliGemma (SigLIP + Gemma, real classes) and its processor, save_pretrained to `out`."""
     torch.manual_seed(0)
     processor = make_processor()
-    make_model(processor, hidden=64, layers=2).save_pretrained(out)
+    make_model(processor, hidden=hidden, layers=layers).save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_paligemma(tmp_path_factory) -> Path:
+    return save_paligemma(tmp_path_factory.mktemp("tiny-paligemma"))
 
 
 @pytest.fixture(scope="session")

@@ -161,7 +161,7 @@ def test_a_crash_at_any_filesystem_step_of_any_save_loses_nothing(tiny_paligemma
     def outcome(out):
         last, best = (out / "last").resolve(), (out / "best").resolve()
         meta = json.loads((last / "state.json").read_text())
-        log = [{k: v for k, v in json.loads(line).items() if k != "samples_per_s"}
+        log = [{k: v for k, v in json.loads(line).items() if not k.endswith("_per_s")}  # timings differ
                for line in (out / "log.jsonl").read_text().splitlines()]
         return {"last": [(last / f).read_bytes() for f in ("adapter.safetensors", "state.safetensors")],
                 "meta": (meta["step"], meta["loop"], meta["state"]), "best": (best / "adapter.safetensors").read_bytes(),

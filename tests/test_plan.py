@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import save_paligemma
 from minivlm.build import build
 from minivlm.config import from_dict
 from minivlm.loop import answer_loss_sum
@@ -49,13 +50,7 @@ def resident_bytes(model: torch.nn.Module) -> int:
 @pytest.fixture(scope="module")
 def small_paligemma(tmp_path_factory) -> Path:
     """6 layers, hidden 256: LoRA A of r 16 has 4096 values, so bnb's 8-bit optimizer path runs too."""
-    from demo.pretrain_base import make_model, make_processor
-    out = tmp_path_factory.mktemp("small-paligemma")
-    torch.manual_seed(0)
-    processor = make_processor()
-    make_model(processor, hidden=256, layers=6).save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_paligemma(tmp_path_factory.mktemp("small-paligemma"), hidden=256, layers=6)
 
 
 @pytest.mark.parametrize("model", ["tiny_paligemma", "small_paligemma", "tiny_idefics2", "tiny_llava_phi2"])
