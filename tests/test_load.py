@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor
 
-from conftest import ROOT, tiny_config
+from conftest import tiny_config
 from minivlm.build import build
 from minivlm.config import ConfigError
 from minivlm.load import load_pretrained
