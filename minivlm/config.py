@@ -94,6 +94,7 @@ class TrainConfig:
     init_from: str = ""  # a checkpoint whose matching trainable weights start this run (LLaVA stage 2)
     device: str = "auto"  # "auto" = cuda if available, else cpu
     max_new_tokens: int = 16
+    max_nonfinite_steps: int = 10  # stop after this many consecutive steps with a NaN/inf loss
 
 
 @dataclass
@@ -238,6 +239,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0 (0 = never)"),
         (not cfg.train.early_stopping_patience or cfg.train.eval_every, "train.early_stopping_patience",
          "needs train.eval_every > 0"),
+        (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
+         "must be >= 1 (consecutive NaN/inf-loss steps before the run stops)"),
         (cfg.train.device in ("auto", "cpu") or cfg.train.device.startswith("cuda"), "train.device",
          "must be 'auto', 'cpu' or 'cuda[:N]'"),
     ]
