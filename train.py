@@ -3,34 +3,31 @@
     python train.py --config configs/paligemma.toml [--set train.max_steps=3 ...] [--resume [DIR]]
 
 With data.eval_split set, the model is scored before and after training, and
-<output_dir>/metrics.json records both.
+<output_dir>/metrics.json records both. SIGTERM or Ctrl-C saves the step in progress and exits
+(143 or 130); --resume continues from there. Every mistake found before training (config, paths,
+data, a resume that would not continue the same run) is one `error:` line, before the model loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
+# Only the standard library and minivlm's config (itself standard library only) are imported
+# here: torch, transformers, datasets and bitsandbytes take seconds to import, and `--help` or
+# a mistake in the config should answer at once. main() imports them once the config is valid.
 from minivlm import plain_warnings
-from minivlm.build import build
-from minivlm.checkpoint import latest_checkpoint, load_adapter, write_atomic
-from minivlm.config import ConfigError, load_config
-from minivlm.data import collate, load_split, warn_unknown_answers
-from minivlm.evaluate import evaluate
-from minivlm.loop import train
-from minivlm.plan import format_plan, parse_size, plan_memory
-from minivlm.plot import plot_run
+from minivlm.config import Config, ConfigError, load_config, to_dict
 
 
-def show(when: str, scored: dict) -> None:
-    print(f"{scored['metric']} {when} training: {scored['score']:.3f} on {scored['n']} held-out samples")
-    for q, p, r in list(zip(scored["prompts"], scored["predictions"], scored["references"]))[:4]:
-        print(f"  {q!r:28} -> {p!r:22} (reference {' | '.join(r)!r})")
-
-
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -39,31 +36,144 @@ def main(argv: list[str] | None = None) -> dict:
                     help="continue from a checkpoint directory (default: the newest save in <output_dir>)")
     ap.add_argument("--dry-run", action="store_true", help="print the expected peak memory (meta device: no weights read) and exit")
     ap.add_argument("--gpu-memory", metavar="SIZE", help="with --dry-run: does it fit in SIZE, e.g. 24GiB")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def show(when: str, scored: dict) -> None:
+    print(f"{scored['metric']} {when} training: {scored['score']:.3f} on {scored['n']} held-out samples")
+    for q, p, r in list(zip(scored["prompts"], scored["predictions"], scored["references"]))[:4]:
+        print(f"  {q!r:28} -> {p!r:22} (reference {' | '.join(r)!r})")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """train.output_dir is, or can be made, a writable directory: known before anything is loaded."""
+    out = Path(output_dir).absolute()
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"cannot be created: {existing} is a file"
+        raise ConfigError(f"train.output_dir = {output_dir!r} {where}; set train.output_dir to a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir = {output_dir!r}: {existing} is not writable; set train.output_dir "
+                          "to a directory you can write to")
+
+
+def find_resume(cfg: Config, resume_arg: str | None) -> tuple[Path | None, dict | None]:
+    """The checkpoint to continue and its state.json, or (None, None) for a fresh run.
+
+    Refuses a fresh run over saved work, and a resume whose config changes the math of
+    training (checkpoint.FREE_ON_RESUME lists what may change).
+    """
+    from minivlm.checkpoint import latest_checkpoint, resume_conflicts
+
+    if resume_arg is None:
+        if latest_checkpoint(cfg.train.output_dir):  # never overwrite saved work by accident
+            raise ConfigError(f"{cfg.train.output_dir} already holds a checkpoint; continue it with --resume, "
+                              "or set another train.output_dir (or delete that one)")
+        return None, None
+    resume = Path(resume_arg) if resume_arg else latest_checkpoint(cfg.train.output_dir)
+    if resume is None or not (resume / "state.json").is_file():
+        raise ConfigError(f"--resume: {resume or cfg.train.output_dir} holds no checkpoint (no state.json); "
+                          "give the directory a previous run saved, e.g. runs/demo/last")
+    meta = json.loads((resume / "state.json").read_text())
+    conflicts = resume_conflicts(meta["config"], to_dict(cfg))
+    if conflicts:
+        raise ConfigError(f"--resume: {resume} was trained with another config, and these changes would make "
+                          f"it another run: {'; '.join(conflicts)}. Put them back, or train anew in another "
+                          "train.output_dir")
+    return resume, meta
+
+
+def total_steps(train: dict, n_rows: int) -> int:
+    """Optimizer steps of a run with [train] table `train` (as to_dict writes it) on `n_rows` rows."""
+    from minivlm.data import steps_per_epoch
+
+    return train["max_steps"] or steps_per_epoch(n_rows, train["batch_size"], train["grad_accum"]) * train["epochs"]
+
+
+def check_lengths(ds, cfg: Config, family, processor, rows: int = 16) -> None:
+    """Refuse a data.max_length that would drop every sample (training 0 steps), from the first rows.
+
+    Also the first batch the family builds from this data: a data/family mismatch shows up now.
+    """
+    from minivlm.data import collate
+
+    unlimited = dataclasses.replace(cfg.data, max_length=sys.maxsize)
+    lengths = collate(ds, list(range(min(rows, len(ds)))), unlimited, family, processor)["attention_mask"].sum(1)
+    if bool((lengths > cfg.data.max_length).all()):
+        raise ConfigError(f"data.max_length = {cfg.data.max_length} is shorter than every sample: the first "
+                          f"{len(lengths)} rows are {int(lengths.min())} to {int(lengths.max())} tokens long "
+                          f"(image tokens included); set data.max_length >= {int(lengths.max())}")
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    sets = [part for s in args.set for part in ("--set", s)]
+    return shlex.join(["python", "train.py", "--config", args.config, *sets, "--resume"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     plain_warnings()
     try:
         cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    try:
+        return run(cfg, args)
+    except KeyboardInterrupt:  # Ctrl-C before training, or twice during it: nothing more to save
+        print(f"interrupted: nothing saved since the last checkpoint (if any); continue it with: "
+              f"{resume_command(args)}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+
+
+def run(cfg: Config, args: argparse.Namespace) -> dict:
+    """Check all that can be checked cheaply, then build, train, evaluate; returns the metrics."""
+    import torch
+
+    from minivlm.build import build, load_processor
+    from minivlm.checkpoint import load_adapter, write_atomic
+    from minivlm.data import load_split, warn_unknown_answers
+    from minivlm.evaluate import evaluate
+    from minivlm.loop import NonFiniteLoss, train
+    from minivlm.models import get_family
+    from minivlm.plot import plot_run
+
+    try:
         if args.dry_run:  # minivlm/plan.py: from config.json alone, no weights, no data
+            from minivlm.plan import format_plan, parse_size, plan_memory
             plan = plan_memory(cfg)
             print(format_plan(plan, parse_size(args.gpu_memory) if args.gpu_memory else None))
             return {"dry_run": True, "total_bytes": plan.total()}
-        resume = None
-        if args.resume is not None:
-            resume = Path(args.resume) if args.resume else latest_checkpoint(cfg.train.output_dir)
-            if resume is None or not (resume / "state.json").is_file():
-                raise ConfigError(f"--resume: {resume or cfg.train.output_dir} holds no checkpoint (no state.json); "
-                                  "give the directory a previous run saved, e.g. runs/demo/last")
-        elif latest_checkpoint(cfg.train.output_dir):  # never overwrite saved work by accident
-            raise ConfigError(f"{cfg.train.output_dir} already holds a checkpoint; continue it with --resume, "
-                              "or set another train.output_dir (or delete that one)")
-        built = build(cfg)
+        # Everything that can go wrong before the model is read (minutes, for a big one).
+        check_output_dir(cfg.train.output_dir)
+        if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"train.device = {cfg.train.device!r} but this machine has no usable CUDA GPU "
+                              "(torch.cuda.is_available() is False); set train.device = \"cpu\" or \"auto\"")
+        resume, meta = find_resume(cfg, args.resume)
+        train_ds = load_split(cfg.data, cfg.data.train_split)
+        eval_ds = load_split(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
+        for name, ds in (("train_split", train_ds), ("eval_split", eval_ds)):
+            if ds is not None and len(ds) == 0:
+                raise ConfigError(f"data.{name} = {getattr(cfg.data, name)!r} of {cfg.data.dataset!r} has no rows; "
+                                  "point it at a split with data")
+        steps = total_steps(to_dict(cfg)["train"], len(train_ds))
+        if meta is not None:
+            if meta["step"] >= steps:
+                print(f"nothing to do: {resume} is at step {meta['step']}, and this run has {steps} steps; "
+                      "to train on, raise train.max_steps (or train.epochs) and --resume again")
+                return {"steps": meta["step"], "nothing_to_do": True}
+            before = total_steps(meta["config"]["train"], len(train_ds))
+            if before != steps and cfg.train.schedule != "constant":
+                print(f"note: {steps} steps instead of {before}: the {cfg.train.schedule} learning-rate schedule "
+                      f"is recomputed for {steps} steps from step {meta['step']} on (as the transformers "
+                      "Trainer does on resume)")
+        processor = load_processor(cfg)
+        check_lengths(train_ds, cfg, get_family(cfg.model.family), processor)
+        warn_unknown_answers(train_ds, cfg.data, processor.tokenizer)
+
+        built = build(cfg, processor)
         if cfg.train.init_from and resume is None:
             loaded = load_adapter(cfg.train.init_from, built.model, partial=True)
             print(f"train.init_from: {len(loaded)} tensors from {cfg.train.init_from}")
-        train_ds = load_split(cfg.data, cfg.data.train_split)
-        collate(train_ds, [0], cfg.data, built.family, built.processor)  # data/family mismatches show up now
-        warn_unknown_answers(train_ds, cfg.data, built.processor.tokenizer)
-        eval_ds = load_split(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
     except (ConfigError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"{len(built.quantized)} linears in 4-bit, {len(built.adapted)} with LoRA; trainable params "
@@ -74,9 +184,21 @@ def main(argv: list[str] | None = None) -> dict:
         before = evaluate(cfg, built, eval_ds)
         metrics[f"{cfg.data.metric}_before"] = before["score"]
         show("before", before)
-    result = train(cfg, built, train_ds, eval_ds=eval_ds, resume=resume,
-                   score_before=metrics.get(f"{cfg.data.metric}_before"))
-    metrics.update(train_seconds=result["train_seconds"], final_loss=result["loss"], steps=result["step"])
+    try:
+        result = train(cfg, built, train_ds, eval_ds=eval_ds, resume=resume,
+                       score_before=metrics.get(f"{cfg.data.metric}_before"))
+    except NonFiniteLoss as e:
+        sys.exit(f"error: {e}")
+    if result["signal"] is not None:
+        name = signal.Signals(result["signal"]).name
+        print(f"{name}: stopped after step {result['step']}, saved in {Path(cfg.train.output_dir) / 'last'}; "
+              f"continue with: {resume_command(args)}")
+        sys.exit(128 + result["signal"])  # the shell's convention for "ended by signal N"
+    # JSON has no NaN: a run without one finite loss (every step skipped) stores null, and says so.
+    final_loss = result["loss"] if math.isfinite(result["loss"]) else None
+    if final_loss is None:
+        print("warning: no step of this run had a finite loss; final_loss is null in metrics.json")
+    metrics.update(train_seconds=result["train_seconds"], final_loss=final_loss, steps=result["step"])
     if cfg.train.eval_every:
         key = f"best_{cfg.train.best_by}"
         metrics.update({key: result[key], "stopped_early": result["stopped_early"]})

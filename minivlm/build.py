@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -36,15 +38,64 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build(cfg: Config) -> Built:
-    """Load the base model named in the config and make it ready for QLoRA training."""
+def check_model_source(name_or_path: str) -> None:
+    """Fail at once, in one line, where loading the model would fail later, slowly or misleadingly.
+
+    from_pretrained takes whatever is not an existing directory for a hub id: a mistyped path
+    would be reported as a Hub or network problem. A hub id missing from the local cache needs
+    the network; offline (HF_HUB_OFFLINE=1, which the Makefile sets) that is known now, online
+    an unreachable Hub is retried for minutes before it fails.
+    """
+    key = f"model.name_or_path = {name_or_path!r}"
+    path = Path(name_or_path).expanduser()
+    if not name_or_path:
+        raise ConfigError("model.name_or_path is empty; set it to a local checkpoint directory or a hub id")
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{key} is a file; point it at the directory that holds config.json and the weights")
+        return
+    # A hub id is "name" or "owner/name"; anything else (./x, /x, ~/x, a/b/c) can only be a path.
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ConfigError(f"{key}: not found: {path.absolute()}; point it at a directory holding a checkpoint "
+                          "(config.json + *.safetensors)")
+    cached = isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
+    if not cached and constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"{key} is not a local directory, and this hub id is not in the Hugging Face cache "
+                          f"(HF_HUB_OFFLINE=1): download it once with network (hf download {name_or_path}) "
+                          "or point it at a local directory")
+
+
+def _load_error(name_or_path: str, e: OSError) -> ConfigError:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ConfigError(f"cannot load model.name_or_path = {name_or_path!r}: {first_line}; a local directory "
+                       "needs config.json and the weights; a hub id must be downloaded first "
+                       f"(hf download {name_or_path}), and HF_HUB_OFFLINE=1 makes a missing one fail at once "
+                       "instead of after minutes of retries")
+
+
+def load_processor(cfg: Config) -> object:
+    """The family's processor for model.name_or_path: cheap (no weights), so a bad path shows up early."""
+    check_model_source(cfg.model.name_or_path)
+    try:
+        return get_family(cfg.model.family).load_processor(cfg.model.name_or_path)
+    except OSError as e:
+        raise _load_error(cfg.model.name_or_path, e) from None
+
+
+def build(cfg: Config, processor: object | None = None) -> Built:
+    """Load the base model named in the config and make it ready for QLoRA training.
+
+    `processor`: the family's processor if the caller has loaded it already (train.py does, to
+    check the data before the model is read); else it is loaded here.
+    """
     family = get_family(cfg.model.family)
     device = pick_device(cfg.train.device)
     dtype = DTYPES[cfg.model.dtype]
     quant = cfg.quant
     skip = family.QUANT_SKIP if quant.skip is None else quant.skip
+    if processor is None:
+        processor = load_processor(cfg)
     try:
-        processor = family.load_processor(cfg.model.name_or_path)
         if issubclass(family.MODEL_CLASS, PreTrainedModel):
             # Streamed: read one tensor at a time, each 4-bit weight quantized as it arrives, straight
             # to the device. The host never holds the float model.
@@ -58,9 +109,7 @@ def build(cfg: Config) -> Built:
                          if quant.load_in_4bit else [])
             model.to(device)
     except OSError as e:
-        raise ConfigError(f"cannot load model.name_or_path = {cfg.model.name_or_path!r}: {e}\n"
-                         "Point it at a local directory holding the checkpoint, or a hub id "
-                         "that is already in the Hugging Face cache.") from None
+        raise _load_error(cfg.model.name_or_path, e) from None
     if cfg.train.gradient_checkpointing:
         # Each decoder layer keeps only its input and recomputes the rest in backward. The
         # non-reentrant variant tracks gradients through the recomputation itself, so adapters

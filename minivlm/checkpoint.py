@@ -289,6 +289,36 @@ def load_adapter(directory: str | Path, model: nn.Module, partial: bool = False)
     return names
 
 
+# The config keys a resumed run may change: they decide what is logged, evaluated and saved, on
+# which device, and for how long, not what one optimizer step computes. Every other key must be
+# what the checkpoint was trained with, so a key added to Config later is protected by default.
+# A new max_steps/epochs extends (or shortens) the run; the learning-rate schedule is then the one
+# for the new total (lr_at is a function of step and total), as in the transformers Trainer,
+# which also recomputes its schedule from the arguments it is resumed with.
+FREE_ON_RESUME = frozenset({
+    "train.output_dir", "train.max_steps", "train.epochs", "train.save_every", "train.keep_checkpoints",
+    "train.eval_every", "train.early_stopping_patience", "train.best_by", "train.init_from", "train.device",
+    "train.max_new_tokens", "train.gradient_checkpointing", "train.max_nonfinite_steps",
+    "data.eval_split", "data.eval_samples", "data.metric", "data.references_column", "data.clip_model",
+    "data.workers",
+})
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """`section.key: old -> new` for each config key whose change would make a resumed run another run.
+
+    `saved` is the config stored in a checkpoint's state.json, `current` the run's (config.to_dict).
+    A key the saved config lacks (written before that key existed) is not compared.
+    """
+    conflicts = []
+    for section, values in current.items():
+        for key, new in values.items():
+            old = saved.get(section, {}).get(key, new)
+            if f"{section}.{key}" not in FREE_ON_RESUME and old != new:
+                conflicts.append(f"{section}.{key}: {old!r} -> {new!r}")
+    return conflicts
+
+
 def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler) -> tuple[int, dict]:
     """Restore optimizer, scaler and RNG states; return the step to continue from and the loop's state."""

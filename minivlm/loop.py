@@ -12,7 +12,10 @@ mean loss instead would over-weight the tokens of short answers.)
 from __future__ import annotations
 
 import json
+import math
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -118,6 +121,46 @@ def train_flops_per_token(built: Built, checkpointing: bool) -> float:
     return (4 + 2 * checkpointing) * params
 
 
+class StopSignal:
+    """SIGTERM and SIGINT while training: remembered, and acted on once the current step is done.
+
+    A preemptible VM or a job scheduler sends SIGTERM (and kills a while later); Ctrl-C sends
+    SIGINT. Dying at once would lose every step since the last save, so the handler only sets
+    `signum`; the loop finishes its step, saves and returns. A second signal stops at once
+    (KeyboardInterrupt), for when even a save is too long to wait for.
+
+    A context manager: the handlers are installed for the duration of training only and the
+    previous ones put back after, so tests and programs that call train() keep their own.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving "
+              "(send it again to stop at once, without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopSignal:
+        # Python lets only the main thread install handlers; from another thread, train as before.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss or gradient: training cannot go on."""
+
+
 def open_log(path: Path, keep_until: int):
     """The JSONL step log, holding only the steps up to `keep_until` (those a resume continues from).
 
@@ -146,7 +189,11 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     without one end the run. A fresh run then logs step 0 too: `score_before` (data.metric
     before training, which train.py has measured) and the validation loss, so curves start
     where training did.
-    Returns {"step", "loss", "train_seconds", "best_<best_by>", "stopped_early"}.
+    A step whose loss or gradient norm is NaN/inf is skipped (logged, no update); after
+    train.max_nonfinite_steps of them in a row, NonFiniteLoss is raised and nothing more is saved.
+    SIGTERM or SIGINT (see StopSignal) ends the run after the current step, saved like the end.
+    Returns {"step", "loss", "train_seconds", "best_<best_by>", "stopped_early", "signal"}
+    (signal: the number of the signal that stopped the run, else None).
     """
     t, model, device = cfg.train, built.model, built.device
     out = Path(t.output_dir)
@@ -188,67 +235,93 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     bar = tqdm(initial=start, total=total_steps, desc="train", dynamic_ncols=True,
                mininterval=0.1 if tty else 30, maxinterval=10 if tty else 60)
     loss_value, t0, samples, tokens = float("nan"), time.perf_counter(), 0, 0
-    step, last_eval = start - 1, {}
+    step, last_eval, nonfinite = start - 1, {}, 0
     peak_flops = peak_flops_per_s(device, cfg)
     flops_per_token = train_flops_per_token(built, t.gradient_checkpointing)
     steps = train_loader(train_ds, cfg.data, cfg.model.family, built.processor, t.batch_size, t.grad_accum,
                          t.seed, start, total_steps)
-    for step, window, batches in steps:
-        bar.update()
-        epoch = step // per_epoch
-        window_loss, n_tokens = backward_window(cfg, built, batches, scaler)
-        if n_tokens == 0:
-            warnings.warn(f"step {step}: no answer tokens in these {len(window)} micro-batches (all labels "
-                          "masked); skipping the step instead of dividing by zero")
-            continue
-        loss_value = window_loss
+    with StopSignal() as stop:  # until the last save is written: a signal never cuts one short
+        for step, window, batches in steps:
+            bar.update()
+            epoch = step // per_epoch
+            window_loss, n_tokens = backward_window(cfg, built, batches, scaler)
+            if n_tokens == 0:
+                warnings.warn(f"step {step}: no answer tokens in these {len(window)} micro-batches (all labels "
+                              "masked); skipping the step instead of dividing by zero")
+                continue
 
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
-        lr = lr_at(step, total_steps, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
+            lr = lr_at(step, total_steps, t)
+            # One NaN/inf step would make every adapter weight NaN for good: skip it instead. With
+            # fp16, GradScaler already skips steps whose gradients overflowed (and lowers its scale;
+            # that is routine, not counted); a non-finite loss counts in every precision.
+            if not math.isfinite(window_loss) or (not t.fp16 and not math.isfinite(float(grad_norm))):
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()  # fp16: lower the scale as an overflow would; no-op otherwise
+                nonfinite += 1
+                what = "loss" if not math.isfinite(window_loss) else "gradient norm"
+                log.write(json.dumps({"step": step + 1, "epoch": epoch, "skipped": f"non-finite {what}",
+                                      "lr": lr}) + "\n")
+                log.flush()
+                bar.write(f"step {step + 1}: {what} is {window_loss if what == 'loss' else float(grad_norm)}; "
+                          f"step skipped ({nonfinite} in a row, stopping at {t.max_nonfinite_steps})")
+                if nonfinite >= t.max_nonfinite_steps:
+                    bar.close()
+                    log.close()
+                    last = f"the last save, {out / 'last'}" if saved_step >= 0 else "no save (none was made)"
+                    raise NonFiniteLoss(
+                        f"step {step + 1}: the {what} was NaN or inf for {nonfinite} steps in a row, training "
+                        f"stopped; likely causes: train.lr = {t.lr:g} too high, fp16 overflow (try bf16), or bad "
+                        f"data; nothing was saved over {last}")
+                continue
+            nonfinite = 0
+            loss_value = window_loss
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
 
-        samples += sum(len(idx) for idx in window)
-        tokens += sum(int(b["attention_mask"].sum()) for b in batches)  # image tokens count, padding not
-        seconds = time.perf_counter() - t0
-        speed = {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds}
-        if peak_flops:  # model FLOPs utilisation: the share of the GPU's peak the step's math used
-            speed["mfu"] = speed["tokens_per_s"] * flops_per_token / peak_flops
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed['tokens_per_s']:.0f}",
-                        **last_eval, refresh=False)
-        log.write(json.dumps({"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
-                              "grad_norm": float(grad_norm), "answer_tokens": n_tokens, **speed}) + "\n")
-        log.flush()
-        if t.eval_every and eval_ds is not None and (step + 1) % t.eval_every == 0:
-            # Generation puts the model in eval mode without grad: the moment bitsandbytes would
-            # repack 4-bit weights on some CPUs, which quant.py turns off so training can go on.
-            record = {"step": step + 1, "val_loss": validation_loss(cfg, built, eval_ds),
-                      cfg.data.metric: evaluate(cfg, built, eval_ds)["score"]}
-            log.write(json.dumps(record) + "\n")
-            last_eval = {k: f"{v:.4f}" for k, v in record.items() if k != "step"}
-            bar.write(f"step {step + 1}: validation loss {record['val_loss']:.4f}, "
-                      f"{cfg.data.metric} {record[cfg.data.metric]:.4f}")
-            # Higher is better for every metric; lower for the loss.
-            score = record[cfg.data.metric] if t.best_by == "metric" else -record["val_loss"]
-            if score > loop_state["best_score"]:
-                loop_state.update(best_score=score, evals_since_best=0)
-                save(step + 1, best=True)
-            else:
-                loop_state["evals_since_best"] += 1
-            if t.early_stopping_patience and loop_state["evals_since_best"] >= t.early_stopping_patience:
-                bar.write(f"early stop: no better {t.best_by} in {t.early_stopping_patience} evaluations "
-                          f"(best kept in {out / 'best'})")
+            samples += sum(len(idx) for idx in window)
+            tokens += sum(int(b["attention_mask"].sum()) for b in batches)  # image tokens count, padding not
+            seconds = time.perf_counter() - t0
+            speed = {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds}
+            if peak_flops:  # model FLOPs utilisation: the share of the GPU's peak the step's math used
+                speed["mfu"] = speed["tokens_per_s"] * flops_per_token / peak_flops
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed['tokens_per_s']:.0f}",
+                            **last_eval, refresh=False)
+            log.write(json.dumps({"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
+                                  "grad_norm": float(grad_norm), "answer_tokens": n_tokens, **speed}) + "\n")
+            log.flush()
+            if t.eval_every and eval_ds is not None and (step + 1) % t.eval_every == 0:
+                # Generation puts the model in eval mode without grad: the moment bitsandbytes would
+                # repack 4-bit weights on some CPUs, which quant.py turns off so training can go on.
+                record = {"step": step + 1, "val_loss": validation_loss(cfg, built, eval_ds),
+                          cfg.data.metric: evaluate(cfg, built, eval_ds)["score"]}
+                log.write(json.dumps(record) + "\n")
+                last_eval = {k: f"{v:.4f}" for k, v in record.items() if k != "step"}
+                bar.write(f"step {step + 1}: validation loss {record['val_loss']:.4f}, "
+                          f"{cfg.data.metric} {record[cfg.data.metric]:.4f}")
+                # Higher is better for every metric; lower for the loss.
+                score = record[cfg.data.metric] if t.best_by == "metric" else -record["val_loss"]
+                if score > loop_state["best_score"]:
+                    loop_state.update(best_score=score, evals_since_best=0)
+                    save(step + 1, best=True)
+                else:
+                    loop_state["evals_since_best"] += 1
+                if t.early_stopping_patience and loop_state["evals_since_best"] >= t.early_stopping_patience:
+                    bar.write(f"early stop: no better {t.best_by} in {t.early_stopping_patience} evaluations "
+                              f"(best kept in {out / 'best'})")
+                    break
+            if t.save_every and (step + 1) % t.save_every == 0:
+                save(step + 1)
+            if stop.signum is not None:  # the step is done: save it (below) and return
                 break
-        if t.save_every and (step + 1) % t.save_every == 0:
-            save(step + 1)
-    bar.close()
-    log.close()
-    stopped_early = step + 1 < total_steps
-    save(step + 1)
+        bar.close()
+        log.close()
+        stopped_early = step + 1 < total_steps
+        save(step + 1)
     best = loop_state["best_score"] if t.best_by == "metric" else -loop_state["best_score"]
     return {"step": step + 1, "loss": loss_value, "train_seconds": time.perf_counter() - t0,
-            f"best_{t.best_by}": best, "stopped_early": stopped_early}
+            f"best_{t.best_by}": best, "stopped_early": stopped_early, "signal": stop.signum}

@@ -13,15 +13,17 @@ A dialog is a list of (user, assistant) exchanges; most data has one. Chat-templ
 share their batching in `chat.py`.
 """
 
+import importlib
 from types import ModuleType
 
-from minivlm.models import idefics, idefics2, llava_phi2, paligemma, smolvlm
-
-FAMILIES: dict[str, ModuleType] = {"paligemma": paligemma, "idefics2": idefics2, "idefics": idefics,
-                                   "smolvlm": smolvlm, "llava_phi2": llava_phi2}
+# Each family's module, by family name. A module is imported only when its family is asked for
+# (get_family): the modules import torch and transformers (seconds), and checking the family
+# name of a config, all `train.py --help` or a config mistake needs, should not.
+FAMILIES: dict[str, str] = {name: f"minivlm.models.{name}"
+                            for name in ("paligemma", "idefics2", "idefics", "smolvlm", "llava_phi2")}
 
 
 def get_family(name: str) -> ModuleType:
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
-    return FAMILIES[name]
+    return importlib.import_module(FAMILIES[name])
