@@ -15,18 +15,44 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
-from PIL import Image
-
+# Only light imports up here: torch, transformers and datasets take seconds, and --help or a
+# mistake in the arguments or config should answer at once. They are imported in main().
 from minivlm import plain_warnings
-from minivlm.build import build
-from minivlm.checkpoint import load_adapter
-from minivlm.config import ConfigError, load_config
-from minivlm.data import load_split, prompt_of
-from minivlm.evaluate import answer, evaluate
+from minivlm.config import ConfigError, check_output_path, load_config
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+BATCH_SIZE = 16
+
+
+def image_files(path: Path) -> list[Path]:
+    """`path` itself, or the image files in the folder `path` (sorted); nothing is opened yet."""
+    if not path.exists():
+        raise ConfigError(f"--image {path} not found")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    if not files:
+        raise ConfigError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
+    return files
+
+
+def image_batches(files: list[Path], batch_size: int = BATCH_SIZE) -> Iterator[list[tuple[Path, object]]]:
+    """(file, RGB image) batches, each opened and decoded only when it is asked for: a folder of
+    thousands of images costs one batch of memory and no open file handles (to_rgb decodes in
+    full, which closes the file). An unreadable file is skipped with a warning naming it."""
+    from minivlm.data import BadSample, read_image
+
+    for start in range(0, len(files), batch_size):
+        batch = []
+        for f in files[start:start + batch_size]:
+            try:
+                batch.append((f, read_image(f)))
+            except BadSample as e:
+                warnings.warn(f"skipped {f}: {e}")
+        if batch:
+            yield batch
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -47,13 +73,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise ConfigError("--image needs --prompt, the question to ask")
         if args.eval and not args.split:
             raise ConfigError("--eval needs --split: the references come from the dataset")
+        if args.out:
+            check_output_path(args.out, "--out", directory=False)
         cfg = load_config(args.config, args.set)
         if args.image:
-            path = Path(args.image)
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
-            if not files:
-                raise ConfigError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
-            images = [Image.open(f) for f in files]
+            files = image_files(Path(args.image))
+        from minivlm.build import build
+        from minivlm.checkpoint import load_adapter
+        from minivlm.data import BadSample, load_split, prompt_of, read_image
+        from minivlm.evaluate import answer, evaluate
+        if args.image:
+            if len(files) == 1:  # one image: a bad file is the whole job, so say so before the model loads
+                try:
+                    read_image(files[0])
+                except BadSample as e:
+                    raise ConfigError(str(e)) from None
             try:
                 prompt = prompt_of(cfg.data, {cfg.data.question_column: args.prompt})
             except KeyError as e:
@@ -68,9 +102,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sys.exit(f"error: {e}")
 
     if args.image:
-        texts = [t for i in range(0, len(images), 16) for t in answer(cfg, built, images[i:i + 16],
-                                                                       [prompt] * len(images[i:i + 16]))]
-        rows = [{"image": str(f), "prompt": prompt, "answer": t} for f, t in zip(files, texts)]
+        rows = [{"image": str(f), "prompt": prompt, "answer": text}
+                for batch in image_batches(files)
+                for (f, _), text in zip(batch, answer(cfg, built, [im for _, im in batch], [prompt] * len(batch)))]
     else:
         scored = evaluate(cfg, built, ds)
         rows = [{"index": i, "prompt": p, "answer": a, "references": r}
@@ -80,6 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.eval:
         print(f"{scored['metric']}: {scored['score']:.4f} on {scored['n']} samples")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("".join(json.dumps(row) + "\n" for row in rows))
     return rows
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
+import tempfile
 import tomllib
 import types
 import typing
@@ -25,6 +28,7 @@ class ModelConfig:
     family: str = "paligemma"  # which minivlm/models/<family>.py handles prompts and labels
     name_or_path: str = ""  # hub id or local dir, passed to from_pretrained
     dtype: str = "bfloat16"  # dtype of unquantized weights and of the 4-bit matmuls
+    trust_remote_code: bool = False  # run Python code shipped with a hub checkpoint (only for repos you trust)
 
 
 @dataclass
@@ -59,6 +63,7 @@ class DataConfig:
     system_prompt: str = ""  # a system turn, for chat-template families
     conversations_column: str = ""  # LLaVA-style multi-turn data instead of question/answer columns
     image_root: str = ""  # directory that relative image paths in image_column are under
+    on_bad_sample: str = "skip"  # an unreadable image or a null answer: "skip" it (warned, counted) or "fail"
     random_resized_crop: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0]: train-time crop scale
     max_length: int = 256  # longer samples are dropped (never cut through image tokens)
     workers: int = 0  # DataLoader processes preparing the next steps' batches while this one trains; 0 = inline
@@ -110,6 +115,7 @@ CHOICES = {
     "data.metric": ("accuracy", "vqa_accuracy", "anls", "relaxed_accuracy", "bleu4", "cider_d", "clip_score"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "quant.quant_type": ("nf4", "fp4"),
+    "data.on_bad_sample": ("skip", "fail"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.best_by": ("metric", "val_loss"),
     "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
@@ -247,10 +253,48 @@ def validate(cfg: Config) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{key} = {_get(cfg, key)!r} {msg}")
+    for key in ("lora.targets", "lora.skip", "lora.train_modules", "quant.skip"):
+        _check_patterns(key, _get(cfg, key) or [])
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r} is not one of {list(allowed)}{_did_you_mean(value, allowed)}")
+
+
+def _check_patterns(key: str, patterns: list[str]) -> None:
+    """Module-name patterns as minivlm.modules.matches reads them: a bad "re:<regex>" is caught
+    here, at load, not as a re.error traceback once the model is built (that module imports
+    torch, which the config must not)."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({e}); fix it, or "
+                                  "drop the re: prefix to match module names literally") from None
+
+
+def check_output_path(path: str | Path, flag: str, directory: bool) -> Path:
+    """`path` if it can be written (a file, or a directory when `directory`), else a ConfigError
+    naming the flag: checked before any model is loaded, so a typo costs a second, not a load."""
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is an existing file, and the output is a directory; give a new path")
+    if not directory and path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file name in it, e.g. {path / 'answers.jsonl'}")
+    # The nearest existing directory is where the first write happens (missing ones get created).
+    nearest = path if directory and path.is_dir() else path.parent
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise ConfigError(f"{flag} {path}: {nearest} is a file, not a directory; give a path under a directory")
+    try:  # a real write: os.access says yes to root on read-only mounts' bind points and ACLs alike
+        tempfile.TemporaryFile(dir=nearest).close()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write in {nearest} ({e.strerror}); give a writable location") from None
+    if not directory and path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {path} exists and is read-only; give another file name")
+    return path
 
 
 def _get(cfg: Config, key: str):

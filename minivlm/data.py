@@ -1,21 +1,54 @@
-"""Datasets in, batches out: loading through `datasets`, prompts and answers, shuffled batches."""
+"""Datasets in, batches out: loading through `datasets`, prompts and answers, shuffled batches.
+
+A row whose image cannot be read, or whose answer is missing, is a bad sample: skipped with a
+warning and counted (data.on_bad_sample = "skip"), or a stop (= "fail"). List a split's bad rows
+before training with
+
+    python -m minivlm.data --config configs/demo.toml [--split train]
+"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import io
 import math
 import string
+import sys
+import urllib.request
 import warnings
 from pathlib import Path
 from types import ModuleType
 
 import datasets
+import numpy as np
 import torch
 from PIL import Image
-from transformers.image_utils import load_image
 
-from minivlm.config import ConfigError, DataConfig
+from minivlm.config import ConfigError, DataConfig, load_config
 from minivlm.models import get_family
+
+
+class BadSample(ValueError):
+    """One row that cannot be trained on; the message says why (and names the file)."""
+
+
+# What reading and decoding an image can raise: missing or unreadable files (OSError, which
+# covers PIL's UnidentifiedImageError, "image file is truncated" and a failed download),
+# decoder complaints (PIL's PNG reader raises SyntaxError for a broken chunk), oversized images.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+URL_TIMEOUT_S = 10  # one try per URL image: offline, it fails in seconds instead of retrying
+
+# (dataset fingerprint, row) -> reason, for every bad row this process has skipped: each is
+# warned about once, not once per epoch, and the warnings carry the running count. With
+# data.workers > 0 each worker process keeps its own.
+_skipped: dict[tuple[str, int], str] = {}
+
+
+def skipped_rows() -> dict[tuple[str, int], str]:
+    """The bad rows skipped so far in this process, for an end-of-run summary."""
+    return dict(_skipped)
 
 
 def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
@@ -91,13 +124,15 @@ def dialog_of(cfg: DataConfig, row: dict) -> list[tuple[str, str]]:
     conversation [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]."""
     if not cfg.conversations_column:
         return [(prompt_of(cfg, row), answer_of(cfg, row))]
-    turns = row[cfg.conversations_column]
-    roles = [t["from"] for t in turns]
-    if len(turns) % 2 or roles != ["human", "gpt"] * (len(turns) // 2):
-        raise ConfigError(f"data.conversations_column {cfg.conversations_column!r}: expected alternating "
-                         f"human/gpt turns, got {roles}")
+    turns = row[cfg.conversations_column] or []
+    roles = [t.get("from") for t in turns]
+    if not turns or len(turns) % 2 or roles != ["human", "gpt"] * (len(turns) // 2):
+        raise BadSample(f"data.conversations_column {cfg.conversations_column!r}: expected alternating "
+                        f"human/gpt turns, got {roles}")
     # The family's template places the image; drop the dataset's own <image> marker.
-    text = [t["value"].replace("<image>", "").strip() for t in turns]
+    text = [(t.get("value") or "").replace("<image>", "").strip() for t in turns]
+    if not all(text[1::2]):
+        raise BadSample("a gpt turn has no text")
     return list(zip(text[0::2], text[1::2]))
 
 
@@ -112,22 +147,64 @@ def references_of(cfg: DataConfig, row: dict) -> list[str]:
 
 
 def image_of(cfg: DataConfig, row: dict) -> Image.Image:
+    """The row's image as RGB, fully decoded; a BadSample naming the file if it cannot be read."""
     value = row[cfg.image_column]
     if isinstance(value, str) and cfg.image_root and not value.startswith(("http://", "https://", "/")):
         value = str(Path(cfg.image_root) / value)
-    return to_rgb(value)
+    if value is None:
+        raise BadSample(f"data.image_column {cfg.image_column!r} is null")
+    return read_image(value)
+
+
+def read_image(source: Image.Image | str | Path | dict) -> Image.Image:
+    """to_rgb(source), or a BadSample naming the file and what is wrong with it."""
+    name = source.get("path") if isinstance(source, dict) else source if isinstance(source, (str, Path)) else None
+    try:
+        return to_rgb(source)
+    except IMAGE_ERRORS as e:
+        raise BadSample(f"image {name or '(embedded bytes)'} cannot be read: {type(e).__name__}: {e}") from None
+
+
+def sample_of(cfg: DataConfig, row: dict) -> tuple[Image.Image, list[tuple[str, str]]]:
+    """(image, exchanges) of one row; a BadSample if either cannot be had."""
+    return image_of(cfg, row), dialog_of(cfg, row)
 
 
 def answer_text(answer) -> str:
-    """Datasets store answers as strings or as lists of accepted answers (ChartQA); train on the first."""
-    return str(answer[0] if isinstance(answer, (list, tuple)) else answer)
+    """Datasets store answers as strings or as lists of accepted answers (ChartQA); train on the first.
+    A null or empty answer is a BadSample: str(None) would teach the model to write "None"."""
+    if isinstance(answer, (list, tuple)):
+        answer = answer[0] if answer else None
+    if answer is None or not str(answer).strip():
+        raise BadSample(f"the answer is {'null' if answer is None else 'empty'}")
+    return str(answer)
 
 
-def to_rgb(image: Image.Image | str) -> Image.Image:
-    """A PIL image, a path or a URL, as RGB. Transparency is composited on white: a bare
-    convert("RGB") turns transparent pixels black (seed 002's convert_to_rgb)."""
-    if isinstance(image, str):  # transformers' load_image fetches URLs (and flattens alpha itself)
-        image = load_image(image) if image.startswith(("http://", "https://")) else Image.open(image)
+def to_rgb(image: Image.Image | str | Path | dict) -> Image.Image:
+    """A PIL image, a path, a URL or an undecoded `datasets` image ({"bytes", "path"}), as RGB.
+
+    Decoded in full here (`load`), so that a truncated file fails now, naming itself, rather
+    than later inside the processor. Transparency is composited on white: a bare convert("RGB")
+    turns transparent pixels black (seed 002's convert_to_rgb). 16-bit and float greyscale is
+    scaled to 8 bits first: convert() clips it at 255, and a 16-bit image comes out all white.
+    """
+    if isinstance(image, dict):
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        with urllib.request.urlopen(image, timeout=URL_TIMEOUT_S) as response:  # HTTP errors raise
+            image = io.BytesIO(response.read())
+    if not isinstance(image, Image.Image):
+        image = Image.open(image)
+    image.load()  # also closes a file opened by path: no handle stays open per image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit samples (Pillow opens 16-bit PNGs as I;16, older versions as I): keep the top
+        # 8 bits, so 65535 is white as 255 is, whatever the image holds.
+        image = Image.fromarray((np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))
+    elif image.mode == "F":
+        # Float images have no agreed white: stretch their own range to 0..255.
+        pixels = np.asarray(image, dtype=np.float64)
+        low, span = pixels.min(), max(pixels.max() - pixels.min(), 1e-12)
+        image = Image.fromarray(((pixels - low) / span * 255).round().astype(np.uint8))
     if image.mode == "RGB":
         return image
     rgba = image.convert("RGBA")
@@ -158,7 +235,11 @@ def warn_unknown_answers(ds: datasets.Dataset, cfg: DataConfig, tokenizer, rows:
     texts = ds.select(range(min(rows, len(ds)))).remove_columns(cfg.image_column)
     bad = []
     for i, row in enumerate(rows_of(texts, list(range(len(texts))))):
-        for _, answer in dialog_of(cfg, row):
+        try:
+            dialog = dialog_of(cfg, row)
+        except BadSample:  # skipped (or refused) when its batch is collated, and counted there
+            continue
+        for _, answer in dialog:
             ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
             spelled = tokenizer.decode(ids, skip_special_tokens=True)
             # Compared without whitespace, which tokenizers are free to normalise.
@@ -166,10 +247,12 @@ def warn_unknown_answers(ds: datasets.Dataset, cfg: DataConfig, tokenizer, rows:
                 bad.append((i, answer, tokenizer.convert_ids_to_tokens(ids)))
                 break
     if bad:
+        rows_listed = ", ".join(str(i) for i, _, _ in bad[:20]) + (", ..." if len(bad) > 20 else "")
         examples = "; ".join(f"row {i}: {a!r} -> {t}" for i, a, t in bad[:3])
         warnings.warn(f"{len(bad)} of the first {len(texts)} answers hold text the tokenizer cannot spell "
-                      f"(it becomes {tokenizer.unk_token or 'nothing'}), e.g. {examples}. The model cannot learn to "
-                      "write it: use a base whose tokenizer covers it, or reword those answers.")
+                      f"(it becomes {tokenizer.unk_token or 'nothing'}), in rows {rows_listed}; e.g. {examples}. "
+                      "The model cannot learn to write it: use a base whose tokenizer covers it, or reword "
+                      "those answers.")
     return len(bad)
 
 
@@ -228,24 +311,72 @@ def train_loader(ds: datasets.Dataset, cfg: DataConfig, family: str, processor, 
 
 
 def rows_of(ds: datasets.Dataset, indices: list[int]) -> list[dict]:
+    """Rows as dicts, with `datasets` images left undecoded ({"bytes", "path"}): to_rgb decodes
+    them one by one, so an unreadable file costs its own row, not the whole batch read."""
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            ds = ds.cast_column(name, datasets.Image(decode=False))  # a schema change, no data rewritten
     columns = ds[indices]  # one columnar read
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
+def usable_samples(ds: datasets.Dataset, indices: list[int],
+                   cfg: DataConfig) -> list[tuple[int, dict, Image.Image, list[tuple[str, str]]]]:
+    """(index, row, image, exchanges) for each of `ds[indices]` that can be used. A bad one is
+    skipped with a warning (once per row, with the running count) or, with data.on_bad_sample =
+    "fail", stops everything with a ConfigError naming the row, the problem and the fix."""
+    samples = []
+    for index, row in zip(indices, rows_of(ds, indices)):
+        try:
+            samples.append((index, row, *sample_of(cfg, row)))
+        except BadSample as e:
+            where = f"row {index} of split {str(ds.split or '?')!r}"
+            if cfg.on_bad_sample == "fail":
+                raise ConfigError(f"{where}: {e}. Fix or remove the row, or set data.on_bad_sample = \"skip\" to "
+                                  "train without it; `python -m minivlm.data --config <config>` lists every bad "
+                                  "row") from None
+            key = (ds._fingerprint, index)  # a content hash: the same split read twice is one split
+            if key not in _skipped:
+                _skipped[key] = str(e)
+                warnings.warn(f"skipped {where}: {e} ({len(_skipped)} bad row(s) skipped so far; "
+                              "`python -m minivlm.data --config <config>` lists them all)")
+    return samples
+
+
+def check_split(ds: datasets.Dataset, cfg: DataConfig, rows: list[int] | None = None,
+                chunk: int = 64) -> list[tuple[int, str]]:
+    """(row, reason) for every row of `ds` (or of `rows`) that training would skip: each image
+    opened and decoded, each answer read. Nothing is kept in memory but the current chunk."""
+    rows = list(range(len(ds))) if rows is None else rows
+    bad = []
+    for start in range(0, len(rows), chunk):
+        indices = rows[start:start + chunk]
+        for index, row in zip(indices, rows_of(ds, indices)):
+            try:
+                sample_of(cfg, row)
+            except BadSample as e:
+                bad.append((index, str(e)))
+    return bad
+
+
 def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: ModuleType,
             processor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """The family's training batch for `ds[indices]`, minus any sample longer than `cfg.max_length`.
+    """The family's training batch for `ds[indices]`, minus bad samples (see usable_samples) and
+    any sample longer than `cfg.max_length`.
 
     Too-long samples are dropped, never truncated: truncation would cut the answer or, worse,
     image tokens, whose count the model checks against the image features. Training passes a
     `generator`, from which data.random_resized_crop draws its crops; without one (validation)
     images are not cropped.
     """
-    rows = rows_of(ds, indices)
-    images = [image_of(cfg, row) for row in rows]
+    samples = usable_samples(ds, indices, cfg)
+    if not samples:  # every sample bad: a batch of zero rows, which the loop skips (no answer tokens)
+        return {key: torch.zeros(0, 0, dtype=torch.long) for key in ("input_ids", "attention_mask", "labels")}
+    indices = [index for index, *_ in samples]
+    images = [image for _, _, image, _ in samples]
     if cfg.random_resized_crop and generator is not None:
         images = [random_resized_crop(im, cfg.random_resized_crop, generator) for im in images]
-    batch = family.training_batch(processor, images, [dialog_of(cfg, row) for row in rows], system=cfg.system_prompt)
+    batch = family.training_batch(processor, images, [dialog for *_, dialog in samples], system=cfg.system_prompt)
     lengths = batch["attention_mask"].sum(1)
     keep = lengths <= cfg.max_length
     if not keep.all():
@@ -264,3 +395,30 @@ def _select_rows(batch: dict[str, torch.Tensor], keep: torch.Tensor, length: int
         value = value[keep] if value.shape[0] == n else value
         out[key] = value[:, :length] if value.dim() == 2 and value.shape[1] == seq else value
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m minivlm.data --config C [--split S]`: list the rows training would skip."""
+    ap = argparse.ArgumentParser(description="List the rows of a split whose image cannot be read or whose "
+                                 "answer is missing (what training skips, or stops at with data.on_bad_sample = "
+                                 "\"fail\"). Exits 1 if there are any.")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--split", help="default: data.train_split")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        split = args.split or cfg.data.train_split
+        ds = load_split(cfg.data, split)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    bad = check_split(ds, cfg.data)
+    for row, reason in bad:
+        print(f"row {row}: {reason}")
+    print(f"{len(bad)} bad row(s) of {len(ds)} in split {split!r}" if bad else f"all {len(ds)} rows of split "
+          f"{split!r} are usable")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

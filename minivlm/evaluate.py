@@ -8,7 +8,7 @@ from PIL import Image
 
 from minivlm.build import DTYPES, Built
 from minivlm.config import Config
-from minivlm.data import dialog_of, image_of, references_of, rows_of, to_rgb
+from minivlm.data import references_of, to_rgb, usable_samples
 from minivlm.precision import autocast, model_inputs
 from minivlm.metrics import METRICS, clip_scores
 
@@ -30,21 +30,24 @@ def answer(cfg: Config, built: Built, images: list[Image.Image], prompts: list[s
 
 
 def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 16) -> dict:
-    """data.metric of greedy answers on `ds` (the first data.eval_samples rows if set)."""
+    """data.metric of greedy answers on `ds` (the first data.eval_samples rows if set), over the
+    rows that are not bad samples (data.on_bad_sample decides: skipped, or an error)."""
     if cfg.data.eval_samples:
         ds = ds.select(range(min(cfg.data.eval_samples, len(ds))))
     clip = cfg.data.metric == "clip_score"  # the one metric that reads the images, not the references
     prompts, predictions, references, clip_per_sample = [], [], [], []
     for i in range(0, len(ds), batch_size):
-        rows = rows_of(ds, list(range(i, min(i + batch_size, len(ds)))))
-        images = [image_of(cfg.data, row) for row in rows]
-        first = [dialog_of(cfg.data, row)[0] for row in rows]  # a conversation is scored on its first exchange
+        samples = usable_samples(ds, list(range(i, min(i + batch_size, len(ds)))), cfg.data)
+        if not samples:
+            continue
+        images = [image for _, _, image, _ in samples]
+        first = [dialog[0] for *_, dialog in samples]  # a conversation is scored on its first exchange
         answers = answer(cfg, built, images, [q for q, _ in first])
         if clip:  # scored batch by batch, so the split's images are never all in memory
             clip_per_sample += clip_scores(images, answers, cfg.data.clip_model, built.device)
         predictions += answers
         prompts += [q for q, _ in first]
-        references += [references_of(cfg.data, row) for row in rows]
+        references += [references_of(cfg.data, row) for _, row, _, _ in samples]
     if not predictions:
         raise ValueError(f"the eval split has no rows to score {cfg.data.metric} on")
     score = (sum(clip_per_sample) / len(clip_per_sample) if clip

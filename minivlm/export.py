@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from minivlm import plain_warnings
 from minivlm.build import Built, build
 from minivlm.checkpoint import load_adapter
-from minivlm.config import Config, ConfigError, load_config
+from minivlm.config import Config, ConfigError, check_output_path, load_config
 from minivlm.lora import LoRALinear, merge_lora
 from minivlm.modules import replace_module
 from minivlm.quant import dequantize
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> Path:
     plain_warnings()
     try:
         cfg = load_config(args.config, args.set)
+        check_output_path(args.out, "--out", directory=True)
         built = build(cfg)
         load_adapter(args.checkpoint, built.model)
         out = export_merged(built, args.out) if args.merge else export_peft(cfg, built, args.out)

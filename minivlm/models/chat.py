@@ -56,8 +56,8 @@ def leaves_no_state(batch_fn: Callable) -> Callable:
     return wrapped
 
 
-def load_processor(name_or_path: str):
-    return AutoProcessor.from_pretrained(name_or_path)
+def load_processor(name_or_path: str, trust_remote_code: bool = False):
+    return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
 
 
 def messages(dialog: Dialog, system: str = "", upto: int | None = None, answered: bool = True) -> list[dict]:

@@ -23,8 +23,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LORA_SKIP = ["vision_tower", "multi_modal_projector"]
 
 
-def load_processor(name_or_path: str) -> PaliGemmaProcessor:
-    return AutoProcessor.from_pretrained(name_or_path)
+def load_processor(name_or_path: str, trust_remote_code: bool = False) -> PaliGemmaProcessor:
+    return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
 
 
 def _text(processor: PaliGemmaProcessor, prompt: str) -> str:
