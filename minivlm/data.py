@@ -69,6 +69,9 @@ def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
             ds = datasets.load_dataset(cfg.dataset, split=split)
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         raise ConfigError(f"cannot load split {split!r} of data.dataset = {cfg.dataset!r}: {e}") from None
+    except datasets.exceptions.DatasetGenerationError as e:  # the file's own error is its __cause__
+        raise ConfigError(f"data.dataset = {cfg.dataset!r} cannot be read: {e.__cause__ or e}; fix the file "
+                          "(JSON Lines: one complete JSON object per line)") from None
     missing = [c for c in required_columns(cfg) if c not in ds.column_names]
     if missing:
         raise ConfigError(f"data.dataset {cfg.dataset!r} has no column(s) {missing}; its columns are "
