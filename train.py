@@ -151,10 +151,6 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         resume, meta = find_resume(cfg, args.resume)
         train_ds = load_split(cfg.data, cfg.data.train_split)
         eval_ds = load_split(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
-        for name, ds in (("train_split", train_ds), ("eval_split", eval_ds)):
-            if ds is not None and len(ds) == 0:
-                raise ConfigError(f"data.{name} = {getattr(cfg.data, name)!r} of {cfg.data.dataset!r} has no rows; "
-                                  "point it at a split with data")
         steps = total_steps(to_dict(cfg)["train"], len(train_ds))
         if meta is not None:
             if meta["step"] >= steps:

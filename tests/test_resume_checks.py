@@ -1,0 +1,161 @@
+"""train.py refuses, in one line and before the model loads, what would fail later or corrupt a run."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import minivlm.build
+import minivlm.loop
+import train
+from conftest import ROOT
+from minivlm.config import load_config, to_dict
+
+
+def args(tiny_paligemma, shapes_data, output_dir, *extra: str) -> list[str]:
+    sets = [f"model.name_or_path={tiny_paligemma}", f"data.dataset={shapes_data}", 'data.eval_split=""',
+            f"train.output_dir={output_dir}", "train.max_steps=3", "train.batch_size=4", "train.optimizer=adamw",
+            "train.eval_every=0", "train.device=cpu", *extra]
+    return ["--config", str(ROOT / "configs/demo.toml"), *sum((["--set", s] for s in sets), [])]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """build() fails the test: every refusal here must come before the model is read."""
+    def build(*a, **kw):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(minivlm.build, "build", build)
+
+
+def fake_checkpoint(argv: list[str], step: int) -> Path:
+    """A save of `step` as train.py would leave it, with the config of `argv` (no weights needed:
+    the checks read state.json only)."""
+    parsed = train.parse_args(argv)
+    cfg = load_config(parsed.config, parsed.set)
+    directory = Path(cfg.train.output_dir) / "checkpoints" / f"step-{step:08d}"
+    directory.mkdir(parents=True)
+    (directory / "state.json").write_text(json.dumps({"step": step, "saved": 1, "config": to_dict(cfg)}))
+    (Path(cfg.train.output_dir) / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    return directory
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_resume_refuses_a_config_that_changes_the_math_listing_each_key(tiny_paligemma, shapes_data, tmp_path,
+                                                                        no_model_load):
+    run = tmp_path / "run"
+    fake_checkpoint(args(tiny_paligemma, shapes_data, run), step=2)
+    before = files_of(run)
+    changed = args(tiny_paligemma, shapes_data, run, "lora.r=16", "train.lr=1e-4", "data.max_length=99")
+    with pytest.raises(SystemExit) as e:
+        train.main(changed + ["--resume"])
+    message = str(e.value.code)
+    assert message.startswith("error: --resume:") and "\n" not in message
+    assert "lora.r: 8 -> 16" in message and "train.lr: 0.003 -> 0.0001" in message
+    assert "data.max_length: 64 -> 99" in message
+    assert files_of(run) == before
+
+
+def test_resume_allows_what_does_not_change_the_math(tiny_paligemma, shapes_data, tmp_path, no_model_load, capsys):
+    run = tmp_path / "run"
+    fake_checkpoint(args(tiny_paligemma, shapes_data, run), step=2)
+    free = args(tiny_paligemma, shapes_data, run, "train.max_steps=5", "train.save_every=1", "train.keep_checkpoints=0",
+                "train.max_new_tokens=8", "data.workers=1")
+    with pytest.raises(AssertionError, match="the model was loaded"):  # every check passed
+        train.main(free + ["--resume"])
+    assert "cosine learning-rate schedule is recomputed for 5 steps" in capsys.readouterr().out
+
+
+def test_resume_at_the_end_does_nothing_and_exits_0(tiny_paligemma, shapes_data, tmp_path, no_model_load, capsys):
+    run = tmp_path / "run"
+    fake_checkpoint(args(tiny_paligemma, shapes_data, run), step=3)
+    before = files_of(run)
+    assert train.main(args(tiny_paligemma, shapes_data, run) + ["--resume"]) == {"steps": 3, "nothing_to_do": True}
+    assert "nothing to do" in capsys.readouterr().out
+    assert files_of(run) == before  # no metrics.json, no NaN, the log as it was
+
+
+def test_nonfinite_loss_skips_steps_then_stops_saving_nothing(tiny_paligemma, shapes_data, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(args(tiny_paligemma, shapes_data, run, "train.lr=1e30", "train.max_steps=8",
+                        "train.max_nonfinite_steps=2"))
+    message = str(e.value.code)
+    assert "NaN or inf for 2 steps in a row" in message and "train.lr = 1e+30 too high" in message
+    assert not (run / "checkpoints").exists() and not (run / "metrics.json").exists()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in log if "skipped" in r] == ["non-finite loss"] * 2  # counted and logged
+    assert all(math.isfinite(r["loss"]) for r in log if "loss" in r)
+
+
+def test_a_run_without_a_finite_loss_stores_null_not_nan(tiny_paligemma, shapes_data, tmp_path, monkeypatch, capsys):
+    def train_without_a_finite_step(cfg, built, *a, **kw):
+        Path(cfg.train.output_dir).mkdir(parents=True)
+        (Path(cfg.train.output_dir) / "log.jsonl").write_text("")  # what a run of only skipped steps logs
+        return {"step": 3, "loss": float("nan"), "train_seconds": 0.0, "best_metric": 0.0, "stopped_early": False,
+                "signal": None}
+    monkeypatch.setattr(minivlm.loop, "train", train_without_a_finite_step)
+    train.main(args(tiny_paligemma, shapes_data, tmp_path / "run"))
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["final_loss"] is None  # valid JSON, no NaN
+    assert "no step of this run had a finite loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case, extra, expected", [
+    ("output dir is a file", ["train.output_dir={file}"], "is a file; set train.output_dir to a directory"),
+    ("output dir under a file", ["train.output_dir={file}/run"], "cannot be created: "),
+    ("train split missing", ["data.train_split=nope"], "cannot load split 'nope'"),
+    ("train split empty", ["data.train_split=train[:0]"], "corresponds to no data"),
+    ("eval split missing", ["data.eval_split=nope"], "cannot load split 'nope'"),
+    ("answer column missing", ["data.answer_column=nope"], "has no column(s) ['nope']"),
+    ("max_length drops every sample", ["data.max_length=8"], "data.max_length = 8 is shorter than every sample"),
+    ("relative model path missing", ["model.name_or_path=./nope"], "not found: "),
+    ("absolute model path missing", ["model.name_or_path=/nonexistent/model"], "not found: /nonexistent/model"),
+])
+def test_fails_fast_in_one_line(case, extra, expected, tiny_paligemma, shapes_data, tmp_path, no_model_load):
+    file = tmp_path / "a-file"
+    file.write_text("")
+    with pytest.raises(SystemExit) as e:
+        train.main(args(tiny_paligemma, shapes_data, tmp_path / "run", *[x.format(file=file) for x in extra]))
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message and expected in message, message
+
+
+def test_unwritable_output_dir_and_cuda_without_a_gpu(tiny_paligemma, shapes_data, tmp_path, no_model_load,
+                                                    monkeypatch):
+    # As root, chmod cannot make a directory unwritable: os.access stands in for a read-only disk.
+    monkeypatch.setattr(train.os, "access", lambda path, mode: False)
+    with pytest.raises(SystemExit, match="is not writable"):
+        train.main(args(tiny_paligemma, shapes_data, tmp_path / "run"))
+    monkeypatch.undo()
+    monkeypatch.setattr(minivlm.build, "build", lambda *a, **kw: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no usable CUDA GPU"):
+        train.main(args(tiny_paligemma, shapes_data, tmp_path / "run", "train.device=cuda"))
+
+
+def test_uncached_hub_id_fails_at_once_offline(tiny_paligemma, shapes_data, tmp_path, no_model_load, monkeypatch):
+    monkeypatch.setattr(minivlm.build.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit, match="not in the Hugging Face cache"):
+        train.main(args(tiny_paligemma, shapes_data, tmp_path / "run", "model.name_or_path=nobody/no-such-model"))
+
+
+def test_help_and_config_errors_import_no_torch(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[lora]\nr = 0\n")
+    probe = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import train\n"
+             f"for argv in (['--help'], ['--config', {str(bad)!r}]):\n"
+             "    try: train.main(argv)\n"
+             "    except SystemExit as e: print(e.code)\n"
+             "heavy = sorted({'torch', 'transformers', 'datasets', 'bitsandbytes'} & set(sys.modules))\n"
+             "print('imported:', heavy)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert "error: lora.r = 0 must be > 0" in proc.stdout
+    assert proc.stdout.strip().endswith("imported: []"), proc.stdout + proc.stderr
