@@ -166,6 +166,7 @@ def test_not_a_checkpoint_is_a_config_error(tiny_paligemma, shapes_data, tmp_pat
     for f in tiny_paligemma.iterdir():
         if f.name != "model.safetensors":
             (no_weights / f.name).write_bytes(f.read_bytes())
-    for path in (tmp_path / "nowhere", no_weights):
-        with pytest.raises(ConfigError, match="cannot load model.name_or_path"):
+    for path, message in ((tmp_path / "nowhere", f"not found: {tmp_path / 'nowhere'}"),
+                          (no_weights, "cannot load model.name_or_path")):
+        with pytest.raises(ConfigError, match=message):
             build(tiny_config(path, shapes_data, tmp_path / "run"))
