@@ -80,14 +80,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             files = image_files(Path(args.image))
         from minivlm.build import build
         from minivlm.checkpoint import load_adapter
-        from minivlm.data import BadSample, load_split, prompt_of, read_image
+        from minivlm.data import load_split, prompt_of, read_image
         from minivlm.evaluate import answer, evaluate
         if args.image:
             if len(files) == 1:  # one image: a bad file is the whole job, so say so before the model loads
-                try:
-                    read_image(files[0])
-                except BadSample as e:
-                    raise ConfigError(str(e)) from None
+                read_image(files[0])  # a BadSample, which is a ConfigError, names it
             try:
                 prompt = prompt_of(cfg.data, {cfg.data.question_column: args.prompt})
             except KeyError as e:

@@ -29,8 +29,9 @@ from minivlm.config import ConfigError, DataConfig, load_config
 from minivlm.models import get_family
 
 
-class BadSample(ValueError):
-    """One row that cannot be trained on; the message says why (and names the file)."""
+class BadSample(ConfigError):
+    """One row that cannot be trained on; the message says why (and names the file). A
+    ConfigError, so that code reading one row by itself reports it as one line."""
 
 
 # What reading and decoding an image can raise: missing or unreadable files (OSError, which
@@ -107,19 +108,22 @@ def required_columns(cfg: DataConfig) -> list[str]:
     return [cfg.image_column, *sorted(aliases.get(f, f) for f in fields), *extra]
 
 
-def _row_values(cfg: DataConfig, row: dict) -> dict:
-    return {**row, "question": row.get(cfg.question_column), "answer": answer_text(row.get(cfg.answer_column))}
+def _row_values(cfg: DataConfig, row: dict, template: str) -> dict:
+    values = {**row, "question": row.get(cfg.question_column)}
+    if "answer" in _fields(template):  # only then: a prompt is also built for rows without an answer
+        values["answer"] = answer_text(row.get(cfg.answer_column))
+    return values
 
 
 def prompt_of(cfg: DataConfig, row: dict) -> str:
     """data.prompt_template filled from one row: {question} is the question column, {name} any column."""
-    return cfg.prompt_template.format(**_row_values(cfg, row))
+    return cfg.prompt_template.format(**_row_values(cfg, row, cfg.prompt_template))
 
 
 def answer_of(cfg: DataConfig, row: dict) -> str:
     """The target text: the answer column, or data.answer_template filled from the row."""
-    values = _row_values(cfg, row)
-    return cfg.answer_template.format(**values) if cfg.answer_template else values["answer"]
+    template = cfg.answer_template or "{answer}"
+    return template.format(**_row_values(cfg, row, template))
 
 
 def dialog_of(cfg: DataConfig, row: dict) -> list[tuple[str, str]]:
