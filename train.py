@@ -131,7 +131,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
 
     from minivlm.build import build, load_processor
     from minivlm.checkpoint import load_adapter, write_atomic
-    from minivlm.data import load_split, warn_unknown_answers
+    from minivlm.data import load_split, skipped_rows, warn_unknown_answers
     from minivlm.evaluate import evaluate
     from minivlm.loop import NonFiniteLoss, train
     from minivlm.models import get_family
@@ -185,6 +185,13 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
                        score_before=metrics.get(f"{cfg.data.metric}_before"))
     except NonFiniteLoss as e:
         sys.exit(f"error: {e}")
+    except ConfigError as e:  # data.on_bad_sample = "fail" met a bad row; the last save is intact
+        last = str(e).strip().splitlines()[-1]  # a DataLoader worker's error carries its traceback
+        sys.exit(f"error: {last}\nthe last checkpoint (if any) is intact; continue with: {resume_command(args)}")
+    skipped = skipped_rows(train_ds)
+    if skipped:  # counted in this process: with data.workers > 0 the workers' skips are not seen here
+        print(f"skipped {len(skipped)} bad row(s) (data.on_bad_sample = \"skip\"); list them all with: "
+              f"python -m minivlm.data --config {args.config}")
     if result["signal"] is not None:
         name = signal.Signals(result["signal"]).name
         print(f"{name}: stopped after step {result['step']}, saved in {Path(cfg.train.output_dir) / 'last'}; "

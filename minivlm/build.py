@@ -77,7 +77,10 @@ def load_processor(cfg: Config) -> object:
     """The family's processor for model.name_or_path: cheap (no weights), so a bad path shows up early."""
     check_model_source(cfg.model.name_or_path)
     try:
-        return get_family(cfg.model.family).load_processor(cfg.model.name_or_path)
+        # The model classes are the families' own transformers classes; remote code can only
+        # come in through a checkpoint's custom processor, so this is where the flag goes.
+        return get_family(cfg.model.family).load_processor(cfg.model.name_or_path,
+                                                           trust_remote_code=cfg.model.trust_remote_code)
     except OSError as e:
         raise _load_error(cfg.model.name_or_path, e) from None
 

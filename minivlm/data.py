@@ -47,9 +47,9 @@ URL_TIMEOUT_S = 10  # one try per URL image: offline, it fails in seconds instea
 _skipped: dict[tuple[str, int], str] = {}
 
 
-def skipped_rows() -> dict[tuple[str, int], str]:
-    """The bad rows skipped so far in this process, for an end-of-run summary."""
-    return dict(_skipped)
+def skipped_rows(ds: datasets.Dataset | None = None) -> dict[tuple[str, int], str]:
+    """The bad rows skipped so far in this process (of `ds` only, if given), for an end-of-run summary."""
+    return {k: v for k, v in _skipped.items() if ds is None or k[0] == ds._fingerprint}
 
 
 def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:

@@ -159,3 +159,23 @@ def test_help_and_config_errors_import_no_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert "error: lora.r = 0 must be > 0" in proc.stdout
     assert proc.stdout.strip().endswith("imported: []"), proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["skip", "fail"])
+def test_a_bad_image_mid_run_is_skipped_and_reported_or_stops_in_one_line(tiny_paligemma, tmp_path, mode, capsys):
+    from conftest import write_split
+    data = tmp_path / "data"
+    write_split(data / "train", 24, seed=1)
+    bad = sorted((data / "train").glob("*.png"))[20]  # past the rows train.py reads before training
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated: the header reads, the pixels do not
+    argv = args(tiny_paligemma, data, tmp_path / "run", "train.max_steps=6", f'data.on_bad_sample="{mode}"')
+    if mode == "skip":
+        metrics = train.main(argv)
+        assert metrics["steps"] == 6
+        assert "skipped 1 bad row(s)" in capsys.readouterr().out
+    else:
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        message = str(e.value.code)
+        assert message.startswith("error: ") and bad.name in message and "Traceback" not in message
+        assert "continue with: python train.py" in message
