@@ -6,6 +6,12 @@ With data.eval_split set, the model is scored before and after training, and
 <output_dir>/metrics.json records both. SIGTERM or Ctrl-C saves the step in progress and exits
 (143 or 130); --resume continues from there. Every mistake found before training (config, paths,
 data, a resume that would not continue the same run) is one `error:` line, before the model loads.
+
+Data-parallel on N devices (minivlm/distributed.py): one process per device, started by torchrun,
+
+    torchrun --standalone --nproc_per_node N train.py --config X
+
+with train.batch_size per rank (the global batch is N × batch_size). Rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -57,11 +63,11 @@ def check_output_dir(output_dir: str) -> None:
                           "to a directory you can write to")
 
 
-def find_resume(cfg: Config, resume_arg: str | None) -> tuple[Path | None, dict | None]:
+def find_resume(cfg: Config, resume_arg: str | None, world_size: int = 1) -> tuple[Path | None, dict | None]:
     """The checkpoint to continue and its state.json, or (None, None) for a fresh run.
 
-    Refuses a fresh run over saved work, and a resume whose config changes the math of
-    training (checkpoint.FREE_ON_RESUME lists what may change).
+    Refuses a fresh run over saved work, a resume whose config changes the math of training
+    (checkpoint.FREE_ON_RESUME lists what may change), and one with another number of ranks.
     """
     from minivlm.checkpoint import latest_checkpoint, resume_conflicts
 
@@ -80,14 +86,23 @@ def find_resume(cfg: Config, resume_arg: str | None) -> tuple[Path | None, dict 
         raise ConfigError(f"--resume: {resume} was trained with another config, and these changes would make "
                           f"it another run: {'; '.join(conflicts)}. Put them back, or train anew in another "
                           "train.output_dir")
+    # The ranks split every step's samples (data.TrainSteps): with another number of them, the
+    # steps to come would hold other samples than the saved run's. Refused rather than re-split.
+    saved_world = meta.get("world_size", 1)
+    if saved_world != world_size:
+        raise ConfigError(f"--resume: {resume} was trained by {saved_world} process(es) and this run has "
+                          f"{world_size}; resume it with the same number (torchrun --nproc_per_node "
+                          f"{saved_world}, or plain python for 1)")
     return resume, meta
 
 
-def total_steps(train: dict, n_rows: int) -> int:
-    """Optimizer steps of a run with [train] table `train` (as to_dict writes it) on `n_rows` rows."""
+def total_steps(train: dict, n_rows: int, world_size: int = 1) -> int:
+    """Optimizer steps of a run with [train] table `train` (as to_dict writes it) on `n_rows` rows,
+    by `world_size` data-parallel ranks (each step takes world_size × batch_size samples per micro-batch)."""
     from minivlm.data import steps_per_epoch
 
-    return train["max_steps"] or steps_per_epoch(n_rows, train["batch_size"], train["grad_accum"]) * train["epochs"]
+    per_epoch = steps_per_epoch(n_rows, train["batch_size"] * world_size, train["grad_accum"])
+    return train["max_steps"] or per_epoch * train["epochs"]
 
 
 def check_lengths(ds, cfg: Config, family, processor, rows: int = 16) -> None:
@@ -129,7 +144,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     """Check all that can be checked cheaply, then build, train, evaluate; returns the metrics."""
     import torch
 
-    from minivlm.build import build, load_processor
+    from minivlm import distributed
+    from minivlm.build import build, load_processor, pick_device
     from minivlm.checkpoint import load_adapter, write_atomic
     from minivlm.data import load_split, skipped_rows, warn_unknown_answers
     from minivlm.evaluate import evaluate
@@ -148,16 +164,18 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"train.device = {cfg.train.device!r} but this machine has no usable CUDA GPU "
                               "(torch.cuda.is_available() is False); set train.device = \"cpu\" or \"auto\"")
-        resume, meta = find_resume(cfg, args.resume)
+        distributed.init(pick_device(cfg.train.device).type)  # under torchrun; nothing alone
+        world = distributed.world_size()
+        resume, meta = find_resume(cfg, args.resume, world)
         train_ds = load_split(cfg.data, cfg.data.train_split)
         eval_ds = load_split(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
-        steps = total_steps(to_dict(cfg)["train"], len(train_ds))
+        steps = total_steps(to_dict(cfg)["train"], len(train_ds), world)
         if meta is not None:
             if meta["step"] >= steps:
                 print(f"nothing to do: {resume} is at step {meta['step']}, and this run has {steps} steps; "
                       "to train on, raise train.max_steps (or train.epochs) and --resume again")
                 return {"steps": meta["step"], "nothing_to_do": True}
-            before = total_steps(meta["config"]["train"], len(train_ds))
+            before = total_steps(meta["config"]["train"], len(train_ds), world)
             if before != steps and cfg.train.schedule != "constant":
                 print(f"note: {steps} steps instead of {before}: the {cfg.train.schedule} learning-rate schedule "
                       f"is recomputed for {steps} steps from step {meta['step']} on (as the transformers "
@@ -210,12 +228,16 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         metrics[f"{cfg.data.metric}_after"] = after["score"]
         show("after", after)
         print(f"training took {result['train_seconds']:.0f}s")
+    if not distributed.is_main():  # every rank evaluated the same adapters; rank 0 writes
+        distributed.close()
+        return metrics
     out = Path(cfg.train.output_dir) / "metrics.json"
     write_atomic(out, json.dumps(metrics, indent=2).encode())
     title = f"{args.config}: {result['step']} steps, final train loss {result['loss']:.3g}"
     if eval_ds is not None:
         title += f", {cfg.data.metric} {metrics[f'{cfg.data.metric}_before']:.3f} -> {after['score']:.3f}"
     print(f"wrote {out} and {plot_run(cfg.train.output_dir, cfg.data.metric, title)}")
+    distributed.close()
     return metrics
 
 

@@ -11,6 +11,7 @@ from huggingface_hub import constants, try_to_load_from_cache
 from torch import nn
 from transformers import PreTrainedModel
 
+from minivlm import distributed
 from minivlm.config import Config, ConfigError
 from minivlm.load import load_pretrained
 from minivlm.lora import count_parameters, inject_lora
@@ -33,9 +34,11 @@ class Built:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """train.device as a torch.device; under torchrun on GPUs, each rank's own (cuda:LOCAL_RANK)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    if device.type == "cuda" and distributed.launched():
+        return torch.device("cuda", distributed.local_rank())
+    return device
 
 
 def check_model_source(name_or_path: str) -> None:

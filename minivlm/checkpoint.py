@@ -208,12 +208,13 @@ def recover(output_dir: str | Path, keep: int = 0, resumed: Path | None = None, 
 
 def save_checkpoint(output_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, step: int, config: dict, loop_state: dict | None = None,
-                    best: bool = False, keep: int = 0) -> Path:
+                    best: bool = False, keep: int = 0, world_size: int = 1) -> Path:
     """Save a checkpoint of `step` under <output_dir>/checkpoints; point `last` (and, if `best`, `best`)
     at it; then delete all but the `keep` newest saves and the best (keep = 0: delete none).
 
     A best save writes its own name into `loop_state["best_checkpoint"]`, so that every later
-    save knows which one is the best (see `recover`).
+    save knows which one is the best (see `recover`). `world_size`, the number of data-parallel
+    ranks that trained it, goes into state.json: a resume must use as many (see train.py).
     """
     out = Path(output_dir)
     root = out / "checkpoints"
@@ -238,7 +239,8 @@ def save_checkpoint(output_dir: str | Path, model: nn.Module, optimizer: torch.o
     _write(tmp / "state.safetensors", save(tensors))
     number = max((meta.get("saved", 0) for _, meta in earlier), default=0) + 1
     _write(tmp / "state.json", json.dumps({"step": step, "saved": number, "config": config,
-                                           "state": skeleton, "loop": loop_state}).encode())
+                                           "state": skeleton, "loop": loop_state,
+                                           "world_size": world_size}).encode())
     _fsync_dir(tmp)
     _replace(tmp, final)
 

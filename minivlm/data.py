@@ -282,13 +282,22 @@ class TrainSteps(torch.utils.data.Dataset):
     the order the loop asks for, and a resumed run simply starts at its step. Random crops draw
     from a generator seeded by (seed, step) for the same reason: a worker's global RNG is not the
     trainer's, and the crops must not depend on how many workers there are.
+
+    With `world_size` data-parallel ranks, a micro-batch of the step is world_size × batch_size
+    samples, of which rank r collates the r-th batch_size: N ranks × batch b then train on the
+    same samples in the same steps as one process with batch N·b, and the split is still a pure
+    function of (seed, epoch, world size, step). The window returned holds the whole micro-batches
+    (all ranks' samples); the collated batches, this rank's slices only (at an epoch's short end a
+    slice may be empty, and its micro-batch is left out). Random crops are drawn per rank, so with
+    data.random_resized_crop they are not those of the one-process run.
     """
 
     def __init__(self, ds: datasets.Dataset, cfg: DataConfig, family: str, processor, batch_size: int,
-                 grad_accum: int, seed: int, first: int, last: int):
+                 grad_accum: int, seed: int, first: int, last: int, world_size: int = 1, rank: int = 0):
         self.ds, self.cfg, self.family, self.processor = ds, cfg, family, processor
         self.batch_size, self.grad_accum, self.seed, self.first, self.last = batch_size, grad_accum, seed, first, last
-        self.per_epoch = steps_per_epoch(len(ds), batch_size, grad_accum)
+        self.world_size, self.rank = world_size, rank
+        self.per_epoch = steps_per_epoch(len(ds), batch_size * world_size, grad_accum)
         self._order: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches): one shuffle per epoch
 
     def __len__(self) -> int:
@@ -298,19 +307,21 @@ class TrainSteps(torch.utils.data.Dataset):
         step = self.first + k
         epoch, offset = divmod(step, self.per_epoch)
         if self._order[0] != epoch:
-            self._order = (epoch, epoch_batches(len(self.ds), self.batch_size, self.seed, epoch))
+            self._order = (epoch, epoch_batches(len(self.ds), self.batch_size * self.world_size, self.seed, epoch))
         window = self._order[1][offset * self.grad_accum:(offset + 1) * self.grad_accum]
+        mine = [idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for idx in window]
         crops = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         family = get_family(self.family)  # held by name: a module object does not pickle into workers
-        return step, window, [collate(self.ds, idx, self.cfg, family, self.processor, crops) for idx in window]
+        return step, window, [collate(self.ds, idx, self.cfg, family, self.processor, crops) for idx in mine if idx]
 
 
 def train_loader(ds: datasets.Dataset, cfg: DataConfig, family: str, processor, batch_size: int, grad_accum: int,
-                 seed: int, first: int, last: int) -> torch.utils.data.DataLoader:
+                 seed: int, first: int, last: int, world_size: int = 1, rank: int = 0) -> torch.utils.data.DataLoader:
     """Steps first..last-1 in order, each (step, sample indices, micro-batches). With data.workers
     > 0, that many processes prepare the next steps while the current one trains (two steps ahead
-    each); with 0, every step is prepared in the training process when it is needed."""
-    steps = TrainSteps(ds, cfg, family, processor, batch_size, grad_accum, seed, first, last)
+    each); with 0, every step is prepared in the training process when it is needed. With several
+    ranks, each step is this rank's share of it (see TrainSteps)."""
+    steps = TrainSteps(ds, cfg, family, processor, batch_size, grad_accum, seed, first, last, world_size, rank)
     # Its own generator: a DataLoader draws a seed for its workers when iterated, and from the
     # global RNG that would shift every dropout mask after it (and break exact resume).
     return torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=cfg.workers,

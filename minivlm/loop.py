@@ -7,12 +7,19 @@ One optimizer step = `grad_accum` micro-batches. The loss of the step is
 so every answer token weighs the same however the tokens fall into micro-batches:
 batch 4 × accum 1 and batch 1 × accum 4 give the same gradient. (Averaging each micro-batch's
 mean loss instead would over-weight the tokens of short answers.)
+
+Under torchrun (see distributed.py) the sums run over every rank's micro-batches too: the answer
+tokens are counted across ranks before dividing, and the ranks' gradients are summed, so N ranks
+× batch b give the same gradient as one process with batch N·b. Every rank trains, evaluates
+(the same adapters, so the same scores: redundant, but no rank waits for another's verdict on
+early stopping) and decides alike; rank 0 alone writes the checkpoints and the log.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -25,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from minivlm import distributed
 from minivlm.build import Built
 from minivlm.checkpoint import load_adapter, load_training_state, recover, save_checkpoint, write_atomic
 from minivlm.config import Config, to_dict
@@ -61,9 +69,11 @@ def backward_window(cfg: Config, built: Built, batches: list[dict],
 
     Each micro-batch's summed loss is divided by the answer tokens of the *whole* window, so
     the accumulated .grad is the gradient of the per-token mean over the window. A window
-    without answer tokens does nothing and returns (nan, 0).
+    without answer tokens does nothing and returns (nan, 0). With several ranks, the window is
+    the global step's (its tokens counted on every rank, the loss summed over them); the
+    gradients are summed afterwards (distributed.sum_gradients).
     """
-    n_tokens = sum(answer_tokens(b) for b in batches)
+    n_tokens = int(distributed.total(sum(answer_tokens(b) for b in batches), built.device))
     if n_tokens == 0:
         return float("nan"), 0
     losses = []
@@ -74,7 +84,9 @@ def backward_window(cfg: Config, built: Built, batches: list[dict],
         scaler.scale(loss).backward()
         losses.append(loss.detach())
     # Read back once per window: each .item() would make the CPU wait for the GPU to catch up.
-    return sum(torch.stack(losses).tolist()), n_tokens
+    # (A rank whose slices hold no answer tokens has no loss of its own but still adds up.)
+    local = sum(torch.stack(losses).tolist()) if losses else 0.0
+    return distributed.total(local, built.device), n_tokens
 
 
 @torch.no_grad()
@@ -196,9 +208,11 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     (signal: the number of the signal that stopped the run, else None).
     """
     t, model, device = cfg.train, built.model, built.device
+    world, main = distributed.world_size(), distributed.is_main()
     out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    per_epoch = steps_per_epoch(len(train_ds), t.batch_size, t.grad_accum)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    per_epoch = steps_per_epoch(len(train_ds), t.batch_size * world, t.grad_accum)
     total_steps = t.max_steps or per_epoch * t.epochs
     optimizer = build_optimizer(model, t)
     # Loss scaling only matters for fp16, whose 5 exponent bits underflow small gradients;
@@ -211,10 +225,12 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
         load_adapter(resume, model)
         start, saved = load_training_state(resume, optimizer, scaler)  # RNG too: same dropout masks
         loop_state.update(saved)
-    # What a crash left half done (see checkpoint.py); `best` is the resumed save's idea of it.
-    recover(out, t.keep_checkpoints, resumed=Path(resume) if resume else None,
-            best=loop_state.get("best_checkpoint"))
-    log = open_log(out / "log.jsonl", keep_until=start)
+    if main:
+        # What a crash left half done (see checkpoint.py); `best` is the resumed save's idea of it.
+        recover(out, t.keep_checkpoints, resumed=Path(resume) if resume else None,
+                best=loop_state.get("best_checkpoint"))
+    # The other ranks log into the void: the same lines as rank 0's, which are written.
+    log = open_log(out / "log.jsonl", keep_until=start) if main else open(os.devnull, "w")
     if start == 0 and t.eval_every and eval_ds is not None and score_before is not None:
         log.write(json.dumps({"step": 0, "val_loss": validation_loss(cfg, built, eval_ds),
                               cfg.data.metric: score_before}) + "\n")
@@ -224,27 +240,29 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
         # One directory per step, however many reasons there are to save it (best, save_every, the end).
         nonlocal saved_step
         if step != saved_step or best:
-            save_checkpoint(out, model, optimizer, scaler, step, to_dict(cfg), loop_state, best=best,
-                            keep=t.keep_checkpoints)
+            if main:
+                save_checkpoint(out, model, optimizer, scaler, step, to_dict(cfg), loop_state, best=best,
+                                keep=t.keep_checkpoints, world_size=world)
             saved_step = step
 
     model.train()
     # In a log file (CI, nohup) every refresh is a new line: refresh every 30 s there instead.
     # Updated by hand, not iterated: an iterated bar only learns its count when it redraws.
     tty = sys.stderr.isatty()
-    bar = tqdm(initial=start, total=total_steps, desc="train", dynamic_ncols=True,
+    bar = tqdm(initial=start, total=total_steps, desc="train", dynamic_ncols=True, disable=not main,
                mininterval=0.1 if tty else 30, maxinterval=10 if tty else 60)
     loss_value, t0, samples, tokens = float("nan"), time.perf_counter(), 0, 0
     step, last_eval, nonfinite = start - 1, {}, 0
     peak_flops = peak_flops_per_s(device, cfg)
     flops_per_token = train_flops_per_token(built, t.gradient_checkpointing)
     steps = train_loader(train_ds, cfg.data, cfg.model.family, built.processor, t.batch_size, t.grad_accum,
-                         t.seed, start, total_steps)
+                         t.seed, start, total_steps, world, distributed.rank())
     with StopSignal() as stop:  # until the last save is written: a signal never cuts one short
         for step, window, batches in steps:
             bar.update()
             epoch = step // per_epoch
             window_loss, n_tokens = backward_window(cfg, built, batches, scaler)
+            distributed.sum_gradients(trainable)
             if n_tokens == 0:
                 warnings.warn(f"step {step}: no answer tokens in these {len(window)} micro-batches (all labels "
                               "masked); skipping the step instead of dividing by zero")
@@ -284,7 +302,8 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
             optimizer.zero_grad(set_to_none=True)
 
             samples += sum(len(idx) for idx in window)
-            tokens += sum(int(b["attention_mask"].sum()) for b in batches)  # image tokens count, padding not
+            # Image tokens count, padding not; every rank's.
+            tokens += int(distributed.total(sum(int(b["attention_mask"].sum()) for b in batches), device))
             seconds = time.perf_counter() - t0
             speed = {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds}
             if peak_flops:  # model FLOPs utilisation: the share of the GPU's peak the step's math used
@@ -316,12 +335,15 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
                     break
             if t.save_every and (step + 1) % t.save_every == 0:
                 save(step + 1)
-            if stop.signum is not None:  # the step is done: save it (below) and return
+            # The step is done: save it (below) and return. Any rank's signal stops them all, since
+            # a rank that went on alone would wait forever for the others' gradients.
+            if distributed.total(float(stop.signum is not None), device):
                 break
         bar.close()
         log.close()
         stopped_early = step + 1 < total_steps
         save(step + 1)
+        distributed.barrier()  # no rank returns (and its launcher reports the run done) before the save exists
     best = loop_state["best_score"] if t.best_by == "metric" else -loop_state["best_score"]
     return {"step": step + 1, "loss": loss_value, "train_seconds": time.perf_counter() - t0,
             f"best_{t.best_by}": best, "stopped_early": stopped_early, "signal": stop.signum}
