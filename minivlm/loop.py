@@ -107,9 +107,9 @@ def validation_loss(cfg: Config, built: Built, ds: datasets.Dataset) -> float:
     return total / max(tokens, 1)
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' spec sheets, for MFU; other GPUs log none.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
-                   "RTX 4090": 165e12, "RTX 3090": 71e12}
+# Dense bf16 tensor-core peaks (FLOP/s) of the SXM data-centre parts, for MFU (a PCIe H100 peaks
+# lower, so its MFU reads low); other GPUs log none.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def peak_flops_per_s(device: torch.device, cfg: Config) -> float:

@@ -58,6 +58,7 @@ class SharedDropout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
+            self._last = None  # do not keep a training activation alive through evaluation
             return x
         if self._last is not None and self._last[0]() is x:
             return self._last[1]
