@@ -1,0 +1,338 @@
+"""One real QLoRA training step of the demo model, printed stage by stage in the order of docs/qlora.md.
+
+    python -m minivlm.walkthrough [--config configs/demo.toml] [--set section.key=value ...]
+
+Every stage runs the project's own code (build, train_loader, answer_loss_sum, backward_window,
+build_optimizer, save_checkpoint: what train.py and loop.train call) and prints its tensors'
+shapes, dtypes, bytes and first values. Where bitsandbytes does the work (NF4, the 8-bit AdamW
+step), the readable references in minivlm/reference/ redo it beside the library and the
+walkthrough prints whether the two agree bit for bit. It follows a 4-bit PaliGemma config such as
+the demo's; nothing is written outside a temporary directory. On the demo base (`make base data`
+first) it takes about 15 s on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from safetensors import safe_open
+
+from minivlm import plain_warnings
+from minivlm.build import DTYPES, Built, build
+from minivlm.checkpoint import save_checkpoint
+from minivlm.config import Config, ConfigError, load_config, to_dict
+from minivlm.data import load_split, steps_per_epoch, train_loader
+from minivlm.load import checkpoint_files, parameter_names, parameters_on_meta
+from minivlm.loop import answer_loss_sum, answer_tokens, backward_window
+from minivlm.optim import build_optimizer, lr_at
+from minivlm.precision import autocast, logits_of
+from minivlm.reference import adam8bit, nf4
+
+# The sections of docs/qlora.md, in order; tests/test_walkthrough.py checks that the two agree.
+STAGES = ["Config", "Load", "Quantize", "Inject", "Processor and label mask", "Forward with autocast",
+          "Loss over answer tokens", "Backward", "Accumulation", "Clipping", "8-bit AdamW step", "Checkpoint"]
+
+
+def stage(number: int, where: str) -> None:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"\n§{number} {STAGES[number - 1]} — {where}    [peak RSS {rss:.0f} MiB]")
+
+
+def size(nbytes: int) -> str:
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    return f"{nbytes / 1024:.1f} KiB" if nbytes < 1024 ** 2 else f"{nbytes / 1024 ** 2:.2f} MiB"
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def describe(name: str, t: torch.Tensor, values: int = 4) -> None:
+    """One line: name, shape, dtype, bytes, the first values."""
+    head = t.detach().reshape(-1)[:values].tolist()
+    shown = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in head)
+    more = ", …" if t.numel() > values else ""
+    print(f"  {name:<26} {str(tuple(t.shape)):<15} {str(t.dtype).removeprefix('torch.'):<8} "
+          f"{size(nbytes(t)):>10}  [{shown}{more}]")
+
+
+def quantized_bytes(p: bnb.nn.Params4bit) -> int:
+    """A 4-bit weight's bytes: packed codes, its 8-bit scales and their own scale and offset."""
+    state = p.quant_state
+    parts = [p.data, state.absmax] + ([state.offset, state.state2.absmax] if state.nested else [])
+    return sum(nbytes(t) for t in parts)
+
+
+def float_weight(cfg: Config, built: Built, module_name: str) -> torch.Tensor:
+    """The checkpoint's own tensor for `module_name`.weight, read by the names load.py streams by."""
+    with parameters_on_meta():  # a skeleton of the unmodified model: parameter names, no storage
+        config = built.family.MODEL_CLASS.config_class.from_pretrained(cfg.model.name_or_path)
+        skeleton = built.family.MODEL_CLASS._from_config(config)
+    for file, keys in parameter_names(skeleton, checkpoint_files(cfg.model.name_or_path)).items():
+        for key, name in keys.items():
+            if name == f"{module_name}.weight":
+                with safe_open(file, framework="pt") as f:
+                    return f.get_tensor(key).to(DTYPES[cfg.model.dtype])
+    raise KeyError(module_name)
+
+
+def walk(cfg: Config, out: Path) -> dict:
+    """Run the stages; returns what the test checks (each comparison with bitsandbytes, the losses)."""
+    facts: dict = {}
+    t, lora = cfg.train, cfg.lora
+
+    stage(1, "minivlm/config.py:load_config")
+    print(f"  model   {cfg.model.name_or_path} ({cfg.model.family}), unquantized weights and matmuls in {cfg.model.dtype}")
+    print(f"  quant   4-bit {cfg.quant.load_in_4bit}, {cfg.quant.quant_type}, double quantization {cfg.quant.double_quant}")
+    print(f"  lora    r {lora.r}, alpha {lora.alpha} (scale alpha/r = {lora.alpha / lora.r:g}), dropout {lora.dropout}")
+    print(f"  train   batch {t.batch_size} × accumulation {t.grad_accum}, lr {t.lr:g} (warmup {t.warmup_steps}, "
+          f"{t.schedule}), {t.optimizer}, max_grad_norm {t.max_grad_norm}, bf16 {t.bf16}, fp16 {t.fp16}")
+
+    stage(2, "minivlm/build.py:build → minivlm/load.py:load_pretrained")
+    start = time.perf_counter()
+    built = build(cfg)
+    model = built.model
+    print(f"  built in {time.perf_counter() - start:.1f} s on {built.device}: the checkpoint read one tensor at a time, "
+          f"each selected linear quantized as it arrived")
+    print(f"  {'part':<38} {'values':>10} {'bytes':>10}  stored as")
+    groups: dict[str, list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # the adapters: §4
+            continue
+        part = ".".join(name.split(".")[:3] if name.startswith("model.language_model") else name.split(".")[:2])
+        groups.setdefault(part, []).append(p)
+    for part, params in groups.items():
+        values = sum(p.quant_state.shape.numel() if isinstance(p, bnb.nn.Params4bit) else p.numel() for p in params)
+        stored = sum(quantized_bytes(p) if isinstance(p, bnb.nn.Params4bit) else nbytes(p) for p in params)
+        kinds = sorted({"NF4" if isinstance(p, bnb.nn.Params4bit) else str(p.dtype).removeprefix("torch.") for p in params})
+        print(f"  {part:<38} {values:>10,} {size(stored):>10}  {' + '.join(kinds)}")
+    skip = built.family.QUANT_SKIP if cfg.quant.skip is None else cfg.quant.skip
+    print(f"  {len(built.quantized)} linears in 4-bit; float, as quant.skip says: {', '.join(skip)}")
+
+    stage(3, "minivlm/quant.py:quantize_into (bitsandbytes Params4bit); read: minivlm/reference/nf4.py:quantize_nf4")
+    name = built.adapted[0]
+    layer = model.get_submodule(name).base
+    weight, state = layer.weight, layer.weight.quant_state
+    w = float_weight(cfg, built, name)
+    print(f"  {name}")
+    describe("checkpoint weight W", w)
+    describe("packed codes (2 per byte)", weight.data)
+    describe(f"absmax{', 8-bit codes' if state.nested else ''}", state.absmax)
+    if state.nested:
+        describe("absmax's absmax", state.state2.absmax)
+        describe("absmax's offset (mean)", state.offset)
+    describe("NF4 code book", state.code, values=16)
+    first = int(weight.data[0, 0])
+    print(f"  first byte {first:#04x}: codes {first >> 4} and {first & 15} → NF4 values "
+          f"{state.code[first >> 4]:.4f}, {state.code[first & 15]:.4f} × the first block's absmax")
+    ours = nf4.quantize_nf4(w, double_quant=cfg.quant.double_quant)
+    dequantized = bnb.functional.dequantize_4bit(weight.data, state)
+    facts["nf4_equal"] = {
+        "code book": torch.equal(nf4.nf4_code_book(), state.code),
+        "packed codes": torch.equal(ours.packed, weight.data),
+        "absmax": torch.equal(ours.absmax, state.absmax),
+        "dequantized W": torch.equal(nf4.dequantize_nf4(ours), dequantized),
+    }
+    if state.nested:
+        facts["nf4_equal"].update({"offset": torch.equal(ours.offset, state.offset),
+                                   "absmax's absmax": torch.equal(ours.nested_absmax, state.state2.absmax)})
+    print("  reference == bitsandbytes: " + ", ".join(f"{k} {v}" for k, v in facts["nf4_equal"].items()))
+    error = (dequantized - w).float()
+    print(f"  {size(nbytes(w))} in {cfg.model.dtype} → {size(ours.nbytes())} "
+          f"({8 * ours.nbytes() / w.numel():.3f} bits per value); |W − Ŵ| max {error.abs().max():.3g}, "
+          f"RMS {error.pow(2).mean().sqrt():.3g} against RMS(W) {w.float().pow(2).mean().sqrt():.3g}")
+
+    stage(4, "minivlm/lora.py:inject_lora, minivlm/lora.py:LoRALinear")
+    adapter = model.get_submodule(name)
+    print(f"  {len(built.adapted)} LoRALinear layers; trainable {built.trainable_params:,} of {built.total_params:,} "
+          f"values ({100 * built.trainable_params / built.total_params:.2f}%)")
+    layer_prefix = name.rsplit(".", 2)[0]  # the first decoder layer: its seven adapters
+    for sub in [n for n in built.adapted if n.startswith(layer_prefix + ".")]:
+        m = model.get_submodule(sub)
+        print(f"  {sub.removeprefix(layer_prefix + '.'):<18} W {m.out_features}×{m.in_features} NF4 frozen   "
+              f"A {tuple(m.lora_A.shape)}  B {tuple(m.lora_B.shape)}  ({m.lora_A.numel() + m.lora_B.numel():,} trainable)")
+    describe("lora_A (Kaiming uniform)", adapter.lora_A)
+    describe("lora_B (zeros: ΔW = 0)", adapter.lora_B)
+    print(f"  scaling alpha/r = {adapter.scaling:g}; the base weight requires grad: {layer.weight.requires_grad}")
+
+    stage(5, "minivlm/data.py:train_loader → minivlm/data.py:collate → minivlm/models/paligemma.py:training_batch")
+    ds = load_split(cfg.data, cfg.data.train_split)
+    total_steps = t.max_steps or steps_per_epoch(len(ds), t.batch_size, t.grad_accum) * t.epochs
+    # Step 0 exactly as loop.train gets it: the same loader, the same shuffled sample indices.
+    _, window, batches = next(iter(train_loader(ds, cfg.data, cfg.model.family, built.processor, t.batch_size,
+                                                t.grad_accum, t.seed, 0, total_steps)))
+    batch = batches[0]
+    print(f"  step 0's samples {window[0]}")
+    for key, value in batch.items():
+        describe(key, value)
+    tokens = built.processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
+    labels = batch["labels"][0].tolist()
+    image = sum(1 for tok in tokens if tok == built.processor.image_token)
+    rest = list(zip(tokens, batch["token_type_ids"][0].tolist(), labels))[image:]
+    print(f"  sample 0: {image} image tokens, then (token, token_type, label) — loss only where the label is kept:")
+    print("    " + "  ".join(f"{tok!r}/{kind}/{'·' if lab == -100 else lab}" for tok, kind, lab in rest))
+    n_tokens = answer_tokens(batch)
+    print(f"  answer tokens that carry loss in this batch: {n_tokens} of {int(batch['attention_mask'].sum())} "
+          "(image tokens, prompt and padding carry none)")
+
+    stage(6, "minivlm/precision.py:logits_of → minivlm/lora.py:LoRALinear.forward")
+    model.train()  # as loop.train: dropout on
+    seen = {}
+    hook = adapter.register_forward_hook(lambda m, args, y: seen.update(x=args[0], y=y, base=m.base(args[0])))
+    rng = torch.get_rng_state()  # §8 redraws the same dropout masks
+    with torch.no_grad():
+        targets = batch["labels"][:, 1:] != -100
+        logits = logits_of(cfg, built, batch, at=torch.nn.functional.pad(targets, (0, 1), value=False))
+    hook.remove()
+    print(f"  precision.autocast for this config: {type(autocast(cfg, built.device)).__name__} "
+          f"(train.bf16 {t.bf16}, train.fp16 {t.fp16}; model.dtype {cfg.model.dtype})")
+    describe(f"{name.rsplit('.', 1)[1]} input x", seen["x"])
+    describe("base(x): W dequantized", seen["base"])
+    describe("base(x) + s·B·A·dropout(x)", seen["y"])
+    print(f"  B = 0 at step 0, so the adapter adds exactly 0: {torch.equal(seen['y'], seen['base'])}")
+    with torch.autocast(built.device.type, dtype=torch.bfloat16), torch.no_grad():
+        low_rank = torch.nn.functional.linear(seen["x"][:1], adapter.lora_A)  # LoRALinear.forward's x·Aᵀ
+    print(f"  under bf16 autocast x·Aᵀ would run in {str(low_rank.dtype).removeprefix('torch.')} while A stays a "
+          f"{str(adapter.lora_A.dtype).removeprefix('torch.')} parameter (cast for the matmul only); the 4-bit base "
+          f"computes in its compute_dtype, {str(layer.compute_dtype).removeprefix('torch.')}")
+    vocab = logits.shape[-1]
+    describe("logits at answer positions", logits)
+    print(f"  full logits would be {tuple(batch['input_ids'].shape) + (vocab,)}: "
+          f"{size(batch['input_ids'].numel() * vocab * 4)} instead of {size(nbytes(logits))}")
+
+    stage(7, "minivlm/loop.py:answer_loss_sum")
+    torch.set_rng_state(rng)
+    with torch.no_grad():
+        loss_sum = answer_loss_sum(cfg, built, batch)
+    facts["loss_per_token"] = loss_sum.item() / n_tokens
+    print(f"  Σ −log p(answer token) = {loss_sum.item():.4f} over {n_tokens} tokens: {facts['loss_per_token']:.4f} per token "
+          f"(uniform guessing over {vocab} tokens: ln {vocab} = {torch.log(torch.tensor(float(vocab))):.4f})")
+
+    stage(8, "minivlm/loop.py:backward_window")
+    torch.set_rng_state(rng)
+    scaler = torch.amp.GradScaler(built.device.type, enabled=t.fp16)
+    window_loss, _ = backward_window(cfg, built, model, batches, scaler)
+    facts["backward_loss_per_token"] = window_loss
+    print(f"  loss per token {window_loss:.4f} (§7's, same dropout masks: {abs(window_loss - facts['loss_per_token']) < 1e-6})")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    describe(f"{name.rsplit('.', 1)[1]}.lora_B.grad", adapter.lora_B.grad)
+    describe(f"{name.rsplit('.', 1)[1]}.lora_A.grad", adapter.lora_A.grad)
+    print("  ∂L/∂A = s·Bᵀ·(∂L/∂y)·xᵀ is 0 while B = 0: the first step moves B alone")
+    print(f"  the NF4 weight: grad {layer.weight.grad}; yet this first layer's B got a gradient, through the "
+          f"dequantized W of every layer above it")
+
+    stage(9, f"minivlm/loop.py:backward_window (one sample per micro-batch: batch 1 × grad_accum {len(window[0])})")
+    # Compare gradients without dropout: its masks depend on how the batch is cut.
+    kept = [p.grad.clone() for p in trainable]
+    model.eval()
+    micro = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
+    one = _grads(model, trainable, lambda: backward_window(cfg, built, model, [batch], scaler))
+    accumulated = _grads(model, trainable, lambda: backward_window(cfg, built, model, micro, scaler))
+
+    def mean_of_means():  # the classic bug: each micro-batch's own mean, averaged
+        for sample in micro:
+            (answer_loss_sum(cfg, built, sample) / answer_tokens(sample) / len(micro)).backward()
+    bug = _grads(model, trainable, mean_of_means)
+    facts["accumulation_error"] = _relative(accumulated, one)
+    facts["mean_of_means_error"] = _relative(bug, one)
+    print(f"  answer tokens per micro-batch {[answer_tokens(m) for m in micro]}: each micro-batch's loss sum is "
+          f"divided by the window's {n_tokens}")
+    print(f"  ‖g({len(micro)} micro-batches) − g(1 batch)‖ / ‖g‖ = {facts['accumulation_error']:.1e}   (float rounding)")
+    print(f"  mean of per-micro-batch means instead:   {facts['mean_of_means_error']:.1e}   (short answers over-weighted)")
+    model.train()
+    for p, g in zip(trainable, kept):
+        p.grad = g
+
+    stage(10, "minivlm/loop.py:train (torch.nn.utils.clip_grad_norm_)")
+    norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
+    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in trainable]))
+    print(f"  ‖g‖ over {len(trainable)} tensors: {norm:.4f} → {after:.4f} (max_grad_norm {t.max_grad_norm}: "
+          f"{'scaled down' if norm > t.max_grad_norm > 0 else 'unchanged'})")
+
+    stage(11, "minivlm/optim.py:build_optimizer, minivlm/optim.py:lr_at; read: minivlm/reference/adam8bit.py:adamw8bit_step")
+    optimizer = build_optimizer(model, t)
+    lr = lr_at(0, total_steps, t)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    warmup = f"warmup step 1 of {t.warmup_steps}: lr·1/{t.warmup_steps + 1}" if t.warmup_steps else t.schedule
+    print(f"  {type(optimizer).__name__}; lr at step 0: {lr:.3g} ({warmup})")
+    names = {p: n for n, p in model.named_parameters()}
+    probe = max(trainable, key=torch.Tensor.numel)  # the largest tensors are the likeliest to get 8-bit state
+    before = (probe.detach().clone(), probe.grad.clone())
+    optimizer.step()
+    s = optimizer.state[probe]
+    eight_bit = sum(optimizer.state[p]["state1"].dtype == torch.uint8 for p in trainable)
+    print(f"  8-bit state for {eight_bit} of {len(trainable)} tensors; tensors under {optimizer.args.min_8bit_size} "
+          "values (bitsandbytes' min_8bit_size) keep fp32 Adam")
+    state_bytes = sum(nbytes(v) for st in optimizer.state.values() for k, v in st.items()
+                      if k in ("state1", "state2", "absmax1", "absmax2"))
+    print(f"  optimizer state {size(state_bytes)}; fp32 Adam would keep {size(8 * sum(p.numel() for p in trainable))}")
+    print(f"  {names[probe]}:")
+    for key, meaning in [("state1", "m"), ("absmax1", "m's absmax"), ("state2", "v"), ("absmax2", "v's absmax")]:
+        describe(f"{key} ({meaning})", s[key])
+    if s["state1"].dtype == torch.uint8:
+        group = optimizer.param_groups[0]
+        param, ref = before[0].clone(), adam8bit.init_state(before[0])
+        adam8bit.adamw8bit_step(param, before[1], ref, lr, group["betas"], group["eps"], group["weight_decay"])
+        facts["adam_equal"] = {"parameter": torch.equal(param, probe.detach()),
+                               "m codes": torch.equal(ref.m_codes, s["state1"]),
+                               "m absmax": torch.equal(ref.m_absmax, s["absmax1"]),
+                               "v codes": torch.equal(ref.v_codes, s["state2"]),
+                               "v absmax": torch.equal(ref.v_absmax, s["absmax2"])}
+        print("  reference == bitsandbytes: " + ", ".join(f"{k} {v}" for k, v in facts["adam_equal"].items()))
+    moved = (probe.detach() - before[0]).abs()
+    print(f"  |Δθ| max {moved.max():.3g} (Adam's first step moves each value by about lr, since m̂/√v̂ = ±1)")
+    optimizer.zero_grad(set_to_none=True)
+
+    stage(12, "minivlm/checkpoint.py:save_checkpoint")
+    saved = save_checkpoint(out, model, optimizer, scaler, 1, to_dict(cfg), {})
+    for file in sorted(saved.iterdir()):
+        print(f"  {file.relative_to(out)!s:<50} {size(file.stat().st_size):>10}")
+    print("  the adapters and the optimizer's 8-bit state; not the 4-bit base: it is the checkpoint you started from")
+    facts["checkpoint"] = sorted(f.name for f in saved.iterdir())
+    return facts
+
+
+def _grads(model: torch.nn.Module, trainable: list[torch.Tensor], backward) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    backward()
+    return [p.grad.clone() for p in trainable]
+
+
+def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """‖a − b‖ / ‖b‖ over all tensors together, as clip_grad_norm_ measures a gradient."""
+    norm = lambda tensors: torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in tensors]))  # noqa: E731
+    return float(norm([x - y for x, y in zip(a, b)]) / norm(b))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/demo.toml")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value, e.g. --set model.name_or_path=base/other")
+    args = ap.parse_args(argv)
+    plain_warnings()
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    if cfg.model.family != "paligemma" or not cfg.quant.load_in_4bit or cfg.train.optimizer == "adamw":
+        # §3 reads a 4-bit layer, §5 PaliGemma's token types, §11 the 8-bit optimizer's state.
+        sys.exit("error: the walkthrough follows a 4-bit PaliGemma config with an 8-bit optimizer, such as "
+                 f"configs/demo.toml; this one has model.family = {cfg.model.family!r}, quant.load_in_4bit = "
+                 f"{cfg.quant.load_in_4bit}, train.optimizer = {cfg.train.optimizer!r}")
+    torch.manual_seed(cfg.train.seed)
+    with tempfile.TemporaryDirectory(prefix="walkthrough-") as out:
+        return walk(cfg, Path(out))
+
+
+if __name__ == "__main__":
+    main()
