@@ -11,7 +11,8 @@ Data-parallel on N devices (minivlm/distributed.py): one process per device, sta
 
     torchrun --standalone --nproc_per_node N train.py --config X
 
-with train.batch_size per rank (the global batch is N × batch_size). Rank 0 alone writes.
+with train.batch_size per rank (the global batch is N × batch_size); train.fsdp = true shards the
+base's layers instead of replicating them. Rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="continue from a checkpoint directory (default: the newest save in <output_dir>)")
     ap.add_argument("--dry-run", action="store_true", help="print the expected peak memory (meta device: no weights read) and exit")
     ap.add_argument("--gpu-memory", metavar="SIZE", help="with --dry-run: does it fit in SIZE, e.g. 24GiB")
+    ap.add_argument("--ranks", type=int, default=1, metavar="N",
+                    help="with --dry-run: per GPU of N under torchrun (with train.fsdp, the layers sharded N ways)")
     return ap.parse_args(argv)
 
 
@@ -156,7 +159,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     try:
         if args.dry_run:  # minivlm/plan.py: from config.json alone, no weights, no data
             from minivlm.plan import format_plan, parse_size, plan_memory
-            plan = plan_memory(cfg)
+            plan = plan_memory(cfg, ranks=args.ranks)
             print(format_plan(plan, parse_size(args.gpu_memory) if args.gpu_memory else None))
             return {"dry_run": True, "total_bytes": plan.total()}
         # Everything that can go wrong before the model is read (minutes, for a big one).
@@ -166,6 +169,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
                               "(torch.cuda.is_available() is False); set train.device = \"cpu\" or \"auto\"")
         distributed.init(pick_device(cfg.train.device).type)  # under torchrun; nothing alone
         world = distributed.world_size()
+        if not distributed.is_main():  # rank 0 speaks for all; the others keep stderr for their errors
+            sys.stdout = open(os.devnull, "w")
         resume, meta = find_resume(cfg, args.resume, world)
         train_ds = load_split(cfg.data, cfg.data.train_split)
         eval_ds = load_split(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
@@ -228,7 +233,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         metrics[f"{cfg.data.metric}_after"] = after["score"]
         show("after", after)
         print(f"training took {result['train_seconds']:.0f}s")
-    if not distributed.is_main():  # every rank evaluated the same adapters; rank 0 writes
+    if not distributed.is_main():  # every rank scored the same gathered answers; rank 0 writes
         distributed.close()
         return metrics
     out = Path(cfg.train.output_dir) / "metrics.json"

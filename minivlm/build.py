@@ -99,6 +99,7 @@ def build(cfg: Config, processor: object | None = None) -> Built:
     dtype = DTYPES[cfg.model.dtype]
     quant = cfg.quant
     skip = family.QUANT_SKIP if quant.skip is None else quant.skip
+    storage = dtype if cfg.train.fsdp else torch.uint8  # FSDP shards one float dtype per layer (quant.py)
     if processor is None:
         processor = load_processor(cfg)
     try:
@@ -106,13 +107,14 @@ def build(cfg: Config, processor: object | None = None) -> Built:
             # Streamed: read one tensor at a time, each 4-bit weight quantized as it arrives, straight
             # to the device. The host never holds the float model.
             model, quantized = load_pretrained(family.MODEL_CLASS, cfg.model.name_or_path, dtype, device,
-                                               quant.load_in_4bit, skip, quant.quant_type, quant.double_quant)
+                                               quant.load_in_4bit, skip, quant.quant_type, quant.double_quant,
+                                               storage)
         else:
             # LLaVA-Phi is assembled from two checkpoints by its own from_pretrained: loaded whole in
             # float on the host, then quantized one layer at a time onto the device.
             model = family.MODEL_CLASS.from_pretrained(cfg.model.name_or_path, dtype=dtype)
-            quantized = (quantize_linears(model, skip, dtype, device, quant.quant_type, quant.double_quant)
-                         if quant.load_in_4bit else [])
+            quantized = (quantize_linears(model, skip, dtype, device, quant.quant_type, quant.double_quant,
+                                          storage) if quant.load_in_4bit else [])
             model.to(device)
     except OSError as e:
         raise _load_error(cfg.model.name_or_path, e) from None

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from minivlm.distributed import unwrapped_name
 from minivlm.lora import trainable_state_dict
 
 
@@ -232,7 +233,7 @@ def save_checkpoint(output_dir: str | Path, model: nn.Module, optimizer: torch.o
 
     tmp.mkdir()
     _write(tmp / "adapter.safetensors",
-           save({k: v.contiguous() for k, v in trainable_state_dict(model).items()}))
+           save({unwrapped_name(k): v.contiguous() for k, v in trainable_state_dict(model).items()}))
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()},
                       tensors, "s")

@@ -91,6 +91,9 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    # Under torchrun: shard the frozen base's layers across the ranks (FSDP) instead of replicating
+    # it (DDP), for a base no single GPU holds. Unverified on GPUs so far (README, distributed.py).
+    fsdp: bool = False
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end (and at each new best)
     keep_checkpoints: int = 2  # the newest saves kept (plus the best); 0 = keep every one
     eval_every: int = 0  # optimizer steps between validation-loss evaluations (needs data.eval_split); 0 = never

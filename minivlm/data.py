@@ -287,9 +287,10 @@ class TrainSteps(torch.utils.data.Dataset):
     samples, of which rank r collates the r-th batch_size: N ranks × batch b then train on the
     same samples in the same steps as one process with batch N·b, and the split is still a pure
     function of (seed, epoch, world size, step). The window returned holds the whole micro-batches
-    (all ranks' samples); the collated batches, this rank's slices only (at an epoch's short end a
-    slice may be empty, and its micro-batch is left out). Random crops are drawn per rank, so with
-    data.random_resized_crop they are not those of the one-process run.
+    (all ranks' samples); the collated batches, this rank's slices only, one per micro-batch even
+    where the slice is empty (at an epoch's short end): a batch of zero rows, so that every rank
+    counts the same micro-batches (see loop.backward_window). Random crops are drawn per rank, so
+    with data.random_resized_crop they are not those of the one-process run.
     """
 
     def __init__(self, ds: datasets.Dataset, cfg: DataConfig, family: str, processor, batch_size: int,
@@ -312,7 +313,18 @@ class TrainSteps(torch.utils.data.Dataset):
         mine = [idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for idx in window]
         crops = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         family = get_family(self.family)  # held by name: a module object does not pickle into workers
-        return step, window, [collate(self.ds, idx, self.cfg, family, self.processor, crops) for idx in mine if idx]
+        return step, window, [collate(self.ds, idx, self.cfg, family, self.processor, crops) for idx in mine]
+
+
+def filler_batch(ds: datasets.Dataset, cfg: DataConfig, family: ModuleType, processor) -> dict[str, torch.Tensor]:
+    """The first usable sample of `ds` with every label masked: a forward and backward that add
+    exactly zero to every gradient. Under DDP, a rank whose slice of a micro-batch holds no usable
+    sample runs it instead, because every rank must take part in each synchronised backward."""
+    for i in range(len(ds)):
+        batch = collate(ds, [i], cfg, family, processor)
+        if len(batch["input_ids"]):
+            return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    raise ValueError("the training split has no usable sample (see data.on_bad_sample and data.max_length)")
 
 
 def train_loader(ds: datasets.Dataset, cfg: DataConfig, family: str, processor, batch_size: int, grad_accum: int,

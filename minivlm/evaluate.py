@@ -6,6 +6,7 @@ import datasets
 import torch
 from PIL import Image
 
+from minivlm import distributed
 from minivlm.build import DTYPES, Built
 from minivlm.config import Config
 from minivlm.data import references_of, to_rgb, usable_samples
@@ -23,7 +24,10 @@ def answer(cfg: Config, built: Built, images: list[Image.Image], prompts: list[s
                                           system=cfg.data.system_prompt)
     inputs = model_inputs(batch, built.device, DTYPES[cfg.model.dtype])
     with autocast(cfg, built.device):
-        out = model.generate(**inputs, max_new_tokens=cfg.train.max_new_tokens, do_sample=False, use_cache=True)
+        # synced_gpus: under FSDP a rank whose answers are done keeps stepping until all are,
+        # since every forward gathers weights from every rank.
+        out = model.generate(**inputs, max_new_tokens=cfg.train.max_new_tokens, do_sample=False, use_cache=True,
+                             synced_gpus=distributed.is_sharded(model))
     model.train(was_training)
     new_tokens = out[:, inputs["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
     return [s.strip() for s in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -31,13 +35,16 @@ def answer(cfg: Config, built: Built, images: list[Image.Image], prompts: list[s
 
 def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 16) -> dict:
     """data.metric of greedy answers on `ds` (the first data.eval_samples rows if set), over the
-    rows that are not bad samples (data.on_bad_sample decides: skipped, or an error)."""
-    if cfg.data.eval_samples:
-        ds = ds.select(range(min(cfg.data.eval_samples, len(ds))))
+    rows that are not bad samples (data.on_bad_sample decides: skipped, or an error).
+
+    Under torchrun each rank answers its share of the rows, and every rank scores all the answers,
+    gathered in row order: some metrics (BLEU, CIDEr) are not means over samples, and every rank
+    must reach the same verdict on best checkpoints and early stopping."""
+    rows = distributed.shard(min(cfg.data.eval_samples or len(ds), len(ds)), built.model)
     clip = cfg.data.metric == "clip_score"  # the one metric that reads the images, not the references
     prompts, predictions, references, clip_per_sample = [], [], [], []
-    for i in range(0, len(ds), batch_size):
-        samples = usable_samples(ds, list(range(i, min(i + batch_size, len(ds)))), cfg.data)
+    for i in range(rows.start, rows.stop, batch_size):
+        samples = usable_samples(ds, list(range(i, min(i + batch_size, rows.stop))), cfg.data)
         if not samples:
             continue
         images = [image for _, _, image, _ in samples]
@@ -48,6 +55,8 @@ def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 
         predictions += answers
         prompts += [q for q, _ in first]
         references += [references_of(cfg.data, row) for _, row, _, _ in samples]
+    prompts, predictions, references, clip_per_sample = (distributed.gather(x, built.model) for x in (
+        prompts, predictions, references, clip_per_sample))
     if not predictions:
         raise ValueError(f"the eval split has no rows to score {cfg.data.metric} on")
     score = (sum(clip_per_sample) / len(clip_per_sample) if clip

@@ -49,10 +49,12 @@ def load_pretrained(
     skip: list[str],
     quant_type: str = "nf4",
     double_quant: bool = True,
+    storage: torch.dtype = torch.uint8,
 ) -> tuple[PreTrainedModel, list[str]]:
     """The checkpoint at `path` (a directory or a cached hub id) as `model_class`, on `device`.
 
     With `load_in_4bit`, every nn.Linear outside `skip` is quantized as its weight is read.
+    `storage`: the dtype the packed 4-bit codes are kept in (see quant.py).
     Returns the model and the names of its Linear4bit layers. A path without a config.json or
     safetensors weights raises OSError, as from_pretrained does.
     """
@@ -60,7 +62,7 @@ def load_pretrained(
     files = checkpoint_files(path)
     with parameters_on_meta():
         model = model_class._from_config(config, dtype=dtype)
-    quantized = linear4bit_shells(model, skip, dtype, quant_type, double_quant) if load_in_4bit else []
+    quantized = linear4bit_shells(model, skip, dtype, quant_type, double_quant, storage) if load_in_4bit else []
     if tied_4bit := [t for t in model.all_tied_weights_keys if t.rpartition(".")[0] in quantized]:
         raise ValueError(f"{tied_4bit} share their weight with float embeddings: keep them in quant.skip")
     names = parameter_names(model, files)

@@ -9,10 +9,10 @@ batch 4 × accum 1 and batch 1 × accum 4 give the same gradient. (Averaging eac
 mean loss instead would over-weight the tokens of short answers.)
 
 Under torchrun (see distributed.py) the sums run over every rank's micro-batches too: the answer
-tokens are counted across ranks before dividing, and the ranks' gradients are summed, so N ranks
-× batch b give the same gradient as one process with batch N·b. Every rank trains, evaluates
-(the same adapters, so the same scores: redundant, but no rank waits for another's verdict on
-early stopping) and decides alike; rank 0 alone writes the checkpoints and the log.
+tokens are counted across ranks before dividing, and DDP sums the ranks' gradients, so N ranks
+× batch b give the same gradient as one process with batch N·b. Each rank evaluates its share of
+the eval split and every rank scores the gathered answers, so all decide alike (best, early
+stopping); rank 0 alone writes the checkpoints and the log.
 """
 
 from __future__ import annotations
@@ -36,26 +36,28 @@ from minivlm import distributed
 from minivlm.build import Built
 from minivlm.checkpoint import load_adapter, load_training_state, recover, save_checkpoint, write_atomic
 from minivlm.config import Config, to_dict
-from minivlm.data import collate, steps_per_epoch, train_loader
+from minivlm.data import collate, filler_batch, steps_per_epoch, train_loader
 from minivlm.evaluate import evaluate
 from minivlm.lora import logical_numel
 from minivlm.optim import build_optimizer, lr_at
 from minivlm.precision import logits_of
 
 
-def answer_loss_sum(cfg: Config, built: Built, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def answer_loss_sum(cfg: Config, built: Built, batch: dict[str, torch.Tensor],
+                    model: torch.nn.Module | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled positions (labels != -100), in fp32.
 
     Position t predicts token t+1, so the positions that carry loss are those whose *next* label
     is set. Only they go through the lm_head: a PaliGemma sample is 256 image tokens, a prompt
     and a few answer tokens, and full logits would be a (batch, seq, 257152) tensor, kept for
     backward, of which all but the answer rows are thrown away. Here logits are (n answer
-    tokens, vocab), and only they are upcast to fp32.
+    tokens, vocab), and only they are upcast to fp32. `model`: see precision.logits_of.
     """
     targets = batch["labels"][:, 1:].to(built.device)
     keep = targets != -100
     predicts = F.pad(keep, (0, 1), value=False)  # (batch, seq): the last position predicts nothing
-    return F.cross_entropy(logits_of(cfg, built, batch, at=predicts).float(), targets[keep], reduction="sum")
+    logits = logits_of(cfg, built, batch, at=predicts, model=model).float()
+    return F.cross_entropy(logits, targets[keep], reduction="sum")
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -63,40 +65,46 @@ def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def backward_window(cfg: Config, built: Built, batches: list[dict],
-                    scaler: torch.amp.GradScaler) -> tuple[float, int]:
+def backward_window(cfg: Config, built: Built, model: torch.nn.Module, batches: list[dict],
+                    scaler: torch.amp.GradScaler, filler: dict | None = None) -> tuple[float, int]:
     """Forward + backward over one accumulation window; returns (loss per answer token, answer tokens).
 
     Each micro-batch's summed loss is divided by the answer tokens of the *whole* window, so
     the accumulated .grad is the gradient of the per-token mean over the window. A window
-    without answer tokens does nothing and returns (nan, 0). With several ranks, the window is
-    the global step's (its tokens counted on every rank, the loss summed over them); the
-    gradients are summed afterwards (distributed.sum_gradients).
+    without answer tokens does nothing and returns (nan, 0). `model` is built.model, or under
+    torchrun its DDP wrapper (distributed.wrap); then the window is the global step's: its
+    tokens counted on every rank, its loss summed over them, and its gradients summed by DDP in
+    the backward of the last micro-batch. `filler`: see data.filler_batch (DDP only).
     """
     n_tokens = int(distributed.total(sum(answer_tokens(b) for b in batches), built.device))
     if n_tokens == 0:
         return float("nan"), 0
     losses = []
-    for batch in batches:
-        if answer_tokens(batch) == 0:  # nothing to learn here (all masked, or all samples too long)
-            continue
-        loss = answer_loss_sum(cfg, built, batch) / n_tokens
-        scaler.scale(loss).backward()
+    for i, batch in enumerate(batches):
+        if answer_tokens(batch) == 0:  # no usable sample here, or every answer masked: nothing to learn
+            if filler is None:  # alone: skip it
+                continue
+            # Under DDP every rank must take part in every synchronised backward: run it anyway
+            # (its loss is 0), or without a single sample, the filler (one sample, labels masked).
+            batch = batch if len(batch["input_ids"]) else filler
+        with distributed.synchronising(model, last=i == len(batches) - 1):
+            loss = answer_loss_sum(cfg, built, batch, model) / n_tokens
+            scaler.scale(loss).backward()
         losses.append(loss.detach())
     # Read back once per window: each .item() would make the CPU wait for the GPU to catch up.
-    # (A rank whose slices hold no answer tokens has no loss of its own but still adds up.)
     local = sum(torch.stack(losses).tolist()) if losses else 0.0
     return distributed.total(local, built.device), n_tokens
 
 
 @torch.no_grad()
 def validation_loss(cfg: Config, built: Built, ds: datasets.Dataset) -> float:
-    """Loss per answer token over the eval split (its first data.eval_samples rows if set)."""
-    rows = min(cfg.data.eval_samples or len(ds), len(ds))
+    """Loss per answer token over the eval split (its first data.eval_samples rows if set); under
+    torchrun each rank sums over its share of the rows, and the sums are added up."""
+    rows = distributed.shard(min(cfg.data.eval_samples or len(ds), len(ds)), built.model)
     built.model.eval()  # dropout off
     total, tokens = 0.0, 0
-    for i in range(0, rows, cfg.train.batch_size):
-        batch = collate(ds, list(range(i, min(i + cfg.train.batch_size, rows))), cfg.data, built.family,
+    for i in range(rows.start, rows.stop, cfg.train.batch_size):
+        batch = collate(ds, list(range(i, min(i + cfg.train.batch_size, rows.stop))), cfg.data, built.family,
                         built.processor)
         batch_tokens = answer_tokens(batch)
         if batch_tokens == 0:
@@ -104,7 +112,7 @@ def validation_loss(cfg: Config, built: Built, ds: datasets.Dataset) -> float:
         total += answer_loss_sum(cfg, built, batch).item()
         tokens += batch_tokens
     built.model.train()
-    return total / max(tokens, 1)
+    return distributed.total(total, built.device) / max(distributed.total(tokens, built.device), 1)
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) of the SXM data-centre parts, for MFU (a PCIe H100 peaks
@@ -139,7 +147,9 @@ class StopSignal:
     A preemptible VM or a job scheduler sends SIGTERM (and kills a while later); Ctrl-C sends
     SIGINT. Dying at once would lose every step since the last save, so the handler only sets
     `signum`; the loop finishes its step, saves and returns. A second signal stops at once
-    (KeyboardInterrupt), for when even a save is too long to wait for.
+    (KeyboardInterrupt), for when even a save is too long to wait for; but not one that comes
+    within a second of the first: under torchrun, Ctrl-C reaches every process of the terminal's
+    group, and torchrun then forwards it to its workers, which see it twice.
 
     A context manager: the handlers are installed for the duration of training only and the
     previous ones put back after, so tests and programs that call train() keep their own.
@@ -147,14 +157,19 @@ class StopSignal:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+    ECHO_SECONDS = 1.0
+
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._first = 0.0  # when signum came
         self._previous: dict = {}
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None:
+            if time.monotonic() - self._first < self.ECHO_SECONDS:
+                return  # the launcher's echo of the first
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self._first = signum, time.monotonic()
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving "
               "(send it again to stop at once, without saving)", file=sys.stderr, flush=True)
 
@@ -225,6 +240,9 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
         load_adapter(resume, model)
         start, saved = load_training_state(resume, optimizer, scaler)  # RNG too: same dropout masks
         loop_state.update(saved)
+    # Under torchrun: the training forward goes through DDP (or FSDP); checkpoints and generation use `model`.
+    trained = distributed.wrap(model, device, shard=t.fsdp)
+    filler = filler_batch(train_ds, cfg.data, built.family, built.processor) if world > 1 else None
     if main:
         # What a crash left half done (see checkpoint.py); `best` is the resumed save's idea of it.
         recover(out, t.keep_checkpoints, resumed=Path(resume) if resume else None,
@@ -261,8 +279,8 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
         for step, window, batches in steps:
             bar.update()
             epoch = step // per_epoch
-            window_loss, n_tokens = backward_window(cfg, built, batches, scaler)
-            distributed.sum_gradients(trainable)
+            window_loss, n_tokens = backward_window(cfg, built, trained, batches, scaler, filler)
+            distributed.sum_gradients(trained, trainable)  # FSDP only: DDP summed them in the backward
             if n_tokens == 0:
                 warnings.warn(f"step {step}: no answer tokens in these {len(window)} micro-batches (all labels "
                               "masked); skipping the step instead of dividing by zero")

@@ -82,6 +82,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLI
 
 from minivlm.build import DTYPES
 from minivlm.config import Config, ConfigError
+from minivlm.distributed import layer_class_names
 from minivlm.models import get_family
 from minivlm.modules import matches
 
@@ -140,12 +141,22 @@ class Plan:
     gradient_checkpointing: bool = False
     host_streamed: int = 0
     host_full: int = 0
+    ranks: int = 1  # processes under torchrun
+    fsdp: bool = False  # train.fsdp: the layers sharded across the ranks
+    layer_bytes: int = 0  # weights inside the transformer layers (what FSDP shards)
+    largest_layer: int = 0  # ... of the largest one
     notes: list[str] = field(default_factory=list)
     tokens: str = ""  # how the sequence length and image tokens were counted
 
     @property
     def weights(self) -> int:
-        return self.quant_bytes + self.float_bytes
+        """Per GPU. Replicated (one process, or DDP): all of them. FSDP: each rank's 1/N of the
+        layers, the rest whole, and two layers gathered whole at a time (the one running and
+        the next, which FSDP prefetches; limit_all_gathers caps it there)."""
+        whole = self.quant_bytes + self.float_bytes
+        if not (self.fsdp and self.ranks > 1):
+            return whole
+        return whole - self.layer_bytes + self.layer_bytes // self.ranks + 2 * self.largest_layer
 
     @property
     def training_state(self) -> int:
@@ -230,6 +241,15 @@ def _weight_terms(plan: Plan, model: nn.Module, cfg: Config, family: ModuleType)
     plan.optim_bytes = sum(optimizer_bytes(n, cfg.train.optimizer) for n in trainable_numels)
     plan.host_full = (plan.quant_params + plan.float_params + plan.full_params) * b + HOST_RUNTIME
     plan.host_streamed = largest + HOST_RUNTIME
+    # What FSDP shards: the outermost modules of the classes distributed._shard wraps.
+    layer_classes, outer = layer_class_names(model), []
+    for name, m in model.named_modules():
+        if type(m).__name__ in layer_classes and not any(name.startswith(o + ".") for o in outer):
+            outer.append(name)
+            size = sum(nf4_bytes(p.numel(), cfg.quant.double_quant) if id(p) in quant_ids
+                       else p.numel() * p.element_size() for p in m.parameters() if id(p) not in full)
+            plan.layer_bytes += size
+            plan.largest_layer = max(plan.largest_layer, size)
     return largest_q, largest
 
 
@@ -339,11 +359,13 @@ def _activation_terms(plan: Plan, model: nn.Module, cfg: Config, largest_q: int,
         plan.notes.append(f"data.max_length {T} leaves no room for text after {n_img} image tokens")
 
 
-def plan_memory(cfg: Config, answer_tokens: int = 32) -> Plan:
-    """The memory plan for training `cfg`: meta-device model, no weights read, nothing allocated."""
+def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1) -> Plan:
+    """The memory plan per GPU for training `cfg` on `ranks` processes: meta-device model, no
+    weights read, nothing allocated."""
     family = get_family(cfg.model.family)
     model = meta_model(cfg, family)
-    plan = Plan(model=cfg.model.name_or_path, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    plan = Plan(model=cfg.model.name_or_path, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                ranks=ranks, fsdp=cfg.train.fsdp)
     largest_q, _ = _weight_terms(plan, model, cfg, family)
     _activation_terms(plan, model, cfg, largest_q, answer_tokens)
     if not cfg.quant.load_in_4bit:
@@ -357,8 +379,10 @@ def gib(n: int) -> str:
 
 def format_plan(plan: Plan, gpu_memory: int | None = None) -> str:
     ck = "on" if plan.gradient_checkpointing else "off"
+    per = "" if plan.ranks == 1 else (f", per GPU of {plan.ranks}: layers sharded (FSDP)" if plan.fsdp
+                                      else f", per GPU of {plan.ranks}: all replicated (DDP)")
     lines = [
-        f"memory plan for {plan.model} (meta device: no weights read)",
+        f"memory plan for {plan.model} (meta device: no weights read{per})",
         f"  {plan.tokens}",
         f"  4-bit weights     {gib(plan.quant_bytes)}  {plan.quantized} linears, {plan.quant_params:,} params, "
         f"NF4 + absmax (~0.52 byte/param)",
@@ -372,6 +396,9 @@ def format_plan(plan: Plan, gpu_memory: int | None = None) -> str:
         f"                    {gib(plan.act_full)}  without{'' if plan.gradient_checkpointing else '  <- configured'}",
         f"    of which logits {gib(plan.logits_bytes)}  fp32, answer positions only",
         f"  vision transient  {gib(plan.vision_transient)}  frozen tower's peak while it runs (before the rest)",
+        *([f"  FSDP saves        {gib(plan.quant_bytes + plan.float_bytes - plan.weights)}  of the weights above: the "
+           f"layers' {gib(plan.layer_bytes).strip()} split {plan.ranks} ways, 2 layers of {gib(plan.largest_layer).strip()} "
+           "gathered whole at a time"] if plan.fsdp and plan.ranks > 1 else []),
         f"  CUDA context      {gib(CUDA_CONTEXT)}",
         f"  total             {gib(plan.total())}  (checkpointing {ck}; "
         f"{gib(plan.total(not plan.gradient_checkpointing)).strip()} with it {'off' if plan.gradient_checkpointing else 'on'})",

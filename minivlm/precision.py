@@ -24,10 +24,12 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, dtype: to
             for k, v in batch.items() if k != "labels"}
 
 
-def logits_of(cfg: Config, built: Built, batch: dict[str, torch.Tensor], at: torch.Tensor | None = None) -> torch.Tensor:
+def logits_of(cfg: Config, built: Built, batch: dict[str, torch.Tensor], at: torch.Tensor | None = None,
+              model: torch.nn.Module | None = None) -> torch.Tensor:
     """The model's logits for `batch`: (batch, seq, vocab), or with `at`, a (batch, seq) bool mask,
     only at those positions, flattened to (n, vocab). transformers' `logits_to_keep` applies the
-    lm_head to the selected hidden states only, so the other positions never cost a vocab-sized row."""
+    lm_head to the selected hidden states only, so the other positions never cost a vocab-sized row.
+    `model`: the module to call, if not built.model (its DistributedDataParallel wrapper in training)."""
     extra = {} if at is None else {"logits_to_keep": at.to(built.device)}
     with autocast(cfg, built.device):
-        return built.model(**model_inputs(batch, built.device, DTYPES[cfg.model.dtype]), **extra).logits
+        return (model or built.model)(**model_inputs(batch, built.device, DTYPES[cfg.model.dtype]), **extra).logits

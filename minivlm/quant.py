@@ -13,6 +13,11 @@ bf16/fp16/fp32.
 The scope is explicit: the vision tower, projector, embeddings and lm_head are small next to
 the language model and sensitive to rounding, so families list them in `quant.skip`.
 
+The packed codes are bytes (uint8) by default. Under FSDP (train.fsdp) they are stored in the
+model's float dtype instead, two bytes of codes per bf16 "value": FSDP flattens each layer's
+weights into one tensor of a single float dtype, and bitsandbytes reads the storage as bytes
+whatever its dtype (`quant_storage`; bitsandbytes' docs/source/fsdp_qlora.md).
+
 The float weights come straight from the checkpoint: `linear4bit_shells` puts empty 4-bit
 layers in a model skeleton and minivlm/load.py fills each with `quantize_into` as its weight
 is read, so the float model never exists whole. `quantize_linears` does the same for a model
@@ -34,6 +39,7 @@ def linear4bit_shells(
     compute_dtype: torch.dtype,
     quant_type: str = "nf4",
     double_quant: bool = True,
+    storage: torch.dtype = torch.uint8,
 ) -> list[str]:
     """Replace every `nn.Linear` outside `skip` by an empty `Linear4bit`, in place.
 
@@ -50,7 +56,8 @@ def linear4bit_shells(
         linear = model.get_submodule(name)
         q = bnb.nn.Linear4bit(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
-            compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type, device="meta",
+            compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type,
+            quant_storage=storage, device="meta",
         )
         # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place into an
         # inference-only layout the first time it runs in eval mode without grad; a training step
@@ -66,9 +73,13 @@ def quantize_into(layer: bnb.nn.Linear4bit, weight: torch.Tensor, device: torch.
 
     bitsandbytes quantizes in `Params4bit.to`: the float weight goes in, the 4-bit codes and
     their quant_state (absmax per block, code book, nested statistics) come out on `device`.
+    `module=layer` gives the layer a copy of the quant_state: FSDP swaps its weight for a plain
+    view of a flat parameter, and Linear4bit.forward takes the quant_state back from the layer.
     """
-    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=layer.weight.compress_statistics,
-                                     quant_type=layer.weight.quant_type).to(device)
+    shell = layer.weight
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=shell.compress_statistics,
+                                     quant_type=shell.quant_type, quant_storage=shell.quant_storage,
+                                     module=layer).to(device)
 
 
 def quantize_linears(
@@ -78,6 +89,7 @@ def quantize_linears(
     device: torch.device,
     quant_type: str = "nf4",
     double_quant: bool = True,
+    storage: torch.dtype = torch.uint8,
 ) -> list[str]:
     """Replace every `nn.Linear` outside `skip` by a 4-bit `Linear4bit` on `device`, in place.
 
@@ -87,7 +99,7 @@ def quantize_linears(
     Returns the names of the quantized layers.
     """
     floats = dict(model.named_modules())
-    names = linear4bit_shells(model, skip, compute_dtype, quant_type, double_quant)
+    names = linear4bit_shells(model, skip, compute_dtype, quant_type, double_quant, storage)
     for name in names:
         linear, q = floats[name], model.get_submodule(name)
         quantize_into(q, linear.weight.data, device)

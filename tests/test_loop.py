@@ -27,7 +27,7 @@ def grads_after(cfg, built, batches) -> dict[str, torch.Tensor]:
     built.model.train()  # transformers checkpoints only in training mode
     built.model.zero_grad(set_to_none=True)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    backward_window(cfg, built, batches, scaler)
+    backward_window(cfg, built, built.model, batches, scaler)
     return {n: p.grad.clone() for n, p in built.model.named_parameters() if p.requires_grad}
 
 
