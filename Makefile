@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test base data digits bench readme-check venv clean
+.PHONY: demo test base data digits bench walkthrough readme-check venv clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -38,6 +38,10 @@ digits: base
 	$(PY) demo/make_data.py --task digits --out data/digits
 	rm -rf runs/digits
 	$(PY) train.py --config configs/digits.toml
+
+# One real training step of the demo, printed in the order of docs/qlora.md (about 15 s).
+walkthrough: base data
+	$(PY) -m minivlm.walkthrough
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
