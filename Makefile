@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test base data digits bench walkthrough readme-check venv clean
+.PHONY: demo test base data digits prefs dpo-demo bench walkthrough readme-check venv clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -42,6 +42,16 @@ digits: base
 # One real training step of the demo, printed in the order of docs/qlora.md (about 15 s).
 walkthrough: base data
 	$(PY) -m minivlm.walkthrough
+
+# DPO: teach the tiny base to prefer the English caption when asked a bare "caption" (docs in the
+# README's DPO section). The pairs are written by demo/make_data.py --task prefs.
+prefs: data/shapes-prefs/train/metadata.jsonl
+data/shapes-prefs/train/metadata.jsonl: $(STAMP) demo/shapes.py demo/make_data.py
+	$(PY) demo/make_data.py --task prefs --out data/shapes-prefs
+
+dpo-demo: base prefs
+	rm -rf runs/dpo-demo
+	$(PY) train.py --config configs/dpo_demo.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

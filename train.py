@@ -147,7 +147,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     """Check all that can be checked cheaply, then build, train, evaluate; returns the metrics."""
     import torch
 
-    from minivlm import distributed
+    from minivlm import distributed, dpo
     from minivlm.build import build, load_processor, pick_device
     from minivlm.checkpoint import load_adapter, write_atomic
     from minivlm.data import load_split, skipped_rows, warn_unknown_answers
@@ -193,6 +193,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         if cfg.train.init_from and resume is None:
             loaded = load_adapter(cfg.train.init_from, built.model, partial=True)
             print(f"train.init_from: {len(loaded)} tensors from {cfg.train.init_from}")
+        if cfg.train.objective == "dpo":
+            dpo.reference_weights(cfg, built.model)  # an init_from that cannot be DPO's reference fails now
     except (ConfigError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"{len(built.quantized)} linears in 4-bit, {len(built.adapted)} with LoRA; trainable params "
@@ -203,6 +205,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         before = evaluate(cfg, built, eval_ds)
         metrics[f"{cfg.data.metric}_before"] = before["score"]
         show("before", before)
+        if cfg.train.objective == "dpo":  # how the model ranks the held-out pairs (minivlm/dpo.py)
+            metrics.update(dpo.report("before", cfg, built, eval_ds))
     try:
         result = train(cfg, built, train_ds, eval_ds=eval_ds, resume=resume,
                        score_before=metrics.get(f"{cfg.data.metric}_before"))
@@ -232,6 +236,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         after = evaluate(cfg, built, eval_ds)
         metrics[f"{cfg.data.metric}_after"] = after["score"]
         show("after", after)
+        if cfg.train.objective == "dpo":
+            metrics.update(dpo.report("after", cfg, built, eval_ds))
         print(f"training took {result['train_seconds']:.0f}s")
     if not distributed.is_main():  # every rank scored the same gathered answers; rank 0 writes
         distributed.close()
@@ -239,9 +245,10 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     out = Path(cfg.train.output_dir) / "metrics.json"
     write_atomic(out, json.dumps(metrics, indent=2).encode())
     title = f"{args.config}: {result['step']} steps, final train loss {result['loss']:.3g}"
+    plotted = "preference_accuracy" if cfg.train.objective == "dpo" else cfg.data.metric  # what DPO changes
     if eval_ds is not None:
-        title += f", {cfg.data.metric} {metrics[f'{cfg.data.metric}_before']:.3f} -> {after['score']:.3f}"
-    print(f"wrote {out} and {plot_run(cfg.train.output_dir, cfg.data.metric, title)}")
+        title += f", {plotted} {metrics[f'{plotted}_before']:.3f} -> {metrics[f'{plotted}_after']:.3f}"
+    print(f"wrote {out} and {plot_run(cfg.train.output_dir, plotted, title)}")
     distributed.close()
     return metrics
 

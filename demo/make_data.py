@@ -2,12 +2,16 @@
 
     python demo/make_data.py --out data/shapes-qa                  (or: make data) the demo
     python demo/make_data.py --task digits --out data/digits       (part of: make digits)
+    python demo/make_data.py --task prefs --out data/shapes-prefs  (part of: make dpo-demo)
 
 shapes-qa: shape images with questions the base model never saw. digits: one digit an image,
 drawn with varying size, place, slant, stroke and brightness, asked "what digit is this" and
 answered "0" to "9": a stand-in for scikit-learn's handwritten digits, built without
 downloading anything, in words the base never wrote before (a tokenizer without digits would
-make every answer <unk>).
+make every answer <unk>). prefs: preference pairs for DPO: asked a bare "caption" (neither
+"caption en" nor "caption es", which the base was pretrained on), the English caption is chosen
+and the Spanish one rejected. The base prefers the opposite: it finds the Spanish caption the more
+likely one for about 9 images in 10 (docs/log.md), so DPO has a preference to reverse.
 
 The layout is the `datasets` imagefolder one (images + metadata.jsonl per split), loaded with
 `datasets.load_dataset("imagefolder", data_dir=...)`: the same path a user's own data takes.
@@ -26,21 +30,27 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from demo.shapes import QUESTIONS, draw_digit, sample  # noqa: E402
+from demo.shapes import QUESTIONS, caption, draw_digit, sample  # noqa: E402
 
 
-def shapes_qa(rng: random.Random) -> tuple[Image.Image, str, str]:
+def shapes_qa(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
     image, attrs = sample(rng)
     question = rng.choice(list(QUESTIONS))
-    return image, question, attrs[QUESTIONS[question]]
+    return image, {"question": question, "answer": attrs[QUESTIONS[question]]}
 
 
-def digits(rng: random.Random) -> tuple[Image.Image, str, str]:
+def digits(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
     digit = rng.randrange(10)
-    return draw_digit(digit, rng), "what digit is this", str(digit)
+    return draw_digit(digit, rng), {"question": "what digit is this", "answer": str(digit)}
 
 
-TASKS = {"shapes-qa": (shapes_qa, 1000, 2000), "digits": (digits, 3000, 4000)}  # sample, train seed, test seed
+def prefs(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
+    image, attrs = sample(rng)
+    return image, {"question": "caption", "chosen": caption(attrs, "en"), "rejected": caption(attrs, "es")}
+
+
+# Each task: (one sample's image and metadata columns, train seed, test seed).
+TASKS = {"shapes-qa": (shapes_qa, 1000, 2000), "digits": (digits, 3000, 4000), "prefs": (prefs, 5000, 6000)}
 
 
 def write_split(folder: Path, n: int, seed: int, task: str = "shapes-qa") -> None:
@@ -48,9 +58,9 @@ def write_split(folder: Path, n: int, seed: int, task: str = "shapes-qa") -> Non
     rng = random.Random(seed)
     with (folder / "metadata.jsonl").open("w") as meta:
         for i in range(n):
-            image, question, answer = TASKS[task][0](rng)
+            image, columns = TASKS[task][0](rng)
             image.save(folder / f"{i:05d}.png")
-            meta.write(json.dumps({"file_name": f"{i:05d}.png", "question": question, "answer": answer}) + "\n")
+            meta.write(json.dumps({"file_name": f"{i:05d}.png", **columns}) + "\n")
 
 
 if __name__ == "__main__":

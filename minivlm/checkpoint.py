@@ -313,11 +313,14 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
     `saved` is the config stored in a checkpoint's state.json, `current` the run's (config.to_dict).
     A key the saved config lacks (written before that key existed) is not compared.
     """
+    free = FREE_ON_RESUME
+    if current.get("train", {}).get("objective") == "dpo":
+        free = free - {"train.init_from"}  # DPO's reference model is that adapter (dpo.py): another is another loss
     conflicts = []
     for section, values in current.items():
         for key, new in values.items():
             old = saved.get(section, {}).get(key, new)
-            if f"{section}.{key}" not in FREE_ON_RESUME and old != new:
+            if f"{section}.{key}" not in free and old != new:
                 conflicts.append(f"{section}.{key}: {old!r} -> {new!r}")
     return conflicts
 

@@ -57,7 +57,8 @@ class DataConfig:
     eval_split: str = ""  # "" = no evaluation split
     image_column: str = "image"
     question_column: str = "question"
-    answer_column: str = "answer"
+    answer_column: str = "answer"  # with train.objective = "dpo": the preferred (chosen) answers
+    rejected_column: str = ""  # train.objective = "dpo": the column of the dispreferred answers
     prompt_template: str = "{question}"  # what the model reads; {question} or any {column}
     answer_template: str = ""  # what it learns to write; "" = the answer column; else any {column}
     system_prompt: str = ""  # a system turn, for chat-template families
@@ -76,6 +77,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
+    objective: str = "sft"  # "sft": learn the answers; "dpo": prefer the chosen answer to the rejected one
+    dpo_beta: float = 0.1  # DPO's beta: how far the policy may move from the reference (higher: less)
+    dpo_label_smoothing: float = 0.0  # cDPO: the probability that a preference label is wrong, in [0, 0.5)
     seed: int = 0
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
@@ -119,6 +123,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "quant.quant_type": ("nf4", "fp4"),
     "data.on_bad_sample": ("skip", "fail"),
+    "train.objective": ("sft", "dpo"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.best_by": ("metric", "val_loss"),
     "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
@@ -205,6 +210,7 @@ ALIASES = {
     "llm_int8_skip_modules": "skip", "model_id": "name_or_path", "torch_dtype": "dtype",
     "save_total_limit": "keep_checkpoints", "save_steps": "save_every", "eval_steps": "eval_every",
     "dataloader_num_workers": "workers",
+    "beta": "dpo_beta", "label_smoothing": "dpo_label_smoothing",
 }
 
 
@@ -250,6 +256,18 @@ def validate(cfg: Config) -> None:
          "needs train.eval_every > 0"),
         (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
          "must be >= 1 (consecutive NaN/inf-loss steps before the run stops)"),
+        (cfg.train.dpo_beta > 0, "train.dpo_beta", "must be > 0 (the scale of DPO's implicit reward, e.g. 0.1)"),
+        (0 <= cfg.train.dpo_label_smoothing < 0.5, "train.dpo_label_smoothing",
+         "must be in [0, 0.5) (the probability that a preference label is flipped; 0 = plain DPO)"),
+        (cfg.train.objective != "dpo" or cfg.data.rejected_column, "data.rejected_column",
+         "is empty, and train.objective = \"dpo\" needs it: the column of the rejected answers (e.g. \"rejected\"); "
+         "data.answer_column holds the chosen ones"),
+        (cfg.train.objective != "dpo" or not cfg.lora.train_modules or cfg.train.init_from, "lora.train_modules",
+         "needs train.init_from with train.objective = \"dpo\": the reference model is the base with its adapters "
+         "switched off, and a module trained in full has no such switch; start from a checkpoint that holds it"),
+        (cfg.train.objective != "dpo" or not cfg.data.conversations_column, "data.conversations_column",
+         "is set, and train.objective = \"dpo\" compares two answers to one prompt; leave it empty and set "
+         "data.question_column, data.answer_column (chosen) and data.rejected_column"),
         (cfg.train.device in ("auto", "cpu") or cfg.train.device.startswith("cuda"), "train.device",
          "must be 'auto', 'cpu' or 'cuda[:N]'"),
     ]

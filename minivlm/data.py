@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import math
 import string
 import sys
 import urllib.request
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -99,8 +101,9 @@ def _fields(template: str) -> set[str]:
 
 
 def required_columns(cfg: DataConfig) -> list[str]:
-    """The image column and every column the prompt and answer templates read."""
-    extra = [cfg.references_column] if cfg.references_column else []
+    """The image column and every column the prompt and answer templates read (and, in preference
+    data, the rejected answers')."""
+    extra = [c for c in (cfg.references_column, cfg.rejected_column) if c]
     if cfg.conversations_column:
         return [cfg.image_column, cfg.conversations_column, *extra]
     aliases = {"question": cfg.question_column, "answer": cfg.answer_column}
@@ -109,7 +112,7 @@ def required_columns(cfg: DataConfig) -> list[str]:
 
 
 def _row_values(cfg: DataConfig, row: dict, template: str) -> dict:
-    values = {**row, "question": row.get(cfg.question_column)}
+    values = {**row, "question": message_text(row.get(cfg.question_column))}
     if "answer" in _fields(template):  # only then: a prompt is also built for rows without an answer
         values["answer"] = answer_text(row.get(cfg.answer_column))
     return values
@@ -124,6 +127,34 @@ def answer_of(cfg: DataConfig, row: dict) -> str:
     """The target text: the answer column, or data.answer_template filled from the row."""
     template = cfg.answer_template or "{answer}"
     return template.format(**_row_values(cfg, row, template))
+
+
+def rejected_of(cfg: DataConfig, row: dict) -> str:
+    """The dispreferred answer of a preference row (train.objective = "dpo"): data.rejected_column,
+    through data.answer_template as the chosen answer (data.answer_column) is. A BadSample if it
+    is missing or the same as the chosen one (there is nothing to prefer)."""
+    try:
+        rejected = answer_of(dataclasses.replace(cfg, answer_column=cfg.rejected_column), row)
+    except BadSample as e:
+        raise BadSample(f"data.rejected_column {cfg.rejected_column!r}: {e}") from None
+    if rejected == answer_of(cfg, row):
+        raise BadSample(f"the rejected answer is the chosen one ({rejected!r}): nothing to prefer")
+    return rejected
+
+
+def message_text(value):
+    """A column in the conversational layout of TRL's datasets (HuggingFaceH4/rlaif-v_formatted)
+    holds one chat message, [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+    "text": "..."}]}]: read as its text parts. Any other value is returned as it is."""
+    if not (isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value)):
+        return value
+    if len(value) != 1:
+        raise BadSample(f"a column holds {len(value)} chat messages, where one prompt or one answer is read; "
+                        "multi-turn dialogs go in data.conversations_column (LLaVA's from/value layout)")
+    content = value[0].get("content")
+    if isinstance(content, str):
+        return content
+    return " ".join(part["text"] for part in content or [] if part.get("type") == "text" and part.get("text"))
 
 
 def dialog_of(cfg: DataConfig, row: dict) -> list[tuple[str, str]]:
@@ -156,6 +187,10 @@ def references_of(cfg: DataConfig, row: dict) -> list[str]:
 def image_of(cfg: DataConfig, row: dict) -> Image.Image:
     """The row's image as RGB, fully decoded; a BadSample naming the file if it cannot be read."""
     value = row[cfg.image_column]
+    if isinstance(value, list):  # TRL's layout: a list of images, "images"
+        if len(value) != 1:
+            raise BadSample(f"data.image_column {cfg.image_column!r} holds {len(value)} images; a sample has one")
+        value = value[0]
     if isinstance(value, str) and cfg.image_root and not value.startswith(("http://", "https://", "/")):
         value = str(Path(cfg.image_root) / value)
     if value is None:
@@ -173,13 +208,18 @@ def read_image(source: Image.Image | str | Path | dict) -> Image.Image:
 
 
 def sample_of(cfg: DataConfig, row: dict) -> tuple[Image.Image, list[tuple[str, str]]]:
-    """(image, exchanges) of one row; a BadSample if either cannot be had."""
-    return image_of(cfg, row), dialog_of(cfg, row)
+    """(image, exchanges) of one row; a BadSample if either cannot be had or, in preference data
+    (data.rejected_column), the rejected answer cannot."""
+    image, dialog = image_of(cfg, row), dialog_of(cfg, row)
+    if cfg.rejected_column:
+        rejected_of(cfg, row)
+    return image, dialog
 
 
 def answer_text(answer) -> str:
     """Datasets store answers as strings or as lists of accepted answers (ChartQA); train on the first.
     A null or empty answer is a BadSample: str(None) would teach the model to write "None"."""
+    answer = message_text(answer)
     if isinstance(answer, (list, tuple)):
         answer = answer[0] if answer else None
     if answer is None or not str(answer).strip():
@@ -294,8 +334,10 @@ class TrainSteps(torch.utils.data.Dataset):
     """
 
     def __init__(self, ds: datasets.Dataset, cfg: DataConfig, family: str, processor, batch_size: int,
-                 grad_accum: int, seed: int, first: int, last: int, world_size: int = 1, rank: int = 0):
+                 grad_accum: int, seed: int, first: int, last: int, world_size: int = 1, rank: int = 0,
+                 collate_fn: Callable | None = None):
         self.ds, self.cfg, self.family, self.processor = ds, cfg, family, processor
+        self.collate = collate_fn or collate  # dpo.collate_pairs for preference pairs
         self.batch_size, self.grad_accum, self.seed, self.first, self.last = batch_size, grad_accum, seed, first, last
         self.world_size, self.rank = world_size, rank
         self.per_epoch = steps_per_epoch(len(ds), batch_size * world_size, grad_accum)
@@ -313,7 +355,7 @@ class TrainSteps(torch.utils.data.Dataset):
         mine = [idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for idx in window]
         crops = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         family = get_family(self.family)  # held by name: a module object does not pickle into workers
-        return step, window, [collate(self.ds, idx, self.cfg, family, self.processor, crops) for idx in mine]
+        return step, window, [self.collate(self.ds, idx, self.cfg, family, self.processor, crops) for idx in mine]
 
 
 def filler_batch(ds: datasets.Dataset, cfg: DataConfig, family: ModuleType, processor) -> dict[str, torch.Tensor]:
@@ -328,12 +370,15 @@ def filler_batch(ds: datasets.Dataset, cfg: DataConfig, family: ModuleType, proc
 
 
 def train_loader(ds: datasets.Dataset, cfg: DataConfig, family: str, processor, batch_size: int, grad_accum: int,
-                 seed: int, first: int, last: int, world_size: int = 1, rank: int = 0) -> torch.utils.data.DataLoader:
-    """Steps first..last-1 in order, each (step, sample indices, micro-batches). With data.workers
+                 seed: int, first: int, last: int, world_size: int = 1, rank: int = 0,
+                 collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:
+    """Steps first..last-1 in order, each (step, sample indices, micro-batches), collated by
+    `collate_fn` (default: collate; dpo.collate_pairs for preference pairs). With data.workers
     > 0, that many processes prepare the next steps while the current one trains (two steps ahead
     each); with 0, every step is prepared in the training process when it is needed. With several
     ranks, each step is this rank's share of it (see TrainSteps)."""
-    steps = TrainSteps(ds, cfg, family, processor, batch_size, grad_accum, seed, first, last, world_size, rank)
+    steps = TrainSteps(ds, cfg, family, processor, batch_size, grad_accum, seed, first, last, world_size, rank,
+                       collate_fn)
     # Its own generator: a DataLoader draws a seed for its workers when iterated, and from the
     # global RNG that would shift every dropout mask after it (and break exact resume).
     return torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=cfg.workers,
@@ -413,11 +458,11 @@ def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: M
         dropped = [i for i, k in zip(indices, keep.tolist()) if not k]
         warnings.warn(f"dropped sample(s) {dropped}: longer than data.max_length = {cfg.max_length} tokens "
                       f"({lengths.max().item()}); raise data.max_length to train on them")
-        batch = _select_rows(batch, keep, int(lengths[keep].max()) if keep.any() else 0)
+        batch = select_rows(batch, keep, int(lengths[keep].max()) if keep.any() else 0)
     return batch
 
 
-def _select_rows(batch: dict[str, torch.Tensor], keep: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+def select_rows(batch: dict[str, torch.Tensor], keep: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
     """Keep the rows where `keep`; cut the (right) padding of the token tensors to `length`."""
     n, seq = batch["input_ids"].shape
     out = {}

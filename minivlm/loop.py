@@ -13,6 +13,9 @@ tokens are counted across ranks before dividing, and DDP sums the ranks' gradien
 × batch b give the same gradient as one process with batch N·b. Each rank evaluates its share of
 the eval split and every rank scores the gathered answers, so all decide alike (best, early
 stopping); rank 0 alone writes the checkpoints and the log.
+
+With train.objective = "dpo" the micro-batches hold preference pairs, and dpo.backward_window
+takes backward_window's place: the same loop, another loss (see dpo.py).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minivlm import distributed
+from minivlm import distributed, dpo
 from minivlm.build import Built
 from minivlm.checkpoint import load_adapter, load_training_state, recover, save_checkpoint, write_atomic
 from minivlm.config import Config, to_dict
@@ -115,6 +118,15 @@ def validation_loss(cfg: Config, built: Built, ds: datasets.Dataset) -> float:
     return distributed.total(total, built.device) / max(distributed.total(tokens, built.device), 1)
 
 
+def validation(cfg: Config, built: Built, ds: datasets.Dataset) -> dict[str, float]:
+    """The eval split's loss, "val_loss": per answer token, or with train.objective = "dpo" the DPO
+    loss per pair, with the held-out rewards and preference accuracy (dpo.held_out)."""
+    if cfg.train.objective == "dpo":
+        scores = dpo.held_out(cfg, built, ds)
+        return {"val_loss": scores.pop("dpo_loss"), **scores}
+    return {"val_loss": validation_loss(cfg, built, ds)}
+
+
 # Dense bf16 tensor-core peaks (FLOP/s) of the SXM data-centre parts, for MFU (a PCIe H100 peaks
 # lower, so its MFU reads low); other GPUs log none.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -128,17 +140,18 @@ def peak_flops_per_s(device: torch.device, cfg: Config) -> float:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), 0.0)
 
 
-def train_flops_per_token(built: Built, checkpointing: bool) -> float:
+def train_flops_per_token(built: Built, checkpointing: bool, reference: bool = False) -> float:
     """Matmul FLOPs of one training step per token, the estimate MFU is measured against.
 
     Each weight costs 2 FLOPs per token forward (a multiply and an add) and 2 more backward for
     the gradient of its input, which earlier adapters need; a frozen weight needs no gradient of
     its own (the 2 more that full fine-tuning's 6N counts). Checkpointing runs the forward twice.
     Attention scores and the adapters are left out (small at these sequence lengths and ranks),
-    and so are embeddings, which are a lookup: a slight underestimate, as nanoGPT's 6N is.
+    and so are embeddings, which are a lookup: a slight underestimate, as nanoGPT's 6N is. DPO's
+    `reference` model runs one more forward.
     """
     params = sum(logical_numel(p) for n, p in built.model.named_parameters() if "embed" not in n)
-    return (4 + 2 * checkpointing) * params
+    return (4 + 2 * checkpointing + 2 * reference) * params
 
 
 class StopSignal:
@@ -234,6 +247,8 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     # bf16 has fp32's exponent range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=t.fp16)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    preferences = t.objective == "dpo"  # pairs, and DPO's loss against a reference (minivlm/dpo.py)
+    reference = dpo.reference_weights(cfg, model) if preferences else None
 
     start, loop_state = 0, {"best_score": -float("inf"), "evals_since_best": 0}
     if resume:
@@ -250,8 +265,7 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     # The other ranks log into the void: the same lines as rank 0's, which are written.
     log = open_log(out / "log.jsonl", keep_until=start) if main else open(os.devnull, "w")
     if start == 0 and t.eval_every and eval_ds is not None and score_before is not None:
-        log.write(json.dumps({"step": 0, "val_loss": validation_loss(cfg, built, eval_ds),
-                              cfg.data.metric: score_before}) + "\n")
+        log.write(json.dumps({"step": 0, **validation(cfg, built, eval_ds), cfg.data.metric: score_before}) + "\n")
     saved_step = start if resume else -1
 
     def save(step: int, best: bool = False) -> None:
@@ -272,18 +286,22 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     loss_value, t0, samples, tokens = float("nan"), time.perf_counter(), 0, 0
     step, last_eval, nonfinite = start - 1, {}, 0
     peak_flops = peak_flops_per_s(device, cfg)
-    flops_per_token = train_flops_per_token(built, t.gradient_checkpointing)
+    flops_per_token = train_flops_per_token(built, t.gradient_checkpointing, reference=preferences)
     steps = train_loader(train_ds, cfg.data, cfg.model.family, built.processor, t.batch_size, t.grad_accum,
-                         t.seed, start, total_steps, world, distributed.rank())
+                         t.seed, start, total_steps, world, distributed.rank(),
+                         collate_fn=dpo.collate_pairs if preferences else None)
     with StopSignal() as stop:  # until the last save is written: a signal never cuts one short
         for step, window, batches in steps:
             bar.update()
             epoch = step // per_epoch
-            window_loss, n_tokens = backward_window(cfg, built, trained, batches, scaler, filler)
+            if preferences:  # n counts pairs; rewards: their mean rewards and reward accuracy
+                window_loss, n, rewards = dpo.backward_window(cfg, built, trained, batches, scaler, reference, filler)
+            else:  # n counts answer tokens
+                (window_loss, n), rewards = backward_window(cfg, built, trained, batches, scaler, filler), {}
             distributed.sum_gradients(trained, trainable)  # FSDP only: DDP summed them in the backward
-            if n_tokens == 0:
-                warnings.warn(f"step {step}: no answer tokens in these {len(window)} micro-batches (all labels "
-                              "masked); skipping the step instead of dividing by zero")
+            if n == 0:
+                warnings.warn(f"step {step}: no {'usable pairs' if preferences else 'answer tokens'} in these "
+                              f"{len(window)} micro-batches; skipping the step instead of dividing by zero")
                 continue
 
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -326,20 +344,26 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
             speed = {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds}
             if peak_flops:  # model FLOPs utilisation: the share of the GPU's peak the step's math used
                 speed["mfu"] = speed["tokens_per_s"] * flops_per_token / peak_flops
+            # DPO: the reward margin and reward accuracy of this step's pairs
+            shown = ({"margin": f"{rewards['reward_margin']:.3f}", "r_acc": f"{rewards['reward_accuracy']:.2f}"}
+                     if preferences else {})
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed['tokens_per_s']:.0f}",
-                            **last_eval, refresh=False)
+                            **shown, **last_eval, refresh=False)
             log.write(json.dumps({"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
-                                  "grad_norm": float(grad_norm), "answer_tokens": n_tokens, **speed}) + "\n")
+                                  "grad_norm": float(grad_norm), "pairs" if preferences else "answer_tokens": n,
+                                  **rewards, **speed}) + "\n")
             log.flush()
             if t.eval_every and eval_ds is not None and (step + 1) % t.eval_every == 0:
                 # Generation puts the model in eval mode without grad: the moment bitsandbytes would
                 # repack 4-bit weights on some CPUs, which quant.py turns off so training can go on.
-                record = {"step": step + 1, "val_loss": validation_loss(cfg, built, eval_ds),
+                record = {"step": step + 1, **validation(cfg, built, eval_ds),
                           cfg.data.metric: evaluate(cfg, built, eval_ds)["score"]}
                 log.write(json.dumps(record) + "\n")
-                last_eval = {k: f"{v:.4f}" for k, v in record.items() if k != "step"}
+                last_eval = {k: f"{v:.4f}" for k, v in record.items() if k in ("val_loss", cfg.data.metric,
+                                                                             "preference_accuracy")}
                 bar.write(f"step {step + 1}: validation loss {record['val_loss']:.4f}, "
-                          f"{cfg.data.metric} {record[cfg.data.metric]:.4f}")
+                          f"{cfg.data.metric} {record[cfg.data.metric]:.4f}" + (
+                              f", preference accuracy {record['preference_accuracy']:.4f}" if preferences else ""))
                 # Higher is better for every metric; lower for the loss.
                 score = record[cfg.data.metric] if t.best_by == "metric" else -record["val_loss"]
                 if score > loop_state["best_score"]:

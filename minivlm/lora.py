@@ -28,8 +28,10 @@ retuned when r changes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
+from collections.abc import Iterator
 
 import bitsandbytes as bnb
 import torch
@@ -96,10 +98,11 @@ class LoRALinear(nn.Module):
         else:  # dropout 0 costs nothing: no mask drawn, no copy of x
             self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.enabled = True  # False inside adapters_off(): the layer is its base alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return y
         h = self.dropout(x)
         if not torch.is_autocast_enabled(h.device.type):
@@ -139,6 +142,27 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every LoRALinear of `model` computes base(x) alone: `model` is its base model
+    again, bit for bit, without a second copy of it in memory. DPO's reference model (dpo.py).
+
+    Only adapters are switched off: modules trained in full (lora.train_modules) have no frozen
+    original to fall back to. A merged adapter is part of its base weight and cannot be switched
+    off, so a merged model is refused.
+    """
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if any(m.merged for m in layers):
+        raise ValueError("adapters_off: the model's adapters are merged into its weights; unmerge them first")
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
 
 
 def inject_lora(

@@ -326,6 +326,8 @@ def _activation_terms(plan: Plan, model: nn.Module, cfg: Config, largest_q: int,
     tc = model.config.get_text_config() if cfg.model.family != "llava_phi2" else model.config
     e = DTYPES[cfg.model.dtype].itemsize
     B, T = cfg.train.batch_size, cfg.data.max_length
+    if cfg.train.objective == "dpo":  # a pair's chosen and rejected rows share one forward (dpo.py)
+        B *= 2
     n_img, images, patches, d_vision, how = image_tokens(cfg, model)
     layers = tc.num_hidden_layers
     if cfg.model.family == "idefics":  # gated cross-attention blocks, per text token like a layer

@@ -1,0 +1,271 @@
+"""DPO: preference optimisation on the same QLoRA core (Rafailov et al. 2023, "Direct Preference
+Optimization: Your Language Model is Secretly a Reward Model").
+
+A preference row holds an image, a prompt x, a preferred answer y_w (data.answer_column, e.g.
+"chosen") and a dispreferred one y_l (data.rejected_column, e.g. "rejected"). The policy π (the
+base + the adapters being trained) learns against a frozen reference π_ref, per pair (eq. 7):
+
+    L = −log σ(β · h),   h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)]
+
+log π(y|x) is the *sum* of the log-probabilities of the answer's tokens: the tokens the SFT loss
+is taken on, each family's answer-only label mask (end-of-answer token included). β · (log π −
+log π_ref) is the answer's implicit reward (eq. 5, without β log Z(x), which the difference
+cancels), and L is the logistic loss of the chosen answer's reward beating the rejected one's
+(the Bradley-Terry model, eq. 1). β sets how far π may move from π_ref: the higher, the less.
+
+cDPO (Mitchell 2023, "A note on DPO with noisy preferences") assumes each label is flipped with
+probability ε (train.dpo_label_smoothing) and takes the expected loss over the two labels:
+
+    L_ε = −(1 − ε) log σ(β h) − ε log σ(−β h)
+
+The reference costs no memory:
+
+  * without train.init_from, π_ref is the base model, which is the same model with its adapters
+    switched off (lora.adapters_off). At step 0 B = 0, so π = π_ref: h = 0, L = log 2.
+  * with train.init_from (an SFT adapter, the usual SFT → DPO pipeline), training starts from
+    that adapter and π_ref *is* that adapter, frozen. Its tensors (the adapter's size, not the
+    model's) are read once and copied into the adapter parameters for each reference forward,
+    the trained values back after. Again π = π_ref at step 0.
+
+The reference forward runs without gradient and in eval mode (no dropout: π_ref is one fixed
+function). With lora.dropout > 0 the policy's forward is noisier than the reference's; TRL's
+DPOTrainer switches dropout off for that reason (disable_dropout), and the DPO configs here set
+lora.dropout = 0.
+
+Batches (collate_pairs): rows [chosen₁ … chosenₙ, rejected₁ … rejectedₙ], one forward for both
+halves. A pair's image is read, decoded and cropped once, so both answers see the same pixels;
+the processor then takes it once per row, since every family's processor expands image tokens
+text by text. Accumulation divides each micro-batch's summed pair losses by the pairs of the
+whole window (and of every rank), as SFT divides by answer tokens: the step's loss is the mean
+over its pairs, however they fall into micro-batches.
+
+Logged every step, as TRL logs them: rewards_chosen and rewards_rejected (mean β(log π − log
+π_ref)), reward_margin (their difference), reward_accuracy (share of pairs whose chosen reward is
+the higher). On held-out pairs (`held_out`, before and after training and every
+train.eval_every): these, the loss, and preference_accuracy, the share of pairs where the model
+itself finds the chosen answer more likely, log π(y_w|x) > log π(y_l|x). Rewards are all 0 before
+training, so reward_accuracy says nothing then; preference_accuracy says how the base ranks the
+pairs, and so whether training changed that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import datasets
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from minivlm import distributed
+from minivlm.build import Built
+from minivlm.config import Config, ConfigError, DataConfig
+from minivlm.data import random_resized_crop, rejected_of, select_rows, usable_samples
+from minivlm.lora import adapters_off
+from minivlm.precision import logits_of
+
+
+def collate_pairs(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: ModuleType, processor,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The family's training batch for the preference pairs `ds[indices]`: rows [chosen₁ … chosenₙ,
+    rejected₁ … rejectedₙ], labels on each row's answer. Bad rows are skipped (data.on_bad_sample),
+    and a pair with either row longer than data.max_length is dropped whole."""
+    samples = usable_samples(ds, indices, cfg)
+    if not samples:  # a batch of zero rows, which the loop skips, as data.collate's
+        return {key: torch.zeros(0, 0, dtype=torch.long) for key in ("input_ids", "attention_mask", "labels")}
+    images = [image for _, _, image, _ in samples]
+    if cfg.random_resized_crop and generator is not None:  # one crop per pair: both answers see it
+        images = [random_resized_crop(im, cfg.random_resized_crop, generator) for im in images]
+    chosen = [dialog for *_, dialog in samples]
+    rejected = [[(dialog[0][0], rejected_of(cfg, row))] for _, row, _, dialog in samples]
+    batch = family.training_batch(processor, images + images, chosen + rejected, system=cfg.system_prompt)
+    n = len(samples)
+    lengths = batch["attention_mask"].sum(1)
+    keep = (lengths[:n] <= cfg.max_length) & (lengths[n:] <= cfg.max_length)
+    if not keep.all():
+        dropped = [index for (index, *_), k in zip(samples, keep.tolist()) if not k]
+        warnings.warn(f"dropped pair(s) {dropped}: an answer is longer than data.max_length = {cfg.max_length} "
+                      f"tokens ({lengths.max().item()}); raise data.max_length to train on them")
+        rows = keep.repeat(2)
+        batch = select_rows(batch, rows, int(lengths[rows].max()) if rows.any() else 0)
+    return batch
+
+
+def pairs_in(batch: dict[str, torch.Tensor]) -> int:
+    """Pairs in a collate_pairs batch: half its rows."""
+    return len(batch["input_ids"]) // 2
+
+
+def sequence_logps(cfg: Config, built: Built, batch: dict[str, torch.Tensor],
+                   model: nn.Module | None = None) -> torch.Tensor:
+    """log π(y|x) of every row: its labelled tokens' log-probabilities, summed, in fp32; shape (rows,).
+
+    As in loop.answer_loss_sum, only positions that predict an answer token go through the
+    lm_head; the rows of those logits come in row-major order, so each token's row is its
+    position's row in the mask. `model`: see precision.logits_of.
+    """
+    targets = batch["labels"][:, 1:].to(built.device)
+    keep = targets != -100
+    predicts = F.pad(keep, (0, 1), value=False)  # (rows, seq): the last position predicts nothing
+    logits = logits_of(cfg, built, batch, at=predicts, model=model).float()  # (answer tokens, vocab)
+    token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    return torch.zeros(len(targets), device=built.device).index_add(0, rows, token_logps)
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO loss (eq. 7; cDPO with label_smoothing > 0) and the implicit rewards of the
+    chosen and rejected answers (detached); each of shape (pairs,)."""
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # eq. 5: r = β log π(y|x) / π_ref(y|x)
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
+    margin = chosen_rewards - rejected_rewards  # β h
+    # eq. 7, −log σ(β h); cDPO: the expected loss when the label is flipped with probability ε
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def reference_weights(cfg: Config, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """What π_ref's trainable tensors hold: None for the base model (adapters off), else the
+    train.init_from adapter, which must hold every trainable tensor of the model."""
+    if not cfg.train.init_from:
+        return None
+    path = Path(cfg.train.init_from) / "adapter.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"train.init_from = {cfg.train.init_from!r} holds no adapter.safetensors; give a "
+                          "checkpoint directory a run wrote (e.g. runs/demo/last)")
+    saved = load_file(path, device=str(next(model.parameters()).device))
+    # Names as checkpoints write them, whether or not FSDP has wrapped the model (distributed.py).
+    trainable = {distributed.unwrapped_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(trainable) - set(saved))
+    if missing:
+        raise ConfigError(f"train.init_from = {cfg.train.init_from!r} lacks {len(missing)} of this model's trainable "
+                          f"tensors (e.g. {missing[:2]}), and DPO uses that adapter as its reference model: train "
+                          "with the [lora] config it was trained with")
+    return {n: saved[n].to(p.dtype) for n, p in trainable.items()}
+
+
+@contextlib.contextmanager
+def reference(model: nn.Module, weights: dict[str, torch.Tensor] | None) -> Iterator[nn.Module]:
+    """Inside the block, `model` computes π_ref: without gradient, in eval mode, and with its
+    adapters off (weights None) or its trainable tensors holding `weights` (see reference_weights)."""
+    was_training = model.training
+    model.eval()
+    params = {distributed.unwrapped_name(n): p for n, p in model.named_parameters()}
+    try:
+        with torch.no_grad():
+            if weights is None:
+                with adapters_off(model):
+                    yield model
+            else:
+                trained = {n: params[n].clone() for n in weights}
+                for n, w in weights.items():
+                    params[n].copy_(w)
+                try:
+                    yield model
+                finally:
+                    for n, w in trained.items():
+                        params[n].copy_(w)
+    finally:
+        model.train(was_training)
+
+
+def _sums(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """What the per-pair figures add up to: loss, rewards, correctly ordered rewards."""
+    return torch.stack([losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                        (chosen_rewards > rejected_rewards).sum()])
+
+
+def _means(sums: list[float], pairs: int) -> tuple[float, dict[str, float]]:
+    loss, chosen, rejected, right = (s / pairs for s in sums)
+    return loss, {"rewards_chosen": chosen, "rewards_rejected": rejected, "reward_margin": chosen - rejected,
+                  "reward_accuracy": right}
+
+
+def backward_window(cfg: Config, built: Built, model: nn.Module, batches: list[dict], scaler: torch.amp.GradScaler,
+                    weights: dict[str, torch.Tensor] | None,
+                    filler: dict | None = None) -> tuple[float, int, dict[str, float]]:
+    """Forward + backward over one accumulation window of pair batches (collate_pairs); returns (loss
+    per pair, pairs, the mean rewards and reward accuracy). The DPO counterpart of loop.backward_window,
+    with the same arguments (`weights`: reference_weights): each micro-batch's summed pair losses are
+    divided by the pairs of the whole window, over every rank. A window without pairs does nothing
+    and returns (nan, 0, {})."""
+    t = cfg.train
+    n_pairs = int(distributed.total(sum(pairs_in(b) for b in batches), built.device))
+    if n_pairs == 0:
+        return float("nan"), 0, {}
+    sums = torch.zeros(4, device=built.device)
+    for i, batch in enumerate(batches):
+        with distributed.synchronising(model, last=i == len(batches) - 1):
+            if not pairs_in(batch):  # no usable pair here
+                if filler is None:  # alone: skip it
+                    continue
+                # Under torchrun every rank takes part in every synchronised backward (and under
+                # FSDP in every forward, the reference's too): the filler's (labels masked, see
+                # data.filler_batch) add exactly zero to every gradient.
+                with reference(built.model, weights):
+                    sequence_logps(cfg, built, filler, model)
+                scaler.scale(sequence_logps(cfg, built, filler, model).sum()).backward()
+                continue
+            # Through `model` too: under FSDP the wrapper gathers the sharded layers (and must have
+            # run before any of its parts is called on its own).
+            with reference(built.model, weights):
+                ref = sequence_logps(cfg, built, batch, model)
+            logps = sequence_logps(cfg, built, batch, model)
+            n = pairs_in(batch)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], t.dpo_beta,
+                                                                t.dpo_label_smoothing)
+            scaler.scale(losses.sum() / n_pairs).backward()
+        sums += _sums(losses, chosen_rewards, rejected_rewards)
+    # Read back once per window: each .item() would make the CPU wait for the GPU to catch up.
+    totals = [distributed.total(s, built.device) for s in sums.tolist()]
+    loss, rewards = _means(totals, n_pairs)
+    return loss, n_pairs, rewards
+
+
+@torch.no_grad()
+def held_out(cfg: Config, built: Built, ds: datasets.Dataset) -> dict[str, float]:
+    """DPO on the pairs of `ds` (its first data.eval_samples rows if set): dpo_loss, the mean rewards,
+    reward_margin, reward_accuracy, and preference_accuracy (log π(y_w|x) > log π(y_l|x)). Under
+    torchrun each rank takes its share of the rows (all of them under FSDP), and the sums are
+    added up: the means are the same either way."""
+    weights = reference_weights(cfg, built.model)
+    rows = distributed.shard(min(cfg.data.eval_samples or len(ds), len(ds)), built.model)
+    was_training = built.model.training
+    built.model.eval()  # dropout off
+    sums, pairs, prefers = torch.zeros(4, device=built.device), 0, 0
+    for i in range(rows.start, rows.stop, cfg.train.batch_size):
+        batch = collate_pairs(ds, list(range(i, min(i + cfg.train.batch_size, rows.stop))), cfg.data, built.family,
+                              built.processor)
+        n = pairs_in(batch)
+        if not n:
+            continue
+        logps = sequence_logps(cfg, built, batch)
+        with reference(built.model, weights):
+            ref = sequence_logps(cfg, built, batch)
+        sums += _sums(*dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], cfg.train.dpo_beta,
+                                cfg.train.dpo_label_smoothing))
+        pairs += n
+        prefers += int((logps[:n] > logps[n:]).sum())
+    built.model.train(was_training)
+    pairs = int(distributed.total(pairs, built.device))
+    if not pairs:
+        raise ValueError("the eval split has no usable preference pair")
+    loss, rewards = _means([distributed.total(s, built.device) for s in sums.tolist()], pairs)
+    return {"dpo_loss": loss, **rewards, "preference_accuracy": distributed.total(prefers, built.device) / pairs}
+
+
+def report(when: str, cfg: Config, built: Built, ds: datasets.Dataset) -> dict[str, float]:
+    """held_out's figures as metrics.json keeps them (<name>_<when>), after one line of them."""
+    scores = held_out(cfg, built, ds)
+    print(f"preference accuracy {when} training: {scores['preference_accuracy']:.3f} on held-out pairs (log π(chosen) "
+          f"> log π(rejected)); reward margin {scores['reward_margin']:.3f}, reward accuracy "
+          f"{scores['reward_accuracy']:.3f}, DPO loss {scores['dpo_loss']:.4f} (log 2 = {math.log(2):.4f})")
+    return {f"{name}_{when}": value for name, value in scores.items()}
