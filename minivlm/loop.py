@@ -255,9 +255,6 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
         load_adapter(resume, model)
         start, saved = load_training_state(resume, optimizer, scaler)  # RNG too: same dropout masks
         loop_state.update(saved)
-    # Under torchrun: the training forward goes through DDP (or FSDP); checkpoints and generation use `model`.
-    trained = distributed.wrap(model, device, shard=t.fsdp)
-    filler = filler_batch(train_ds, cfg.data, built.family, built.processor) if world > 1 else None
     if main:
         # What a crash left half done (see checkpoint.py); `best` is the resumed save's idea of it.
         recover(out, t.keep_checkpoints, resumed=Path(resume) if resume else None,
@@ -266,6 +263,10 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     log = open_log(out / "log.jsonl", keep_until=start) if main else open(os.devnull, "w")
     if start == 0 and t.eval_every and eval_ds is not None and score_before is not None:
         log.write(json.dumps({"step": 0, **validation(cfg, built, eval_ds), cfg.data.metric: score_before}) + "\n")
+    # Under torchrun the training forward goes through DDP (or FSDP); checkpoints and generation use
+    # `model`. Wrapped after step 0's evaluation: FSDP's first forward must be its wrapper's.
+    trained = distributed.wrap(model, device, shard=t.fsdp)
+    filler = filler_batch(train_ds, cfg.data, built.family, built.processor) if world > 1 else None
     saved_step = start if resume else -1
 
     def save(step: int, best: bool = False) -> None:

@@ -54,7 +54,11 @@ def run(config: Path) -> None:
     save_file(trainable(built.model, "grad"), f"{out}/grads-rank{rank}.safetensors")
 
     built = build(cfg, processor)  # a fresh model, as train.py would train
-    train(cfg, built, ds, eval_ds=load_split(cfg.data, cfg.data.eval_split) if t.eval_every else None)
+    # With eval_every, the step-0 evaluation too (score_before given, as train.py measures it), which
+    # under FSDP runs before the wrapper's first forward.
+    evaluating = bool(t.eval_every)
+    train(cfg, built, ds, eval_ds=load_split(cfg.data, cfg.data.eval_split) if evaluating else None,
+          score_before=0.0 if evaluating else None)
     save_file(trainable(built.model, "data"), f"{out}/adapters-rank{rank}.safetensors")
 
 

@@ -41,7 +41,8 @@ def test_two_ranks_train_as_one_process_on_the_combined_batch(tiny_paligemma, sh
     """Batch 1 × accumulation 2 on each of 2 ranks = batch 2 × accumulation 2 in one process, with
     a 4-bit and a float base replicated (DDP) and a 4-bit base sharded (FSDP): the step's gradient
     (summed once per step: no_sync on the first micro-batch) and the adapters after 3 AdamW steps.
-    The FSDP run also evaluates every 2 steps, which every rank must run in step with the others."""
+    The FSDP run also evaluates before training and every 2 steps, which every rank must run in
+    step with the others."""
     configs = {}
     for case, (load_in_4bit, fsdp) in CASES.items():
         for ranks, batch_size in ((2, 1), (1, 2)):
@@ -97,9 +98,9 @@ def test_two_ranks_train_as_one_process_on_the_combined_batch(tiny_paligemma, sh
         for r2, r1 in zip(*logs):
             assert r2["answer_tokens"] == r1["answer_tokens"]
             torch.testing.assert_close(r2["loss"], r1["loss"], rtol=1e-6, atol=0)
-        if fsdp:  # evaluated at step 2, by both ranks in step
+        if fsdp:  # evaluated before training and at step 2, by both ranks in step
             assert [r["step"] for r in map(json.loads, (two / "run/log.jsonl").read_text().splitlines())
-                    if "val_loss" in r] == [2]
+                    if "val_loss" in r] == [0, 2]
 
 
 def args(tiny_paligemma: Path, shapes_data: Path, output_dir: Path, *sets: str) -> list[str]:
