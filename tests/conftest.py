@@ -76,3 +76,23 @@ def tiny_llava_phi2(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-llava-phi2")
     phi, clip = save_tiny_phi_and_clip(root)
     return assemble(str(phi), str(clip), root / "assembled")
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after_first_save(monkeypatch, run) -> None:
+    """Call `run()` with loop.save_checkpoint raising Crash right after its first save: a run
+    killed mid-way, whose last save is what a resume starts from."""
+    from minivlm import loop
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Crash
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        run()
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from transformers import PaliGemmaForConditionalGeneration
 
 import train as train_cli
-from conftest import ROOT, write_split
-from minivlm import dpo, loop
+from conftest import ROOT, crash_after_first_save, write_split
+from minivlm import dpo
 from minivlm.build import build, load_processor
 from minivlm.checkpoint import load_adapter
 from minivlm.config import ConfigError, from_dict, load_config
@@ -266,10 +266,6 @@ def test_init_from_an_sft_adapter_makes_it_the_frozen_reference(tiny_paligemma, 
         dpo.reference_weights(cfg, built.model)
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resume_n_plus_n_equals_2n(tiny_paligemma, prefs_data, tmp_path, monkeypatch):
     """A DPO run from an SFT adapter (the reference read again on resume), killed after its step-3
     save and resumed, ends bit-identical to an unbroken one: adapters and optimizer state."""
@@ -285,16 +281,7 @@ def test_resume_n_plus_n_equals_2n(tiny_paligemma, prefs_data, tmp_path, monkeyp
         return train(cfg, built, load_split(cfg.data, "train"), resume=resume)
 
     run(tmp_path / "full")
-    real_save = loop.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise Crash
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        run(tmp_path / "split")
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    crash_after_first_save(monkeypatch, lambda: run(tmp_path / "split"))
     assert json.loads((tmp_path / "split/last/state.json").read_text())["step"] == 3
     run(tmp_path / "split", resume=tmp_path / "split/last")
     for name in ("adapter", "state"):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import crash_after_first_save, tiny_config
 from minivlm.build import build
 from minivlm.config import TrainConfig
 from minivlm.data import collate, epoch_batches, load_split
@@ -58,10 +58,6 @@ def test_batch4_accum1_equals_batch1_accum4(tiny_paligemma, shapes_data, tmp_pat
     assert not all(torch.allclose(naive[n], one_batch[n], rtol=1e-3, atol=1e-6) for n in one_batch)
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resume_n_plus_n_equals_2n(tiny_paligemma, shapes_data, tmp_path, monkeypatch):
     """A run killed right after its step-4 checkpoint, resumed, ends bit-identical to an unbroken run."""
     def cfg_for(out):
@@ -76,16 +72,8 @@ def test_resume_n_plus_n_equals_2n(tiny_paligemma, shapes_data, tmp_path, monkey
     ds = load_split(cfg_for(tmp_path).data, "train")  # 24 samples = 6 steps per epoch: crosses an epoch
     train(cfg_for(tmp_path / "full"), build(cfg_for(tmp_path / "full")), ds)
 
-    real_save = loop.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise Crash
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        train(cfg_for(tmp_path / "split"), build(cfg_for(tmp_path / "split")), ds)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    split = cfg_for(tmp_path / "split")
+    crash_after_first_save(monkeypatch, lambda: train(split, build(split), ds))
     assert json.loads((tmp_path / "split/last/state.json").read_text())["step"] == 4
     train(cfg_for(tmp_path / "split"), build(cfg_for(tmp_path / "split")), ds, resume=tmp_path / "split/last")
 
