@@ -29,8 +29,11 @@ def commands(code: str) -> list[str]:
 
 def run(command: list[str]) -> str:
     t0 = time.perf_counter()
+    # As a user types it, not as a sub-make of `make readme-check` (which would print
+    # "make[1]: Leaving directory ..." after the command's own last line).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+                          env={**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     shown = command[-1] if command[0] == "bash" else "python <README block>"
     print(f"  {time.perf_counter() - t0:5.0f}s  rc={proc.returncode}  {shown[:110]}", flush=True)
     if proc.returncode != 0:
