@@ -132,15 +132,22 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     plain_warnings()
     try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    try:
-        return run(cfg, args)
-    except KeyboardInterrupt:  # Ctrl-C before training, or twice during it: nothing more to save
-        print(f"interrupted: nothing saved since the last checkpoint (if any); continue it with: "
-              f"{resume_command(args)}", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        try:
+            cfg = load_config(args.config, args.set)
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
+        try:
+            return run(cfg, args)
+        except KeyboardInterrupt:  # Ctrl-C before training, or twice during it: nothing more to save
+            print(f"interrupted: nothing saved since the last checkpoint (if any); continue it with: "
+                  f"{resume_command(args)}", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
+    except SystemExit as e:
+        # Under torchrun every rank meets the same mistake: rank 0 alone says so (RANK is set by
+        # torchrun before any process group exists).
+        if isinstance(e.code, str) and os.environ.get("RANK", "0") != "0":
+            sys.exit(1)
+        raise
 
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:

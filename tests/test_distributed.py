@@ -150,3 +150,14 @@ def test_killed_two_rank_run_resumes_bit_exact(tiny_paligemma, shapes_data, tmp_
     # Rank 1 wrote nothing: one log line per step (not two), and only rank 0's saves.
     assert len(log.read_text().splitlines()) == steps
     assert json.loads((killed / "last/state.json").read_text())["world_size"] == 2
+
+
+def test_a_mistake_is_said_once_under_torchrun(monkeypatch):
+    """Every rank meets the same config mistake: rank 0 prints it, the others exit 1 in silence."""
+    argv = ["--config", str(ROOT / "configs/demo.toml"), "--set", "train.lr=-1"]
+    with pytest.raises(SystemExit, match="error: train.lr = -1.0 must be > 0"):
+        train.main(argv)
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it
+    with pytest.raises(SystemExit) as quiet:
+        train.main(argv)
+    assert quiet.value.code == 1
