@@ -26,6 +26,7 @@ import shlex
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 # Only the standard library and minivlm's config (itself standard library only) are imported
 # here: torch, transformers, datasets and bitsandbytes take seconds to import, and `--help` or
@@ -128,26 +129,25 @@ def resume_command(args: argparse.Namespace) -> str:
     return shlex.join(["python", "train.py", "--config", args.config, *sets, "--resume"])
 
 
+def fail(message: str) -> NoReturn:
+    """Exit with one `error:` line. Under torchrun every rank meets the same mistake: rank 0 alone
+    says it, the others exit 1 in silence (torchrun sets RANK before any process group exists)."""
+    sys.exit(f"error: {message}" if os.environ.get("RANK", "0") == "0" else 1)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     plain_warnings()
     try:
-        try:
-            cfg = load_config(args.config, args.set)
-        except ConfigError as e:
-            sys.exit(f"error: {e}")
-        try:
-            return run(cfg, args)
-        except KeyboardInterrupt:  # Ctrl-C before training, or twice during it: nothing more to save
-            print(f"interrupted: nothing saved since the last checkpoint (if any); continue it with: "
-                  f"{resume_command(args)}", file=sys.stderr)
-            sys.exit(128 + signal.SIGINT)
-    except SystemExit as e:
-        # Under torchrun every rank meets the same mistake: rank 0 alone says so (RANK is set by
-        # torchrun before any process group exists).
-        if isinstance(e.code, str) and os.environ.get("RANK", "0") != "0":
-            sys.exit(1)
-        raise
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        fail(str(e))
+    try:
+        return run(cfg, args)
+    except KeyboardInterrupt:  # Ctrl-C before training, or twice during it: nothing more to save
+        print(f"interrupted: nothing saved since the last checkpoint (if any); continue it with: "
+              f"{resume_command(args)}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:
@@ -200,10 +200,10 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         if cfg.train.init_from and resume is None:
             loaded = load_adapter(cfg.train.init_from, built.model, partial=True)
             print(f"train.init_from: {len(loaded)} tensors from {cfg.train.init_from}")
-        if cfg.train.objective == "dpo":
-            dpo.reference_weights(cfg, built.model)  # an init_from that cannot be DPO's reference fails now
+        # DPO's reference, read once for the reports below; an init_from that cannot be one fails now.
+        reference = dpo.reference_weights(cfg, built.model) if cfg.train.objective == "dpo" else None
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        fail(str(e))
     print(f"{len(built.quantized)} linears in 4-bit, {len(built.adapted)} with LoRA; trainable params "
           f"{built.trainable_params:,} of {built.total_params:,} ({100 * built.trainable_params / built.total_params:.2f}%)")
 
@@ -213,15 +213,15 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         metrics[f"{cfg.data.metric}_before"] = before["score"]
         show("before", before)
         if cfg.train.objective == "dpo":  # how the model ranks the held-out pairs (minivlm/dpo.py)
-            metrics.update(dpo.report("before", cfg, built, eval_ds))
+            metrics.update(dpo.report("before", cfg, built, eval_ds, reference))
     try:
         result = train(cfg, built, train_ds, eval_ds=eval_ds, resume=resume,
                        score_before=metrics.get(f"{cfg.data.metric}_before"))
     except NonFiniteLoss as e:
-        sys.exit(f"error: {e}")
+        fail(str(e))
     except ConfigError as e:  # data.on_bad_sample = "fail" met a bad row; the last save is intact
         last = str(e).strip().splitlines()[-1]  # a DataLoader worker's error carries its traceback
-        sys.exit(f"error: {last}\nthe last checkpoint (if any) is intact; continue with: {resume_command(args)}")
+        fail(f"{last}\nthe last checkpoint (if any) is intact; continue with: {resume_command(args)}")
     skipped = skipped_rows(train_ds)
     if skipped:  # counted in this process: with data.workers > 0 the workers' skips are not seen here
         print(f"skipped {len(skipped)} bad row(s) (data.on_bad_sample = \"skip\"); list them all with: "
@@ -244,7 +244,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         metrics[f"{cfg.data.metric}_after"] = after["score"]
         show("after", after)
         if cfg.train.objective == "dpo":
-            metrics.update(dpo.report("after", cfg, built, eval_ds))
+            metrics.update(dpo.report("after", cfg, built, eval_ds, reference))
         print(f"training took {result['train_seconds']:.0f}s")
     if not distributed.is_main():  # every rank scored the same gathered answers; rank 0 writes
         distributed.close()

@@ -89,9 +89,13 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # it would silently quantize the SigLIP tower and the projector.
 QUANT_SKIP = ["model.vision_tower", "model.multi_modal_projector", "lm_head", "embed_tokens"]
 PALIGEMMA_VOCAB = 257152
+# The model's sizes (--hidden, --kv-heads, ...) and their defaults: a Gemma 768/3072 × 8 decoder with the
+# real vocabulary and a SigLIP 224/14 tower.
+MODEL_SIZES = dict(hidden=768, intermediate=3072, layers=8, heads=8, kv_heads=1, head_dim=96, vocab=PALIGEMMA_VOCAB,
+                   vision_hidden=384, vision_intermediate=1536, vision_layers=2, vision_heads=6, image_size=224,
+                   patch=14)
 # The flags that define the model (and so its cache directory).
-SIZE_FLAGS = ("hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim", "vocab", "vision_hidden",
-              "vision_intermediate", "vision_layers", "vision_heads", "image_size", "patch", "seed", "dtype")
+SIZE_FLAGS = (*MODEL_SIZES, "seed", "dtype")
 
 # Sizes a smoke test runs in seconds; everything else stays as given.
 QUICK = dict(hidden=64, intermediate=256, layers=2, heads=2, kv_heads=1, head_dim=32, vocab=4096,
@@ -450,19 +454,8 @@ def markdown(report: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = ap.add_argument_group("model (random weights, PaliGemma architecture)")
-    size.add_argument("--hidden", type=int, default=768)
-    size.add_argument("--intermediate", type=int, default=3072)
-    size.add_argument("--layers", type=int, default=8)
-    size.add_argument("--heads", type=int, default=8)
-    size.add_argument("--kv-heads", type=int, default=1)
-    size.add_argument("--head-dim", type=int, default=96)
-    size.add_argument("--vocab", type=int, default=PALIGEMMA_VOCAB)
-    size.add_argument("--vision-hidden", type=int, default=384)
-    size.add_argument("--vision-intermediate", type=int, default=1536)
-    size.add_argument("--vision-layers", type=int, default=2)
-    size.add_argument("--vision-heads", type=int, default=6)
-    size.add_argument("--image-size", type=int, default=224)
-    size.add_argument("--patch", type=int, default=14)
+    for name, default in MODEL_SIZES.items():
+        size.add_argument("--" + name.replace("_", "-"), type=int, default=default)
     job = ap.add_argument_group("training job")
     job.add_argument("--steps", type=int, default=8, help="optimizer steps per run (>= 3)")
     job.add_argument("--batch-size", type=int, default=4)

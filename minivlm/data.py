@@ -25,6 +25,7 @@ from types import ModuleType
 import datasets
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from minivlm.config import ConfigError, DataConfig, load_config
@@ -432,6 +433,12 @@ def check_split(ds: datasets.Dataset, cfg: DataConfig, rows: list[int] | None = 
             except BadSample as e:
                 bad.append((index, str(e)))
     return bad
+
+
+def answer_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(batch, seq) bool: the positions whose *next* token is a labelled one, the only ones whose
+    logits the loss needs (the last position predicts nothing)."""
+    return F.pad(batch["labels"][:, 1:] != -100, (0, 1), value=False)
 
 
 def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: ModuleType,

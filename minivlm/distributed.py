@@ -71,13 +71,19 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def total(value: float, device: torch.device) -> float:
-    """`value` summed over all ranks (float64: exact for counts below 2**53); unchanged alone."""
+def totals(values: list[float], device: torch.device) -> list[float]:
+    """Each of `values` summed over all ranks, in one all-reduce (float64: exact for counts below
+    2**53); unchanged alone."""
     if world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.item()
+    return t.tolist()
+
+
+def total(value: float, device: torch.device) -> float:
+    """`value` summed over all ranks; see totals."""
+    return totals([value], device)[0]
 
 
 def _sum_not_mean(state, bucket):  # unannotated: DDP rejects the string annotations of this module

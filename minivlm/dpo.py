@@ -25,7 +25,8 @@ The reference costs no memory:
   * with train.init_from (an SFT adapter, the usual SFT → DPO pipeline), training starts from
     that adapter and π_ref *is* that adapter, frozen. Its tensors (the adapter's size, not the
     model's) are read once and copied into the adapter parameters for each reference forward,
-    the trained values back after. Again π = π_ref at step 0.
+    the trained values back after. Again π = π_ref at step 0, given lora.dropout = 0 (as the DPO
+    configs set it): the reference runs in eval mode, the policy with dropout.
 
 The reference forward runs without gradient and in eval mode (no dropout: π_ref is one fixed
 function). With lora.dropout > 0 the policy's forward is noisier than the reference's; TRL's
@@ -66,7 +67,7 @@ from torch import nn
 from minivlm import distributed
 from minivlm.build import Built
 from minivlm.config import Config, ConfigError, DataConfig
-from minivlm.data import random_resized_crop, rejected_of, select_rows, usable_samples
+from minivlm.data import answer_positions, random_resized_crop, rejected_of, select_rows, usable_samples
 from minivlm.lora import adapters_off
 from minivlm.precision import logits_of
 
@@ -112,8 +113,7 @@ def sequence_logps(cfg: Config, built: Built, batch: dict[str, torch.Tensor],
     """
     targets = batch["labels"][:, 1:].to(built.device)
     keep = targets != -100
-    predicts = F.pad(keep, (0, 1), value=False)  # (rows, seq): the last position predicts nothing
-    logits = logits_of(cfg, built, batch, at=predicts, model=model).float()  # (answer tokens, vocab)
+    logits = logits_of(cfg, built, batch, at=answer_positions(batch), model=model).float()  # (answer tokens, vocab)
     token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")
     rows = keep.nonzero()[:, 0]
     return torch.zeros(len(targets), device=built.device).index_add(0, rows, token_logps)
@@ -158,13 +158,13 @@ def reference(model: nn.Module, weights: dict[str, torch.Tensor] | None) -> Iter
     adapters off (weights None) or its trainable tensors holding `weights` (see reference_weights)."""
     was_training = model.training
     model.eval()
-    params = {distributed.unwrapped_name(n): p for n, p in model.named_parameters()}
     try:
         with torch.no_grad():
             if weights is None:
                 with adapters_off(model):
                     yield model
             else:
+                params = {distributed.unwrapped_name(n): p for n, p in model.named_parameters()}
                 trained = {n: params[n].clone() for n in weights}
                 for n, w in weights.items():
                     params[n].copy_(w)
@@ -210,8 +210,9 @@ def backward_window(cfg: Config, built: Built, model: nn.Module, batches: list[d
                 # Under torchrun every rank takes part in every synchronised backward (and under
                 # FSDP in every forward, the reference's too): the filler's (labels masked, see
                 # data.filler_batch) add exactly zero to every gradient.
-                with reference(built.model, weights):
-                    sequence_logps(cfg, built, filler, model)
+                if distributed.is_sharded(model):
+                    with reference(built.model, weights):
+                        sequence_logps(cfg, built, filler, model)
                 scaler.scale(sequence_logps(cfg, built, filler, model).sum()).backward()
                 continue
             # Through `model` too: under FSDP the wrapper gathers the sharded layers (and must have
@@ -225,18 +226,17 @@ def backward_window(cfg: Config, built: Built, model: nn.Module, batches: list[d
             scaler.scale(losses.sum() / n_pairs).backward()
         sums += _sums(losses, chosen_rewards, rejected_rewards)
     # Read back once per window: each .item() would make the CPU wait for the GPU to catch up.
-    totals = [distributed.total(s, built.device) for s in sums.tolist()]
-    loss, rewards = _means(totals, n_pairs)
+    loss, rewards = _means(distributed.totals(sums.tolist(), built.device), n_pairs)
     return loss, n_pairs, rewards
 
 
 @torch.no_grad()
-def held_out(cfg: Config, built: Built, ds: datasets.Dataset) -> dict[str, float]:
+def held_out(cfg: Config, built: Built, ds: datasets.Dataset,
+             weights: dict[str, torch.Tensor] | None) -> dict[str, float]:
     """DPO on the pairs of `ds` (its first data.eval_samples rows if set): dpo_loss, the mean rewards,
     reward_margin, reward_accuracy, and preference_accuracy (log π(y_w|x) > log π(y_l|x)). Under
     torchrun each rank takes its share of the rows (all of them under FSDP), and the sums are
-    added up: the means are the same either way."""
-    weights = reference_weights(cfg, built.model)
+    added up: the means are the same either way. `weights`: reference_weights, read once by the caller."""
     rows = distributed.shard(min(cfg.data.eval_samples or len(ds), len(ds)), built.model)
     was_training = built.model.training
     built.model.eval()  # dropout off
@@ -255,16 +255,17 @@ def held_out(cfg: Config, built: Built, ds: datasets.Dataset) -> dict[str, float
         pairs += n
         prefers += int((logps[:n] > logps[n:]).sum())
     built.model.train(was_training)
-    pairs = int(distributed.total(pairs, built.device))
+    pairs, prefers, *sums = distributed.totals([pairs, prefers, *sums.tolist()], built.device)
     if not pairs:
         raise ValueError("the eval split has no usable preference pair")
-    loss, rewards = _means([distributed.total(s, built.device) for s in sums.tolist()], pairs)
-    return {"dpo_loss": loss, **rewards, "preference_accuracy": distributed.total(prefers, built.device) / pairs}
+    loss, rewards = _means(sums, pairs)
+    return {"dpo_loss": loss, **rewards, "preference_accuracy": prefers / pairs}
 
 
-def report(when: str, cfg: Config, built: Built, ds: datasets.Dataset) -> dict[str, float]:
+def report(when: str, cfg: Config, built: Built, ds: datasets.Dataset,
+           weights: dict[str, torch.Tensor] | None) -> dict[str, float]:
     """held_out's figures as metrics.json keeps them (<name>_<when>), after one line of them."""
-    scores = held_out(cfg, built, ds)
+    scores = held_out(cfg, built, ds, weights)
     print(f"preference accuracy {when} training: {scores['preference_accuracy']:.3f} on held-out pairs (log π(chosen) "
           f"> log π(rejected)); reward margin {scores['reward_margin']:.3f}, reward accuracy "
           f"{scores['reward_accuracy']:.3f}, DPO loss {scores['dpo_loss']:.4f} (log 2 = {math.log(2):.4f})")

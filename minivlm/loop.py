@@ -39,7 +39,7 @@ from minivlm import distributed, dpo
 from minivlm.build import Built
 from minivlm.checkpoint import load_adapter, load_training_state, recover, save_checkpoint, write_atomic
 from minivlm.config import Config, to_dict
-from minivlm.data import collate, filler_batch, steps_per_epoch, train_loader
+from minivlm.data import answer_positions, collate, filler_batch, steps_per_epoch, train_loader
 from minivlm.evaluate import evaluate
 from minivlm.lora import logical_numel
 from minivlm.optim import build_optimizer, lr_at
@@ -57,15 +57,13 @@ def answer_loss_sum(cfg: Config, built: Built, batch: dict[str, torch.Tensor],
     tokens, vocab), and only they are upcast to fp32. `model`: see precision.logits_of.
     """
     targets = batch["labels"][:, 1:].to(built.device)
-    keep = targets != -100
-    predicts = F.pad(keep, (0, 1), value=False)  # (batch, seq): the last position predicts nothing
-    logits = logits_of(cfg, built, batch, at=predicts, model=model).float()
-    return F.cross_entropy(logits, targets[keep], reduction="sum")
+    logits = logits_of(cfg, built, batch, at=answer_positions(batch), model=model).float()
+    return F.cross_entropy(logits, targets[targets != -100], reduction="sum")
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that carry loss: labelled positions that some earlier position predicts."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int(answer_positions(batch).sum())
 
 
 def backward_window(cfg: Config, built: Built, model: torch.nn.Module, batches: list[dict],
@@ -115,14 +113,17 @@ def validation_loss(cfg: Config, built: Built, ds: datasets.Dataset) -> float:
         total += answer_loss_sum(cfg, built, batch).item()
         tokens += batch_tokens
     built.model.train()
-    return distributed.total(total, built.device) / max(distributed.total(tokens, built.device), 1)
+    total, tokens = distributed.totals([total, tokens], built.device)
+    return total / max(tokens, 1)
 
 
-def validation(cfg: Config, built: Built, ds: datasets.Dataset) -> dict[str, float]:
+def validation(cfg: Config, built: Built, ds: datasets.Dataset,
+               reference: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """The eval split's loss, "val_loss": per answer token, or with train.objective = "dpo" the DPO
-    loss per pair, with the held-out rewards and preference accuracy (dpo.held_out)."""
+    loss per pair, with the held-out rewards and preference accuracy (dpo.held_out; `reference`:
+    dpo.reference_weights)."""
     if cfg.train.objective == "dpo":
-        scores = dpo.held_out(cfg, built, ds)
+        scores = dpo.held_out(cfg, built, ds, reference)
         return {"val_loss": scores.pop("dpo_loss"), **scores}
     return {"val_loss": validation_loss(cfg, built, ds)}
 
@@ -262,7 +263,8 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     # The other ranks log into the void: the same lines as rank 0's, which are written.
     log = open_log(out / "log.jsonl", keep_until=start) if main else open(os.devnull, "w")
     if start == 0 and t.eval_every and eval_ds is not None and score_before is not None:
-        log.write(json.dumps({"step": 0, **validation(cfg, built, eval_ds), cfg.data.metric: score_before}) + "\n")
+        log.write(json.dumps({"step": 0, **validation(cfg, built, eval_ds, reference),
+                              cfg.data.metric: score_before}) + "\n")
     # Under torchrun the training forward goes through DDP (or FSDP); checkpoints and generation use
     # `model`. Wrapped after step 0's evaluation: FSDP's first forward must be its wrapper's.
     trained = distributed.wrap(model, device, shard=t.fsdp)
@@ -357,7 +359,7 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
             if t.eval_every and eval_ds is not None and (step + 1) % t.eval_every == 0:
                 # Generation puts the model in eval mode without grad: the moment bitsandbytes would
                 # repack 4-bit weights on some CPUs, which quant.py turns off so training can go on.
-                record = {"step": step + 1, **validation(cfg, built, eval_ds),
+                record = {"step": step + 1, **validation(cfg, built, eval_ds, reference),
                           cfg.data.metric: evaluate(cfg, built, eval_ds)["score"]}
                 log.write(json.dumps(record) + "\n")
                 last_eval = {k: f"{v:.4f}" for k, v in record.items() if k in ("val_loss", cfg.data.metric,

@@ -306,19 +306,22 @@ def _per_token_layer_bytes(tc, e: int, cfg: Config) -> int:
     """Bytes one decoder layer keeps for backward, per token (see the module docstring)."""
     h, i, heads = tc.hidden_size, tc.intermediate_size, tc.num_attention_heads
     q = heads * (getattr(tc, "head_dim", None) or h // heads)
+    # (the tensor each adapter reads, its width), in q, k, v, o, (gate,) up, down order.
     if tc.model_type == "phi":  # one LayerNorm, attention and MLP in parallel on its output
-        norms, mlp, adapter_inputs = e * h + 8, 5 * e * i, [h, h, h, q, h, i]
+        norms, mlp = e * h + 8, 5 * e * i
+        adapter_inputs = [("norm", h)] * 3 + [("attention", q), ("norm", h), ("mlp", i)]
     else:
-        norms, mlp, adapter_inputs = 2 * (4 * h + 4), e * h + 4 * e * i, [h, h, h, q, h, h, i]
+        norms, mlp = 2 * (4 * h + 4), e * h + 4 * e * i
+        adapter_inputs = [("attention norm", h)] * 3 + [("attention", q)] + [("mlp norm", h)] * 2 + [("mlp", i)]
     attention = e * h + 5 * e * q + 4 * heads
     lora = 0
     if cfg.lora.dropout > 0:  # mask (1 byte) + dropped copy (e) per adapter input
         targets = cfg.lora.targets or []
         n = len(adapter_inputs) if not targets else min(len(targets), len(adapter_inputs))
         inputs = adapter_inputs[:n]
-        if cfg.lora.shared_dropout:
-            inputs = sorted(set(inputs))  # q/k/v and gate/up read the same tensor
-        lora = sum(inputs) * (1 + e)
+        if cfg.lora.shared_dropout:  # one mask per tensor read: q/k/v share one, gate/up one
+            inputs = list(dict(inputs).items())
+        lora = sum(width for _, width in inputs) * (1 + e)
     return norms + attention + mlp + lora
 
 

@@ -8,7 +8,7 @@ shapes, dtypes, bytes and first values. Where bitsandbytes does the work (NF4, t
 step), the readable references in minivlm/reference/ redo it beside the library and the
 walkthrough prints whether the two agree bit for bit. It follows a 4-bit PaliGemma config such as
 the demo's; nothing is written outside a temporary directory. On the demo base (`make base data`
-first) it takes about 15 s on 2 CPU cores.
+first) it takes about 6 s on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from safetensors import safe_open
 
 from minivlm import plain_warnings
 from minivlm.build import DTYPES, Built, build
-from minivlm.checkpoint import save_checkpoint
+from minivlm.checkpoint import rng_state, save_checkpoint, set_rng_state
 from minivlm.config import Config, ConfigError, load_config, to_dict
-from minivlm.data import load_split, steps_per_epoch, train_loader
+from minivlm.data import answer_positions, load_split, steps_per_epoch, train_loader
 from minivlm.load import checkpoint_files, parameter_names, parameters_on_meta
+from minivlm.lora import logical_numel
 from minivlm.loop import answer_loss_sum, answer_tokens, backward_window
 from minivlm.optim import build_optimizer, lr_at
 from minivlm.precision import autocast, logits_of
@@ -110,7 +111,7 @@ def walk(cfg: Config, out: Path) -> dict:
         part = ".".join(name.split(".")[:3] if name.startswith("model.language_model") else name.split(".")[:2])
         groups.setdefault(part, []).append(p)
     for part, params in groups.items():
-        values = sum(p.quant_state.shape.numel() if isinstance(p, bnb.nn.Params4bit) else p.numel() for p in params)
+        values = sum(logical_numel(p) for p in params)
         stored = sum(quantized_bytes(p) if isinstance(p, bnb.nn.Params4bit) else nbytes(p) for p in params)
         kinds = sorted({"NF4" if isinstance(p, bnb.nn.Params4bit) else str(p.dtype).removeprefix("torch.") for p in params})
         print(f"  {part:<38} {values:>10,} {size(stored):>10}  {' + '.join(kinds)}")
@@ -187,10 +188,9 @@ def walk(cfg: Config, out: Path) -> dict:
     model.train()  # as loop.train: dropout on
     seen = {}
     hook = adapter.register_forward_hook(lambda m, args, y: seen.update(x=args[0], y=y, base=m.base(args[0])))
-    rng = torch.get_rng_state()  # §8 redraws the same dropout masks
+    rng = rng_state()  # §7 and §8 redraw the same dropout masks
     with torch.no_grad():
-        targets = batch["labels"][:, 1:] != -100
-        logits = logits_of(cfg, built, batch, at=torch.nn.functional.pad(targets, (0, 1), value=False))
+        logits = logits_of(cfg, built, batch, at=answer_positions(batch))
     hook.remove()
     print(f"  precision.autocast for this config: {type(autocast(cfg, built.device)).__name__} "
           f"(train.bf16 {t.bf16}, train.fp16 {t.fp16}; model.dtype {cfg.model.dtype})")
@@ -206,10 +206,10 @@ def walk(cfg: Config, out: Path) -> dict:
     vocab = logits.shape[-1]
     describe("logits at answer positions", logits)
     print(f"  full logits would be {tuple(batch['input_ids'].shape) + (vocab,)}: "
-          f"{size(batch['input_ids'].numel() * vocab * 4)} instead of {size(nbytes(logits))}")
+          f"{size(batch['input_ids'].numel() * vocab * logits.element_size())} instead of {size(nbytes(logits))}")
 
     stage(7, "minivlm/loop.py:answer_loss_sum")
-    torch.set_rng_state(rng)
+    set_rng_state(rng)
     with torch.no_grad():
         loss_sum = answer_loss_sum(cfg, built, batch)
     facts["loss_per_token"] = loss_sum.item() / n_tokens
@@ -217,9 +217,9 @@ def walk(cfg: Config, out: Path) -> dict:
           f"(uniform guessing over {vocab} tokens: ln {vocab} = {torch.log(torch.tensor(float(vocab))):.4f})")
 
     stage(8, "minivlm/loop.py:backward_window")
-    torch.set_rng_state(rng)
+    set_rng_state(rng)
     scaler = torch.amp.GradScaler(built.device.type, enabled=t.fp16)
-    window_loss, _ = backward_window(cfg, built, model, batches, scaler)
+    window_loss, _ = backward_window(cfg, built, model, [batch], scaler)  # §7's micro-batch
     facts["backward_loss_per_token"] = window_loss
     print(f"  loss per token {window_loss:.4f} (§7's, same dropout masks: {abs(window_loss - facts['loss_per_token']) < 1e-6})")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -253,7 +253,7 @@ def walk(cfg: Config, out: Path) -> dict:
 
     stage(10, "minivlm/loop.py:train (torch.nn.utils.clip_grad_norm_)")
     norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
-    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in trainable]))
+    after = torch.nn.utils.get_total_norm([p.grad for p in trainable])
     print(f"  ‖g‖ over {len(trainable)} tensors: {norm:.4f} → {after:.4f} (max_grad_norm {t.max_grad_norm}: "
           f"{'scaled down' if norm > t.max_grad_norm > 0 else 'unchanged'})")
 
@@ -309,7 +309,7 @@ def _grads(model: torch.nn.Module, trainable: list[torch.Tensor], backward) -> l
 
 def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """‖a − b‖ / ‖b‖ over all tensors together, as clip_grad_norm_ measures a gradient."""
-    norm = lambda tensors: torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in tensors]))  # noqa: E731
+    norm = torch.nn.utils.get_total_norm
     return float(norm([x - y for x, y in zip(a, b)]) / norm(b))
 
 
@@ -324,11 +324,13 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    if cfg.model.family != "paligemma" or not cfg.quant.load_in_4bit or cfg.train.optimizer == "adamw":
-        # §3 reads a 4-bit layer, §5 PaliGemma's token types, §11 the 8-bit optimizer's state.
-        sys.exit("error: the walkthrough follows a 4-bit PaliGemma config with an 8-bit optimizer, such as "
-                 f"configs/demo.toml; this one has model.family = {cfg.model.family!r}, quant.load_in_4bit = "
-                 f"{cfg.quant.load_in_4bit}, train.optimizer = {cfg.train.optimizer!r}")
+    if (cfg.model.family != "paligemma" or not cfg.quant.load_in_4bit or cfg.train.optimizer == "adamw"
+            or cfg.train.fp16):
+        # §3 reads a 4-bit layer, §5 PaliGemma's token types, §11 the 8-bit optimizer's state; §10
+        # and §11 clip and step without fp16's GradScaler.
+        sys.exit("error: the walkthrough follows a 4-bit PaliGemma config with an 8-bit optimizer and no fp16, "
+                 f"such as configs/demo.toml; this one has model.family = {cfg.model.family!r}, quant.load_in_4bit "
+                 f"= {cfg.quant.load_in_4bit}, train.optimizer = {cfg.train.optimizer!r}, train.fp16 = {cfg.train.fp16}")
     torch.manual_seed(cfg.train.seed)
     with tempfile.TemporaryDirectory(prefix="walkthrough-") as out:
         return walk(cfg, Path(out))

@@ -211,7 +211,7 @@ def test_adapters_off_is_the_base_model_and_step_zero_is_log_2(tiny_paligemma, p
 
     # Held-out before training: what the base prefers, pair by pair, and rewards of 0.
     fresh = build(cfg)
-    scores = dpo.held_out(cfg, fresh, load_split(cfg.data, "test"))
+    scores = dpo.held_out(cfg, fresh, load_split(cfg.data, "test"), dpo.reference_weights(cfg, fresh.model))
     test = load_split(cfg.data, "test")
     test_batch = dpo.collate_pairs(test, list(range(len(test))), cfg.data, fresh.family, fresh.processor)
     with torch.no_grad():
