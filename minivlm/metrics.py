@@ -138,7 +138,8 @@ def levenshtein(a: str, b: str) -> int:
 def anls(predictions: list[str], references: list[list[str]], threshold: float = 0.5) -> float:
     """Average Normalised Levenshtein Similarity (Biten et al. 2019): per question, the best over
     its answers of 1 - dist / max(len) (lower-cased, whitespace-normalised), 0 if that distance
-    ratio is >= threshold."""
+    ratio is >= threshold. As the Robust Reading Competition's scorer (and the `anls` package
+    made from it), the lengths are those of the upper-cased strings: "ß" counts as "SS"."""
     _check(predictions, references)
 
     def clean(s: str) -> str:
@@ -150,7 +151,7 @@ def anls(predictions: list[str], references: list[list[str]], threshold: float =
         best = 0.0
         for answer in answers:
             a = clean(answer)
-            ratio = levenshtein(p, a) / max(len(p), len(a)) if (p or a) else 0.0
+            ratio = levenshtein(p, a) / max(len(p.upper()), len(a.upper())) if (p or a) else 0.0
             best = max(best, 1 - ratio if ratio < threshold else 0.0)
         total += best
     return total / len(predictions)
