@@ -86,7 +86,8 @@ def float_weight(cfg: Config, built: Built, module_name: str) -> torch.Tensor:
 
 
 def walk(cfg: Config, out: Path) -> dict:
-    """Run the stages; returns what the test checks (each comparison with bitsandbytes, the losses)."""
+    """Run the stages; returns what tests/test_walkthrough.py checks: each pair of tensors compared
+    (the reference's, bitsandbytes'), the inputs they came from, the losses and errors measured."""
     facts: dict = {}
     t, lora = cfg.train, cfg.lora
 
@@ -136,16 +137,17 @@ def walk(cfg: Config, out: Path) -> dict:
           f"{state.code[first >> 4]:.4f}, {state.code[first & 15]:.4f} × the first block's absmax")
     ours = nf4.quantize_nf4(w, double_quant=cfg.quant.double_quant)
     dequantized = bnb.functional.dequantize_4bit(weight.data, state)
-    facts["nf4_equal"] = {
-        "code book": torch.equal(nf4.nf4_code_book(), state.code),
-        "packed codes": torch.equal(ours.packed, weight.data),
-        "absmax": torch.equal(ours.absmax, state.absmax),
-        "dequantized W": torch.equal(nf4.dequantize_nf4(ours), dequantized),
+    # (the reference's, bitsandbytes'): what tests/test_walkthrough.py checks against bitsandbytes itself
+    facts["W"], facts["nf4"] = w, {
+        "code book": (nf4.nf4_code_book(), state.code),
+        "packed codes": (ours.packed, weight.data),
+        "absmax": (ours.absmax, state.absmax),
+        "dequantized W": (nf4.dequantize_nf4(ours), dequantized),
     }
     if state.nested:
-        facts["nf4_equal"].update({"offset": torch.equal(ours.offset, state.offset),
-                                   "absmax's absmax": torch.equal(ours.nested_absmax, state.state2.absmax)})
-    print("  reference == bitsandbytes: " + ", ".join(f"{k} {v}" for k, v in facts["nf4_equal"].items()))
+        facts["nf4"].update({"offset": (ours.offset, state.offset),
+                             "absmax's absmax": (ours.nested_absmax, state.state2.absmax)})
+    print("  reference == bitsandbytes: " + ", ".join(f"{k} {torch.equal(*v)}" for k, v in facts["nf4"].items()))
     error = (dequantized - w).float()
     print(f"  {size(nbytes(w))} in {cfg.model.dtype} → {size(ours.nbytes())} "
           f"({8 * ours.nbytes() / w.numel():.3f} bits per value); |W − Ŵ| max {error.abs().max():.3g}, "
@@ -282,12 +284,12 @@ def walk(cfg: Config, out: Path) -> dict:
         group = optimizer.param_groups[0]
         param, ref = before[0].clone(), adam8bit.init_state(before[0])
         adam8bit.adamw8bit_step(param, before[1], ref, lr, group["betas"], group["eps"], group["weight_decay"])
-        facts["adam_equal"] = {"parameter": torch.equal(param, probe.detach()),
-                               "m codes": torch.equal(ref.m_codes, s["state1"]),
-                               "m absmax": torch.equal(ref.m_absmax, s["absmax1"]),
-                               "v codes": torch.equal(ref.v_codes, s["state2"]),
-                               "v absmax": torch.equal(ref.v_absmax, s["absmax2"])}
-        print("  reference == bitsandbytes: " + ", ".join(f"{k} {v}" for k, v in facts["adam_equal"].items()))
+        facts["adam_step"] = {"parameter": before[0], "gradient": before[1], "lr": lr, "betas": group["betas"],
+                              "eps": group["eps"], "weight_decay": group["weight_decay"]}
+        facts["adam"] = {"parameter": (param, probe.detach()), "m codes": (ref.m_codes, s["state1"]),
+                         "m absmax": (ref.m_absmax, s["absmax1"]), "v codes": (ref.v_codes, s["state2"]),
+                         "v absmax": (ref.v_absmax, s["absmax2"])}
+        print("  reference == bitsandbytes: " + ", ".join(f"{k} {torch.equal(*v)}" for k, v in facts["adam"].items()))
     moved = (probe.detach() - before[0]).abs()
     print(f"  |Δθ| max {moved.max():.3g} (Adam's first step moves each value by about lr, since m̂/√v̂ = ±1)")
     optimizer.zero_grad(set_to_none=True)
