@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test base data digits prefs dpo-demo bench walkthrough readme-check venv clean
+.PHONY: demo test mutants base data digits prefs dpo-demo bench walkthrough readme-check venv clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -55,6 +55,11 @@ dpo-demo: base prefs
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Break the core one small way at a time and check that the tests notice (tests/mutants.py, about
+# 15 minutes; not part of CI: run it before a restructuring and after).
+mutants: $(STAMP)
+	$(PY) tests/mutants.py
 
 # minivlm against PEFT + the transformers Trainer on the same QLoRA job: speed, memory, loss curves
 # (bench/README.md). Results go to bench/results/.

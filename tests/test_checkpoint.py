@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_config
-from minivlm import checkpoint
+from minivlm import checkpoint, loop
 from minivlm.build import build
 from minivlm.checkpoint import (_join, _split, latest_checkpoint, load_adapter, load_training_state, recover,
                                 save_checkpoint, saved_checkpoints)
@@ -66,6 +66,33 @@ def names(out):
     return [d.name for d in saved_checkpoints(out)]
 
 
+def test_training_state_round_trips(tmp_path):
+    """What a resume needs besides the adapter comes back from a save as it was: the optimizer's
+    moments and step, a GradScaler's scale after overflows have lowered it (fp16), and the RNG
+    state that draws the next dropout masks."""
+    _, opt, _ = saver(tmp_path)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaler.scale(torch.ones(1))  # the scale exists once something was scaled
+    scaler.update(new_scale=2.0 ** 7)  # what fp16 overflows leave behind
+    torch.manual_seed(123)
+    saved = save_checkpoint(tmp_path, nn.Linear(1, 1), opt, scaler, 5, {})
+    moments = [opt.state[p]["exp_avg"].clone() for p in params]
+    next_draw = torch.rand(3)
+
+    fresh = torch.optim.AdamW(params)
+    fresh_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    torch.manual_seed(0)
+    assert load_training_state(saved, fresh, fresh_scaler)[0] == 5
+    assert all(torch.equal(fresh.state[p]["exp_avg"], m) for p, m in zip(params, moments))
+    assert all(fresh.state[p]["step"] == 1 for p in params)
+    assert fresh_scaler.get_scale() == 2.0 ** 7
+    assert torch.equal(torch.rand(3), next_draw)
+
+
 def test_saves_are_pruned_but_never_the_best(tmp_path):
     save, _, _ = saver(tmp_path)
     for step, best in [(1, False), (2, True), (3, False), (4, False)]:
@@ -91,6 +118,9 @@ def test_resuming_an_older_save_keeps_it_and_its_own_best(tmp_path):
     recover(tmp_path, keep=1, resumed=resumed, best=known)  # the resumed run keeps 1 save
     assert (tmp_path / "best").resolve().name == "step-00000001"
     assert names(tmp_path) == ["step-00000001", "step-00000002", "step-00000004"]  # best, resumed, newest
+    # Its next save, of step 3, is the newest, though an older one holds step 4: --resume takes it.
+    save(tmp_path, 3, loop=loop)
+    assert latest_checkpoint(tmp_path).name == "step-00000003" == (tmp_path / "last").resolve().name
 
 
 @pytest.mark.parametrize("layout", [["last", "best"], ["last.old", "last.tmp"], ["best", "last.old", "last"]])
@@ -148,9 +178,11 @@ class Crasher:
 
 
 def test_a_crash_at_any_filesystem_step_of_any_save_loses_nothing(tiny_paligemma, shapes_data, tmp_path, monkeypatch):
-    """Crash at the k-th file write, rename or delete of a run's saves, for every k: the run is
-    resumed from what is on disk (or restarted, if nothing was saved yet) and ends bit-identical
-    to a run that never crashed: the same last and best checkpoints, the same log."""
+    """Crash at the k-th file write, rename or delete of a run's saves, for every k. Once a save
+    has completed, what the crash leaves holds a complete save: the newest complete one (or the
+    one being written, if the crash came after its rename), and the resumed run starts from its
+    step, not from 0 (counted: it trains only the steps after it). It then ends bit-identical to a
+    run that never crashed: the same last and best checkpoints, the same log."""
     def run(out, resume=None):
         cfg = tiny_config(tiny_paligemma, shapes_data, out, max_steps=6, save_every=2, eval_every=3,
                           keep_checkpoints=1, optimizer="adamw_8bit", batch_size=4)
@@ -168,21 +200,45 @@ def test_a_crash_at_any_filesystem_step_of_any_save_loses_nothing(tiny_paligemma
                 "saves": [json.loads((d / "state.json").read_text())["step"] for d in saved_checkpoints(out)],
                 "log": log, "leftovers": sorted(p.name for p in (out / "checkpoints").iterdir() if "." in p.name)}
 
+    # Which save the loop started last, which ones returned, and how many steps a run trained.
+    saving, saved, trained = [], [], []
+    real_save, real_window = loop.save_checkpoint, loop.backward_window
+
+    def tracked_save(out, model, optimizer, scaler, step, *args, **kwargs):
+        saving.append(step)
+        path = real_save(out, model, optimizer, scaler, step, *args, **kwargs)
+        saved.append(step)
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", tracked_save)
+    monkeypatch.setattr(loop, "backward_window", lambda *a, **k: trained.append(1) or real_window(*a, **k))
     crash = Crasher(monkeypatch)
     crash.at(0)
     run(tmp_path / "ref")
     expected, n_ops = outcome(tmp_path / "ref"), len(crash.ops)
     # Untrained, accuracy stays 0: the best is step 3 (a tie is not better), kept while 2 and 4 go.
     assert expected["saves"] == [3, 6] and (tmp_path / "ref/best").resolve().name == "step-00000003"
-    assert n_ops > 20
+    assert saving == [2, 3, 4, 6] and n_ops > 20
     for k in range(1, n_ops + 1):
         out = tmp_path / f"crash{k}"
+        saving.clear(), saved.clear()
         crash.at(k)
         with pytest.raises(Crash):
             run(out)
         crash.off()
-        run(out, resume=latest_checkpoint(out))  # None: nothing complete was saved, start over
-        assert outcome(out) == expected, f"crash at filesystem step {k} of {n_ops} ({crash.ops[-1]})"
+        writing = saving[-1] if saving else None  # the log is written through checkpoint.py too
+        where = f"crash at filesystem step {k} of {n_ops} ({crash.ops[-1]}, saving step {writing})"
+        found = latest_checkpoint(out)  # None: nothing complete was saved, start over
+        resumed_from = json.loads((found / "state.json").read_text())["step"] if found else 0
+        if saved:
+            assert found is not None, f"{where}: the saves of steps {saved} are all lost"
+            assert resumed_from in (saved[-1], writing), f"{where}: resumes from step {resumed_from}"
+        else:
+            assert resumed_from in (0, writing), where
+        trained.clear()
+        run(out, resume=found)
+        assert len(trained) == 6 - resumed_from, where
+        assert outcome(out) == expected, where
 
 
 def test_a_crash_inside_recover_is_finished_by_the_next_one(tmp_path, monkeypatch):

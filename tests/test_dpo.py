@@ -266,6 +266,56 @@ def test_init_from_an_sft_adapter_makes_it_the_frozen_reference(tiny_paligemma, 
         dpo.reference_weights(cfg, built.model)
 
 
+def test_the_reference_and_held_out_pairs_are_dropout_free(tiny_paligemma, prefs_data, tmp_path):
+    """With lora.dropout = 0.5 and the model in training mode: π_ref (an SFT adapter) is one fixed
+    function, the eval-mode forward of a second model holding that adapter, in the reference
+    block and inside a training window, where only the policy draws masks; held-out figures are
+    those of eval-mode forwards too; and training mode is back after each."""
+    sft = tmp_path / "sft"
+    save_sft_adapter(build(dpo_config(tiny_paligemma, prefs_data, tmp_path, four_bit=False)), sft)
+    cfg = dpo_config(tiny_paligemma, prefs_data, tmp_path, four_bit=False, dropout=0.5, init_from=str(sft))
+    built, frozen = build(cfg), build(cfg)
+    load_adapter(sft, frozen.model, partial=True)
+    frozen.model.eval()
+    weights = dpo.reference_weights(cfg, built.model)
+    randomize_adapters(built.model, seed=8)  # the policy, "trained" away from the reference
+    ds = load_split(cfg.data, "train")
+    batch = dpo.collate_pairs(ds, [0, 1, 2], cfg.data, built.family, built.processor)
+    with torch.no_grad():
+        expected_ref = dpo.sequence_logps(cfg, frozen, batch)
+
+    built.model.train()
+    with dpo.reference(built.model, weights):
+        ref = dpo.sequence_logps(cfg, built, batch)
+    torch.testing.assert_close(ref, expected_ref, rtol=1e-6, atol=1e-5)
+    assert built.model.training
+
+    # In a window: the reference forward draws no mask, so the policy's masks are the ones drawn
+    # right after the RNG state at the window's start.
+    rng = torch.get_rng_state()
+    _, _, rewards = dpo.backward_window(cfg, built, built.model, [batch], torch.amp.GradScaler("cpu", enabled=False),
+                                        weights)
+    torch.set_rng_state(rng)
+    with torch.no_grad():
+        policy = dpo.sequence_logps(cfg, built, batch)
+    chosen = cfg.train.dpo_beta * (policy[:3] - expected_ref[:3])
+    rejected = cfg.train.dpo_beta * (policy[3:] - expected_ref[3:])
+    assert rewards["rewards_chosen"] == pytest.approx(chosen.mean().item(), rel=1e-5, abs=1e-6)
+    assert rewards["reward_margin"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-5, abs=1e-6)
+
+    test = load_split(cfg.data, "test")
+    scores = dpo.held_out(cfg, built, test, weights)
+    assert built.model.training
+    pairs = dpo.collate_pairs(test, list(range(len(test))), cfg.data, built.family, built.processor)
+    n = len(test)
+    built.model.eval()
+    with torch.no_grad():
+        logps, ref = dpo.sequence_logps(cfg, built, pairs), dpo.sequence_logps(cfg, frozen, pairs)
+    margin = cfg.train.dpo_beta * ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:]))
+    assert scores["reward_margin"] == pytest.approx(margin.mean().item(), rel=1e-5, abs=1e-6)
+    assert scores["preference_accuracy"] == pytest.approx((logps[:n] > logps[n:]).float().mean().item())
+
+
 def test_resume_n_plus_n_equals_2n(tiny_paligemma, prefs_data, tmp_path, monkeypatch):
     """A DPO run from an SFT adapter (the reference read again on resume), killed after its step-3
     save and resumed, ends bit-identical to an unbroken one: adapters and optimizer state."""
@@ -384,16 +434,26 @@ def test_dpo_demo_config_end_to_end(tiny_paligemma, prefs_data, tmp_path):
     saved = json.loads((tmp_path / "run/metrics.json").read_text())
     assert saved == pytest.approx(metrics, nan_ok=True)
     assert saved["dpo_loss_before"] == pytest.approx(math.log(2), abs=1e-6) and saved["reward_margin_before"] == 0
-    assert 0 <= saved["preference_accuracy_before"] <= 1 and 0 <= saved["preference_accuracy_after"] <= 1
     assert saved["reward_margin_after"] != 0 and {"accuracy_before", "accuracy_after"} <= saved.keys()
+    # Preference accuracy before and after: the base's and the trained adapter's own ranking of the
+    # 6 held-out pairs, log π(chosen) > log π(rejected), from eval-mode forwards here.
+    cfg = load_config(str(ROOT / "configs/dpo_demo.toml"), sets)
+    built, test = build(cfg), load_split(cfg.data, "test")
+    pairs = dpo.collate_pairs(test, list(range(6)), cfg.data, built.family, built.processor)
+    built.model.eval()
+    for when in ("before", "after"):
+        if when == "after":
+            load_adapter(tmp_path / "run/last", built.model)
+        with torch.no_grad():
+            logps = dpo.sequence_logps(cfg, built, pairs)
+        assert saved[f"preference_accuracy_{when}"] == (logps[:6] > logps[6:]).sum().item() / 6, when
     log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     evals, steps = [r for r in log if "val_loss" in r], [r for r in log if "loss" in r]
     assert [r["step"] for r in evals] == [0, 1, 2] and all("preference_accuracy" in r for r in evals)
     assert [r["step"] for r in steps] == [1, 2] and all(r["pairs"] == 3 for r in steps)
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and steps[1]["reward_margin"] != 0
     assert set(load_file(tmp_path / "run/last/adapter.safetensors")) == {
-        n for n, p in build(load_config(str(ROOT / "configs/dpo_demo.toml"), sets)).model.named_parameters()
-        if p.requires_grad}
+        n for n, p in built.model.named_parameters() if p.requires_grad}
 
 
 def test_smolvlm_seed_sft_then_dpo_on_a_tiny_smolvlm(tiny_smolvlm, tmp_path):

@@ -1,12 +1,20 @@
-"""Properties of LoRALinear and the injector: the math of LoRA, checked, not printed."""
+"""Properties of LoRALinear and the injector: the math of LoRA, checked, not printed; and on a 4-bit
+base, equal to PEFT's over transformers' 4-bit model."""
 
 from __future__ import annotations
 
 import bitsandbytes as bnb
 import pytest
 import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
+from conftest import tiny_config
+from minivlm.build import build
+from minivlm.data import collate, load_split
+from minivlm.loop import answer_loss_sum, answer_tokens
 from minivlm.lora import LoRALinear, SharedDropout, count_parameters, inject_lora, merge_lora, trainable_state_dict
 from minivlm.modules import matches
 from minivlm.quant import quantize_linears
@@ -118,8 +126,9 @@ def test_shared_dropout_draws_one_mask_per_input_tensor(shared):
     # Dropout's expectation is unchanged: inverted scaling, a fraction p of inputs zeroed.
     h = SharedDropout(0.5).train()(torch.ones(100_000))
     assert abs((h == 0).float().mean().item() - 0.5) < 0.01 and set(h.unique().tolist()) == {0.0, 2.0}
-    model.eval()
-    torch.testing.assert_close(delta("q", x), delta("k", x))
+    model.eval()  # no mask at all: each adapter adds s·B·A·x
+    for name, layer in model.items():
+        torch.testing.assert_close(delta(name, x), layer.scaling * (x @ layer.lora_A.T @ layer.lora_B.T))
 
 
 def test_autocast_adapter_without_the_fp32_copy_computes_the_same_bits():
@@ -183,3 +192,52 @@ def test_injector_errors_name_the_problem():
         inject_lora(model, targets=["q_proj"], skip=[], r=2, alpha=2, dropout=0.0)
     with pytest.raises(ValueError, match="not a linear layer"):
         inject_lora(model, targets=["1"], skip=[], r=2, alpha=2, dropout=0.0)
+
+
+def test_4bit_lora_equals_peft_on_a_transformers_4bit_model(tiny_paligemma, shapes_data, tmp_path):
+    """The QLoRA path users run today as the oracle: transformers loads the base in 4-bit
+    (BitsAndBytesConfig: NF4, double quant, the same modules skipped) and PEFT wraps its Linear4bit
+    layers. With the same adapter values: the same 4-bit codes, logits, loss, and gradient of
+    every A and B."""
+    cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path)
+    built = build(cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # A and B both random: every gradient is non-zero
+        for p in built.model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32,
+                                      llm_int8_skip_modules=[f"model.{m}" if m != "lm_head" else m
+                                                             for m in built.family.QUANT_SKIP])
+    base = AutoModelForImageTextToText.from_pretrained(tiny_paligemma, quantization_config=quantization,
+                                                       dtype=torch.float32, device_map="cpu")
+    peft_model = get_peft_model(base, LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+    theirs = dict(peft_model.named_parameters())
+    ours = {n: p for n, p in built.model.named_parameters() if p.requires_grad}
+    assert len(ours) == sum(1 for n in theirs if ".lora_" in n) == 28
+    for name, p in ours.items():
+        with torch.no_grad():
+            theirs[f"base_model.model.{name}.default.weight"].copy_(p)
+    for name in built.quantized:  # the decoder's 14 projections, each under its adapter
+        assert torch.equal(built.model.get_submodule(f"{name}.base").weight.data,
+                           peft_model.get_submodule(f"base_model.model.{name}.base_layer").weight.data)
+
+    batch = collate(load_split(cfg.data, "train"), [0, 1, 2], cfg.data, built.family, built.processor)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    targets = batch["labels"][:, 1:]
+    built.model.train(), peft_model.train()
+    loss = answer_loss_sum(cfg, built, batch) / answer_tokens(batch)
+    loss.backward()
+    logits = peft_model(**inputs).logits
+    reference = F.cross_entropy(logits[:, :-1][targets != -100], targets[targets != -100])
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(built.model(**inputs).logits, logits, rtol=1e-5, atol=1e-5)
+    for name, p in ours.items():
+        g = theirs[f"base_model.model.{name}.default.weight"].grad
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import save_paligemma
 from minivlm.build import build
-from minivlm.config import from_dict
+from minivlm.config import from_dict, load_config
 from minivlm.loop import answer_loss_sum
 from minivlm.optim import build_optimizer
 from minivlm.plan import parse_size, plan_memory
@@ -99,6 +99,36 @@ def test_planned_activations_match_what_autograd_saves(small_paligemma):
     assert abs(planned - sum(saved.values())) < 0.15 * sum(saved.values()), (planned, sum(saved.values()))
 
 
+def counted_by_hand(config_json: Path, r: int) -> dict[str, int]:
+    """PaliGemma's bytes in bf16 with NF4 + double quantization, LoRA of rank r on the decoder's seven
+    projections and 8-bit AdamW, from the shapes in config.json (SigLIP without its head, Gemma
+    with a tied lm_head), written out without minivlm.plan."""
+    import json
+    c = json.loads(config_json.read_text())
+    t, v = c["text_config"], c["vision_config"]
+    h, i, layers, heads, kv = (t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"],
+                               t["num_attention_heads"], t["num_key_value_heads"])
+    head_dim = t.get("head_dim", 256)  # Gemma's default
+    # (out, in) of q, k, v, o, gate, up, down
+    linears = [(heads * head_dim, h), (kv * head_dim, h), (kv * head_dim, h), (h, heads * head_dim), (i, h), (i, h),
+               (h, i)] * layers
+    assert sum(o * n for o, n in linears) == 1_981_808_640
+
+    def nf4(n: int) -> int:  # codes, 16-entry code book; uint8 absmax per 64, fp32 absmax per 256 of those,
+        blocks = n // 64  # the 256-entry code book of the absmax and their offset
+        return n // 2 + 64 + blocks + 4 * -(-blocks // 256) + 1024 + 4
+
+    vh, vi, patch = v["hidden_size"], v["intermediate_size"], v["patch_size"]
+    vision = (v["num_hidden_layers"] * (4 * vh + 4 * (vh * vh + vh) + (vh * vi + vi) + (vi * vh + vh))
+              + 3 * patch * patch * vh + vh + (224 // patch) ** 2 * vh + 2 * vh)
+    floats = vision + (vh * h + h) + c["vocab_size"] * h + (2 * layers + 1) * h  # + projector, embeddings, norms
+    lora = [(r * n, o * r) for o, n in linears]  # A (r × in), B (out × r)
+    sizes = [size for pair in lora for size in pair]
+    optimizer = sum(8 * n if n < 4096 else 2 * n + 8 * -(-n // 256) for n in sizes)
+    return {"4-bit": sum(nf4(o * n) for o, n in linears), "float": 2 * floats, "adapters": 4 * sum(sizes),
+            "gradients": 4 * sum(sizes), "optimizer": optimizer}
+
+
 def test_dry_run_of_a_seed_config_reads_no_weights(monkeypatch, capsys):
     import safetensors.torch
     from transformers import PreTrainedModel
@@ -117,7 +147,19 @@ def test_dry_run_of_a_seed_config_reads_no_weights(monkeypatch, capsys):
     assert time.time() - start < 30
     assert "1,981,808,640 params" in out  # the 126 decoder linears of the real 3B PaliGemma
     assert "total" in out and "fits, " in out
-    assert 3 * 2**30 < result["total_bytes"] < 6 * 2**30
+    # The total is the sum of the terms, each counted here from config.json by hand.
+    expected = counted_by_hand(ROOT / "configs/real/paligemma-3b-pt-224/config.json", r=8)
+    cfg = load_config(str(ROOT / "configs/paligemma.toml"),
+                      [f"model.name_or_path={ROOT / 'configs/real/paligemma-3b-pt-224'}"])
+    plan = plan_memory(cfg)
+    activations = max(plan.act_ckpt, plan.vision_transient)  # checked against autograd above
+    assert plan.quant_bytes == expected["4-bit"] and plan.trainable_bytes == expected["adapters"]
+    assert plan.grad_bytes == expected["gradients"] and plan.optim_bytes == expected["optimizer"]
+    # The buffers are not counted here: SigLIP's 256 int64 position ids and Gemma's rotary
+    # frequencies, 3,074 bytes in all.
+    assert 0 <= plan.float_bytes - expected["float"] < 4096
+    assert result["total_bytes"] == plan.quant_bytes + plan.float_bytes + sum(
+        expected[k] for k in ("adapters", "gradients", "optimizer")) + activations + 2**29  # + the CUDA context
     train.main(["--config", str(ROOT / "configs/paligemma.toml"), "--set",
                 f"model.name_or_path={ROOT / 'configs/real/paligemma-3b-pt-224'}",
                 "--set", "train.gradient_checkpointing=false", "--dry-run", "--gpu-memory", "4GiB"])

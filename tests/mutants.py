@@ -1,0 +1,322 @@
+"""`make mutants`: break the core one small way at a time, and see whether the tests notice.
+
+Each mutant below is one edit a careless change could make: a sign, a comparison, a missing
+line, a default. For each, a copy of the working tree gets that edit alone and the tests named
+with it run (pytest -x: until the first failure). Failing tests kill the mutant; if they all
+pass, it survived, and either a test is missing or the mutant changes nothing that can be
+observed: each survivor on the list says which, in `why`. At the end: the kill rate, and the
+survivors with their reasons. Exit status 1 if a survivor has no reason.
+
+    python tests/mutants.py                      # all of them (about 15 minutes on 2 cores)
+    python tests/mutants.py --only loop.climbs   # one or a few, by name
+    python tests/mutants.py --list               # names and edits; checks every edit still applies
+
+Run it before a restructuring and after (it is not part of CI): a test that stops killing its
+mutant has stopped guarding what it was written for. `make test` must pass first, or a failing
+test would count as a kill. When the code moves, an edit that no longer matches is reported as
+stale before anything runs: update its `old` text here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    old: str  # must occur exactly once in `file`
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files, the likeliest killer first
+    why: str = ""  # for a mutant known to survive: why no test can or need catch it
+
+
+def m(name: str, file: str, old: str, new: str, *tests: str, why: str = "") -> Mutant:
+    return Mutant(name, file, old, new, tuple(f"tests/{t}" for t in tests), why)
+
+
+LORA, QUANT, LOOP, OPTIM, CKPT, DPO, METRICS = (f"minivlm/{f}.py" for f in (
+    "lora", "quant", "loop", "optim", "checkpoint", "dpo", "metrics"))
+
+MUTANTS = [
+    # LoRA: the adapter's math, its dropout, merge, what is frozen and trained.
+    m("lora.scale", LORA, "self.scaling = alpha / r", "self.scaling = alpha / r / 2", "test_lora.py"),
+    m("lora.b-not-zero", LORA, "self.lora_B = nn.Parameter(torch.zeros(", "self.lora_B = nn.Parameter(torch.randn(",
+      "test_lora.py"),
+    m("lora.no-dropout", LORA, "h = self.dropout(x)", "h = x", "test_lora.py"),
+    m("lora.shared-dropout-in-eval", LORA, "if not self.training:\n            self._last = None",
+      "if False:\n            self._last = None", "test_lora.py"),
+    m("lora.merge-sign", LORA, "w.copy_((w.float() + self.delta_weight())", "w.copy_((w.float() - self.delta_weight())",
+      "test_lora.py"),
+    m("lora.unmerge-stays-merged", LORA, "w.copy_((w.float() - self.delta_weight()).to(w.dtype))\n        self.merged = False",
+      "w.copy_((w.float() - self.delta_weight()).to(w.dtype))", "test_lora.py"),
+    m("lora.adapters-stay-off", LORA, "            m.enabled = True", "            m.enabled = False",
+      "test_dpo.py::test_adapters_off_is_the_base_model_and_step_zero_is_log_2"),
+    m("lora.skip-ignored", LORA,
+      "if any(matches(name, p, anywhere=False) for p in targets) and not any(matches(name, s, anywhere=True) for s in skip):",
+      "if any(matches(name, p, anywhere=False) for p in targets):", "test_quant.py::test_paligemma_scope",
+      "test_lora.py"),
+    m("lora.base-not-frozen", LORA, "model.requires_grad_(False)", "model.requires_grad_(True)",
+      "test_quant.py::test_paligemma_scope", "test_lora.py"),
+    m("lora.train-modules-not-fp32", LORA, "module.float().requires_grad_(True)", "module.requires_grad_(True)",
+      "test_lora.py"),
+
+    # Quantization: the scope and the format.
+    m("quant.skip-ignored", QUANT,
+      "if type(m) is nn.Linear and not any(matches(name, s, anywhere=True) for s in skip)", "if type(m) is nn.Linear",
+      "test_quant.py"),
+    m("quant.mha-out-proj-quantized", QUANT, "if type(m) is nn.Linear and", "if isinstance(m, nn.Linear) and",
+      "test_quant.py"),
+    m("quant.default-fp4", "minivlm/config.py", 'quant_type: str = "nf4"', 'quant_type: str = "fp4"', "test_quant.py"),
+    m("quant.default-no-double-quant", "minivlm/config.py", "double_quant: bool = True", "double_quant: bool = False",
+      "test_quant.py"),
+    m("quant.compute-dtype-fp32", QUANT, "compute_dtype=compute_dtype, compress_statistics",
+      "compute_dtype=torch.float32, compress_statistics", "test_quant.py::test_4bit_layers_compute_in_the_model_dtype"),
+    m("quant.cpu-repack-on", QUANT, "q.support_avx512bf16_for_cpu = False", "q.support_avx512bf16_for_cpu = True",
+      "test_quant.py::test_train_eval_train_on_4bit"),
+
+    # The loop: the loss, its normalisation, the step, evaluation, saving, the run's length.
+    m("loop.climbs", LOOP, "scaler.scale(loss).backward()", "scaler.scale(-loss).backward()",
+      "test_loop.py::test_training_lowers_the_loss_and_teaches_the_answer",
+      "test_loop.py::test_batch4_accum1_equals_batch1_accum4"),
+    m("loop.mean-of-means", LOOP, "loss = answer_loss_sum(cfg, built, batch, model) / n_tokens",
+      "loss = answer_loss_sum(cfg, built, batch, model) / answer_tokens(batch) / len(batches)",
+      "test_loop.py::test_batch4_accum1_equals_batch1_accum4"),
+    m("loop.mean-not-sum", LOOP, 'targets[targets != -100], reduction="sum")', 'targets[targets != -100], reduction="mean")',
+      "test_loop.py::test_batch4_accum1_equals_batch1_accum4"),
+    m("loop.no-clipping", LOOP,
+      'grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))',
+      "grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])",
+      "test_loop.py::test_the_optimizer_steps_with_the_clipped_gradient_and_the_scheduled_lr"),
+    m("loop.clips-scaled-fp16-gradients", LOOP, "scaler.unscale_(optimizer)  # clip", "pass  # clip",
+      "test_loop.py::test_fp16_clips_and_logs_the_unscaled_gradient"),
+    m("loop.lr-unscheduled", LOOP, 'group["lr"] = lr', 'group["lr"] = t.lr',
+      "test_loop.py::test_the_optimizer_steps_with_the_clipped_gradient_and_the_scheduled_lr"),
+    m("loop.gradients-kept-across-steps", LOOP, "scaler.update()\n            optimizer.zero_grad(set_to_none=True)\n",
+      "scaler.update()\n", "test_loop.py::test_training_lowers_the_loss_and_teaches_the_answer",
+      "test_loop.py::test_resume_n_plus_n_equals_2n"),
+    m("loop.epochs-ignored", LOOP, "total_steps = t.max_steps or per_epoch * t.epochs", "total_steps = t.max_steps or per_epoch",
+      "test_loop.py::test_the_optimizer_steps_with_the_clipped_gradient_and_the_scheduled_lr"),
+    m("loop.val-loss-with-dropout", LOOP, "built.model.eval()  # dropout off", "built.model.train()  # dropout off",
+      "test_loop.py::test_validation_loss_reads_every_row_of_a_long_split"),
+    m("loop.eval-mode-after-validation", LOOP, "    built.model.train()\n    total, tokens = distributed.totals",
+      "    total, tokens = distributed.totals", "test_loop.py::test_validation_loss_reads_every_row_of_a_long_split"),
+    m("loop.tie-is-best", LOOP, 'if score > loop_state["best_score"]:', 'if score >= loop_state["best_score"]:',
+      "test_llava_phi2.py::test_early_stopping_keeps_the_best", "test_checkpoint.py::test_a_crash_at_any_filesystem_step"),
+    m("loop.patience-plus-one", LOOP, 'loop_state["evals_since_best"] >= t.early_stopping_patience',
+      'loop_state["evals_since_best"] > t.early_stopping_patience', "test_llava_phi2.py::test_early_stopping_keeps_the_best"),
+    m("loop.save-every-off-by-one", LOOP, "(step + 1) % t.save_every == 0", "step % t.save_every == 0",
+      "test_loop.py::test_resume_n_plus_n_equals_2n"),
+    m("loop.nan-step-taken", LOOP,
+      "if not math.isfinite(window_loss) or (not t.fp16 and not math.isfinite(float(grad_norm))):", "if False:",
+      "test_resume_checks.py::test_nonfinite_loss_skips_steps_then_stops_saving_nothing"),
+    m("loop.tokens-counted-per-rank", LOOP,
+      "n_tokens = int(distributed.total(sum(answer_tokens(b) for b in batches), built.device))",
+      "n_tokens = sum(answer_tokens(b) for b in batches)",
+      "test_distributed.py::test_two_ranks_train_as_one_process_on_the_combined_batch"),
+
+    # The optimizer and the schedule.
+    m("optim.no-weight-decay", OPTIM, "weight_decay=cfg.weight_decay", "weight_decay=0.0",
+      "test_loop.py::test_weight_decay_and_betas_reach_the_optimizer"),
+    m("optim.default-betas", OPTIM, "betas=tuple(cfg.betas)", "betas=(0.9, 0.999)",
+      "test_loop.py::test_weight_decay_and_betas_reach_the_optimizer"),
+    m("optim.adamw-is-8bit", OPTIM, 'if cfg.optimizer == "adamw":', 'if cfg.optimizer == "adamw32":',
+      "test_loop.py::test_weight_decay_and_betas_reach_the_optimizer"),
+    m("optim.warmup-starts-at-0", OPTIM, "cfg.lr * (step + 1) / (cfg.warmup_steps + 1)", "cfg.lr * step / cfg.warmup_steps",
+      "test_loop.py::test_lr_schedule_warmup_then_decay"),
+    m("optim.cosine-doubled", OPTIM, "cfg.lr * 0.5 * (1 + math.cos", "cfg.lr * (1 + math.cos",
+      "test_loop.py::test_lr_schedule_warmup_then_decay"),
+    m("optim.linear-rises", OPTIM, "return cfg.lr * (1 - progress)", "return cfg.lr * progress",
+      "test_loop.py::test_lr_schedule_warmup_then_decay"),
+
+    # Checkpoints: what is saved and restored, and the order that makes a crash harmless.
+    m("checkpoint.prune-before-rename", CKPT,
+      "    _replace(tmp, final)\n\n    _point(out / \"last\", final)\n    if best:\n        _point(out / \"best\", final)\n"
+      "    _prune(out, [d for d, _ in earlier] + [final], keep)\n",
+      "    _prune(out, [d for d, _ in earlier] + [final], keep)\n    _replace(tmp, final)\n\n"
+      "    _point(out / \"last\", final)\n    if best:\n        _point(out / \"best\", final)\n",
+      "test_checkpoint.py::test_a_crash_at_any_filesystem_step_of_any_save_loses_nothing"),
+    m("checkpoint.no-rng", CKPT, '    set_rng_state(state["rng"])\n', "", "test_checkpoint.py::test_training_state_round_trips",
+      "test_loop.py::test_resume_n_plus_n_equals_2n"),
+    m("checkpoint.no-optimizer-state", CKPT, 'optimizer.load_state_dict(state["optimizer"])', "pass",
+      "test_checkpoint.py::test_training_state_round_trips", "test_loop.py::test_resume_n_plus_n_equals_2n"),
+    m("checkpoint.no-scaler-state", CKPT, 'scaler.load_state_dict(state["scaler"])', "pass",
+      "test_checkpoint.py::test_training_state_round_trips", "test_loop.py::test_resume_n_plus_n_equals_2n"),
+    m("checkpoint.newest-by-step", CKPT, 'key=lambda dm: (dm[1].get("saved", 0), dm[1]["step"], dm[0].name)',
+      'key=lambda dm: (dm[1]["step"], dm[0].name)', "test_checkpoint.py::test_resuming_an_older_save_keeps_it_and_its_own_best"),
+    m("checkpoint.leftovers-kept", CKPT,
+      'for leftover in [*root.glob("*.tmp"), *root.glob("*.del"), out / "last.tmp", out / "best.tmp"]:',
+      "for leftover in []:", "test_checkpoint.py"),
+    m("checkpoint.best-pruned", CKPT, 'spared = {p.resolve() for p in (out / "best", protect)',
+      'spared = {p.resolve() for p in (protect,)', "test_checkpoint.py"),
+    m("checkpoint.no-fsync", CKPT, "        os.fsync(f.fileno())\n", "",
+      "test_checkpoint.py::test_a_crash_at_any_filesystem_step_of_any_save_loses_nothing",
+      why="fsync only matters when the kernel's page cache is lost (a power cut); a test process can be killed "
+          "but not the machine it runs on"),
+    m("checkpoint.resume-conflicts-ignored", CKPT, 'if f"{section}.{key}" not in free and old != new:', "if False:",
+      "test_resume_checks.py::test_resume_refuses_a_config_that_changes_the_math_listing_each_key"),
+
+    # DPO: the loss, its reference, its averaging.
+    m("dpo.sign", DPO, "margin = chosen_rewards - rejected_rewards", "margin = rejected_rewards - chosen_rewards",
+      "test_dpo.py::test_loss_equals_trls_on_the_same_log_probabilities"),
+    m("dpo.reference-with-dropout", DPO, "    was_training = model.training\n    model.eval()\n",
+      "    was_training = model.training\n", "test_dpo.py::test_the_reference_and_held_out_pairs_are_dropout_free"),
+    m("dpo.held-out-with-dropout", DPO, "    built.model.eval()  # dropout off\n", "",
+      "test_dpo.py::test_the_reference_and_held_out_pairs_are_dropout_free"),
+    m("dpo.smoothing-sign", DPO, "- label_smoothing * F.logsigmoid(-margin)", "+ label_smoothing * F.logsigmoid(-margin)",
+      "test_dpo.py::test_loss_equals_trls_on_the_same_log_probabilities"),
+    m("dpo.no-beta-on-chosen", DPO, "chosen_rewards = beta * (chosen_logps", "chosen_rewards = (chosen_logps",
+      "test_dpo.py::test_loss_equals_trls_on_the_same_log_probabilities"),
+    m("dpo.mean-of-micro-batch-means", DPO, "scaler.scale(losses.sum() / n_pairs).backward()",
+      "scaler.scale(losses.mean() / len(batches)).backward()", "test_dpo.py::test_loss_and_gradient_equal_the_formula"),
+    m("dpo.trained-weights-not-restored", DPO, "                    for n, w in trained.items():\n"
+      "                        params[n].copy_(w)\n", "                    pass\n",
+      "test_dpo.py::test_init_from_an_sft_adapter_makes_it_the_frozen_reference"),
+
+    # Metrics.
+    m("metrics.accuracy-unnormalised", METRICS, "normalize(p) in {normalize(r) for r in refs}", "p in set(refs)",
+      "test_metrics.py"),
+    m("metrics.vqa-four-humans", METRICS, "if j != i) / 3)", "if j != i) / 4)", "test_metrics.py"),
+    m("metrics.vqa-not-leave-one-out", METRICS, "sum(g == pred for j, g in enumerate(gts) if j != i)",
+      "sum(g == pred for g in gts)", "test_metrics.py"),
+    m("metrics.vqa-articles-kept", METRICS, "for w in words if w not in _ARTICLES]", "for w in words]", "test_metrics.py"),
+    m("metrics.vqa-number-words-kept", METRICS, "words = [_NUMBERS.get(w, w) for w", "words = [w for w", "test_metrics.py"),
+    m("metrics.anls-threshold-inclusive", METRICS, "1 - ratio if ratio < threshold", "1 - ratio if ratio <= threshold",
+      "test_metrics.py"),
+    m("metrics.relaxed-boundary-exclusive", METRICS, "abs(p - a) / abs(a) <= tolerance", "abs(p - a) / abs(a) < tolerance",
+      "test_metrics.py"),
+    m("metrics.bleu-brevity-inverted", METRICS, "math.exp(1 - r / c)", "math.exp(1 - c / r)", "test_metrics.py"),
+    m("metrics.bleu-unclipped", METRICS, "sum(min(k, most[g]) for g, k in counts.items())", "sum(counts.values())",
+      "test_metrics.py"),
+    m("metrics.cider-sigma", METRICS, "(2 * sigma ** 2)", "(sigma ** 2)", "test_metrics.py"),
+
+    # Data: which tokens carry the loss, and which samples are kept.
+    m("data.answer-positions-shifted", "minivlm/data.py", "(0, 1), value=False)", "(1, 0), value=False)",
+      "test_loop.py::test_lm_head_runs_only_at_answer_positions_with_the_full_logits_loss"),
+    m("data.max-length-exclusive", "minivlm/data.py", "keep = lengths <= cfg.max_length", "keep = lengths < cfg.max_length",
+      "test_paligemma.py", "test_families.py::test_too_long_sample_is_dropped_not_cut"),
+    m("data.same-order-every-epoch", "minivlm/data.py", "manual_seed(seed * 100_003 + epoch)", "manual_seed(seed * 100_003)",
+      "test_data.py::test_epoch_batches_cover_every_sample_once_and_reshuffle"),
+    m("paligemma.prompt-labelled", "minivlm/models/paligemma.py", 'batch["token_type_ids"] == 0', 'batch["attention_mask"] == 0',
+      "test_paligemma.py"),
+    m("chat.end-token-unlabelled", "minivlm/models/chat.py", "span = span[: ends[-1].item() + 1]",
+      "span = span[: ends[-1].item()]", "test_families.py::test_labels_are_the_assistant_answer_and_end_of_turn"),
+]
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return [f for f in out.splitlines() if (ROOT / f).is_file()]
+
+
+def copy_tree(dest: Path, files: list[str]) -> None:
+    for f in files:
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dest / f)
+
+
+def stale(mutants: list[Mutant]) -> list[str]:
+    """Mutants whose `old` text no longer occurs exactly once in their file."""
+    bad = []
+    for mu in mutants:
+        count = (ROOT / mu.file).read_text().count(mu.old)
+        if count != 1:
+            bad.append(f"{mu.name}: {mu.old!r} occurs {count} times in {mu.file}")
+    return bad
+
+
+def run_one(mu: Mutant, tree: Path, timeout: int) -> tuple[str, str, float]:
+    """(fate, the first failing test and its message, seconds): fate is killed, survived or timeout."""
+    path = tree / mu.file
+    original = path.read_text()
+    path.write_text(original.replace(mu.old, mu.new))
+    start = time.time()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:warnings", *mu.tests],
+                              cwd=tree, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "1000"})
+    except subprocess.TimeoutExpired:
+        return "timeout", f"the tests ran past {timeout} s", time.time() - start
+    finally:
+        path.write_text(original)
+    seconds = time.time() - start
+    if proc.returncode == 0:
+        return "survived", "", seconds
+    failed = re.search(r"^(?:FAILED|ERROR) (.+)$", proc.stdout, flags=re.M)
+    if proc.returncode in (1, 2) and failed:  # 1: a test failed; 2: collection error or interrupted by -x
+        return "killed", failed.group(1)[:300], seconds
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+    return "killed", f"pytest exited {proc.returncode}: {' | '.join(tail)[:300]}", seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants (names, or prefixes such as loop.)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and check that each edit still applies")
+    ap.add_argument("--jobs", type=int, default=2, help="mutants tested at once, each in its own copy (default 2)")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per mutant before it counts as killed")
+    args = ap.parse_args(argv)
+    chosen = [mu for mu in MUTANTS if not args.only or any(mu.name == o or mu.name.startswith(o) for o in args.only)]
+    if not chosen:
+        sys.exit(f"no mutant named {args.only}; see --list")
+    if bad := stale(chosen):
+        sys.exit("stale mutants (the code moved; update their `old` text in tests/mutants.py):\n  " + "\n  ".join(bad))
+    if args.list:
+        for mu in chosen:
+            print(f"{mu.name:38} {mu.file}: {mu.old.strip()[:60]!r} -> {mu.new.strip()[:60]!r}")
+        print(f"{len(chosen)} mutants, every edit applies")
+        return 0
+
+    files = tracked_files()
+    todo: queue.Queue[Mutant] = queue.Queue()
+    for mu in chosen:
+        todo.put(mu)
+    results: dict[str, tuple[str, str, float]] = {}
+    lock = threading.Lock()
+    start = time.time()
+
+    def worker(tree: Path) -> None:
+        copy_tree(tree, files)
+        while True:
+            try:
+                mu = todo.get_nowait()
+            except queue.Empty:
+                return
+            fate, detail, seconds = run_one(mu, tree, args.timeout)
+            with lock:
+                results[mu.name] = (fate, detail, seconds)
+                print(f"[{len(results):>2}/{len(chosen)}] {fate:8} {mu.name:38} {seconds:5.0f} s  {detail}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
+        threads = [threading.Thread(target=worker, args=(Path(tmp) / f"tree{i}",)) for i in range(max(1, args.jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    killed = [mu for mu in chosen if results[mu.name][0] != "survived"]
+    survivors = [mu for mu in chosen if results[mu.name][0] == "survived"]
+    print(f"\nkill rate: {len(killed)}/{len(chosen)} = {100 * len(killed) / len(chosen):.0f}% "
+          f"in {time.time() - start:.0f} s ({args.jobs} at a time)")
+    for mu in survivors:
+        print(f"  survived {mu.name}: {mu.why or 'NO REASON GIVEN: a test is missing'}")
+    return 1 if any(not mu.why for mu in survivors) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
