@@ -96,3 +96,13 @@ def crash_after_first_save(monkeypatch, run) -> None:
     with pytest.raises(Crash):
         run()
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
+
+
+def count_steps(monkeypatch, module) -> list:
+    """Count the optimizer steps a run trains: `module.backward_window` (loop's, or dpo's for DPO)
+    appends to the list returned each time it runs, once per step. A resumed run must train only
+    the steps after its save: one that restarted from 0 would end bit-identical too (it is
+    deterministic), having silently thrown the save away."""
+    calls, real = [], module.backward_window
+    monkeypatch.setattr(module, "backward_window", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls

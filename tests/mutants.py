@@ -13,8 +13,8 @@ survivors with their reasons. Exit status 1 if a survivor has no reason.
 
 Run it before a restructuring and after (it is not part of CI): a test that stops killing its
 mutant has stopped guarding what it was written for. `make test` must pass first, or a failing
-test would count as a kill. When the code moves, an edit that no longer matches is reported as
-stale before anything runs: update its `old` text here.
+test would count as a kill. When the code moves, an edit that no longer matches, or a test name
+that no longer exists, is reported before anything runs: update the list here.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ MUTANTS = [
     m("lora.no-dropout", LORA, "h = self.dropout(x)", "h = x", "test_lora.py"),
     m("lora.shared-dropout-in-eval", LORA, "if not self.training:\n            self._last = None",
       "if False:\n            self._last = None", "test_lora.py"),
+    m("lora.merge-unscaled", LORA, "return (self.lora_B @ self.lora_A) * self.scaling", "return self.lora_B @ self.lora_A",
+      "test_lora.py"),
+    m("lora.shared-dropout-mask-per-layer", LORA, "if self._last is not None and self._last[0]() is x:", "if False:",
+      "test_lora.py"),
     m("lora.merge-sign", LORA, "w.copy_((w.float() + self.delta_weight())", "w.copy_((w.float() - self.delta_weight())",
       "test_lora.py"),
     m("lora.unmerge-stays-merged", LORA, "w.copy_((w.float() - self.delta_weight()).to(w.dtype))\n        self.merged = False",
@@ -104,6 +108,8 @@ MUTANTS = [
       "test_loop.py::test_the_optimizer_steps_with_the_clipped_gradient_and_the_scheduled_lr"),
     m("loop.clips-scaled-fp16-gradients", LOOP, "scaler.unscale_(optimizer)  # clip", "pass  # clip",
       "test_loop.py::test_fp16_clips_and_logs_the_unscaled_gradient"),
+    m("loop.lr-one-step-ahead", LOOP, "lr = lr_at(step, total_steps, t)", "lr = lr_at(step + 1, total_steps, t)",
+      "test_loop.py::test_the_optimizer_steps_with_the_clipped_gradient_and_the_scheduled_lr"),
     m("loop.lr-unscheduled", LOOP, 'group["lr"] = lr', 'group["lr"] = t.lr',
       "test_loop.py::test_the_optimizer_steps_with_the_clipped_gradient_and_the_scheduled_lr"),
     m("loop.gradients-kept-across-steps", LOOP, "scaler.update()\n            optimizer.zero_grad(set_to_none=True)\n",
@@ -116,7 +122,8 @@ MUTANTS = [
     m("loop.eval-mode-after-validation", LOOP, "    built.model.train()\n    total, tokens = distributed.totals",
       "    total, tokens = distributed.totals", "test_loop.py::test_validation_loss_reads_every_row_of_a_long_split"),
     m("loop.tie-is-best", LOOP, 'if score > loop_state["best_score"]:', 'if score >= loop_state["best_score"]:',
-      "test_llava_phi2.py::test_early_stopping_keeps_the_best", "test_checkpoint.py::test_a_crash_at_any_filesystem_step"),
+      "test_llava_phi2.py::test_early_stopping_keeps_the_best",
+      "test_checkpoint.py::test_a_crash_at_any_filesystem_step_of_any_save_loses_nothing"),
     m("loop.patience-plus-one", LOOP, 'loop_state["evals_since_best"] >= t.early_stopping_patience',
       'loop_state["evals_since_best"] > t.early_stopping_patience', "test_llava_phi2.py::test_early_stopping_keeps_the_best"),
     m("loop.save-every-off-by-one", LOOP, "(step + 1) % t.save_every == 0", "step % t.save_every == 0",
@@ -150,12 +157,16 @@ MUTANTS = [
       "    _prune(out, [d for d, _ in earlier] + [final], keep)\n    _replace(tmp, final)\n\n"
       "    _point(out / \"last\", final)\n    if best:\n        _point(out / \"best\", final)\n",
       "test_checkpoint.py::test_a_crash_at_any_filesystem_step_of_any_save_loses_nothing"),
+    m("loop.resume-starts-over", LOOP, "    if resume:\n        load_adapter(resume, model)", "    if False:\n        load_adapter(resume, model)",
+      "test_loop.py::test_resume_n_plus_n_equals_2n"),
     m("checkpoint.no-rng", CKPT, '    set_rng_state(state["rng"])\n', "", "test_checkpoint.py::test_training_state_round_trips",
       "test_loop.py::test_resume_n_plus_n_equals_2n"),
     m("checkpoint.no-optimizer-state", CKPT, 'optimizer.load_state_dict(state["optimizer"])', "pass",
       "test_checkpoint.py::test_training_state_round_trips", "test_loop.py::test_resume_n_plus_n_equals_2n"),
     m("checkpoint.no-scaler-state", CKPT, 'scaler.load_state_dict(state["scaler"])', "pass",
       "test_checkpoint.py::test_training_state_round_trips", "test_loop.py::test_resume_n_plus_n_equals_2n"),
+    m("checkpoint.adapter-not-loaded", CKPT, "params[name].copy_(saved[name])", "pass",
+      "test_loop.py::test_resume_n_plus_n_equals_2n"),
     m("checkpoint.newest-by-step", CKPT, 'key=lambda dm: (dm[1].get("saved", 0), dm[1]["step"], dm[0].name)',
       'key=lambda dm: (dm[1]["step"], dm[0].name)', "test_checkpoint.py::test_resuming_an_older_save_keeps_it_and_its_own_best"),
     m("checkpoint.leftovers-kept", CKPT,
@@ -204,6 +215,10 @@ MUTANTS = [
       "test_metrics.py"),
     m("metrics.cider-sigma", METRICS, "(2 * sigma ** 2)", "(sigma ** 2)", "test_metrics.py"),
 
+    # Evaluation.
+    m("evaluate.generates-with-dropout", "minivlm/evaluate.py", "model.eval()  # dropout off", "model.train()  # dropout off",
+      "test_evaluate.py"),
+
     # Data: which tokens carry the loss, and which samples are kept.
     m("data.answer-positions-shifted", "minivlm/data.py", "(0, 1), value=False)", "(1, 0), value=False)",
       "test_loop.py::test_lm_head_runs_only_at_answer_positions_with_the_full_logits_loss"),
@@ -240,16 +255,32 @@ def stale(mutants: list[Mutant]) -> list[str]:
     return bad
 
 
+def pytest_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", *args]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "1000"}
+
+
+def unknown_tests(mutants: list[Mutant]) -> str:
+    """pytest's complaint if a test named in `mutants` does not exist (a typo, or a renamed test),
+    else "": such a mutant would be 'killed' by pytest refusing to run, not by a test."""
+    names = sorted({t for mu in mutants for t in mu.tests})
+    proc = subprocess.run(pytest_command("--collect-only", *names), cwd=ROOT, capture_output=True, text=True, env=ENV)
+    return "" if proc.returncode == 0 else (proc.stdout + proc.stderr).strip()[-2000:]
+
+
 def run_one(mu: Mutant, tree: Path, timeout: int) -> tuple[str, str, float]:
-    """(fate, the first failing test and its message, seconds): fate is killed, survived or timeout."""
+    """(fate, the first failing test and its message, seconds). The fate: killed (a test failed, or the
+    mutated code no longer imports), timeout (counted as killed), survived, or error (pytest gave
+    no verdict, e.g. a test named here does not exist)."""
     path = tree / mu.file
     original = path.read_text()
     path.write_text(original.replace(mu.old, mu.new))
     start = time.time()
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:warnings", *mu.tests],
-                              cwd=tree, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "1000"})
+        proc = subprocess.run(pytest_command("-x", "-rfE", *mu.tests), cwd=tree, capture_output=True, text=True,
+                              timeout=timeout, env=ENV)
     except subprocess.TimeoutExpired:
         return "timeout", f"the tests ran past {timeout} s", time.time() - start
     finally:
@@ -257,11 +288,11 @@ def run_one(mu: Mutant, tree: Path, timeout: int) -> tuple[str, str, float]:
     seconds = time.time() - start
     if proc.returncode == 0:
         return "survived", "", seconds
+    tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])[:300]
+    if proc.returncode not in (1, 2):  # 1: a test failed; 2: an import or collection error
+        return "error", f"pytest exited {proc.returncode}, which is no verdict on the mutant: {tail}", seconds
     failed = re.search(r"^(?:FAILED|ERROR) (.+)$", proc.stdout, flags=re.M)
-    if proc.returncode in (1, 2) and failed:  # 1: a test failed; 2: collection error or interrupted by -x
-        return "killed", failed.group(1)[:300], seconds
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-    return "killed", f"pytest exited {proc.returncode}: {' | '.join(tail)[:300]}", seconds
+    return "killed", failed.group(1)[:300] if failed else f"pytest exited {proc.returncode}: {tail}", seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(chosen)} mutants, every edit applies")
         return 0
 
+    if complaint := unknown_tests(chosen):
+        sys.exit(f"a test named in tests/mutants.py cannot be collected:\n{complaint}")
     files = tracked_files()
     todo: queue.Queue[Mutant] = queue.Queue()
     for mu in chosen:
@@ -309,13 +342,16 @@ def main(argv: list[str] | None = None) -> int:
         for t in threads:
             t.join()
 
-    killed = [mu for mu in chosen if results[mu.name][0] != "survived"]
+    killed = [mu for mu in chosen if results[mu.name][0] in ("killed", "timeout")]
     survivors = [mu for mu in chosen if results[mu.name][0] == "survived"]
+    errors = [mu for mu in chosen if results[mu.name][0] == "error"]
     print(f"\nkill rate: {len(killed)}/{len(chosen)} = {100 * len(killed) / len(chosen):.0f}% "
           f"in {time.time() - start:.0f} s ({args.jobs} at a time)")
     for mu in survivors:
         print(f"  survived {mu.name}: {mu.why or 'NO REASON GIVEN: a test is missing'}")
-    return 1 if any(not mu.why for mu in survivors) else 0
+    for mu in errors:
+        print(f"  error    {mu.name}: {results[mu.name][1]}")
+    return 1 if errors or any(not mu.why for mu in survivors) else 0
 
 
 if __name__ == "__main__":

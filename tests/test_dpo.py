@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PaliGemmaForConditionalGeneration
 
 import train as train_cli
-from conftest import ROOT, crash_after_first_save, write_split
+from conftest import ROOT, count_steps, crash_after_first_save, write_split
 from minivlm import dpo
 from minivlm.build import build, load_processor
 from minivlm.checkpoint import load_adapter
@@ -333,7 +333,9 @@ def test_resume_n_plus_n_equals_2n(tiny_paligemma, prefs_data, tmp_path, monkeyp
     run(tmp_path / "full")
     crash_after_first_save(monkeypatch, lambda: run(tmp_path / "split"))
     assert json.loads((tmp_path / "split/last/state.json").read_text())["step"] == 3
+    trained = count_steps(monkeypatch, dpo)
     run(tmp_path / "split", resume=tmp_path / "split/last")
+    assert len(trained) == 3  # steps 4-6: it went on from its save
     for name in ("adapter", "state"):
         a = load_file(tmp_path / f"full/last/{name}.safetensors")
         b = load_file(tmp_path / f"split/last/{name}.safetensors")

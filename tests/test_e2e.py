@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import infer
 import train
-from conftest import ROOT, write_split
+from conftest import ROOT, count_steps, write_split
+from minivlm import loop
 
 
 def hand_scored(rows: list[dict]) -> float:
@@ -91,7 +92,7 @@ def test_bad_config_is_one_clear_line(tmp_path):
     assert proc.stderr.strip() == "error: lora.r = 0 must be > 0 (the adapter rank)"
 
 
-def test_cli_refuses_to_overwrite_and_resumes(tiny_paligemma, shapes_data, tmp_path):
+def test_cli_refuses_to_overwrite_and_resumes(tiny_paligemma, shapes_data, tmp_path, monkeypatch):
     sets = [f"model.name_or_path={tiny_paligemma}", f"data.dataset={shapes_data}", 'data.eval_split=""',
             f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.optimizer=adamw", "train.eval_every=0"]
     args = ["--config", str(ROOT / "configs/demo.toml"), *sum((["--set", s] for s in sets), [])]
@@ -100,8 +101,9 @@ def test_cli_refuses_to_overwrite_and_resumes(tiny_paligemma, shapes_data, tmp_p
     with pytest.raises(SystemExit, match="already holds a checkpoint; continue it with --resume"):
         train.main(args)
     assert (tmp_path / "run/last/adapter.safetensors").read_bytes() == saved  # nothing lost
+    trained = count_steps(monkeypatch, loop)
     metrics = train.main(args + ["--set", "train.max_steps=4", "--resume"])
-    assert metrics["steps"] == 4
+    assert metrics["steps"] == 4 and len(trained) == 2  # steps 3 and 4
     log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     with pytest.raises(SystemExit, match="holds no checkpoint"):

@@ -15,7 +15,7 @@ from minivlm.evaluate import answer
 def test_batched_answers_equal_one_at_a_time(family, request, tmp_path):
     path = request.getfixturevalue(f"tiny_{family}")
     cfg = tiny_config(path, tmp_path, tmp_path / "run", family=family, max_new_tokens=5)
-    cfg.lora.dropout = 0.0
+    cfg.lora.dropout = 0.5  # never while generating, whatever mode training left the model in
     built = build(cfg)
     with torch.no_grad():  # a non-trivial adapter, so the LoRA path is part of what is compared
         for n, p in built.model.named_parameters():
@@ -24,7 +24,9 @@ def test_batched_answers_equal_one_at_a_time(family, request, tmp_path):
     images = [Image.new("RGB", (32 + 8 * i, 32), (60 * i, 120, 200 - 40 * i)) for i in range(3)]
     # Prompts of different lengths, so the batch really is padded.
     prompts = ["what color is the shape", "where", "what shape is it"]
+    built.model.train()
     batched = answer(cfg, built, images, prompts)
+    assert built.model.training
     single = [answer(cfg, built, [im], [p])[0] for im, p in zip(images, prompts)]
     assert batched == single
     assert any(batched)  # something was generated

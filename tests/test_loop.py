@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import crash_after_first_save, tiny_config
+from conftest import count_steps, crash_after_first_save, tiny_config
 from minivlm.build import build
 from minivlm.config import TrainConfig
 from minivlm.data import collate, epoch_batches, load_split
@@ -135,7 +135,9 @@ def test_resume_n_plus_n_equals_2n(tiny_paligemma, shapes_data, tmp_path, monkey
     split = cfg_for(tmp_path / "split")
     crash_after_first_save(monkeypatch, lambda: train(split, build(split), ds))
     assert json.loads((tmp_path / "split/last/state.json").read_text())["step"] == 4
+    trained = count_steps(monkeypatch, loop)
     train(cfg_for(tmp_path / "split"), build(cfg_for(tmp_path / "split")), ds, resume=tmp_path / "split/last")
+    assert len(trained) == 4  # steps 5-8: it went on from its save
 
     a = load_file(tmp_path / "full/last/adapter.safetensors")
     b = load_file(tmp_path / "split/last/adapter.safetensors")

@@ -12,7 +12,8 @@ import time
 import pytest
 
 import train
-from conftest import ROOT
+from conftest import ROOT, count_steps
+from minivlm import loop
 from minivlm.loop import StopSignal
 
 STEPS = 30  # a signal sent after step 1 lands by step 3 or so: mid-run, with room to spare
@@ -47,7 +48,7 @@ def uninterrupted(tiny_paligemma, shapes_data, tmp_path_factory):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_the_step_and_resume_ends_bit_identical(signum, uninterrupted, tiny_paligemma,
-                                                               shapes_data, tmp_path):
+                                                               shapes_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     log = out / "log.jsonl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -71,7 +72,9 @@ def test_a_signal_saves_the_step_and_resume_ends_bit_identical(signum, uninterru
     print(f"\n{signal.Signals(signum).name}: sent after step {landed}, saved step {saved}, "
           f"exit code {proc.returncode}, {seconds:.2f} s from signal to exit")
 
+    trained = count_steps(monkeypatch, loop)
     assert train.main(args(tiny_paligemma, shapes_data, out) + ["--resume"])["steps"] == STEPS
+    assert len(trained) == STEPS - saved  # it went on from the saved step
     assert final_state(out) == uninterrupted  # adapter, optimizer, scaler, RNG: the same bits
 
 
