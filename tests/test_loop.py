@@ -38,6 +38,21 @@ def write_constant_answer_data(root, n: int = 8):
     return root
 
 
+def plain_loss(cfg, built, ds) -> tuple[float, int]:
+    """(loss per answer token, answer tokens) over every row of `ds`, one row at a time, in eval
+    mode, from the full logits with plain torch: what the loop's losses are checked against."""
+    built.model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(ds)):
+            batch = collate(ds, [i], cfg.data, paligemma, built.processor)
+            labels = batch.pop("labels")[0, 1:]
+            logits = built.model(**batch).logits[0, :-1]
+            total += F.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="sum").item()
+            tokens += int((labels != -100).sum())
+    return total / tokens, tokens
+
+
 def test_training_lowers_the_loss_and_teaches_the_answer(tiny_paligemma, tmp_path):
     """The random tiny model answers "" before; ten steps later every held-out answer is "red" (it
     gets there at step 7 of 10, measured) and the loss per answer token, measured here with plain
@@ -49,22 +64,10 @@ def test_training_lowers_the_loss_and_teaches_the_answer(tiny_paligemma, tmp_pat
     built = build(cfg)
     train_ds, test_ds = load_split(cfg.data, "train"), load_split(cfg.data, "test")
 
-    def plain_loss() -> float:
-        built.model.eval()
-        total, tokens = 0.0, 0
-        with torch.no_grad():
-            for i in range(len(train_ds)):
-                batch = collate(train_ds, [i], cfg.data, paligemma, built.processor)
-                labels = batch.pop("labels")[0, 1:]
-                logits = built.model(**batch).logits[0, :-1]
-                total += F.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="sum").item()
-                tokens += int((labels != -100).sum())
-        return total / tokens
-
-    before, scored = plain_loss(), loop.evaluate(cfg, built, test_ds)
+    before, scored = plain_loss(cfg, built, train_ds)[0], loop.evaluate(cfg, built, test_ds)
     assert scored["predictions"] == [""] * 8 and scored["score"] == 0.0
     train(cfg, built, train_ds, eval_ds=test_ds, score_before=scored["score"])
-    after = plain_loss()
+    after = plain_loss(cfg, built, train_ds)[0]
     assert after < 0.92 * before, f"the loss per answer token went from {before:.4f} to {after:.4f}"
     log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in log if "val_loss" in r]
@@ -364,17 +367,9 @@ def test_validation_loss_reads_every_row_of_a_long_split(tiny_paligemma, tmp_pat
     assert sorted(read) == list(range(50))
     assert built.model.training  # and training goes on with dropout
 
-    built.model.eval()
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for i in range(50):
-            batch = real_collate(ds, [i], cfg.data, paligemma, built.processor)
-            labels = batch.pop("labels")[0, 1:]
-            logits = built.model(**batch).logits[0, :-1]
-            total += F.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="sum").item()
-            tokens += int((labels != -100).sum())
+    expected, tokens = plain_loss(cfg, built, ds)
     assert tokens > 50 * 2  # answers really are of many lengths
-    assert ours == pytest.approx(total / tokens, rel=1e-5)
+    assert ours == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["paligemma", "idefics2", "smolvlm", "idefics", "llava_phi2"])
