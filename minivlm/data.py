@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from minivlm.config import ConfigError, DataConfig, load_config
-from minivlm.models import get_family
+from minivlm.models import FAMILIES, get_family
 
 
 class BadSample(ConfigError):
@@ -215,6 +215,20 @@ def sample_of(cfg: DataConfig, row: dict) -> tuple[Image.Image, list[tuple[str, 
     if cfg.rejected_column:
         rejected_of(cfg, row)
     return image, dialog
+
+
+def check_dialogs(family: ModuleType, dialogs: list[list[tuple[str, str]]], system: str) -> None:
+    """Refuse what a family without a chat template (CHAT = False) cannot write: a system turn, or
+    more than one exchange in a sample. A ConfigError: the fix is in the config or the data."""
+    if family.CHAT:
+        return
+    if system:
+        raise ConfigError(f"{family.NAME} has no system turn; put the instruction into data.prompt_template "
+                          "and leave data.system_prompt empty")
+    if any(len(d) != 1 for d in dialogs):
+        chat = [name for name in FAMILIES if get_family(name).CHAT]
+        raise ConfigError(f"{family.NAME} learns one question per sample; multi-turn conversations need a "
+                          f"chat-template family ({', '.join(chat)})")
 
 
 def answer_text(answer) -> str:
@@ -458,7 +472,9 @@ def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: M
     images = [image for _, _, image, _ in samples]
     if cfg.random_resized_crop and generator is not None:
         images = [random_resized_crop(im, cfg.random_resized_crop, generator) for im in images]
-    batch = family.training_batch(processor, images, [dialog for *_, dialog in samples], system=cfg.system_prompt)
+    dialogs = [dialog for *_, dialog in samples]
+    check_dialogs(family, dialogs, cfg.system_prompt)
+    batch = family.training_batch(processor, images, dialogs, system=cfg.system_prompt)
     lengths = batch["attention_mask"].sum(1)
     keep = lengths <= cfg.max_length
     if not keep.all():

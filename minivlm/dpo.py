@@ -67,7 +67,8 @@ from torch import nn
 from minivlm import distributed
 from minivlm.build import Built
 from minivlm.config import Config, ConfigError, DataConfig
-from minivlm.data import answer_positions, random_resized_crop, rejected_of, select_rows, usable_samples
+from minivlm.data import (answer_positions, check_dialogs, random_resized_crop, rejected_of, select_rows,
+                          usable_samples)
 from minivlm.lora import adapters_off
 from minivlm.precision import logits_of
 
@@ -85,6 +86,7 @@ def collate_pairs(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, fam
         images = [random_resized_crop(im, cfg.random_resized_crop, generator) for im in images]
     chosen = [dialog for *_, dialog in samples]
     rejected = [[(dialog[0][0], rejected_of(cfg, row))] for _, row, _, dialog in samples]
+    check_dialogs(family, chosen, cfg.system_prompt)
     batch = family.training_batch(processor, images + images, chosen + rejected, system=cfg.system_prompt)
     n = len(samples)
     lengths = batch["attention_mask"].sum(1)

@@ -9,7 +9,7 @@ from PIL import Image
 from minivlm import distributed
 from minivlm.build import DTYPES, Built
 from minivlm.config import Config
-from minivlm.data import references_of, to_rgb, usable_samples
+from minivlm.data import check_dialogs, references_of, to_rgb, usable_samples
 from minivlm.precision import autocast, model_inputs
 from minivlm.metrics import METRICS, clip_scores
 
@@ -20,6 +20,7 @@ def answer(cfg: Config, built: Built, images: list[Image.Image], prompts: list[s
     model, processor = built.model, built.processor
     was_training = model.training
     model.eval()  # dropout off
+    check_dialogs(built.family, [[(p, "")] for p in prompts], cfg.data.system_prompt)
     batch = built.family.generation_batch(processor, [to_rgb(im) for im in images], prompts,
                                           system=cfg.data.system_prompt)
     inputs = model_inputs(batch, built.device, DTYPES[cfg.model.dtype])

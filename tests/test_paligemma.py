@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from minivlm.config import ConfigError, DataConfig
-from minivlm.data import collate, load_split
+from minivlm.data import check_dialogs, collate, load_split
 from minivlm.models import paligemma
 
 
@@ -67,11 +67,12 @@ def test_too_long_samples_are_dropped_never_cut(processor, shapes_data):
     assert empty["input_ids"].shape[0] == 0
 
 
-def test_system_prompt_is_refused(processor):
+def test_system_prompt_is_refused():
+    """PaliGemma says it has no chat template (CHAT = False); the data layer refuses what needs one."""
     with pytest.raises(ConfigError, match="PaliGemma has no system turn"):
-        paligemma.training_batch(processor, images(1), [[("what", "red")]], system="be brief")
-    with pytest.raises(ConfigError, match="PaliGemma learns one question per sample"):
-        paligemma.training_batch(processor, images(1), [[("what", "red"), ("where", "top")]])
+        check_dialogs(paligemma, [[("what", "red")]], system="be brief")
+    with pytest.raises(ConfigError, match=r"PaliGemma learns one question per sample; .*\(idefics2, smolvlm, llava_phi2\)"):
+        check_dialogs(paligemma, [[("what", "red"), ("where", "top")]], system="")
 
 
 def test_missing_columns_are_named(shapes_data):

@@ -1,6 +1,8 @@
 """Model families: everything that differs between VLMs lives in one module each.
 
 A family module provides:
+  NAME              how messages name it ("PaliGemma")
+  CHAT              whether its prompt format is a chat template: a system turn, multi-turn dialogs
   MODEL_CLASS       the transformers class loaded with from_pretrained
   QUANT_SKIP        modules kept unquantized by default
   LORA_TARGETS      modules wrapped by LoRA by default (suffix names)
@@ -11,6 +13,8 @@ A family module provides:
 
 A dialog is a list of (user, assistant) exchanges; most data has one. Chat-template families
 share their batching in `chat.py`.
+
+Families import nothing from the rest of minivlm: everything else is built on them.
 """
 
 import importlib

@@ -26,7 +26,6 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from minivlm.config import ConfigError
 
 Dialog = list[tuple[str, str]]  # [(user text, assistant text), ...]
 
@@ -73,14 +72,9 @@ def messages(dialog: Dialog, system: str = "", upto: int | None = None, answered
     return turns
 
 
-def single_exchange(dialogs: list[Dialog], system: str, family: str) -> tuple[list[str], list[str]]:
-    """(prompts, answers) for families that learn one question per sample and have no system turn."""
-    if system:
-        raise ConfigError(f"{family} has no system turn; put the instruction into data.prompt_template "
-                         "and leave data.system_prompt empty")
-    if any(len(d) != 1 for d in dialogs):
-        raise ConfigError(f"{family} learns one question per sample; multi-turn conversations need a "
-                         "chat-template family (idefics2, smolvlm, llava_phi2)")
+def single_exchange(dialogs: list[Dialog]) -> tuple[list[str], list[str]]:
+    """(prompts, answers) for families without a chat template (CHAT = False): one question per
+    sample, no system turn; data.check_dialogs has refused anything else before."""
     return [d[0][0] for d in dialogs], [d[0][1] for d in dialogs]
 
 

@@ -14,7 +14,9 @@ from transformers import IdeficsForVisionText2Text
 
 from minivlm.models import chat
 
+NAME = "IDEFICS"
 MODEL_CLASS = IdeficsForVisionText2Text
+CHAT = False  # no chat template: one question per sample, no system turn (data.check_dialogs)
 # lm_head and embed_tokens are decoupled layers (extra rows for added tokens) and never quantized.
 QUANT_SKIP = ["vision_model", "perceiver_resampler", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj"]  # in self-attention and in the gated cross-attention
@@ -26,7 +28,7 @@ load_processor = chat.load_processor
 @chat.leaves_no_state
 def training_batch(processor, images: list[Image.Image], dialogs: list[chat.Dialog],
                    system: str = "") -> dict[str, torch.Tensor]:
-    prompts, answers = chat.single_exchange(dialogs, system, "IDEFICS")
+    prompts, answers = chat.single_exchange(dialogs)
     tok = processor.tokenizer
     full = [f"{p} {a}{tok.eos_token}" for p, a in zip(prompts, answers)]
     batch = dict(processor(text=[[im, t.removesuffix(tok.eos_token)] for im, t in zip(images, full)],
@@ -38,6 +40,5 @@ def training_batch(processor, images: list[Image.Image], dialogs: list[chat.Dial
 @chat.leaves_no_state
 def generation_batch(processor, images: list[Image.Image], prompts: list[str],
                      system: str = "") -> dict[str, torch.Tensor]:
-    chat.single_exchange([[(p, "")] for p in prompts], system, "IDEFICS")
     return dict(processor(text=[[im, p] for im, p in zip(images, prompts)], padding=True, padding_side="left",
                           return_tensors="pt"))

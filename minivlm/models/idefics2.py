@@ -11,7 +11,9 @@ from transformers import Idefics2ForConditionalGeneration
 
 from minivlm.models import chat
 
+NAME = "Idefics2"
 MODEL_CLASS = Idefics2ForConditionalGeneration
+CHAT = True  # a chat template: a system turn and multi-turn dialogs
 QUANT_SKIP = ["vision_model", "connector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_model", "connector"]

@@ -144,7 +144,9 @@ def assemble(language_model: str, vision_model: str, out: str | Path, seed: int 
     return Path(out)
 
 
+NAME = "LLaVA-Phi-2"
 MODEL_CLASS = LlavaPhi
+CHAT = True  # a chat template: a system turn and multi-turn dialogs
 QUANT_SKIP = ["vision_tower", "projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 LORA_SKIP = ["vision_tower", "projector"]

@@ -17,7 +17,9 @@ from transformers import AutoProcessor, PaliGemmaForConditionalGeneration, PaliG
 
 from minivlm.models import chat
 
+NAME = "PaliGemma"
 MODEL_CLASS = PaliGemmaForConditionalGeneration
+CHAT = False  # no chat template: one question per sample, no system turn (data.check_dialogs)
 QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_tower", "multi_modal_projector"]
@@ -35,7 +37,7 @@ def _text(processor: PaliGemmaProcessor, prompt: str) -> str:
 @chat.leaves_no_state
 def training_batch(processor: PaliGemmaProcessor, images: list[Image.Image], dialogs: list[chat.Dialog],
                    system: str = "") -> dict[str, torch.Tensor]:
-    prompts, answers = chat.single_exchange(dialogs, system, "PaliGemma")
+    prompts, answers = chat.single_exchange(dialogs)
     batch = processor(images=images, text=[_text(processor, p) for p in prompts], suffix=answers,
                       padding="longest", padding_side="right", return_tensors="pt")
     # Label only the suffix (token_type_ids == 1): never image tokens, the prompt or padding.
@@ -47,7 +49,6 @@ def training_batch(processor: PaliGemmaProcessor, images: list[Image.Image], dia
 @chat.leaves_no_state
 def generation_batch(processor: PaliGemmaProcessor, images: list[Image.Image],
                      prompts: list[str], system: str = "") -> dict[str, torch.Tensor]:
-    chat.single_exchange([[(p, "")] for p in prompts], system, "PaliGemma")
     # Left padding: generation appends at the right end, so every row must end with its prompt.
     batch = processor(images=images, text=[_text(processor, p) for p in prompts], padding="longest",
                       padding_side="left", return_tensors="pt")

@@ -12,4 +12,6 @@ from transformers import Idefics3ForConditionalGeneration
 from minivlm.models.idefics2 import (END_OF_TURN, LORA_SKIP, LORA_TARGETS, QUANT_SKIP,  # noqa: F401
                                      generation_batch, load_processor, training_batch)
 
+NAME = "SmolVLM"
 MODEL_CLASS = Idefics3ForConditionalGeneration
+CHAT = True  # a chat template: a system turn and multi-turn dialogs
