@@ -100,21 +100,12 @@ def find_resume(cfg: Config, resume_arg: str | None, world_size: int = 1) -> tup
     return resume, meta
 
 
-def total_steps(train: dict, n_rows: int, world_size: int = 1) -> int:
-    """Optimizer steps of a run with [train] table `train` (as to_dict writes it) on `n_rows` rows,
-    by `world_size` data-parallel ranks (each step takes world_size × batch_size samples per micro-batch)."""
-    from minivlm.data import steps_per_epoch
-
-    per_epoch = steps_per_epoch(n_rows, train["batch_size"] * world_size, train["grad_accum"])
-    return train["max_steps"] or per_epoch * train["epochs"]
-
-
 def check_lengths(ds, cfg: Config, family, processor, rows: int = 16) -> None:
     """Refuse a data.max_length that would drop every sample (training 0 steps), from the first rows.
 
     Also the first batch the family builds from this data: a data/family mismatch shows up now.
     """
-    from minivlm.data import collate
+    from minivlm.batches import collate
 
     unlimited = dataclasses.replace(cfg.data, max_length=sys.maxsize)
     lengths = collate(ds, list(range(min(rows, len(ds)))), unlimited, family, processor)["attention_mask"].sum(1)
@@ -162,6 +153,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     from minivlm.loop import NonFiniteLoss, train
     from minivlm.models import get_family
     from minivlm.plot import plot_run
+    from minivlm.steps import total_steps
 
     try:
         if args.dry_run:  # minivlm/plan.py: from config.json alone, no weights, no data
@@ -181,13 +173,14 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         resume, meta = find_resume(cfg, args.resume, world)
         train_ds = load_split(cfg.data, cfg.data.train_split)
         eval_ds = load_split(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
-        steps = total_steps(to_dict(cfg)["train"], len(train_ds), world)
+        steps = total_steps(cfg.train, len(train_ds), world)
         if meta is not None:
             if meta["step"] >= steps:
                 print(f"nothing to do: {resume} is at step {meta['step']}, and this run has {steps} steps; "
                       "to train on, raise train.max_steps (or train.epochs) and --resume again")
                 return {"steps": meta["step"], "nothing_to_do": True}
-            before = total_steps(meta["config"]["train"], len(train_ds), world)
+            saved = {k: meta["config"]["train"][k] for k in ("max_steps", "epochs", "batch_size", "grad_accum")}
+            before = total_steps(dataclasses.replace(cfg.train, **saved), len(train_ds), world)
             if before != steps and cfg.train.schedule != "constant":
                 print(f"note: {steps} steps instead of {before}: the {cfg.train.schedule} learning-rate schedule "
                       f"is recomputed for {steps} steps from step {meta['step']} on (as the transformers "

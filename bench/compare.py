@@ -494,7 +494,7 @@ def data_order(n: int, args: argparse.Namespace) -> list[int]:
 
     The Trainer cuts the list into batches of --batch-size, so every minivlm batch used must be
     full (a last, short batch of an epoch would shift the Trainer's batches from there on)."""
-    from minivlm.data import epoch_batches, steps_per_epoch
+    from minivlm.steps import epoch_batches, steps_per_epoch
 
     per_epoch = steps_per_epoch(n, args.batch_size, args.grad_accum)
     order = []

@@ -13,23 +13,17 @@ import argparse
 import contextlib
 import dataclasses
 import io
-import math
 import string
 import sys
 import urllib.request
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import datasets
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from minivlm.config import ConfigError, DataConfig, load_config
-from minivlm.models import FAMILIES, get_family
 
 
 class BadSample(ConfigError):
@@ -217,20 +211,6 @@ def sample_of(cfg: DataConfig, row: dict) -> tuple[Image.Image, list[tuple[str, 
     return image, dialog
 
 
-def check_dialogs(family: ModuleType, dialogs: list[list[tuple[str, str]]], system: str) -> None:
-    """Refuse what a family without a chat template (CHAT = False) cannot write: a system turn, or
-    more than one exchange in a sample. A ConfigError: the fix is in the config or the data."""
-    if family.CHAT:
-        return
-    if system:
-        raise ConfigError(f"{family.NAME} has no system turn; put the instruction into data.prompt_template "
-                          "and leave data.system_prompt empty")
-    if any(len(d) != 1 for d in dialogs):
-        chat = [name for name in FAMILIES if get_family(name).CHAT]
-        raise ConfigError(f"{family.NAME} learns one question per sample; multi-turn conversations need a "
-                          f"chat-template family ({', '.join(chat)})")
-
-
 def answer_text(answer) -> str:
     """Datasets store answers as strings or as lists of accepted answers (ChartQA); train on the first.
     A null or empty answer is a BadSample: str(None) would teach the model to write "None"."""
@@ -273,22 +253,6 @@ def to_rgb(image: Image.Image | str | Path | dict) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255)), rgba).convert("RGB")
 
 
-def random_resized_crop(image: Image.Image, scale: list[float], generator: torch.Generator,
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
-    """torchvision's RandomResizedCrop without the resize (the processor resizes next): a random
-    region of `scale` of the area and aspect ratio in `ratio`, drawn from `generator`."""
-    w, h = image.size
-    for _ in range(10):
-        area = w * h * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).item())
-        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            x = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
-            y = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
-            return image.crop((x, y, x + cw, y + ch))
-    return image
-
-
 def warn_unknown_answers(ds: datasets.Dataset, cfg: DataConfig, tokenizer, rows: int = 1000) -> int:
     """Warn when answers hold text the tokenizer cannot spell: it becomes the unknown token, or
     vanishes (a tokenizer without one drops what it does not know), and the model can only learn
@@ -316,88 +280,6 @@ def warn_unknown_answers(ds: datasets.Dataset, cfg: DataConfig, tokenizer, rows:
                       "The model cannot learn to write it: use a base whose tokenizer covers it, or reword "
                       "those answers.")
     return len(bad)
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shuffled index batches for one epoch; a function of (seed, epoch) only, so resume can replay it."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
-def steps_per_epoch(n: int, batch_size: int, grad_accum: int) -> int:
-    return math.ceil(math.ceil(n / batch_size) / grad_accum)
-
-
-class TrainSteps(torch.utils.data.Dataset):
-    """Item k: the sample indices and collated micro-batches of optimizer step `first + k`.
-
-    Addressed by step, not iterated: which samples a step trains on is epoch_batches(seed, epoch),
-    a pure function of the step. So DataLoader workers can prepare any step in any process, in
-    the order the loop asks for, and a resumed run simply starts at its step. Random crops draw
-    from a generator seeded by (seed, step) for the same reason: a worker's global RNG is not the
-    trainer's, and the crops must not depend on how many workers there are.
-
-    With `world_size` data-parallel ranks, a micro-batch of the step is world_size × batch_size
-    samples, of which rank r collates the r-th batch_size: N ranks × batch b then train on the
-    same samples in the same steps as one process with batch N·b, and the split is still a pure
-    function of (seed, epoch, world size, step). The window returned holds the whole micro-batches
-    (all ranks' samples); the collated batches, this rank's slices only, one per micro-batch even
-    where the slice is empty (at an epoch's short end): a batch of zero rows, so that every rank
-    counts the same micro-batches (see loop.backward_window). Random crops are drawn per rank, so
-    with data.random_resized_crop they are not those of the one-process run.
-    """
-
-    def __init__(self, ds: datasets.Dataset, cfg: DataConfig, family: str, processor, batch_size: int,
-                 grad_accum: int, seed: int, first: int, last: int, world_size: int = 1, rank: int = 0,
-                 collate_fn: Callable | None = None):
-        self.ds, self.cfg, self.family, self.processor = ds, cfg, family, processor
-        self.collate = collate_fn or collate  # dpo.collate_pairs for preference pairs
-        self.batch_size, self.grad_accum, self.seed, self.first, self.last = batch_size, grad_accum, seed, first, last
-        self.world_size, self.rank = world_size, rank
-        self.per_epoch = steps_per_epoch(len(ds), batch_size * world_size, grad_accum)
-        self._order: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches): one shuffle per epoch
-
-    def __len__(self) -> int:
-        return self.last - self.first
-
-    def __getitem__(self, k: int) -> tuple[int, list[list[int]], list[dict[str, torch.Tensor]]]:
-        step = self.first + k
-        epoch, offset = divmod(step, self.per_epoch)
-        if self._order[0] != epoch:
-            self._order = (epoch, epoch_batches(len(self.ds), self.batch_size * self.world_size, self.seed, epoch))
-        window = self._order[1][offset * self.grad_accum:(offset + 1) * self.grad_accum]
-        mine = [idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for idx in window]
-        crops = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        family = get_family(self.family)  # held by name: a module object does not pickle into workers
-        return step, window, [self.collate(self.ds, idx, self.cfg, family, self.processor, crops) for idx in mine]
-
-
-def filler_batch(ds: datasets.Dataset, cfg: DataConfig, family: ModuleType, processor) -> dict[str, torch.Tensor]:
-    """The first usable sample of `ds` with every label masked: a forward and backward that add
-    exactly zero to every gradient. Under DDP, a rank whose slice of a micro-batch holds no usable
-    sample runs it instead, because every rank must take part in each synchronised backward."""
-    for i in range(len(ds)):
-        batch = collate(ds, [i], cfg, family, processor)
-        if len(batch["input_ids"]):
-            return {**batch, "labels": torch.full_like(batch["labels"], -100)}
-    raise ValueError("the training split has no usable sample (see data.on_bad_sample and data.max_length)")
-
-
-def train_loader(ds: datasets.Dataset, cfg: DataConfig, family: str, processor, batch_size: int, grad_accum: int,
-                 seed: int, first: int, last: int, world_size: int = 1, rank: int = 0,
-                 collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:
-    """Steps first..last-1 in order, each (step, sample indices, micro-batches), collated by
-    `collate_fn` (default: collate; dpo.collate_pairs for preference pairs). With data.workers
-    > 0, that many processes prepare the next steps while the current one trains (two steps ahead
-    each); with 0, every step is prepared in the training process when it is needed. With several
-    ranks, each step is this rank's share of it (see TrainSteps)."""
-    steps = TrainSteps(ds, cfg, family, processor, batch_size, grad_accum, seed, first, last, world_size, rank,
-                       collate_fn)
-    # Its own generator: a DataLoader draws a seed for its workers when iterated, and from the
-    # global RNG that would shift every dropout mask after it (and break exact resume).
-    return torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=cfg.workers,
-                                       prefetch_factor=2 if cfg.workers else None, generator=torch.Generator())
 
 
 def rows_of(ds: datasets.Dataset, indices: list[int]) -> list[dict]:
@@ -447,52 +329,6 @@ def check_split(ds: datasets.Dataset, cfg: DataConfig, rows: list[int] | None = 
             except BadSample as e:
                 bad.append((index, str(e)))
     return bad
-
-
-def answer_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(batch, seq) bool: the positions whose *next* token is a labelled one, the only ones whose
-    logits the loss needs (the last position predicts nothing)."""
-    return F.pad(batch["labels"][:, 1:] != -100, (0, 1), value=False)
-
-
-def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: ModuleType,
-            processor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """The family's training batch for `ds[indices]`, minus bad samples (see usable_samples) and
-    any sample longer than `cfg.max_length`.
-
-    Too-long samples are dropped, never truncated: truncation would cut the answer or, worse,
-    image tokens, whose count the model checks against the image features. Training passes a
-    `generator`, from which data.random_resized_crop draws its crops; without one (validation)
-    images are not cropped.
-    """
-    samples = usable_samples(ds, indices, cfg)
-    if not samples:  # every sample bad: a batch of zero rows, which the loop skips (no answer tokens)
-        return {key: torch.zeros(0, 0, dtype=torch.long) for key in ("input_ids", "attention_mask", "labels")}
-    indices = [index for index, *_ in samples]
-    images = [image for _, _, image, _ in samples]
-    if cfg.random_resized_crop and generator is not None:
-        images = [random_resized_crop(im, cfg.random_resized_crop, generator) for im in images]
-    dialogs = [dialog for *_, dialog in samples]
-    check_dialogs(family, dialogs, cfg.system_prompt)
-    batch = family.training_batch(processor, images, dialogs, system=cfg.system_prompt)
-    lengths = batch["attention_mask"].sum(1)
-    keep = lengths <= cfg.max_length
-    if not keep.all():
-        dropped = [i for i, k in zip(indices, keep.tolist()) if not k]
-        warnings.warn(f"dropped sample(s) {dropped}: longer than data.max_length = {cfg.max_length} tokens "
-                      f"({lengths.max().item()}); raise data.max_length to train on them")
-        batch = select_rows(batch, keep, int(lengths[keep].max()) if keep.any() else 0)
-    return batch
-
-
-def select_rows(batch: dict[str, torch.Tensor], keep: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
-    """Keep the rows where `keep`; cut the (right) padding of the token tensors to `length`."""
-    n, seq = batch["input_ids"].shape
-    out = {}
-    for key, value in batch.items():
-        value = value[keep] if value.shape[0] == n else value
-        out[key] = value[:, :length] if value.dim() == 2 and value.shape[1] == seq else value
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,8 +67,8 @@ from torch import nn
 from minivlm import distributed
 from minivlm.build import Built
 from minivlm.config import Config, ConfigError, DataConfig
-from minivlm.data import (answer_positions, check_dialogs, random_resized_crop, rejected_of, select_rows,
-                          usable_samples)
+from minivlm.batches import answer_positions, check_dialogs, random_resized_crop, select_rows
+from minivlm.data import rejected_of, usable_samples
 from minivlm.lora import adapters_off
 from minivlm.precision import logits_of
 
@@ -79,7 +79,7 @@ def collate_pairs(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, fam
     rejected₁ … rejectedₙ], labels on each row's answer. Bad rows are skipped (data.on_bad_sample),
     and a pair with either row longer than data.max_length is dropped whole."""
     samples = usable_samples(ds, indices, cfg)
-    if not samples:  # a batch of zero rows, which the loop skips, as data.collate's
+    if not samples:  # a batch of zero rows, which the loop skips, as batches.collate's
         return {key: torch.zeros(0, 0, dtype=torch.long) for key in ("input_ids", "attention_mask", "labels")}
     images = [image for _, _, image, _ in samples]
     if cfg.random_resized_crop and generator is not None:  # one crop per pair: both answers see it
@@ -211,7 +211,7 @@ def backward_window(cfg: Config, built: Built, model: nn.Module, batches: list[d
                     continue
                 # Under torchrun every rank takes part in every synchronised backward (and under
                 # FSDP in every forward, the reference's too): the filler's (labels masked, see
-                # data.filler_batch) add exactly zero to every gradient.
+                # steps.filler_batch) add exactly zero to every gradient.
                 if distributed.is_sharded(model):
                     with reference(built.model, weights):
                         sequence_logps(cfg, built, filler, model)

@@ -9,7 +9,8 @@ from PIL import Image
 from minivlm import distributed
 from minivlm.build import DTYPES, Built
 from minivlm.config import Config
-from minivlm.data import check_dialogs, references_of, to_rgb, usable_samples
+from minivlm.batches import check_dialogs
+from minivlm.data import references_of, to_rgb, usable_samples
 from minivlm.precision import autocast, model_inputs
 from minivlm.metrics import METRICS, clip_scores
 

@@ -39,7 +39,9 @@ from minivlm import distributed, dpo
 from minivlm.build import Built
 from minivlm.checkpoint import load_adapter, load_training_state, recover, save_checkpoint, write_atomic
 from minivlm.config import Config, to_dict
-from minivlm.data import answer_positions, collate, filler_batch, steps_per_epoch, train_loader
+from minivlm.batches import answer_positions, collate
+from minivlm import steps
+from minivlm.steps import filler_batch, steps_per_epoch, train_loader
 from minivlm.evaluate import evaluate
 from minivlm.lora import logical_numel
 from minivlm.optim import build_optimizer, lr_at
@@ -75,7 +77,7 @@ def backward_window(cfg: Config, built: Built, model: torch.nn.Module, batches: 
     without answer tokens does nothing and returns (nan, 0). `model` is built.model, or under
     torchrun its DDP wrapper (distributed.wrap); then the window is the global step's: its
     tokens counted on every rank, its loss summed over them, and its gradients summed by DDP in
-    the backward of the last micro-batch. `filler`: see data.filler_batch (DDP only).
+    the backward of the last micro-batch. `filler`: see steps.filler_batch (DDP only).
     """
     n_tokens = int(distributed.total(sum(answer_tokens(b) for b in batches), built.device))
     if n_tokens == 0:
@@ -242,7 +244,7 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     if main:
         out.mkdir(parents=True, exist_ok=True)
     per_epoch = steps_per_epoch(len(train_ds), t.batch_size * world, t.grad_accum)
-    total_steps = t.max_steps or per_epoch * t.epochs
+    total_steps = steps.total_steps(t, len(train_ds), world)
     optimizer = build_optimizer(model, t)
     # Loss scaling only matters for fp16, whose 5 exponent bits underflow small gradients;
     # bf16 has fp32's exponent range and needs none.
@@ -290,11 +292,11 @@ def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datase
     step, last_eval, nonfinite = start - 1, {}, 0
     peak_flops = peak_flops_per_s(device, cfg)
     flops_per_token = train_flops_per_token(built, t.gradient_checkpointing, reference=preferences)
-    steps = train_loader(train_ds, cfg.data, cfg.model.family, built.processor, t.batch_size, t.grad_accum,
+    loader = train_loader(train_ds, cfg.data, cfg.model.family, built.processor, t.batch_size, t.grad_accum,
                          t.seed, start, total_steps, world, distributed.rank(),
                          collate_fn=dpo.collate_pairs if preferences else None)
     with StopSignal() as stop:  # until the last save is written: a signal never cuts one short
-        for step, window, batches in steps:
+        for step, window, batches in loader:
             bar.update()
             epoch = step // per_epoch
             if preferences:  # n counts pairs; rewards: their mean rewards and reward accuracy

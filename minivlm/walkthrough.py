@@ -28,7 +28,9 @@ from minivlm import plain_warnings
 from minivlm.build import DTYPES, Built, build
 from minivlm.checkpoint import rng_state, save_checkpoint, set_rng_state
 from minivlm.config import Config, ConfigError, load_config, to_dict
-from minivlm.data import answer_positions, load_split, steps_per_epoch, train_loader
+from minivlm.batches import answer_positions
+from minivlm.data import load_split
+from minivlm.steps import total_steps, train_loader
 from minivlm.load import checkpoint_files, parameter_names, parameters_on_meta
 from minivlm.lora import logical_numel
 from minivlm.loop import answer_loss_sum, answer_tokens, backward_window
@@ -166,12 +168,12 @@ def walk(cfg: Config, out: Path) -> dict:
     describe("lora_B (zeros: ΔW = 0)", adapter.lora_B)
     print(f"  scaling alpha/r = {adapter.scaling:g}; the base weight requires grad: {layer.weight.requires_grad}")
 
-    stage(5, "minivlm/data.py:train_loader → minivlm/data.py:collate → minivlm/models/paligemma.py:training_batch")
+    stage(5, "minivlm/steps.py:train_loader → minivlm/batches.py:collate → minivlm/models/paligemma.py:training_batch")
     ds = load_split(cfg.data, cfg.data.train_split)
-    total_steps = t.max_steps or steps_per_epoch(len(ds), t.batch_size, t.grad_accum) * t.epochs
+    steps = total_steps(t, len(ds))
     # Step 0 exactly as loop.train gets it: the same loader, the same shuffled sample indices.
     _, window, batches = next(iter(train_loader(ds, cfg.data, cfg.model.family, built.processor, t.batch_size,
-                                                t.grad_accum, t.seed, 0, total_steps)))
+                                                t.grad_accum, t.seed, 0, steps)))
     batch = batches[0]
     print(f"  step 0's samples {window[0]}")
     for key, value in batch.items():
@@ -261,7 +263,7 @@ def walk(cfg: Config, out: Path) -> dict:
 
     stage(11, "minivlm/optim.py:build_optimizer, minivlm/optim.py:lr_at; read: minivlm/reference/adam8bit.py:adamw8bit_step")
     optimizer = build_optimizer(model, t)
-    lr = lr_at(0, total_steps, t)
+    lr = lr_at(0, steps, t)
     for group in optimizer.param_groups:
         group["lr"] = lr
     warmup = f"warmup step 1 of {t.warmup_steps}: lr·1/{t.warmup_steps + 1}" if t.warmup_steps else t.schedule

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minivlm import distributed  # noqa: E402
 from minivlm.build import build, load_processor  # noqa: E402
 from minivlm.config import from_dict  # noqa: E402
-from minivlm.data import TrainSteps, filler_batch, load_split  # noqa: E402
+from minivlm.data import load_split  # noqa: E402
+from minivlm.steps import TrainSteps, filler_batch  # noqa: E402
 from minivlm.loop import backward_window, train  # noqa: E402
 
 

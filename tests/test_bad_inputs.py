@@ -19,7 +19,8 @@ from PIL import Image
 
 from demo.pretrain_base import make_processor
 from minivlm.config import ConfigError, DataConfig, check_output_path, from_dict
-from minivlm.data import check_split, collate, load_split, main as check_data_main, to_rgb
+from minivlm.batches import collate
+from minivlm.data import check_split, load_split, main as check_data_main, to_rgb
 from minivlm.models import paligemma
 
 ROOT = Path(__file__).resolve().parents[1]

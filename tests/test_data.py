@@ -8,8 +8,9 @@ from PIL import Image
 
 from minivlm.config import ConfigError, DataConfig
 from conftest import tiny_config
-from minivlm.data import (answer_of, collate, epoch_batches, load_split, prompt_of, random_resized_crop,
-                          required_columns, steps_per_epoch, to_rgb, train_loader)
+from minivlm.batches import collate, random_resized_crop
+from minivlm.data import answer_of, load_split, prompt_of, required_columns, to_rgb
+from minivlm.steps import epoch_batches, steps_per_epoch, train_loader
 from minivlm.models import paligemma
 
 

@@ -24,7 +24,8 @@ from minivlm import dpo
 from minivlm.build import build, load_processor
 from minivlm.checkpoint import load_adapter
 from minivlm.config import ConfigError, from_dict, load_config
-from minivlm.data import collate, load_split
+from minivlm.batches import collate
+from minivlm.data import load_split
 from minivlm.lora import LoRALinear, adapters_off
 from minivlm.loop import answer_loss_sum, train
 from minivlm.models import get_family

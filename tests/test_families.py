@@ -16,7 +16,8 @@ import train
 from conftest import ROOT, tiny_config, write_split
 from minivlm.build import build
 from minivlm.config import DataConfig
-from minivlm.data import collate, load_split
+from minivlm.batches import collate
+from minivlm.data import load_split
 from minivlm.lora import LoRALinear
 from minivlm.models import get_family
 

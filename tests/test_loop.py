@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 from conftest import count_steps, crash_after_first_save, tiny_config
 from minivlm.build import build
 from minivlm.config import TrainConfig
-from minivlm.data import collate, epoch_batches, load_split
+from minivlm.batches import collate
+from minivlm.data import load_split
+from minivlm.steps import epoch_batches
 from minivlm import loop
 from minivlm.loop import answer_loss_sum, backward_window, train
 from minivlm.models import paligemma

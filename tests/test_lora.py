@@ -13,7 +13,8 @@ from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
 from conftest import tiny_config
 from minivlm.build import build
-from minivlm.data import collate, load_split
+from minivlm.batches import collate
+from minivlm.data import load_split
 from minivlm.loop import answer_loss_sum, answer_tokens
 from minivlm.lora import LoRALinear, SharedDropout, count_parameters, inject_lora, merge_lora, trainable_state_dict
 from minivlm.modules import matches

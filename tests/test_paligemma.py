@@ -8,7 +8,8 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from minivlm.config import ConfigError, DataConfig
-from minivlm.data import check_dialogs, collate, load_split
+from minivlm.batches import check_dialogs, collate
+from minivlm.data import load_split
 from minivlm.models import paligemma
 
 

@@ -74,7 +74,7 @@ def messages(dialog: Dialog, system: str = "", upto: int | None = None, answered
 
 def single_exchange(dialogs: list[Dialog]) -> tuple[list[str], list[str]]:
     """(prompts, answers) for families without a chat template (CHAT = False): one question per
-    sample, no system turn; data.check_dialogs has refused anything else before."""
+    sample, no system turn; batches.check_dialogs has refused anything else before."""
     return [d[0][0] for d in dialogs], [d[0][1] for d in dialogs]
 
 

@@ -16,7 +16,7 @@ from minivlm.models import chat
 
 NAME = "IDEFICS"
 MODEL_CLASS = IdeficsForVisionText2Text
-CHAT = False  # no chat template: one question per sample, no system turn (data.check_dialogs)
+CHAT = False  # no chat template: one question per sample, no system turn (batches.check_dialogs)
 # lm_head and embed_tokens are decoupled layers (extra rows for added tokens) and never quantized.
 QUANT_SKIP = ["vision_model", "perceiver_resampler", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj"]  # in self-attention and in the gated cross-attention

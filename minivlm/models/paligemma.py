@@ -19,7 +19,7 @@ from minivlm.models import chat
 
 NAME = "PaliGemma"
 MODEL_CLASS = PaliGemmaForConditionalGeneration
-CHAT = False  # no chat template: one question per sample, no system turn (data.check_dialogs)
+CHAT = False  # no chat template: one question per sample, no system turn (batches.check_dialogs)
 QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_tower", "multi_modal_projector"]
