@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import shlex
@@ -32,7 +31,7 @@ from typing import NoReturn
 # here: torch, transformers, datasets and bitsandbytes take seconds to import, and `--help` or
 # a mistake in the config should answer at once. main() imports them once the config is valid.
 from minivlm import plain_warnings
-from minivlm.config import Config, ConfigError, load_config, to_dict
+from minivlm.config import Config, ConfigError, load_config, resume_conflicts, to_dict
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,12 +46,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ranks", type=int, default=1, metavar="N",
                     help="with --dry-run: per GPU of N under torchrun (with train.fsdp, the layers sharded N ways)")
     return ap.parse_args(argv)
-
-
-def show(when: str, scored: dict) -> None:
-    print(f"{scored['metric']} {when} training: {scored['score']:.3f} on {scored['n']} held-out samples")
-    for q, p, r in list(zip(scored["prompts"], scored["predictions"], scored["references"]))[:4]:
-        print(f"  {q!r:28} -> {p!r:22} (reference {' | '.join(r)!r})")
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -71,9 +64,9 @@ def find_resume(cfg: Config, resume_arg: str | None, world_size: int = 1) -> tup
     """The checkpoint to continue and its state.json, or (None, None) for a fresh run.
 
     Refuses a fresh run over saved work, a resume whose config changes the math of training
-    (checkpoint.FREE_ON_RESUME lists what may change), and one with another number of ranks.
+    (config.FREE_ON_RESUME lists what may change), and one with another number of ranks.
     """
-    from minivlm.checkpoint import latest_checkpoint, resume_conflicts
+    from minivlm.checkpoint import latest_checkpoint, read_state
 
     if resume_arg is None:
         if latest_checkpoint(cfg.train.output_dir):  # never overwrite saved work by accident
@@ -81,16 +74,16 @@ def find_resume(cfg: Config, resume_arg: str | None, world_size: int = 1) -> tup
                               "or set another train.output_dir (or delete that one)")
         return None, None
     resume = Path(resume_arg) if resume_arg else latest_checkpoint(cfg.train.output_dir)
-    if resume is None or not (resume / "state.json").is_file():
-        raise ConfigError(f"--resume: {resume or cfg.train.output_dir} holds no checkpoint (no state.json); "
-                          "give the directory a previous run saved, e.g. runs/demo/last")
-    meta = json.loads((resume / "state.json").read_text())
+    meta = read_state(resume) if resume is not None else None
+    if meta is None:
+        raise ConfigError(f"--resume: {resume or cfg.train.output_dir} holds no checkpoint; give the directory "
+                          "a previous run saved, e.g. runs/demo/last")
     conflicts = resume_conflicts(meta["config"], to_dict(cfg))
     if conflicts:
         raise ConfigError(f"--resume: {resume} was trained with another config, and these changes would make "
                           f"it another run: {'; '.join(conflicts)}. Put them back, or train anew in another "
                           "train.output_dir")
-    # The ranks split every step's samples (data.TrainSteps): with another number of them, the
+    # The ranks split every step's samples (steps.TrainSteps): with another number of them, the
     # steps to come would hold other samples than the saved run's. Refused rather than re-split.
     saved_world = meta.get("world_size", 1)
     if saved_world != world_size:
@@ -145,20 +138,23 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     """Check all that can be checked cheaply, then build, train, evaluate; returns the metrics."""
     import torch
 
-    from minivlm import distributed, dpo
+    from minivlm import distributed
     from minivlm.build import build, load_processor, pick_device
-    from minivlm.checkpoint import load_adapter, write_atomic
+    from minivlm.checkpoint import load_adapter
     from minivlm.data import load_split, skipped_rows, warn_unknown_answers
-    from minivlm.evaluate import evaluate
+    from minivlm.evaluate import report, save_metrics
     from minivlm.loop import NonFiniteLoss, train
     from minivlm.models import get_family
+    from minivlm.objectives import get_objective
     from minivlm.plot import plot_run
     from minivlm.steps import total_steps
+
+    objective = get_objective(cfg.train.objective)  # minivlm/objectives/: what a step optimizes
 
     try:
         if args.dry_run:  # minivlm/plan.py: from config.json alone, no weights, no data
             from minivlm.plan import format_plan, parse_size, plan_memory
-            plan = plan_memory(cfg, ranks=args.ranks)
+            plan = plan_memory(cfg, ranks=args.ranks, rows_per_sample=objective.ROWS_PER_SAMPLE)
             print(format_plan(plan, parse_size(args.gpu_memory) if args.gpu_memory else None))
             return {"dry_run": True, "total_bytes": plan.total()}
         # Everything that can go wrong before the model is read (minutes, for a big one).
@@ -193,23 +189,19 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         if cfg.train.init_from and resume is None:
             loaded = load_adapter(cfg.train.init_from, built.model, partial=True)
             print(f"train.init_from: {len(loaded)} tensors from {cfg.train.init_from}")
-        # DPO's reference, read once for the reports below; an init_from that cannot be one fails now.
-        reference = dpo.reference_weights(cfg, built.model) if cfg.train.objective == "dpo" else None
+        # What the objective needs (DPO: its reference), once for the whole run: a mistake shows now.
+        state = objective.setup(cfg, built)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     print(f"{len(built.quantized)} linears in 4-bit, {len(built.adapted)} with LoRA; trainable params "
           f"{built.trainable_params:,} of {built.total_params:,} ({100 * built.trainable_params / built.total_params:.2f}%)")
 
-    metrics = {"trainable_params": built.trainable_params, "total_params": built.total_params}
+    metrics, before = {"trainable_params": built.trainable_params, "total_params": built.total_params}, None
     if eval_ds is not None:
-        before = evaluate(cfg, built, eval_ds)
-        metrics[f"{cfg.data.metric}_before"] = before["score"]
-        show("before", before)
-        if cfg.train.objective == "dpo":  # how the model ranks the held-out pairs (minivlm/dpo.py)
-            metrics.update(dpo.report("before", cfg, built, eval_ds, reference))
+        before, entries = report("before", cfg, built, eval_ds, objective, state)
+        metrics.update(entries)
     try:
-        result = train(cfg, built, train_ds, eval_ds=eval_ds, resume=resume,
-                       score_before=metrics.get(f"{cfg.data.metric}_before"))
+        result = train(cfg, built, objective, train_ds, eval_ds=eval_ds, resume=resume, before=before, state=state)
     except NonFiniteLoss as e:
         fail(str(e))
     except ConfigError as e:  # data.on_bad_sample = "fail" met a bad row; the last save is intact
@@ -233,19 +225,14 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         key = f"best_{cfg.train.best_by}"
         metrics.update({key: result[key], "stopped_early": result["stopped_early"]})
     if eval_ds is not None:
-        after = evaluate(cfg, built, eval_ds)
-        metrics[f"{cfg.data.metric}_after"] = after["score"]
-        show("after", after)
-        if cfg.train.objective == "dpo":
-            metrics.update(dpo.report("after", cfg, built, eval_ds, reference))
+        metrics.update(report("after", cfg, built, eval_ds, objective, state)[1])
         print(f"training took {result['train_seconds']:.0f}s")
     if not distributed.is_main():  # every rank scored the same gathered answers; rank 0 writes
         distributed.close()
         return metrics
-    out = Path(cfg.train.output_dir) / "metrics.json"
-    write_atomic(out, json.dumps(metrics, indent=2).encode())
+    out = save_metrics(cfg.train.output_dir, metrics)
     title = f"{args.config}: {result['step']} steps, final train loss {result['loss']:.3g}"
-    plotted = "preference_accuracy" if cfg.train.objective == "dpo" else cfg.data.metric  # what DPO changes
+    plotted = objective.PLOTTED or cfg.data.metric
     if eval_ds is not None:
         title += f", {plotted} {metrics[f'{plotted}_before']:.3f} -> {metrics[f'{plotted}_after']:.3f}"
     print(f"wrote {out} and {plot_run(cfg.train.output_dir, plotted, title)}")

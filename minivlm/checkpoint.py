@@ -265,17 +265,29 @@ def _prune(out: Path, saves: list[Path], keep: int, protect: Path | None = None)
             _remove(doomed)
 
 
+def read_adapter(directory: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The trainable tensors a save holds, by parameter name (DPO's reference reads them too)."""
+    path = Path(directory) / "adapter.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --checkpoint must be a directory written by train.py "
+                                "(e.g. runs/demo/last)")
+    return load_file(path, device=str(device))
+
+
+def read_state(directory: str | Path) -> dict | None:
+    """A save's state.json (the step, the config, the loop's state, the world size), or None if
+    `directory` holds no save."""
+    return _meta(Path(directory))
+
+
 def load_adapter(directory: str | Path, model: nn.Module, partial: bool = False) -> list[str]:
-    """Load adapter.safetensors into the model's trainable parameters; return the names loaded.
+    """Load a save's adapter into the model's trainable parameters; return the names loaded.
 
     By default every trainable parameter must be in the file and nothing else. `partial=True`
     loads whatever the two share (e.g. stage 1's projector into stage 2's projector + LoRA).
     """
     path = Path(directory) / "adapter.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: --checkpoint must be a directory written by train.py "
-                                "(e.g. runs/demo/last)")
-    saved = load_file(path)
+    saved = read_adapter(directory)
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     names = sorted(expected & set(saved)) if partial else sorted(saved)
@@ -290,39 +302,6 @@ def load_adapter(directory: str | Path, model: nn.Module, partial: bool = False)
                                  f"{tuple(params[name].shape)}")
             params[name].copy_(saved[name])
     return names
-
-
-# The config keys a resumed run may change: they decide what is logged, evaluated and saved, on
-# which device, and for how long, not what one optimizer step computes. Every other key must be
-# what the checkpoint was trained with, so a key added to Config later is protected by default.
-# A new max_steps/epochs extends (or shortens) the run; the learning-rate schedule is then the one
-# for the new total (lr_at is a function of step and total), as in the transformers Trainer,
-# which also recomputes its schedule from the arguments it is resumed with.
-FREE_ON_RESUME = frozenset({
-    "train.output_dir", "train.max_steps", "train.epochs", "train.save_every", "train.keep_checkpoints",
-    "train.eval_every", "train.early_stopping_patience", "train.best_by", "train.init_from", "train.device",
-    "train.max_new_tokens", "train.gradient_checkpointing", "train.max_nonfinite_steps",
-    "data.eval_split", "data.eval_samples", "data.metric", "data.references_column", "data.clip_model",
-    "data.workers",
-})
-
-
-def resume_conflicts(saved: dict, current: dict) -> list[str]:
-    """`section.key: old -> new` for each config key whose change would make a resumed run another run.
-
-    `saved` is the config stored in a checkpoint's state.json, `current` the run's (config.to_dict).
-    A key the saved config lacks (written before that key existed) is not compared.
-    """
-    free = FREE_ON_RESUME
-    if current.get("train", {}).get("objective") == "dpo":
-        free = free - {"train.init_from"}  # DPO's reference model is that adapter (dpo.py): another is another loss
-    conflicts = []
-    for section, values in current.items():
-        for key, new in values.items():
-            old = saved.get(section, {}).get(key, new)
-            if f"{section}.{key}" not in free and old != new:
-                conflicts.append(f"{section}.{key}: {old!r} -> {new!r}")
-    return conflicts
 
 
 def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,

@@ -329,3 +329,36 @@ def _get(cfg: Config, key: str):
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# The config keys a resumed run may change: they decide what is logged, evaluated and saved, on
+# which device, and for how long, not what one optimizer step computes. Every other key must be
+# what the checkpoint was trained with, so a key added to Config later is protected by default.
+# A new max_steps/epochs extends (or shortens) the run; the learning-rate schedule is then the one
+# for the new total (lr_at is a function of step and total), as in the transformers Trainer,
+# which also recomputes its schedule from the arguments it is resumed with.
+FREE_ON_RESUME = frozenset({
+    "train.output_dir", "train.max_steps", "train.epochs", "train.save_every", "train.keep_checkpoints",
+    "train.eval_every", "train.early_stopping_patience", "train.best_by", "train.init_from", "train.device",
+    "train.max_new_tokens", "train.gradient_checkpointing", "train.max_nonfinite_steps",
+    "data.eval_split", "data.eval_samples", "data.metric", "data.references_column", "data.clip_model",
+    "data.workers",
+})
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """`section.key: old -> new` for each config key whose change would make a resumed run another run.
+
+    `saved` is the config stored in a checkpoint's state.json, `current` the run's (config.to_dict).
+    A key the saved config lacks (written before that key existed) is not compared.
+    """
+    free = FREE_ON_RESUME
+    if current.get("train", {}).get("objective") == "dpo":
+        free = free - {"train.init_from"}  # DPO's reference model is that adapter (objectives/dpo.py): another is another loss
+    conflicts = []
+    for section, values in current.items():
+        for key, new in values.items():
+            old = saved.get(section, {}).get(key, new)
+            if f"{section}.{key}" not in free and old != new:
+                conflicts.append(f"{section}.{key}: {old!r} -> {new!r}")
+    return conflicts

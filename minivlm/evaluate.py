@@ -1,6 +1,15 @@
-"""Greedy answers from a (QLoRA) model, and their score (data.metric) on a dataset split."""
+"""Evaluation: greedy answers and their score (data.metric), the objective's held-out figures, and the
+scores before and after training that metrics.json keeps.
+
+`scores` is what the loop logs every train.eval_every steps (and as step 0); `report` is the same
+before and after training, printed with a few answers, and `save_metrics` writes metrics.json.
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
 
 import datasets
 import torch
@@ -8,6 +17,7 @@ from PIL import Image
 
 from minivlm import distributed
 from minivlm.build import DTYPES, Built
+from minivlm.checkpoint import write_atomic
 from minivlm.config import Config
 from minivlm.batches import check_dialogs
 from minivlm.data import references_of, to_rgb, usable_samples
@@ -65,3 +75,31 @@ def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 
              else METRICS[cfg.data.metric](predictions, references))
     return {"metric": cfg.data.metric, "score": score, "n": len(references), "prompts": prompts,
             "predictions": predictions, "references": references}
+
+
+def scores(cfg: Config, built: Built, ds: datasets.Dataset, objective: ModuleType, state) -> dict[str, float]:
+    """The eval split's figures: the objective's (val_loss first; `state`: its setup's) and data.metric."""
+    return {**objective.validation(cfg, built, ds, state), cfg.data.metric: evaluate(cfg, built, ds)["score"]}
+
+
+def show(when: str, scored: dict) -> None:
+    print(f"{scored['metric']} {when} training: {scored['score']:.3f} on {scored['n']} held-out samples")
+    for q, p, r in list(zip(scored["prompts"], scored["predictions"], scored["references"]))[:4]:
+        print(f"  {q!r:28} -> {p!r:22} (reference {' | '.join(r)!r})")
+
+
+def report(when: str, cfg: Config, built: Built, ds: datasets.Dataset, objective: ModuleType,
+           state) -> tuple[dict[str, float], dict[str, float]]:
+    """`scores` before or after training, printed with a few answers and the objective's line; returns
+    (the scores, as the loop logs them; metrics.json's `<name>_<when>` entries)."""
+    answers = evaluate(cfg, built, ds)
+    show(when, answers)
+    figures = {**objective.validation(cfg, built, ds, state), cfg.data.metric: answers["score"]}
+    return figures, {f"{cfg.data.metric}_{when}": answers["score"], **objective.report(when, figures)}
+
+
+def save_metrics(output_dir: str | Path, metrics: dict) -> Path:
+    """<output_dir>/metrics.json: the run's figures, replaced whole (never half written)."""
+    path = Path(output_dir) / "metrics.json"
+    write_atomic(path, json.dumps(metrics, indent=2).encode())
+    return path

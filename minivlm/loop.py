@@ -1,21 +1,15 @@
 """The training loop: one readable function from batches to optimizer steps.
 
-One optimizer step = `grad_accum` micro-batches. The loss of the step is
+What a step computes is the objective's (minivlm/objectives/: SFT, DPO): it collates the
+micro-batches, runs forward and backward over one accumulation window, and says what it
+measured. Everything else is the same for every objective and is here: clipping, the
+learning-rate schedule, skipping NaN/inf steps, the 8-bit AdamW step, the log, evaluation,
+keeping the best, early stopping, saving, and stopping cleanly on a signal.
 
-    L = Σ_micro Σ_answer-tokens  -log p(token)   /   N_answer-tokens(all micro-batches)
-
-so every answer token weighs the same however the tokens fall into micro-batches:
-batch 4 × accum 1 and batch 1 × accum 4 give the same gradient. (Averaging each micro-batch's
-mean loss instead would over-weight the tokens of short answers.)
-
-Under torchrun (see distributed.py) the sums run over every rank's micro-batches too: the answer
-tokens are counted across ranks before dividing, and DDP sums the ranks' gradients, so N ranks
-× batch b give the same gradient as one process with batch N·b. Each rank evaluates its share of
-the eval split and every rank scores the gathered answers, so all decide alike (best, early
-stopping); rank 0 alone writes the checkpoints and the log.
-
-With train.objective = "dpo" the micro-batches hold preference pairs, and dpo.backward_window
-takes backward_window's place: the same loop, another loss (see dpo.py).
+Under torchrun (see distributed.py) the objective's sums run over every rank's micro-batches,
+DDP sums the gradients, each rank evaluates its share of the eval split and every rank scores
+the gathered answers, so all decide alike (best, early stopping); rank 0 alone writes the
+checkpoints and the log.
 """
 
 from __future__ import annotations
@@ -29,105 +23,19 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import datasets
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from minivlm import distributed, dpo
+from minivlm import distributed, steps
 from minivlm.build import Built
 from minivlm.checkpoint import load_adapter, load_training_state, recover, save_checkpoint, write_atomic
 from minivlm.config import Config, to_dict
-from minivlm.batches import answer_positions, collate
-from minivlm import steps
-from minivlm.steps import filler_batch, steps_per_epoch, train_loader
-from minivlm.evaluate import evaluate
+from minivlm.evaluate import scores
 from minivlm.lora import logical_numel
 from minivlm.optim import build_optimizer, lr_at
-from minivlm.precision import logits_of
-
-
-def answer_loss_sum(cfg: Config, built: Built, batch: dict[str, torch.Tensor],
-                    model: torch.nn.Module | None = None) -> torch.Tensor:
-    """Summed next-token cross-entropy over labelled positions (labels != -100), in fp32.
-
-    Position t predicts token t+1, so the positions that carry loss are those whose *next* label
-    is set. Only they go through the lm_head: a PaliGemma sample is 256 image tokens, a prompt
-    and a few answer tokens, and full logits would be a (batch, seq, 257152) tensor, kept for
-    backward, of which all but the answer rows are thrown away. Here logits are (n answer
-    tokens, vocab), and only they are upcast to fp32. `model`: see precision.logits_of.
-    """
-    targets = batch["labels"][:, 1:].to(built.device)
-    logits = logits_of(cfg, built, batch, at=answer_positions(batch), model=model).float()
-    return F.cross_entropy(logits, targets[targets != -100], reduction="sum")
-
-
-def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that carry loss: labelled positions that some earlier position predicts."""
-    return int(answer_positions(batch).sum())
-
-
-def backward_window(cfg: Config, built: Built, model: torch.nn.Module, batches: list[dict],
-                    scaler: torch.amp.GradScaler, filler: dict | None = None) -> tuple[float, int]:
-    """Forward + backward over one accumulation window; returns (loss per answer token, answer tokens).
-
-    Each micro-batch's summed loss is divided by the answer tokens of the *whole* window, so
-    the accumulated .grad is the gradient of the per-token mean over the window. A window
-    without answer tokens does nothing and returns (nan, 0). `model` is built.model, or under
-    torchrun its DDP wrapper (distributed.wrap); then the window is the global step's: its
-    tokens counted on every rank, its loss summed over them, and its gradients summed by DDP in
-    the backward of the last micro-batch. `filler`: see steps.filler_batch (DDP only).
-    """
-    n_tokens = int(distributed.total(sum(answer_tokens(b) for b in batches), built.device))
-    if n_tokens == 0:
-        return float("nan"), 0
-    losses = []
-    for i, batch in enumerate(batches):
-        if answer_tokens(batch) == 0:  # no usable sample here, or every answer masked: nothing to learn
-            if filler is None:  # alone: skip it
-                continue
-            # Under DDP every rank must take part in every synchronised backward: run it anyway
-            # (its loss is 0), or without a single sample, the filler (one sample, labels masked).
-            batch = batch if len(batch["input_ids"]) else filler
-        with distributed.synchronising(model, last=i == len(batches) - 1):
-            loss = answer_loss_sum(cfg, built, batch, model) / n_tokens
-            scaler.scale(loss).backward()
-        losses.append(loss.detach())
-    # Read back once per window: each .item() would make the CPU wait for the GPU to catch up.
-    local = sum(torch.stack(losses).tolist()) if losses else 0.0
-    return distributed.total(local, built.device), n_tokens
-
-
-@torch.no_grad()
-def validation_loss(cfg: Config, built: Built, ds: datasets.Dataset) -> float:
-    """Loss per answer token over the eval split (its first data.eval_samples rows if set); under
-    torchrun each rank sums over its share of the rows, and the sums are added up."""
-    rows = distributed.shard(min(cfg.data.eval_samples or len(ds), len(ds)), built.model)
-    built.model.eval()  # dropout off
-    total, tokens = 0.0, 0
-    for i in range(rows.start, rows.stop, cfg.train.batch_size):
-        batch = collate(ds, list(range(i, min(i + cfg.train.batch_size, rows.stop))), cfg.data, built.family,
-                        built.processor)
-        batch_tokens = answer_tokens(batch)
-        if batch_tokens == 0:
-            continue
-        total += answer_loss_sum(cfg, built, batch).item()
-        tokens += batch_tokens
-    built.model.train()
-    total, tokens = distributed.totals([total, tokens], built.device)
-    return total / max(tokens, 1)
-
-
-def validation(cfg: Config, built: Built, ds: datasets.Dataset,
-               reference: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """The eval split's loss, "val_loss": per answer token, or with train.objective = "dpo" the DPO
-    loss per pair, with the held-out rewards and preference accuracy (dpo.held_out; `reference`:
-    dpo.reference_weights)."""
-    if cfg.train.objective == "dpo":
-        scores = dpo.held_out(cfg, built, ds, reference)
-        return {"val_loss": scores.pop("dpo_loss"), **scores}
-    return {"val_loss": validation_loss(cfg, built, ds)}
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) of the SXM data-centre parts, for MFU (a PCIe H100 peaks
@@ -143,18 +51,18 @@ def peak_flops_per_s(device: torch.device, cfg: Config) -> float:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), 0.0)
 
 
-def train_flops_per_token(built: Built, checkpointing: bool, reference: bool = False) -> float:
+def train_flops_per_token(built: Built, checkpointing: bool, extra_forwards: int = 0) -> float:
     """Matmul FLOPs of one training step per token, the estimate MFU is measured against.
 
     Each weight costs 2 FLOPs per token forward (a multiply and an add) and 2 more backward for
     the gradient of its input, which earlier adapters need; a frozen weight needs no gradient of
     its own (the 2 more that full fine-tuning's 6N counts). Checkpointing runs the forward twice.
     Attention scores and the adapters are left out (small at these sequence lengths and ranks),
-    and so are embeddings, which are a lookup: a slight underestimate, as nanoGPT's 6N is. DPO's
-    `reference` model runs one more forward.
+    and so are embeddings, which are a lookup: a slight underestimate, as nanoGPT's 6N is. An
+    objective's `extra_forwards` (DPO's reference) cost 2 each.
     """
     params = sum(logical_numel(p) for n, p in built.model.named_parameters() if "embed" not in n)
-    return (4 + 2 * checkpointing + 2 * reference) * params
+    return (4 + 2 * checkpointing + 2 * extra_forwards) * params
 
 
 class StopSignal:
@@ -221,176 +129,200 @@ def open_log(path: Path, keep_until: int):
     return path.open("a")
 
 
-def train(cfg: Config, built: Built, train_ds: datasets.Dataset, eval_ds: datasets.Dataset | None = None,
-          resume: str | Path | None = None, score_before: float | None = None) -> dict:
-    """Train the adapters of `built.model` on `train_ds`; write checkpoints and a JSONL log to output_dir.
+class Run:
+    """What training changes as it goes: the optimizer and its GradScaler, the step, the last loss,
+    the best so far (`best`, saved with every checkpoint), the step log and the saves."""
 
-    Checkpoints go to <output_dir>/checkpoints (see checkpoint.py): every train.save_every steps,
-    at the end, and at each new best; `last` points at the newest, `best` at the best.
-    With train.eval_every, the loss and data.metric on `eval_ds` are measured every that many
-    steps; the best is chosen by train.best_by, and train.early_stopping_patience evaluations
-    without one end the run. A fresh run then logs step 0 too: `score_before` (data.metric
-    before training, which train.py has measured) and the validation loss, so curves start
-    where training did.
-    A step whose loss or gradient norm is NaN/inf is skipped (logged, no update); after
-    train.max_nonfinite_steps of them in a row, NonFiniteLoss is raised and nothing more is saved.
-    SIGTERM or SIGINT (see StopSignal) ends the run after the current step, saved like the end.
-    Returns {"step", "loss", "train_seconds", "best_<best_by>", "stopped_early", "signal"}
-    (signal: the number of the signal that stopped the run, else None).
+    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, resume: str | Path | None):
+        t, self.cfg, self.model = cfg.train, cfg, model
+        self.out, self.main = Path(t.output_dir), distributed.is_main()
+        self.optimizer = build_optimizer(model, t)
+        # Loss scaling only matters for fp16, whose 5 exponent bits underflow small gradients;
+        # bf16 has fp32's exponent range and needs none.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=t.fp16)
+        self.best = {"best_score": -float("inf"), "evals_since_best": 0}
+        self.start = 0
+        if resume:
+            load_adapter(resume, model)
+            self.start, saved = load_training_state(resume, self.optimizer, self.scaler)  # RNG too: same masks
+            self.best.update(saved)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            # What a crash left half done (see checkpoint.py); `best` is the resumed save's idea of it.
+            recover(self.out, t.keep_checkpoints, resumed=Path(resume) if resume else None,
+                    best=self.best.get("best_checkpoint"))
+        # The other ranks log into the void: the same lines as rank 0's, which are written.
+        self.log = open_log(self.out / "log.jsonl", keep_until=self.start) if self.main else open(os.devnull, "w")
+        self.step, self.loss, self.nonfinite = self.start, float("nan"), 0
+        self.saved_step = self.start if resume else -1
+        self.shown: dict[str, str] = {}  # the last evaluation's figures, on the progress bar
+
+    def write(self, record: dict) -> None:
+        self.log.write(json.dumps(record) + "\n")
+        self.log.flush()
+
+    def save(self, step: int, best: bool = False) -> None:
+        """One directory per step, however many reasons there are to save it (best, save_every, the end)."""
+        if step != self.saved_step or best:
+            if self.main:
+                save_checkpoint(self.out, self.model, self.optimizer, self.scaler, step, to_dict(self.cfg), self.best,
+                                best=best, keep=self.cfg.train.keep_checkpoints, world_size=distributed.world_size())
+            self.saved_step = step
+
+    def skipped(self, loss: float, grad_norm: float, lr: float, epoch: int, bar: tqdm) -> bool:
+        """Whether this step must be skipped: one NaN/inf step would make every adapter weight NaN
+        for good. With fp16, GradScaler already skips steps whose gradients overflowed (and lowers
+        its scale; routine, not counted); a non-finite loss counts in every precision. After
+        train.max_nonfinite_steps in a row, NonFiniteLoss, with nothing saved over the last save."""
+        t = self.cfg.train
+        if math.isfinite(loss) and (t.fp16 or math.isfinite(grad_norm)):
+            self.nonfinite = 0
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()  # fp16: lower the scale as an overflow would; no-op otherwise
+        self.nonfinite += 1
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        self.write({"step": self.step, "epoch": epoch, "skipped": f"non-finite {what}", "lr": lr})
+        bar.write(f"step {self.step}: {what} is {loss if what == 'loss' else grad_norm}; step skipped "
+                  f"({self.nonfinite} in a row, stopping at {t.max_nonfinite_steps})")
+        if self.nonfinite >= t.max_nonfinite_steps:
+            bar.close()
+            self.log.close()
+            last = f"the last save, {self.out / 'last'}" if self.saved_step >= 0 else "no save (none was made)"
+            raise NonFiniteLoss(
+                f"step {self.step}: the {what} was NaN or inf for {self.nonfinite} steps in a row, training stopped; "
+                f"likely causes: train.lr = {t.lr:g} too high, fp16 overflow (try bf16), or bad data; nothing was "
+                f"saved over {last}")
+        return True
+
+    def optimizer_step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.step(self.optimizer)  # skipped by the scaler if fp16 gradients overflowed
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class Meter:
+    """Throughput since the run (re)started: samples and tokens per second (image tokens count,
+    padding not; every rank's), and the model FLOPs utilisation on a GPU whose peak is known."""
+
+    def __init__(self, cfg: Config, built: Built, objective: ModuleType):
+        self.device, self.samples, self.tokens = built.device, 0, 0
+        self.peak = peak_flops_per_s(built.device, cfg)
+        self.flops_per_token = train_flops_per_token(built, cfg.train.gradient_checkpointing, objective.EXTRA_FORWARDS)
+        self.t0 = time.perf_counter()
+
+    def update(self, window: list[list[int]], batches: list[dict]) -> dict[str, float]:
+        self.samples += sum(len(idx) for idx in window)
+        self.tokens += int(distributed.total(sum(int(b["attention_mask"].sum()) for b in batches), self.device))
+        seconds = time.perf_counter() - self.t0
+        speed = {"samples_per_s": self.samples / seconds, "tokens_per_s": self.tokens / seconds}
+        if self.peak:  # the share of the GPU's peak the step's math used
+            speed["mfu"] = speed["tokens_per_s"] * self.flops_per_token / self.peak
+        return speed
+
+
+def progress_bar(start: int, total: int) -> tqdm:
+    """In a log file (CI, nohup) every refresh is a new line: refresh every 30 s there instead.
+    Updated by hand, not iterated: an iterated bar only learns its count when it redraws."""
+    tty = sys.stderr.isatty()
+    return tqdm(initial=start, total=total, desc="train", dynamic_ncols=True, disable=not distributed.is_main(),
+                mininterval=0.1 if tty else 30, maxinterval=10 if tty else 60)
+
+
+def evaluate_and_keep_best(cfg: Config, built: Built, objective: ModuleType, state, ds: datasets.Dataset, run: Run,
+                           bar: tqdm) -> bool:
+    """Score the eval split (evaluate.scores) and log it; save a new best (train.best_by); return whether
+    train.early_stopping_patience evaluations have gone by without one."""
+    t = cfg.train
+    # Generation puts the model in eval mode without grad: the moment bitsandbytes would repack
+    # 4-bit weights on some CPUs, which quant.py turns off so training can go on.
+    record = {"step": run.step, **scores(cfg, built, ds, objective, state)}
+    run.write(record)
+    shown = ["val_loss", cfg.data.metric, *([objective.PLOTTED] if objective.PLOTTED else [])]
+    run.shown = {k: f"{v:.4f}" for k, v in record.items() if k in shown}
+    bar.write(f"step {run.step}: validation loss {record['val_loss']:.4f}, {cfg.data.metric} "
+              f"{record[cfg.data.metric]:.4f}" + "".join(f", {k.replace('_', ' ')} {record[k]:.4f}" for k in shown[2:]))
+    # Higher is better for every metric; lower for the loss.
+    score = record[cfg.data.metric] if t.best_by == "metric" else -record["val_loss"]
+    if score > run.best["best_score"]:
+        run.best.update(best_score=score, evals_since_best=0)
+        run.save(run.step, best=True)
+    else:
+        run.best["evals_since_best"] += 1
+    if t.early_stopping_patience and run.best["evals_since_best"] >= t.early_stopping_patience:
+        bar.write(f"early stop: no better {t.best_by} in {t.early_stopping_patience} evaluations "
+                  f"(best kept in {run.out / 'best'})")
+        return True
+    return False
+
+
+def train(cfg: Config, built: Built, objective: ModuleType, train_ds: datasets.Dataset,
+          eval_ds: datasets.Dataset | None = None, resume: str | Path | None = None, before: dict | None = None,
+          state=None) -> dict:
+    """Train the adapters of `built.model` on `train_ds` with `objective` (a minivlm/objectives module;
+    `state`: its setup's, made here if not given); write checkpoints and a JSONL log to output_dir.
+
+    Checkpoints go to <output_dir>/checkpoints (see checkpoint.py) every train.save_every steps, at
+    the end and at each new best; `last` points at the newest, `best` at the best. With
+    train.eval_every, the eval split is scored every that many steps (evaluate_and_keep_best); a
+    fresh run logs `before` (the scores before training, which train.py has measured) as step 0,
+    so curves start where training did. NaN/inf steps are skipped (Run.skipped). SIGTERM or SIGINT
+    (StopSignal) ends the run after the current step, saved like the end. Returns {"step",
+    "loss", "train_seconds", "best_<best_by>", "stopped_early", "signal"}.
     """
     t, model, device = cfg.train, built.model, built.device
-    world, main = distributed.world_size(), distributed.is_main()
-    out = Path(t.output_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    per_epoch = steps_per_epoch(len(train_ds), t.batch_size * world, t.grad_accum)
-    total_steps = steps.total_steps(t, len(train_ds), world)
-    optimizer = build_optimizer(model, t)
-    # Loss scaling only matters for fp16, whose 5 exponent bits underflow small gradients;
-    # bf16 has fp32's exponent range and needs none.
-    scaler = torch.amp.GradScaler(device.type, enabled=t.fp16)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    preferences = t.objective == "dpo"  # pairs, and DPO's loss against a reference (minivlm/dpo.py)
-    reference = dpo.reference_weights(cfg, model) if preferences else None
-
-    start, loop_state = 0, {"best_score": -float("inf"), "evals_since_best": 0}
-    if resume:
-        load_adapter(resume, model)
-        start, saved = load_training_state(resume, optimizer, scaler)  # RNG too: same dropout masks
-        loop_state.update(saved)
-    if main:
-        # What a crash left half done (see checkpoint.py); `best` is the resumed save's idea of it.
-        recover(out, t.keep_checkpoints, resumed=Path(resume) if resume else None,
-                best=loop_state.get("best_checkpoint"))
-    # The other ranks log into the void: the same lines as rank 0's, which are written.
-    log = open_log(out / "log.jsonl", keep_until=start) if main else open(os.devnull, "w")
-    if start == 0 and t.eval_every and eval_ds is not None and score_before is not None:
-        log.write(json.dumps({"step": 0, **validation(cfg, built, eval_ds, reference),
-                              cfg.data.metric: score_before}) + "\n")
+    world = distributed.world_size()
+    state = objective.setup(cfg, built) if state is None else state
+    total = steps.total_steps(t, len(train_ds), world)
+    per_epoch = steps.steps_per_epoch(len(train_ds), t.batch_size * world, t.grad_accum)
+    run = Run(cfg, model, device, resume)
+    if run.start == 0 and t.eval_every and eval_ds is not None and before is not None:
+        run.write({"step": 0, **before})
     # Under torchrun the training forward goes through DDP (or FSDP); checkpoints and generation use
     # `model`. Wrapped after step 0's evaluation: FSDP's first forward must be its wrapper's.
     trained = distributed.wrap(model, device, shard=t.fsdp)
-    filler = filler_batch(train_ds, cfg.data, built.family, built.processor) if world > 1 else None
-    saved_step = start if resume else -1
-
-    def save(step: int, best: bool = False) -> None:
-        # One directory per step, however many reasons there are to save it (best, save_every, the end).
-        nonlocal saved_step
-        if step != saved_step or best:
-            if main:
-                save_checkpoint(out, model, optimizer, scaler, step, to_dict(cfg), loop_state, best=best,
-                                keep=t.keep_checkpoints, world_size=world)
-            saved_step = step
-
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    filler = steps.filler_batch(train_ds, cfg.data, built.family, built.processor) if world > 1 else None
+    loader = steps.train_loader(train_ds, cfg.data, cfg.model.family, built.processor, t.batch_size, t.grad_accum,
+                                t.seed, run.start, total, world, distributed.rank(), collate_fn=objective.collate)
     model.train()
-    # In a log file (CI, nohup) every refresh is a new line: refresh every 30 s there instead.
-    # Updated by hand, not iterated: an iterated bar only learns its count when it redraws.
-    tty = sys.stderr.isatty()
-    bar = tqdm(initial=start, total=total_steps, desc="train", dynamic_ncols=True, disable=not main,
-               mininterval=0.1 if tty else 30, maxinterval=10 if tty else 60)
-    loss_value, t0, samples, tokens = float("nan"), time.perf_counter(), 0, 0
-    step, last_eval, nonfinite = start - 1, {}, 0
-    peak_flops = peak_flops_per_s(device, cfg)
-    flops_per_token = train_flops_per_token(built, t.gradient_checkpointing, reference=preferences)
-    loader = train_loader(train_ds, cfg.data, cfg.model.family, built.processor, t.batch_size, t.grad_accum,
-                         t.seed, start, total_steps, world, distributed.rank(),
-                         collate_fn=dpo.collate_pairs if preferences else None)
+    bar, meter = progress_bar(run.start, total), Meter(cfg, built, objective)
     with StopSignal() as stop:  # until the last save is written: a signal never cuts one short
         for step, window, batches in loader:
+            run.step, epoch = step + 1, step // per_epoch
             bar.update()
-            epoch = step // per_epoch
-            if preferences:  # n counts pairs; rewards: their mean rewards and reward accuracy
-                window_loss, n, rewards = dpo.backward_window(cfg, built, trained, batches, scaler, reference, filler)
-            else:  # n counts answer tokens
-                (window_loss, n), rewards = backward_window(cfg, built, trained, batches, scaler, filler), {}
+            loss, n, logged = objective.backward_window(cfg, built, trained, batches, run.scaler, state, filler)
             distributed.sum_gradients(trained, trainable)  # FSDP only: DDP summed them in the backward
             if n == 0:
-                warnings.warn(f"step {step}: no {'usable pairs' if preferences else 'answer tokens'} in these "
-                              f"{len(window)} micro-batches; skipping the step instead of dividing by zero")
+                warnings.warn(f"step {step}: no {objective.COUNT.replace('_', ' ')} in these {len(window)} "
+                              "micro-batches; skipping the step instead of dividing by zero")
                 continue
-
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
-            lr = lr_at(step, total_steps, t)
-            # One NaN/inf step would make every adapter weight NaN for good: skip it instead. With
-            # fp16, GradScaler already skips steps whose gradients overflowed (and lowers its scale;
-            # that is routine, not counted); a non-finite loss counts in every precision.
-            if not math.isfinite(window_loss) or (not t.fp16 and not math.isfinite(float(grad_norm))):
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()  # fp16: lower the scale as an overflow would; no-op otherwise
-                nonfinite += 1
-                what = "loss" if not math.isfinite(window_loss) else "gradient norm"
-                log.write(json.dumps({"step": step + 1, "epoch": epoch, "skipped": f"non-finite {what}",
-                                      "lr": lr}) + "\n")
-                log.flush()
-                bar.write(f"step {step + 1}: {what} is {window_loss if what == 'loss' else float(grad_norm)}; "
-                          f"step skipped ({nonfinite} in a row, stopping at {t.max_nonfinite_steps})")
-                if nonfinite >= t.max_nonfinite_steps:
-                    bar.close()
-                    log.close()
-                    last = f"the last save, {out / 'last'}" if saved_step >= 0 else "no save (none was made)"
-                    raise NonFiniteLoss(
-                        f"step {step + 1}: the {what} was NaN or inf for {nonfinite} steps in a row, training "
-                        f"stopped; likely causes: train.lr = {t.lr:g} too high, fp16 overflow (try bf16), or bad "
-                        f"data; nothing was saved over {last}")
+            run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf")))
+            lr = lr_at(step, total, t)
+            if run.skipped(loss, grad_norm, lr, epoch, bar):
                 continue
-            nonfinite = 0
-            loss_value = window_loss
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-            samples += sum(len(idx) for idx in window)
-            # Image tokens count, padding not; every rank's.
-            tokens += int(distributed.total(sum(int(b["attention_mask"].sum()) for b in batches), device))
-            seconds = time.perf_counter() - t0
-            speed = {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds}
-            if peak_flops:  # model FLOPs utilisation: the share of the GPU's peak the step's math used
-                speed["mfu"] = speed["tokens_per_s"] * flops_per_token / peak_flops
-            # DPO: the reward margin and reward accuracy of this step's pairs
-            shown = ({"margin": f"{rewards['reward_margin']:.3f}", "r_acc": f"{rewards['reward_accuracy']:.2f}"}
-                     if preferences else {})
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed['tokens_per_s']:.0f}",
-                            **shown, **last_eval, refresh=False)
-            log.write(json.dumps({"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
-                                  "grad_norm": float(grad_norm), "pairs" if preferences else "answer_tokens": n,
-                                  **rewards, **speed}) + "\n")
-            log.flush()
-            if t.eval_every and eval_ds is not None and (step + 1) % t.eval_every == 0:
-                # Generation puts the model in eval mode without grad: the moment bitsandbytes would
-                # repack 4-bit weights on some CPUs, which quant.py turns off so training can go on.
-                record = {"step": step + 1, **validation(cfg, built, eval_ds, reference),
-                          cfg.data.metric: evaluate(cfg, built, eval_ds)["score"]}
-                log.write(json.dumps(record) + "\n")
-                last_eval = {k: f"{v:.4f}" for k, v in record.items() if k in ("val_loss", cfg.data.metric,
-                                                                             "preference_accuracy")}
-                bar.write(f"step {step + 1}: validation loss {record['val_loss']:.4f}, "
-                          f"{cfg.data.metric} {record[cfg.data.metric]:.4f}" + (
-                              f", preference accuracy {record['preference_accuracy']:.4f}" if preferences else ""))
-                # Higher is better for every metric; lower for the loss.
-                score = record[cfg.data.metric] if t.best_by == "metric" else -record["val_loss"]
-                if score > loop_state["best_score"]:
-                    loop_state.update(best_score=score, evals_since_best=0)
-                    save(step + 1, best=True)
-                else:
-                    loop_state["evals_since_best"] += 1
-                if t.early_stopping_patience and loop_state["evals_since_best"] >= t.early_stopping_patience:
-                    bar.write(f"early stop: no better {t.best_by} in {t.early_stopping_patience} evaluations "
-                              f"(best kept in {out / 'best'})")
-                    break
-            if t.save_every and (step + 1) % t.save_every == 0:
-                save(step + 1)
-            # The step is done: save it (below) and return. Any rank's signal stops them all, since
-            # a rank that went on alone would wait forever for the others' gradients.
+            run.optimizer_step(lr)
+            run.loss = loss
+            speed = meter.update(window, batches)
+            run.write({"step": run.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       objective.COUNT: n, **logged, **speed})
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed['tokens_per_s']:.0f}",
+                            **objective.shown(logged), **run.shown, refresh=False)
+            if (t.eval_every and eval_ds is not None and run.step % t.eval_every == 0
+                    and evaluate_and_keep_best(cfg, built, objective, state, eval_ds, run, bar)):
+                break
+            if t.save_every and run.step % t.save_every == 0:
+                run.save(run.step)
+            # Any rank's signal stops them all: a rank that went on alone would wait forever for the others.
             if distributed.total(float(stop.signum is not None), device):
                 break
         bar.close()
-        log.close()
-        stopped_early = step + 1 < total_steps
-        save(step + 1)
+        run.log.close()
+        run.save(run.step)
         distributed.barrier()  # no rank returns (and its launcher reports the run done) before the save exists
-    best = loop_state["best_score"] if t.best_by == "metric" else -loop_state["best_score"]
-    return {"step": step + 1, "loss": loss_value, "train_seconds": time.perf_counter() - t0,
-            f"best_{t.best_by}": best, "stopped_early": stopped_early, "signal": stop.signum}
+    best = run.best["best_score"] if t.best_by == "metric" else -run.best["best_score"]
+    return {"step": run.step, "loss": run.loss, "train_seconds": time.perf_counter() - meter.t0,
+            f"best_{t.best_by}": best, "stopped_early": run.step < total, "signal": stop.signum}

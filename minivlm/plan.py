@@ -325,12 +325,11 @@ def _per_token_layer_bytes(tc, e: int, cfg: Config) -> int:
     return norms + attention + mlp + lora
 
 
-def _activation_terms(plan: Plan, model: nn.Module, cfg: Config, largest_q: int, answer_tokens: int) -> None:
+def _activation_terms(plan: Plan, model: nn.Module, cfg: Config, largest_q: int, answer_tokens: int,
+                      rows_per_sample: int) -> None:
     tc = model.config.get_text_config() if cfg.model.family != "llava_phi2" else model.config
     e = DTYPES[cfg.model.dtype].itemsize
-    B, T = cfg.train.batch_size, cfg.data.max_length
-    if cfg.train.objective == "dpo":  # a pair's chosen and rejected rows share one forward (dpo.py)
-        B *= 2
+    B, T = cfg.train.batch_size * rows_per_sample, cfg.data.max_length
     n_img, images, patches, d_vision, how = image_tokens(cfg, model)
     layers = tc.num_hidden_layers
     if cfg.model.family == "idefics":  # gated cross-attention blocks, per text token like a layer
@@ -364,15 +363,16 @@ def _activation_terms(plan: Plan, model: nn.Module, cfg: Config, largest_q: int,
         plan.notes.append(f"data.max_length {T} leaves no room for text after {n_img} image tokens")
 
 
-def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1) -> Plan:
+def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1, rows_per_sample: int = 1) -> Plan:
     """The memory plan per GPU for training `cfg` on `ranks` processes: meta-device model, no
-    weights read, nothing allocated."""
+    weights read, nothing allocated. `rows_per_sample`: what the objective puts through one
+    forward per sample (its ROWS_PER_SAMPLE: DPO's chosen and rejected rows share one)."""
     family = get_family(cfg.model.family)
     model = meta_model(cfg, family)
     plan = Plan(model=cfg.model.name_or_path, gradient_checkpointing=cfg.train.gradient_checkpointing,
                 ranks=ranks, fsdp=cfg.train.fsdp)
     largest_q, _ = _weight_terms(plan, model, cfg, family)
-    _activation_terms(plan, model, cfg, largest_q, answer_tokens)
+    _activation_terms(plan, model, cfg, largest_q, answer_tokens, rows_per_sample)
     if not cfg.quant.load_in_4bit:
         plan.notes.append("quant.load_in_4bit is off: every weight is counted in float")
     return plan

@@ -33,7 +33,7 @@ from minivlm.data import load_split
 from minivlm.steps import total_steps, train_loader
 from minivlm.load import checkpoint_files, parameter_names, parameters_on_meta
 from minivlm.lora import logical_numel
-from minivlm.loop import answer_loss_sum, answer_tokens, backward_window
+from minivlm.objectives.sft import answer_loss_sum, answer_tokens, backward_window
 from minivlm.optim import build_optimizer, lr_at
 from minivlm.precision import autocast, logits_of
 from minivlm.reference import adam8bit, nf4
@@ -212,7 +212,7 @@ def walk(cfg: Config, out: Path) -> dict:
     print(f"  full logits would be {tuple(batch['input_ids'].shape) + (vocab,)}: "
           f"{size(batch['input_ids'].numel() * vocab * logits.element_size())} instead of {size(nbytes(logits))}")
 
-    stage(7, "minivlm/loop.py:answer_loss_sum")
+    stage(7, "minivlm/objectives/sft.py:answer_loss_sum")
     set_rng_state(rng)
     with torch.no_grad():
         loss_sum = answer_loss_sum(cfg, built, batch)
@@ -220,10 +220,10 @@ def walk(cfg: Config, out: Path) -> dict:
     print(f"  Σ −log p(answer token) = {loss_sum.item():.4f} over {n_tokens} tokens: {facts['loss_per_token']:.4f} per token "
           f"(uniform guessing over {vocab} tokens: ln {vocab} = {torch.log(torch.tensor(float(vocab))):.4f})")
 
-    stage(8, "minivlm/loop.py:backward_window")
+    stage(8, "minivlm/objectives/sft.py:backward_window")
     set_rng_state(rng)
     scaler = torch.amp.GradScaler(built.device.type, enabled=t.fp16)
-    window_loss, _ = backward_window(cfg, built, model, [batch], scaler)  # §7's micro-batch
+    window_loss, _, _ = backward_window(cfg, built, model, [batch], scaler)  # §7's micro-batch
     facts["backward_loss_per_token"] = window_loss
     print(f"  loss per token {window_loss:.4f} (§7's, same dropout masks: {abs(window_loss - facts['loss_per_token']) < 1e-6})")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -233,7 +233,7 @@ def walk(cfg: Config, out: Path) -> dict:
     print(f"  the NF4 weight: grad {layer.weight.grad}; yet this first layer's B got a gradient, through the "
           f"dequantized W of every layer above it")
 
-    stage(9, f"minivlm/loop.py:backward_window (one sample per micro-batch: batch 1 × grad_accum {len(window[0])})")
+    stage(9, f"minivlm/objectives/sft.py:backward_window (one sample per micro-batch: batch 1 × grad_accum {len(window[0])})")
     # Compare gradients without dropout: its masks depend on how the batch is cut.
     kept = [p.grad.clone() for p in trainable]
     model.eval()

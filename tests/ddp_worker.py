@@ -22,7 +22,10 @@ from minivlm.build import build, load_processor  # noqa: E402
 from minivlm.config import from_dict  # noqa: E402
 from minivlm.data import load_split  # noqa: E402
 from minivlm.steps import TrainSteps, filler_batch  # noqa: E402
-from minivlm.loop import backward_window, train  # noqa: E402
+from minivlm.evaluate import scores  # noqa: E402
+from minivlm.loop import train  # noqa: E402
+from minivlm.objectives import sft  # noqa: E402
+from minivlm.objectives.sft import backward_window  # noqa: E402
 
 
 def trainable(model: torch.nn.Module, what: str) -> dict[str, torch.Tensor]:
@@ -50,16 +53,16 @@ def run(config: Path) -> None:
     _, _, batches = TrainSteps(ds, cfg.data, cfg.model.family, processor, t.batch_size, t.grad_accum, t.seed,
                                0, 1, world, rank)[0]
     filler = filler_batch(ds, cfg.data, built.family, processor) if world > 1 else None
-    backward_window(cfg, built, model, batches, torch.amp.GradScaler("cpu", enabled=False), filler)
+    backward_window(cfg, built, model, batches, torch.amp.GradScaler("cpu", enabled=False), None, filler)
     distributed.sum_gradients(model, [p for p in built.model.parameters() if p.requires_grad])
     save_file(trainable(built.model, "grad"), f"{out}/grads-rank{rank}.safetensors")
 
     built = build(cfg, processor)  # a fresh model, as train.py would train
-    # With eval_every, the step-0 evaluation too (score_before given, as train.py measures it), which
-    # under FSDP runs before the wrapper's first forward.
-    evaluating = bool(t.eval_every)
-    train(cfg, built, ds, eval_ds=load_split(cfg.data, cfg.data.eval_split) if evaluating else None,
-          score_before=0.0 if evaluating else None)
+    # With eval_every, the scores before training too (as train.py measures them), which under FSDP
+    # run before the wrapper's first forward.
+    eval_ds = load_split(cfg.data, cfg.data.eval_split) if t.eval_every else None
+    before = scores(cfg, built, eval_ds, sft, None) if eval_ds is not None else None
+    train(cfg, built, sft, ds, eval_ds=eval_ds, before=before)
     save_file(trainable(built.model, "data"), f"{out}/adapters-rank{rank}.safetensors")
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from conftest import count_steps, tiny_config
 from minivlm import checkpoint, loop
+from minivlm.objectives import sft
 from minivlm.build import build
 from minivlm.checkpoint import (_join, _split, latest_checkpoint, load_adapter, load_training_state, recover,
                                 save_checkpoint, saved_checkpoints)
@@ -188,7 +189,7 @@ def test_a_crash_at_any_filesystem_step_of_any_save_loses_nothing(tiny_paligemma
                           keep_checkpoints=1, optimizer="adamw_8bit", batch_size=4)
         cfg.lora.dropout = 0.1  # the RNG state must come back too
         cfg.data.eval_samples = 4
-        train(cfg, build(cfg), load_split(cfg.data, "train"), eval_ds=load_split(cfg.data, "test"), resume=resume)
+        train(cfg, build(cfg), sft, load_split(cfg.data, "train"), eval_ds=load_split(cfg.data, "test"), resume=resume)
 
     def outcome(out):
         last, best = (out / "last").resolve(), (out / "best").resolve()
@@ -201,7 +202,7 @@ def test_a_crash_at_any_filesystem_step_of_any_save_loses_nothing(tiny_paligemma
                 "log": log, "leftovers": sorted(p.name for p in (out / "checkpoints").iterdir() if "." in p.name)}
 
     # Which save the loop started last, which ones returned, and how many steps a run trained.
-    saving, saved, trained = [], [], count_steps(monkeypatch, loop)
+    saving, saved, trained = [], [], count_steps(monkeypatch, sft)
     real_save = loop.save_checkpoint
 
     def tracked_save(out, model, optimizer, scaler, step, *args, **kwargs):

@@ -20,14 +20,15 @@ from transformers import PaliGemmaForConditionalGeneration
 
 import train as train_cli
 from conftest import ROOT, count_steps, crash_after_first_save, write_split
-from minivlm import dpo
+from minivlm.objectives import dpo
 from minivlm.build import build, load_processor
 from minivlm.checkpoint import load_adapter
 from minivlm.config import ConfigError, from_dict, load_config
 from minivlm.batches import collate
 from minivlm.data import load_split
 from minivlm.lora import LoRALinear, adapters_off
-from minivlm.loop import answer_loss_sum, train
+from minivlm.loop import train
+from minivlm.objectives.sft import answer_loss_sum
 from minivlm.models import get_family
 
 PAIRS = {"answer_column": "chosen", "rejected_column": "rejected"}
@@ -329,7 +330,7 @@ def test_resume_n_plus_n_equals_2n(tiny_paligemma, prefs_data, tmp_path, monkeyp
         built = build(cfg)
         if resume is None:
             load_adapter(sft, built.model, partial=True)
-        return train(cfg, built, load_split(cfg.data, "train"), resume=resume)
+        return train(cfg, built, dpo, load_split(cfg.data, "train"), resume=resume)
 
     run(tmp_path / "full")
     crash_after_first_save(monkeypatch, lambda: run(tmp_path / "split"))
@@ -490,7 +491,7 @@ def test_smolvlm_seed_sft_then_dpo_on_a_tiny_smolvlm(tiny_smolvlm, tmp_path):
 def test_resume_refuses_another_reference_model():
     """train.init_from may change on an SFT resume (it only sets the start), not on a DPO one,
     where it is the reference model: another one is another loss."""
-    from minivlm.checkpoint import resume_conflicts
+    from minivlm.config import resume_conflicts
     from minivlm.config import to_dict
 
     def config(objective, init_from):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import infer
 import train
 from conftest import ROOT, count_steps, write_split
-from minivlm import loop
+from minivlm.objectives import sft
 
 
 def hand_scored(rows: list[dict]) -> float:
@@ -101,7 +101,7 @@ def test_cli_refuses_to_overwrite_and_resumes(tiny_paligemma, shapes_data, tmp_p
     with pytest.raises(SystemExit, match="already holds a checkpoint; continue it with --resume"):
         train.main(args)
     assert (tmp_path / "run/last/adapter.safetensors").read_bytes() == saved  # nothing lost
-    trained = count_steps(monkeypatch, loop)
+    trained = count_steps(monkeypatch, sft)
     metrics = train.main(args + ["--set", "train.max_steps=4", "--resume"])
     assert metrics["steps"] == 4 and len(trained) == 2  # steps 3 and 4
     log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]

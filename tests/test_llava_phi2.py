@@ -125,14 +125,15 @@ def test_two_stages_then_infer(tiny_llava_phi2, tmp_path):
 ])
 def test_early_stopping_keeps_the_best(tiny_paligemma, shapes_data, tmp_path, monkeypatch, best_by, losses, scores,
                                        best_step):
-    from minivlm import loop
+    from minivlm import evaluate, loop
     from minivlm.data import load_split
+    from minivlm.objectives import sft
     losses, scores = iter(losses), iter(scores)
-    monkeypatch.setattr(loop, "validation_loss", lambda *a: next(losses))
-    monkeypatch.setattr(loop, "evaluate", lambda *a: {"score": next(scores)})
+    monkeypatch.setattr(sft, "validation_loss", lambda *a: next(losses))
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a: {"score": next(scores)})
     cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path, max_steps=10, eval_every=1, early_stopping_patience=2,
                       best_by=best_by)
-    result = loop.train(cfg, build(cfg), load_split(cfg.data, "train"), eval_ds=load_split(cfg.data, "test"))
+    result = loop.train(cfg, build(cfg), sft, load_split(cfg.data, "train"), eval_ds=load_split(cfg.data, "test"))
     assert result["stopped_early"] and result["step"] == 4
     assert result[f"best_{best_by}"] == (0.8 if best_by == "val_loss" else 0.5)
     assert json.loads((tmp_path / "best/state.json").read_text())["step"] == best_step

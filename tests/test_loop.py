@@ -18,8 +18,10 @@ from minivlm.config import TrainConfig
 from minivlm.batches import collate
 from minivlm.data import load_split
 from minivlm.steps import epoch_batches
-from minivlm import loop
-from minivlm.loop import answer_loss_sum, backward_window, train
+from minivlm import evaluate, loop
+from minivlm.loop import train
+from minivlm.objectives import sft
+from minivlm.objectives.sft import answer_loss_sum, backward_window
 from minivlm.models import paligemma
 from minivlm.optim import build_optimizer, lr_at
 from minivlm.plot import plot_run
@@ -66,16 +68,16 @@ def test_training_lowers_the_loss_and_teaches_the_answer(tiny_paligemma, tmp_pat
     built = build(cfg)
     train_ds, test_ds = load_split(cfg.data, "train"), load_split(cfg.data, "test")
 
-    before, scored = plain_loss(cfg, built, train_ds)[0], loop.evaluate(cfg, built, test_ds)
+    before, scored = plain_loss(cfg, built, train_ds)[0], evaluate.evaluate(cfg, built, test_ds)
     assert scored["predictions"] == [""] * 8 and scored["score"] == 0.0
-    train(cfg, built, train_ds, eval_ds=test_ds, score_before=scored["score"])
+    train(cfg, built, sft, train_ds, eval_ds=test_ds, before=evaluate.scores(cfg, built, test_ds, sft, None))
     after = plain_loss(cfg, built, train_ds)[0]
     assert after < 0.92 * before, f"the loss per answer token went from {before:.4f} to {after:.4f}"
     log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in log if "val_loss" in r]
     assert len(val) == 6 and all(b < a for a, b in zip(val, val[1:])), val
     assert [r["accuracy"] for r in log if "accuracy" in r][-1] == 1.0
-    assert loop.evaluate(cfg, built, test_ds)["predictions"] == ["red"] * 8
+    assert evaluate.evaluate(cfg, built, test_ds)["predictions"] == ["red"] * 8
 
 
 def grads_after(cfg, built, batches) -> dict[str, torch.Tensor]:
@@ -135,13 +137,13 @@ def test_resume_n_plus_n_equals_2n(tiny_paligemma, shapes_data, tmp_path, monkey
         return cfg
 
     ds = load_split(cfg_for(tmp_path).data, "train")  # 24 samples = 6 steps per epoch: crosses an epoch
-    train(cfg_for(tmp_path / "full"), build(cfg_for(tmp_path / "full")), ds)
+    train(cfg_for(tmp_path / "full"), build(cfg_for(tmp_path / "full")), sft, ds)
 
     split = cfg_for(tmp_path / "split")
-    crash_after_first_save(monkeypatch, lambda: train(split, build(split), ds))
+    crash_after_first_save(monkeypatch, lambda: train(split, build(split), sft, ds))
     assert json.loads((tmp_path / "split/last/state.json").read_text())["step"] == 4
-    trained = count_steps(monkeypatch, loop)
-    train(cfg_for(tmp_path / "split"), build(cfg_for(tmp_path / "split")), ds, resume=tmp_path / "split/last")
+    trained = count_steps(monkeypatch, sft)
+    train(cfg_for(tmp_path / "split"), build(cfg_for(tmp_path / "split")), sft, ds, resume=tmp_path / "split/last")
     assert len(trained) == 4  # steps 5-8: it went on from its save
 
     a = load_file(tmp_path / "full/last/adapter.safetensors")
@@ -173,7 +175,7 @@ def test_all_masked_batch_is_skipped_not_nan(tiny_paligemma, shapes_data, tmp_pa
     built = build(cfg)
     ds = load_split(cfg.data, "train")
     with pytest.warns(UserWarning, match="no answer tokens"):
-        train(cfg, built, ds)
+        train(cfg, built, sft, ds)
     for n, p in built.model.named_parameters():
         if p.requires_grad:
             assert torch.isfinite(p).all(), n
@@ -205,7 +207,7 @@ def test_the_optimizer_steps_with_the_clipped_gradient_and_the_scheduled_lr(tiny
     built = build(cfg)
     trainable = [p for p in built.model.parameters() if p.requires_grad]
     before_clip, applied, lrs = [], [], []
-    real_window, real_optimizer = loop.backward_window, loop.build_optimizer
+    real_window, real_optimizer = sft.backward_window, loop.build_optimizer
 
     def window(*args, **kwargs):
         out = real_window(*args, **kwargs)
@@ -223,9 +225,9 @@ def test_the_optimizer_steps_with_the_clipped_gradient_and_the_scheduled_lr(tiny
         opt.step = step
         return opt
 
-    monkeypatch.setattr(loop, "backward_window", window)
+    monkeypatch.setattr(sft, "backward_window", window)
     monkeypatch.setattr(loop, "build_optimizer", optimizer)
-    result = train(cfg, built, load_split(cfg.data, "train"))
+    result = train(cfg, built, sft, load_split(cfg.data, "train"))
     total = steps.get("max_steps") or 6 * steps["epochs"]
     assert result["step"] == total and len(applied) == total
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -264,7 +266,7 @@ def test_weight_decay_and_betas_reach_the_optimizer(optimizer):
 def test_grad_scaler_only_with_fp16(tiny_paligemma, shapes_data, tmp_path, precision, scaled):
     cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path, max_steps=2, **{precision: True})
     cfg.model.dtype = "float16" if precision == "fp16" else "bfloat16"
-    result = train(cfg, build(cfg), load_split(cfg.data, "train"))
+    result = train(cfg, build(cfg), sft, load_split(cfg.data, "train"))
     assert torch.isfinite(torch.tensor(result["loss"]))
     scaler_state = json.loads((tmp_path / "last/state.json").read_text())["state"]["scaler"]
     assert ("scale" in scaler_state) == scaled
@@ -278,7 +280,7 @@ def test_fp16_clips_and_logs_the_unscaled_gradient(tiny_paligemma, shapes_data, 
     for precision in ("fp16", "fp32"):
         cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path / precision, max_steps=1, fp16=precision == "fp16")
         cfg.model.dtype = "float16" if precision == "fp16" else "float32"
-        train(cfg, build(cfg), load_split(cfg.data, "train"))
+        train(cfg, build(cfg), sft, load_split(cfg.data, "train"))
         norms[precision] = json.loads((tmp_path / precision / "log.jsonl").read_text().splitlines()[0])["grad_norm"]
     assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.01), norms  # 4e-4 apart, measured
 
@@ -311,15 +313,15 @@ def test_train_evaluate_train_on_4bit(tiny_paligemma, shapes_data, tmp_path, mon
     cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path, max_steps=4, eval_every=2, lr=1e-2)
     built = build(cfg)
     snapshots, scored = [], []
-    real_evaluate = loop.evaluate
+    real_evaluate = evaluate.evaluate
 
     def evaluate_and_snapshot(*args):
         snapshots.append({n: p.detach().clone() for n, p in built.model.named_parameters() if p.requires_grad})
         scored.append(real_evaluate(*args))
         return scored[-1]
 
-    monkeypatch.setattr(loop, "evaluate", evaluate_and_snapshot)
-    train(cfg, built, load_split(cfg.data, "train"), eval_ds=load_split(cfg.data, "test"))
+    monkeypatch.setattr(evaluate, "evaluate", evaluate_and_snapshot)
+    train(cfg, built, sft, load_split(cfg.data, "train"), eval_ds=load_split(cfg.data, "test"))
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     evals = [r for r in log if "val_loss" in r]
     assert [r["step"] for r in evals] == [2, 4]
@@ -362,10 +364,10 @@ def test_validation_loss_reads_every_row_of_a_long_split(tiny_paligemma, tmp_pat
     ds = load_split(cfg.data, "test")
 
     read = []
-    real_collate = loop.collate
-    monkeypatch.setattr(loop, "collate", lambda ds, idx, *a: read.extend(idx) or real_collate(ds, idx, *a))
+    real_collate = sft.collate
+    monkeypatch.setattr(sft, "collate", lambda ds, idx, *a: read.extend(idx) or real_collate(ds, idx, *a))
     built.model.train()  # as the loop calls it
-    ours = loop.validation_loss(cfg, built, ds)
+    ours = sft.validation_loss(cfg, built, ds)
     assert sorted(read) == list(range(50))
     assert built.model.training  # and training goes on with dropout
 
@@ -412,7 +414,7 @@ def test_log_reports_tokens_per_second_counting_real_tokens(tiny_paligemma, shap
     cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path, max_steps=3, batch_size=5)
     built = build(cfg)
     ds = load_split(cfg.data, "train")
-    train(cfg, built, ds)
+    train(cfg, built, sft, ds)
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     windows = epoch_batches(len(ds), 5, cfg.train.seed, 0)[:3]
     batches = [collate(ds, w, cfg.data, paligemma, built.processor) for w in windows]

@@ -15,7 +15,7 @@ from conftest import tiny_config
 from minivlm.build import build
 from minivlm.batches import collate
 from minivlm.data import load_split
-from minivlm.loop import answer_loss_sum, answer_tokens
+from minivlm.objectives.sft import answer_loss_sum, answer_tokens
 from minivlm.lora import LoRALinear, SharedDropout, count_parameters, inject_lora, merge_lora, trainable_state_dict
 from minivlm.modules import matches
 from minivlm.quant import quantize_linears

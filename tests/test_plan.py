@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import save_paligemma
 from minivlm.build import build
 from minivlm.config import from_dict, load_config
-from minivlm.loop import answer_loss_sum
+from minivlm.objectives.sft import answer_loss_sum
 from minivlm.optim import build_optimizer
 from minivlm.plan import parse_size, plan_memory
 

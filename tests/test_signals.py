@@ -13,8 +13,8 @@ import pytest
 
 import train
 from conftest import ROOT, count_steps
-from minivlm import loop
 from minivlm.loop import StopSignal
+from minivlm.objectives import sft
 
 STEPS = 30  # a signal sent after step 1 lands by step 3 or so: mid-run, with room to spare
 
@@ -72,7 +72,7 @@ def test_a_signal_saves_the_step_and_resume_ends_bit_identical(signum, uninterru
     print(f"\n{signal.Signals(signum).name}: sent after step {landed}, saved step {saved}, "
           f"exit code {proc.returncode}, {seconds:.2f} s from signal to exit")
 
-    trained = count_steps(monkeypatch, loop)
+    trained = count_steps(monkeypatch, sft)
     assert train.main(args(tiny_paligemma, shapes_data, out) + ["--resume"])["steps"] == STEPS
     assert len(trained) == STEPS - saved  # it went on from the saved step
     assert final_state(out) == uninterrupted  # adapter, optimizer, scaler, RNG: the same bits

@@ -55,22 +55,26 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import datasets
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from minivlm import distributed
 from minivlm.build import Built
-from minivlm.config import Config, ConfigError, DataConfig
+from minivlm.checkpoint import read_adapter
 from minivlm.batches import answer_positions, check_dialogs, random_resized_crop, select_rows
+from minivlm.config import Config, ConfigError, DataConfig
 from minivlm.data import rejected_of, usable_samples
 from minivlm.lora import adapters_off
 from minivlm.precision import logits_of
+
+COUNT = "pairs"
+ROWS_PER_SAMPLE = 2  # chosen and rejected, in one forward
+EXTRA_FORWARDS = 1  # the reference's, without gradient
+PLOTTED = "preference_accuracy"  # what DPO changes; its greedy answers may not change at all
 
 
 def collate_pairs(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: ModuleType, processor,
@@ -98,6 +102,9 @@ def collate_pairs(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, fam
         rows = keep.repeat(2)
         batch = select_rows(batch, rows, int(lengths[rows].max()) if rows.any() else 0)
     return batch
+
+
+collate = collate_pairs
 
 
 def pairs_in(batch: dict[str, torch.Tensor]) -> int:
@@ -139,11 +146,11 @@ def reference_weights(cfg: Config, model: nn.Module) -> dict[str, torch.Tensor] 
     train.init_from adapter, which must hold every trainable tensor of the model."""
     if not cfg.train.init_from:
         return None
-    path = Path(cfg.train.init_from) / "adapter.safetensors"
-    if not path.is_file():
-        raise ConfigError(f"train.init_from = {cfg.train.init_from!r} holds no adapter.safetensors; give a "
-                          "checkpoint directory a run wrote (e.g. runs/demo/last)")
-    saved = load_file(path, device=str(next(model.parameters()).device))
+    try:
+        saved = read_adapter(cfg.train.init_from, device=next(model.parameters()).device)
+    except FileNotFoundError:
+        raise ConfigError(f"train.init_from = {cfg.train.init_from!r} holds no adapter; give a checkpoint "
+                          "directory a run wrote (e.g. runs/demo/last)") from None
     # Names as checkpoints write them, whether or not FSDP has wrapped the model (distributed.py).
     trainable = {distributed.unwrapped_name(n): p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(trainable) - set(saved))
@@ -152,6 +159,11 @@ def reference_weights(cfg: Config, model: nn.Module) -> dict[str, torch.Tensor] 
                           f"tensors (e.g. {missing[:2]}), and DPO uses that adapter as its reference model: train "
                           "with the [lora] config it was trained with")
     return {n: saved[n].to(p.dtype) for n, p in trainable.items()}
+
+
+def setup(cfg: Config, built: Built) -> dict[str, torch.Tensor] | None:
+    """The reference's weights, read once for the whole run (see reference_weights)."""
+    return reference_weights(cfg, built.model)
 
 
 @contextlib.contextmanager
@@ -264,11 +276,22 @@ def held_out(cfg: Config, built: Built, ds: datasets.Dataset,
     return {"dpo_loss": loss, **rewards, "preference_accuracy": prefers / pairs}
 
 
-def report(when: str, cfg: Config, built: Built, ds: datasets.Dataset,
-           weights: dict[str, torch.Tensor] | None) -> dict[str, float]:
-    """held_out's figures as metrics.json keeps them (<name>_<when>), after one line of them."""
+def validation(cfg: Config, built: Built, ds: datasets.Dataset,
+               weights: dict[str, torch.Tensor] | None) -> dict[str, float]:
+    """held_out's figures, its DPO loss as the run's val_loss."""
     scores = held_out(cfg, built, ds, weights)
-    print(f"preference accuracy {when} training: {scores['preference_accuracy']:.3f} on held-out pairs (log π(chosen) "
-          f"> log π(rejected)); reward margin {scores['reward_margin']:.3f}, reward accuracy "
-          f"{scores['reward_accuracy']:.3f}, DPO loss {scores['dpo_loss']:.4f} (log 2 = {math.log(2):.4f})")
-    return {f"{name}_{when}": value for name, value in scores.items()}
+    return {"val_loss": scores.pop("dpo_loss"), **scores}
+
+
+def report(when: str, figures: dict[str, float]) -> dict[str, float]:
+    """validation's figures as metrics.json keeps them (<name>_<when>, the loss as dpo_loss), after one
+    line of them."""
+    print(f"preference accuracy {when} training: {figures['preference_accuracy']:.3f} on held-out pairs (log π(chosen) "
+          f"> log π(rejected)); reward margin {figures['reward_margin']:.3f}, reward accuracy "
+          f"{figures['reward_accuracy']:.3f}, DPO loss {figures['val_loss']:.4f} (log 2 = {math.log(2):.4f})")
+    return {f"{'dpo_loss' if name == 'val_loss' else name}_{when}": value for name, value in figures.items()}
+
+
+def shown(logged: dict) -> dict[str, str]:
+    """This step's reward margin and reward accuracy, on the progress bar."""
+    return {"margin": f"{logged['reward_margin']:.3f}", "r_acc": f"{logged['reward_accuracy']:.2f}"}
