@@ -1,6 +1,6 @@
 """The memory plan: where a QLoRA run's GPU memory goes, computed before any weight is read.
 
-    python train.py --config configs/paligemma.toml --dry-run [--gpu-memory 24GiB]
+    python train.py --config configs/<recipe>.toml --dry-run [--gpu-memory 24GiB]
 
 The model is built on PyTorch's "meta" device from the checkpoint's config.json alone: every
 tensor has a shape and a dtype but no storage, so a 9B model costs nothing and takes a second.
@@ -78,12 +78,11 @@ from types import ModuleType
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
 from minivlm.build import DTYPES
 from minivlm.config import Config, ConfigError
 from minivlm.distributed import layer_class_names
-from minivlm.models import get_family
+from minivlm.models import Layout, get_family
 from minivlm.modules import matches
 
 GiB = 1024 ** 3
@@ -172,32 +171,15 @@ class Plan:
 # The model on the meta device
 
 
-def _resolve(path: str, base: Path) -> str:
-    """A path in llava_phi2.json: relative to that file if it exists there, else as written."""
-    candidate = base / path
-    return str(candidate) if candidate.exists() else path
-
-
 def meta_model(cfg: Config, family: ModuleType) -> nn.Module:
-    """`family.MODEL_CLASS` with every tensor on the meta device, from config.json only."""
-    dtype = DTYPES[cfg.model.dtype]
-    path = cfg.model.name_or_path
+    """The family's model with every tensor on the meta device, from config.json only."""
     try:
         with torch.device("meta"):
-            if cfg.model.family == "llava_phi2":
-                spec = json.loads((Path(path) / "llava_phi2.json").read_text())
-                lm_cfg = AutoConfig.from_pretrained(_resolve(spec["language_model"], Path(path)))
-                vision_cfg = CLIPVisionConfig.from_pretrained(_resolve(spec["vision_model"], Path(path)))
-                model = family.MODEL_CLASS(AutoModelForCausalLM.from_config(lm_cfg, dtype=dtype),
-                                           CLIPVisionModel._from_config(vision_cfg, dtype=dtype),
-                                           spec["image_token_id"], spec)
-                return model.to(dtype)
-            config = AutoConfig.from_pretrained(path)
-            return family.MODEL_CLASS._from_config(config, dtype=dtype)
+            return family.skeleton(cfg.model.name_or_path, DTYPES[cfg.model.dtype])
     except OSError as e:
-        raise ConfigError(f"--dry-run reads only config.json, and cannot for model.name_or_path = {path!r}: {e}\n"
-                          "Point it at a directory with the checkpoint's config.json, e.g. "
-                          "--set model.name_or_path=configs/real/paligemma-3b-pt-224") from None
+        raise ConfigError(f"--dry-run reads only config.json, and cannot for model.name_or_path = "
+                          f"{cfg.model.name_or_path!r}: {e}\nPoint it at a directory with the checkpoint's config.json "
+                          "(configs/real/ holds those of the seed recipes' models)") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,46 +244,6 @@ def _preprocessor(path: str) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
-def image_tokens(cfg: Config, model: nn.Module) -> tuple[int, int, int, int, str]:
-    """(image tokens per sample in the text sequence, images per sample through the vision tower,
-    patches per image, vision hidden size, how it was counted)."""
-    c, fam = model.config, cfg.model.family
-    if fam == "paligemma":
-        v = c.vision_config
-        n = c.text_config.num_image_tokens if getattr(c.text_config, "num_image_tokens", None) \
-            else (v.image_size // v.patch_size) ** 2
-        return n, 1, n, v.hidden_size, f"{n} image tokens ((image_size/patch)²)"
-    if fam == "idefics2":
-        v, pre = c.vision_config, _preprocessor(cfg.model.name_or_path)
-        split = pre.get("do_image_splitting", True)
-        images = 5 if split else 1
-        n = c.perceiver_config.resampler_n_latents * images
-        how = (f"{n} image tokens ({c.perceiver_config.resampler_n_latents} latents × {images} image"
-               f"{'s: 4 crops + the whole, image splitting' if split else ''}"
-               f"{'' if pre else '; no preprocessor_config.json, so splitting assumed'})")
-        return n, images, (v.image_size // v.patch_size) ** 2, v.hidden_size, how
-    if fam == "smolvlm":
-        v, pre = c.vision_config, _preprocessor(cfg.model.name_or_path)
-        per_tile = (v.image_size // v.patch_size) ** 2 // c.scale_factor ** 2
-        tile = pre.get("max_image_size", {}).get("longest_edge", v.image_size)
-        longest = pre.get("size", {}).get("longest_edge", 4 * tile)
-        grid = math.ceil(longest / tile) if pre.get("do_image_splitting", True) else 0
-        tiles = grid * grid + 1
-        how = (f"{per_tile * tiles} image tokens ({per_tile}/tile × ({grid}×{grid} tiles + 1 global)"
-               f"{'' if pre else '; no preprocessor_config.json, 4×4 tiles assumed'})")
-        return per_tile * tiles, tiles, (v.image_size // v.patch_size) ** 2, v.hidden_size, how
-    if fam == "llava_phi2":
-        v = model.vision_tower.config
-        n = (v.image_size // v.patch_size) ** 2
-        return n, 1, n + 1, v.hidden_size, f"{n} image tokens (CLIP patches, CLS dropped)"
-    if fam == "idefics":
-        v = c.vision_config
-        n = c.perceiver_config.resampler_n_latents
-        return 0, 1, (v.image_size // v.patch_size) ** 2 + 1, v.embed_dim, \
-            f"images enter by cross-attention ({n} perceiver latents), not as tokens"
-    raise ConfigError(f"--dry-run knows no image layout for family {fam!r}")
-
-
 def _per_token_layer_bytes(tc, e: int, cfg: Config) -> int:
     """Bytes one decoder layer keeps for backward, per token (see the module docstring)."""
     h, i, heads = tc.hidden_size, tc.intermediate_size, tc.num_attention_heads
@@ -325,15 +267,12 @@ def _per_token_layer_bytes(tc, e: int, cfg: Config) -> int:
     return norms + attention + mlp + lora
 
 
-def _activation_terms(plan: Plan, model: nn.Module, cfg: Config, largest_q: int, answer_tokens: int,
+def _activation_terms(plan: Plan, layout: Layout, cfg: Config, largest_q: int, answer_tokens: int,
                       rows_per_sample: int) -> None:
-    tc = model.config.get_text_config() if cfg.model.family != "llava_phi2" else model.config
-    e = DTYPES[cfg.model.dtype].itemsize
+    tc, e = layout.text, DTYPES[cfg.model.dtype].itemsize
     B, T = cfg.train.batch_size * rows_per_sample, cfg.data.max_length
-    n_img, images, patches, d_vision, how = image_tokens(cfg, model)
-    layers = tc.num_hidden_layers
-    if cfg.model.family == "idefics":  # gated cross-attention blocks, per text token like a layer
-        layers += tc.num_hidden_layers // tc.cross_layer_interval
+    images, patches = layout.images, layout.patches
+    layers = tc.num_hidden_layers + layout.cross_attention_layers
     per_layer = _per_token_layer_bytes(tc, e, cfg)
     tokens = B * T
     answers = B * answer_tokens
@@ -345,22 +284,19 @@ def _activation_terms(plan: Plan, model: nn.Module, cfg: Config, largest_q: int,
                       + tokens * 4 * tc.hidden_size  # the final norm's fp32 copy
                       + answers * e * tc.hidden_size  # lm_head input at answer positions
                       + 4 * answers * tc.vocab_size)  # fp32 log-probabilities
-    if cfg.model.family == "llava_phi2":  # the trained projector keeps its input and its hidden
-        plan.act_saved += B * images * patches * e * (d_vision + 2 * tc.hidden_size)
+    plan.act_saved += B * images * patches * e * layout.connector_saved_width
     # Alive only for a moment in backward, on top of what is saved:
     workspace = (tokens * 3 * e * tc.hidden_size  # gradients of the hidden states
                  + largest_q * e  # one dequantized 4-bit weight
                  + 8 * answers * tc.vocab_size)  # fp32 gradient of the log-probabilities and its input
     plan.act_full = plan.act_saved + workspace
     plan.act_ckpt = plan.act_full - layer_saves + layers * tokens * e * tc.hidden_size + tokens * per_layer
-    v = model.vision_tower.config if cfg.model.family == "llava_phi2" else model.config.vision_config
-    i_v = v.intermediate_size
-    hidden_states = (v.num_hidden_layers + 1) if cfg.model.family == "llava_phi2" else 2  # output_hidden_states
-    plan.vision_transient = B * images * patches * e * ((4 + hidden_states) * d_vision + 2 * i_v)
-    plan.tokens = (f"batch {B} × max_length {T} tokens, {how}; logits at {answer_tokens} answer tokens/sample "
+    plan.vision_transient = B * images * patches * e * ((4 + layout.vision_hidden_states) * layout.vision_width
+                                                         + 2 * layout.vision.intermediate_size)
+    plan.tokens = (f"batch {B} × max_length {T} tokens, {layout.how}; logits at {answer_tokens} answer tokens/sample "
                    f"× vocab {tc.vocab_size}")
-    if n_img >= T:
-        plan.notes.append(f"data.max_length {T} leaves no room for text after {n_img} image tokens")
+    if layout.image_tokens >= T:
+        plan.notes.append(f"data.max_length {T} leaves no room for text after {layout.image_tokens} image tokens")
 
 
 def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1, rows_per_sample: int = 1) -> Plan:
@@ -372,7 +308,8 @@ def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1, rows_per_s
     plan = Plan(model=cfg.model.name_or_path, gradient_checkpointing=cfg.train.gradient_checkpointing,
                 ranks=ranks, fsdp=cfg.train.fsdp)
     largest_q, _ = _weight_terms(plan, model, cfg, family)
-    _activation_terms(plan, model, cfg, largest_q, answer_tokens, rows_per_sample)
+    layout = family.layout(model, _preprocessor(cfg.model.name_or_path))
+    _activation_terms(plan, layout, cfg, largest_q, answer_tokens, rows_per_sample)
     if not cfg.quant.load_in_4bit:
         plan.notes.append("quant.load_in_4bit is off: every weight is counted in float")
     return plan

@@ -10,6 +10,8 @@ A family module provides:
   load_processor(path)                                       -> the family's real processor
   training_batch(processor, images, dialogs, system)          -> tensors incl. labels (-100 = no loss)
   generation_batch(processor, images, prompts, system)       -> left-padded tensors for model.generate
+  skeleton(path, dtype)        the model from its config.json alone (the planner builds it on the meta device)
+  layout(model, preprocessor)  -> Layout: what the memory planner reads of the model (below)
 
 A dialog is a list of (user, assistant) exchanges; most data has one. Chat-template families
 share their batching in `chat.py`.
@@ -18,6 +20,7 @@ Families import nothing from the rest of minivlm: everything else is built on th
 """
 
 import importlib
+from dataclasses import dataclass
 from types import ModuleType
 
 # Each family's module, by family name. A module is imported only when its family is asked for
@@ -31,3 +34,25 @@ def get_family(name: str) -> ModuleType:
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
     return importlib.import_module(FAMILIES[name])
+
+
+@dataclass
+class Layout:
+    """What the memory planner (plan.py) needs to know of a family's model, beyond its parameters."""
+    text: object  # the decoder's config: hidden_size, intermediate_size, heads, layers, vocab_size
+    vision: object  # the vision tower's config: intermediate_size, num_hidden_layers
+    vision_width: int  # the tower's hidden size
+    image_tokens: int  # image positions per sample in the text sequence (0: images enter by cross-attention)
+    images: int  # images per sample through the tower (crops and tiles count)
+    patches: int  # positions per image inside the tower
+    how: str  # how image_tokens was counted, for the plan's printout
+    cross_attention_layers: int = 0  # blocks every text token also goes through (IDEFICS's gated ones)
+    vision_hidden_states: int = 2  # hidden states the tower hands back (LLaVA asks for all of them)
+    connector_saved_width: int = 0  # per patch, what a connector trained in full keeps for backward
+
+
+def from_config(model_class, path: str, dtype) -> object:
+    """A transformers model built from its config.json alone: every family's skeleton but LLaVA-Phi's."""
+    from transformers import AutoConfig  # here, not above: config.py imports this package for FAMILIES
+
+    return model_class._from_config(AutoConfig.from_pretrained(path), dtype=dtype)

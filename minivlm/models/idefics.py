@@ -8,11 +8,13 @@ The processor takes interleaved lists, [image, text], and wraps each image in
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from PIL import Image
 from transformers import IdeficsForVisionText2Text
 
-from minivlm.models import chat
+from minivlm.models import Layout, chat, from_config
 
 NAME = "IDEFICS"
 MODEL_CLASS = IdeficsForVisionText2Text
@@ -42,3 +44,17 @@ def generation_batch(processor, images: list[Image.Image], prompts: list[str],
                      system: str = "") -> dict[str, torch.Tensor]:
     return dict(processor(text=[[im, p] for im, p in zip(images, prompts)], padding=True, padding_side="left",
                           return_tensors="pt"))
+
+
+skeleton = partial(from_config, MODEL_CLASS)
+
+
+def layout(model: IdeficsForVisionText2Text, preprocessor: dict) -> Layout:
+    """No image tokens in the text: a gated cross-attention block every cross_layer_interval layers
+    reads the perceiver's latents, and each block costs every text token what a layer does."""
+    c = model.config
+    v = c.vision_config
+    tc = c.get_text_config()
+    return Layout(tc, v, v.embed_dim, 0, 1, (v.image_size // v.patch_size) ** 2 + 1,
+                  f"images enter by cross-attention ({c.perceiver_config.resampler_n_latents} perceiver latents), "
+                  "not as tokens", cross_attention_layers=tc.num_hidden_layers // tc.cross_layer_interval)

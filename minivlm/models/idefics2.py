@@ -9,7 +9,7 @@ from functools import partial
 
 from transformers import Idefics2ForConditionalGeneration
 
-from minivlm.models import chat
+from minivlm.models import Layout, chat, from_config
 
 NAME = "Idefics2"
 MODEL_CLASS = Idefics2ForConditionalGeneration
@@ -22,3 +22,17 @@ END_OF_TURN = "<end_of_utterance>"
 load_processor = chat.load_processor
 training_batch = partial(chat.training_batch, end_of_turn=END_OF_TURN)
 generation_batch = chat.generation_batch
+skeleton = partial(from_config, MODEL_CLASS)
+
+
+def layout(model: Idefics2ForConditionalGeneration, preprocessor: dict) -> Layout:
+    """The perceiver's latents per image; with image splitting, 4 crops and the whole image each get theirs."""
+    c = model.config
+    v = c.vision_config
+    split = preprocessor.get("do_image_splitting", True)
+    images = 5 if split else 1
+    n = c.perceiver_config.resampler_n_latents * images
+    how = (f"{n} image tokens ({c.perceiver_config.resampler_n_latents} latents × {images} image"
+           f"{'s: 4 crops + the whole, image splitting' if split else ''}"
+           f"{'' if preprocessor else '; no preprocessor_config.json, so splitting assumed'})")
+    return Layout(c.get_text_config(), v, v.hidden_size, n, images, (v.image_size // v.patch_size) ** 2, how)

@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, LlavaProcessor
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel,
+                          LlavaProcessor)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from minivlm.models import chat
+from minivlm.models import Layout, chat
 
 # Newlines are Jinja string literals: transformers renders templates with trim_blocks, which
 # would eat a bare newline after a {% tag %}.
@@ -154,6 +155,29 @@ LORA_SKIP = ["vision_tower", "projector"]
 load_processor = chat.load_processor
 training_batch = partial(chat.training_batch, end_of_turn=END_OF_TURN)
 generation_batch = chat.generation_batch
+
+
+def skeleton(path: str, dtype: torch.dtype) -> LlavaPhi:
+    """The model from its two checkpoints' config.json files alone (the planner calls it on the meta
+    device); a source path in llava_phi2.json is read relative to it if it exists there."""
+    spec = json.loads((Path(path) / "llava_phi2.json").read_text())
+
+    def resolve(source: str) -> str:
+        return str(Path(path) / source) if (Path(path) / source).exists() else source
+
+    language = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve(spec["language_model"])), dtype=dtype)
+    vision = CLIPVisionModel._from_config(CLIPVisionConfig.from_pretrained(resolve(spec["vision_model"])), dtype=dtype)
+    return LlavaPhi(language, vision, spec["image_token_id"], spec).to(dtype)
+
+
+def layout(model: LlavaPhi, preprocessor: dict) -> Layout:
+    """Every CLIP patch one token (the CLS position dropped); the tower returns all its hidden states
+    (feature_layer = -2), and the projector, trained in full in both stages, keeps its input and
+    its hidden layer for backward."""
+    v, tc = model.vision_tower.config, model.config
+    n = (v.image_size // v.patch_size) ** 2
+    return Layout(tc, v, v.hidden_size, n, 1, n + 1, f"{n} image tokens (CLIP patches, CLS dropped)",
+                  vision_hidden_states=v.num_hidden_layers + 1, connector_saved_width=v.hidden_size + 2 * tc.hidden_size)
 
 
 if __name__ == "__main__":

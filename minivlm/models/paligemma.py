@@ -11,11 +11,13 @@ is taken on the suffix only: answer tokens and the EOS that teaches the model to
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from PIL import Image
 from transformers import AutoProcessor, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-from minivlm.models import chat
+from minivlm.models import Layout, chat, from_config
 
 NAME = "PaliGemma"
 MODEL_CLASS = PaliGemmaForConditionalGeneration
@@ -23,6 +25,17 @@ CHAT = False  # no chat template: one question per sample, no system turn (batch
 QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_tower", "multi_modal_projector"]
+
+
+skeleton = partial(from_config, MODEL_CLASS)
+
+
+def layout(model: PaliGemmaForConditionalGeneration, preprocessor: dict) -> Layout:
+    """One image, each SigLIP patch one token of the text: (image_size / patch_size)²."""
+    c = model.config
+    v = c.vision_config
+    n = getattr(c.text_config, "num_image_tokens", None) or (v.image_size // v.patch_size) ** 2
+    return Layout(c.get_text_config(), v, v.hidden_size, n, 1, n, f"{n} image tokens ((image_size/patch)²)")
 
 
 def load_processor(name_or_path: str, trust_remote_code: bool = False) -> PaliGemmaProcessor:

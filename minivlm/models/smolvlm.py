@@ -7,7 +7,12 @@ Idefics2's module names (vision_model, connector, text_model) and its chat forma
 model class differs.
 """
 
+import math
+from functools import partial
+
 from transformers import Idefics3ForConditionalGeneration
+
+from minivlm.models import Layout, from_config
 
 from minivlm.models.idefics2 import (END_OF_TURN, LORA_SKIP, LORA_TARGETS, QUANT_SKIP,  # noqa: F401
                                      generation_batch, load_processor, training_batch)
@@ -15,3 +20,20 @@ from minivlm.models.idefics2 import (END_OF_TURN, LORA_SKIP, LORA_TARGETS, QUANT
 NAME = "SmolVLM"
 MODEL_CLASS = Idefics3ForConditionalGeneration
 CHAT = True  # a chat template: a system turn and multi-turn dialogs
+skeleton = partial(from_config, MODEL_CLASS)
+
+
+def layout(model: Idefics3ForConditionalGeneration, preprocessor: dict) -> Layout:
+    """Tiles of max_image_size over the image's longest edge, plus one global view, each (image_size /
+    patch_size)² / scale_factor² tokens after the pixel shuffle."""
+    c = model.config
+    v = c.vision_config
+    per_tile = (v.image_size // v.patch_size) ** 2 // c.scale_factor ** 2
+    tile = preprocessor.get("max_image_size", {}).get("longest_edge", v.image_size)
+    longest = preprocessor.get("size", {}).get("longest_edge", 4 * tile)
+    grid = math.ceil(longest / tile) if preprocessor.get("do_image_splitting", True) else 0
+    tiles = grid * grid + 1
+    how = (f"{per_tile * tiles} image tokens ({per_tile}/tile × ({grid}×{grid} tiles + 1 global)"
+           f"{'' if preprocessor else '; no preprocessor_config.json, 4×4 tiles assumed'})")
+    return Layout(c.get_text_config(), v, v.hidden_size, per_tile * tiles, tiles, (v.image_size // v.patch_size) ** 2,
+                  how)
