@@ -41,7 +41,7 @@ digits: base
 
 # One real training step of the demo, printed in the order of docs/qlora.md (about 15 s).
 walkthrough: base data
-	$(PY) -m minivlm.walkthrough
+	$(PY) walkthrough.py
 
 # DPO: teach the tiny base to prefer the English caption when asked a bare "caption" (docs in the
 # README's DPO section). The pairs are written by demo/make_data.py --task prefs.

@@ -19,7 +19,7 @@ from bitsandbytes.backends.utils import CODE as BNB_CPU_TABLES
 from conftest import tiny_config
 from minivlm.build import build
 from minivlm.reference import adam8bit, nf4
-from minivlm.walkthrough import float_weight
+from walkthrough import float_weight
 
 
 def weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""python -m minivlm.walkthrough: one real step, printed in the order of docs/qlora.md, each comparison true;
+"""walkthrough.py (make walkthrough): one real step, printed in the order of docs/qlora.md, each comparison true;
 and every `file:function` that the doc and the walkthrough point to exists."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import ROOT, save_paligemma
-from minivlm import walkthrough
+import walkthrough
 
 DOC = ROOT / "docs" / "qlora.md"
-REFERENCE = re.compile(r"\b((?:minivlm/[\w/]+|train|infer)\.py):([A-Za-z_][\w.]*\w)")
+REFERENCE = re.compile(r"\b((?:minivlm/[\w/]+|train|infer|walkthrough)\.py):([A-Za-z_][\w.]*\w)")
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,8 @@ def test_walkthrough_prints_the_sections_of_the_doc_in_order(run):
     printed_sections = re.findall(r"^§(\d+) (.+?) — ", printed, flags=re.M)
     assert printed_sections == doc_sections
     assert [title for _, title in doc_sections] == walkthrough.STAGES
+    # One function per section, in the doc's order: the doc and the code keep the same outline.
+    assert [f.__doc__.split(":")[0] for f in walkthrough.SECTIONS] == [f"§{n}" for n, _ in doc_sections]
     # Tensors shown as: name, shape, dtype, bytes, first values.
     tensors = re.findall(r"^  .+ \(\d+(?:, \d+)*,?\)\s+(?:float32|uint8|int64)\s+[\d.]+ (?:B|KiB|MiB)  \[", printed, flags=re.M)
     assert len(tensors) >= 20

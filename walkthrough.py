@@ -1,20 +1,23 @@
-"""One real QLoRA training step of the demo model, printed stage by stage in the order of docs/qlora.md.
+"""One real QLoRA training step of the demo model, printed section by section in the order of docs/qlora.md.
 
-    python -m minivlm.walkthrough [--config configs/demo.toml] [--set section.key=value ...]
+    python walkthrough.py [--config configs/demo.toml] [--set section.key=value ...]      (make walkthrough)
 
-Every stage runs the project's own code (build, train_loader, answer_loss_sum, backward_window,
-build_optimizer, save_checkpoint: what train.py and loop.train call) and prints its tensors'
-shapes, dtypes, bytes and first values. Where bitsandbytes does the work (NF4, the 8-bit AdamW
+One function per section of docs/qlora.md, in its order (SECTIONS), each running the project's
+own code (build, train_loader, answer_loss_sum, backward_window, build_optimizer,
+save_checkpoint: what train.py and loop.train call) and printing its tensors' shapes, dtypes,
+bytes and first values. Where bitsandbytes does the work (NF4, the 8-bit AdamW
 step), the readable references in minivlm/reference/ redo it beside the library and the
 walkthrough prints whether the two agree bit for bit. It follows a 4-bit PaliGemma config such as
 the demo's; nothing is written outside a temporary directory. On the demo base (`make base data`
-first) it takes about 6 s on 2 CPU cores.
+first) it takes about 6 s on 2 CPU cores. Like train.py, a script beside the library: it uses the
+SFT objective (minivlm/objectives/sft.py), which the library modules never import.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+from dataclasses import dataclass, field
 import sys
 import tempfile
 import time
@@ -38,7 +41,7 @@ from minivlm.optim import build_optimizer, lr_at
 from minivlm.precision import autocast, logits_of
 from minivlm.reference import adam8bit, nf4
 
-# The sections of docs/qlora.md, in order; tests/test_walkthrough.py checks that the two agree.
+# The titles of docs/qlora.md's sections, in order; tests/test_walkthrough.py checks that the two agree.
 STAGES = ["Config", "Load", "Quantize", "Inject", "Processor and label mask", "Forward with autocast",
           "Loss over answer tokens", "Backward", "Accumulation", "Clipping", "8-bit AdamW step", "Checkpoint"]
 
@@ -87,12 +90,31 @@ def float_weight(cfg: Config, built: Built, module_name: str) -> torch.Tensor:
     raise KeyError(module_name)
 
 
-def walk(cfg: Config, out: Path) -> dict:
-    """Run the stages; returns what tests/test_walkthrough.py checks: each pair of tensors compared
-    (the reference's, bitsandbytes'), the inputs they came from, the losses and errors measured."""
-    facts: dict = {}
-    t, lora = cfg.train, cfg.lora
+@dataclass
+class Step:
+    """The one training step the sections walk through: what each section leaves for the next."""
+    cfg: Config
+    out: Path  # where §12 saves
+    facts: dict = field(default_factory=dict)  # what tests/test_walkthrough.py checks
+    built: Built | None = None
+    model: torch.nn.Module | None = None
+    name: str = ""  # the adapted layer the sections look at: the first decoder layer's q_proj
+    layer: bnb.nn.Linear4bit | None = None  # its 4-bit base
+    adapter: torch.nn.Module | None = None  # its LoRALinear
+    steps: int = 0  # the run's total steps (the schedule's length)
+    window: list = field(default_factory=list)  # step 0's sample indices
+    batch: dict = field(default_factory=dict)  # step 0's first micro-batch
+    n_tokens: int = 0  # its answer tokens
+    rng: dict = field(default_factory=dict)  # the RNG state §6, §7 and §8 start from: the same dropout masks
+    vocab: int = 0
+    scaler: torch.amp.GradScaler | None = None
+    trainable: list = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
 
+
+def config(step: Step) -> None:
+    """§1: The config's keys that decide the step."""
+    cfg, t, lora = step.cfg, step.cfg.train, step.cfg.lora
     stage(1, "minivlm/config.py:load_config")
     print(f"  model   {cfg.model.name_or_path} ({cfg.model.family}), unquantized weights and matmuls in {cfg.model.dtype}")
     print(f"  quant   4-bit {cfg.quant.load_in_4bit}, {cfg.quant.quant_type}, double quantization {cfg.quant.double_quant}")
@@ -100,6 +122,10 @@ def walk(cfg: Config, out: Path) -> dict:
     print(f"  train   batch {t.batch_size} × accumulation {t.grad_accum}, lr {t.lr:g} (warmup {t.warmup_steps}, "
           f"{t.schedule}), {t.optimizer}, max_grad_norm {t.max_grad_norm}, bf16 {t.bf16}, fp16 {t.fp16}")
 
+
+def load(step: Step) -> None:
+    """§2: The base model, loaded with its linears quantized as they are read."""
+    cfg = step.cfg
     stage(2, "minivlm/build.py:build → minivlm/load.py:load_pretrained")
     start = time.perf_counter()
     built = build(cfg)
@@ -120,7 +146,12 @@ def walk(cfg: Config, out: Path) -> dict:
         print(f"  {part:<38} {values:>10,} {size(stored):>10}  {' + '.join(kinds)}")
     skip = built.family.QUANT_SKIP if cfg.quant.skip is None else cfg.quant.skip
     print(f"  {len(built.quantized)} linears in 4-bit; float, as quant.skip says: {', '.join(skip)}")
+    step.built, step.model = built, model
 
+
+def quantize(step: Step) -> None:
+    """§3: One linear layer's NF4 weight, and the reference quantizer beside bitsandbytes'."""
+    cfg, built, model, facts = step.cfg, step.built, step.model, step.facts
     stage(3, "minivlm/quant.py:quantize_into (bitsandbytes Params4bit); read: minivlm/reference/nf4.py:quantize_nf4")
     name = built.adapted[0]
     layer = model.get_submodule(name).base
@@ -154,7 +185,12 @@ def walk(cfg: Config, out: Path) -> dict:
     print(f"  {size(nbytes(w))} in {cfg.model.dtype} → {size(ours.nbytes())} "
           f"({8 * ours.nbytes() / w.numel():.3f} bits per value); |W − Ŵ| max {error.abs().max():.3g}, "
           f"RMS {error.pow(2).mean().sqrt():.3g} against RMS(W) {w.float().pow(2).mean().sqrt():.3g}")
+    step.name, step.layer = name, layer
 
+
+def inject(step: Step) -> None:
+    """§4: The adapters beside the frozen 4-bit layers."""
+    built, model, name, layer = step.built, step.model, step.name, step.layer
     stage(4, "minivlm/lora.py:inject_lora, minivlm/lora.py:LoRALinear")
     adapter = model.get_submodule(name)
     print(f"  {len(built.adapted)} LoRALinear layers; trainable {built.trainable_params:,} of {built.total_params:,} "
@@ -167,7 +203,12 @@ def walk(cfg: Config, out: Path) -> dict:
     describe("lora_A (Kaiming uniform)", adapter.lora_A)
     describe("lora_B (zeros: ΔW = 0)", adapter.lora_B)
     print(f"  scaling alpha/r = {adapter.scaling:g}; the base weight requires grad: {layer.weight.requires_grad}")
+    step.adapter = adapter
 
+
+def processor_and_label_mask(step: Step) -> None:
+    """§5: Step 0's micro-batch, as loop.train gets it, and which of its tokens carry loss."""
+    cfg, t, built = step.cfg, step.cfg.train, step.built
     stage(5, "minivlm/steps.py:train_loader → minivlm/batches.py:collate → minivlm/models/paligemma.py:training_batch")
     ds = load_split(cfg.data, cfg.data.train_split)
     steps = total_steps(t, len(ds))
@@ -187,7 +228,12 @@ def walk(cfg: Config, out: Path) -> dict:
     n_tokens = answer_tokens(batch)
     print(f"  answer tokens that carry loss in this batch: {n_tokens} of {int(batch['attention_mask'].sum())} "
           "(image tokens, prompt and padding carry none)")
+    step.steps, step.window, step.batch, step.n_tokens = steps, window, batch, n_tokens
 
+
+def forward_with_autocast(step: Step) -> None:
+    """§6: One forward: an adapter's input and output, and the logits at answer positions only."""
+    cfg, t, built, model, name, layer, adapter, batch = step.cfg, step.cfg.train, step.built, step.model, step.name, step.layer, step.adapter, step.batch
     stage(6, "minivlm/precision.py:logits_of → minivlm/lora.py:LoRALinear.forward")
     model.train()  # as loop.train: dropout on
     seen = {}
@@ -211,7 +257,12 @@ def walk(cfg: Config, out: Path) -> dict:
     describe("logits at answer positions", logits)
     print(f"  full logits would be {tuple(batch['input_ids'].shape) + (vocab,)}: "
           f"{size(batch['input_ids'].numel() * vocab * logits.element_size())} instead of {size(nbytes(logits))}")
+    step.rng, step.vocab = rng, vocab
 
+
+def loss_over_answer_tokens(step: Step) -> None:
+    """§7: The summed cross-entropy over answer tokens."""
+    cfg, built, batch, n_tokens, rng, vocab, facts = step.cfg, step.built, step.batch, step.n_tokens, step.rng, step.vocab, step.facts
     stage(7, "minivlm/objectives/sft.py:answer_loss_sum")
     set_rng_state(rng)
     with torch.no_grad():
@@ -220,6 +271,11 @@ def walk(cfg: Config, out: Path) -> dict:
     print(f"  Σ −log p(answer token) = {loss_sum.item():.4f} over {n_tokens} tokens: {facts['loss_per_token']:.4f} per token "
           f"(uniform guessing over {vocab} tokens: ln {vocab} = {torch.log(torch.tensor(float(vocab))):.4f})")
 
+
+def backward(step: Step) -> None:
+    """§8: backward_window on §7's micro-batch: the loss per token and the adapters' first gradients."""
+    cfg, t, built, model, batch, rng, facts = step.cfg, step.cfg.train, step.built, step.model, step.batch, step.rng, step.facts
+    name, layer, adapter = step.name, step.layer, step.adapter
     stage(8, "minivlm/objectives/sft.py:backward_window")
     set_rng_state(rng)
     scaler = torch.amp.GradScaler(built.device.type, enabled=t.fp16)
@@ -232,7 +288,13 @@ def walk(cfg: Config, out: Path) -> dict:
     print("  ∂L/∂A = s·Bᵀ·(∂L/∂y)·xᵀ is 0 while B = 0: the first step moves B alone")
     print(f"  the NF4 weight: grad {layer.weight.grad}; yet this first layer's B got a gradient, through the "
           f"dequantized W of every layer above it")
+    step.scaler, step.trainable = scaler, trainable
 
+
+def accumulation(step: Step) -> None:
+    """§9: The same batch as micro-batches of one sample: the same gradient, and a mean of means that is not."""
+    cfg, built, model, batch, window, n_tokens = step.cfg, step.built, step.model, step.batch, step.window, step.n_tokens
+    scaler, trainable, facts = step.scaler, step.trainable, step.facts
     stage(9, f"minivlm/objectives/sft.py:backward_window (one sample per micro-batch: batch 1 × grad_accum {len(window[0])})")
     # Compare gradients without dropout: its masks depend on how the batch is cut.
     kept = [p.grad.clone() for p in trainable]
@@ -255,12 +317,20 @@ def walk(cfg: Config, out: Path) -> dict:
     for p, g in zip(trainable, kept):
         p.grad = g
 
+
+def clipping(step: Step) -> None:
+    """§10: Gradient clipping."""
+    t, trainable = step.cfg.train, step.trainable
     stage(10, "minivlm/loop.py:train (torch.nn.utils.clip_grad_norm_)")
     norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
     after = torch.nn.utils.get_total_norm([p.grad for p in trainable])
     print(f"  ‖g‖ over {len(trainable)} tensors: {norm:.4f} → {after:.4f} (max_grad_norm {t.max_grad_norm}: "
           f"{'scaled down' if norm > t.max_grad_norm > 0 else 'unchanged'})")
 
+
+def adamw_8bit_step(step: Step) -> None:
+    """§11: One 8-bit AdamW step, and the reference step beside bitsandbytes'."""
+    t, model, trainable, steps, facts = step.cfg.train, step.model, step.trainable, step.steps, step.facts
     stage(11, "minivlm/optim.py:build_optimizer, minivlm/optim.py:lr_at; read: minivlm/reference/adam8bit.py:adamw8bit_step")
     optimizer = build_optimizer(model, t)
     lr = lr_at(0, steps, t)
@@ -272,7 +342,7 @@ def walk(cfg: Config, out: Path) -> dict:
     probe = max(trainable, key=torch.Tensor.numel)  # the largest tensors are the likeliest to get 8-bit state
     before = (probe.detach().clone(), probe.grad.clone())
     optimizer.step()
-    s = optimizer.state[probe]
+    state = optimizer.state[probe]
     eight_bit = sum(optimizer.state[p]["state1"].dtype == torch.uint8 for p in trainable)
     print(f"  8-bit state for {eight_bit} of {len(trainable)} tensors; tensors under {optimizer.args.min_8bit_size} "
           "values (bitsandbytes' min_8bit_size) keep fp32 Adam")
@@ -281,28 +351,45 @@ def walk(cfg: Config, out: Path) -> dict:
     print(f"  optimizer state {size(state_bytes)}; fp32 Adam would keep {size(8 * sum(p.numel() for p in trainable))}")
     print(f"  {names[probe]}:")
     for key, meaning in [("state1", "m"), ("absmax1", "m's absmax"), ("state2", "v"), ("absmax2", "v's absmax")]:
-        describe(f"{key} ({meaning})", s[key])
-    if s["state1"].dtype == torch.uint8:
+        describe(f"{key} ({meaning})", state[key])
+    if state["state1"].dtype == torch.uint8:
         group = optimizer.param_groups[0]
         param, ref = before[0].clone(), adam8bit.init_state(before[0])
         adam8bit.adamw8bit_step(param, before[1], ref, lr, group["betas"], group["eps"], group["weight_decay"])
         facts["adam_step"] = {"parameter": before[0], "gradient": before[1], "lr": lr, "betas": group["betas"],
                               "eps": group["eps"], "weight_decay": group["weight_decay"]}
-        facts["adam"] = {"parameter": (param, probe.detach()), "m codes": (ref.m_codes, s["state1"]),
-                         "m absmax": (ref.m_absmax, s["absmax1"]), "v codes": (ref.v_codes, s["state2"]),
-                         "v absmax": (ref.v_absmax, s["absmax2"])}
+        facts["adam"] = {"parameter": (param, probe.detach()), "m codes": (ref.m_codes, state["state1"]),
+                         "m absmax": (ref.m_absmax, state["absmax1"]), "v codes": (ref.v_codes, state["state2"]),
+                         "v absmax": (ref.v_absmax, state["absmax2"])}
         print("  reference == bitsandbytes: " + ", ".join(f"{k} {torch.equal(*v)}" for k, v in facts["adam"].items()))
     moved = (probe.detach() - before[0]).abs()
     print(f"  |Δθ| max {moved.max():.3g} (Adam's first step moves each value by about lr, since m̂/√v̂ = ±1)")
     optimizer.zero_grad(set_to_none=True)
+    step.optimizer = optimizer
 
+
+def checkpoint(step: Step) -> None:
+    """§12: The save: the adapters and the training state."""
+    cfg, model, optimizer, scaler, out, facts = step.cfg, step.model, step.optimizer, step.scaler, step.out, step.facts
     stage(12, "minivlm/checkpoint.py:save_checkpoint")
     saved = save_checkpoint(out, model, optimizer, scaler, 1, to_dict(cfg), {})
     for file in sorted(saved.iterdir()):
         print(f"  {file.relative_to(out)!s:<50} {size(file.stat().st_size):>10}")
     print("  the adapters and the optimizer's 8-bit state; not the 4-bit base: it is the checkpoint you started from")
     facts["checkpoint"] = sorted(f.name for f in saved.iterdir())
-    return facts
+
+
+SECTIONS = [config, load, quantize, inject, processor_and_label_mask, forward_with_autocast, loss_over_answer_tokens,
+            backward, accumulation, clipping, adamw_8bit_step, checkpoint]
+
+
+def walk(cfg: Config, out: Path) -> dict:
+    """Run the sections in order; returns what tests/test_walkthrough.py checks: each pair of tensors
+    compared (the reference's, bitsandbytes'), the inputs they came from, the losses and errors measured."""
+    step = Step(cfg, out)
+    for section in SECTIONS:
+        section(step)
+    return step.facts
 
 
 def _grads(model: torch.nn.Module, trainable: list[torch.Tensor], backward) -> list[torch.Tensor]:
