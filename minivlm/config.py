@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minivlm.models import FAMILIES  # names only: the family modules are imported when used
+from minivlm.models import DEFAULT as DEFAULT_FAMILY, FAMILIES  # names only: modules are imported when used
 
 
 class ConfigError(ValueError):
@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    family: str = "paligemma"  # which minivlm/models/<family>.py handles prompts and labels
+    family: str = DEFAULT_FAMILY  # which minivlm/models/<family>.py handles prompts and labels
     name_or_path: str = ""  # hub id or local dir, passed to from_pretrained
     dtype: str = "bfloat16"  # dtype of unquantized weights and of the 4-bit matmuls
     trust_remote_code: bool = False  # run Python code shipped with a hub checkpoint (only for repos you trust)
@@ -354,7 +354,8 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
     """
     free = FREE_ON_RESUME
     if current.get("train", {}).get("objective") == "dpo":
-        free = free - {"train.init_from"}  # DPO's reference model is that adapter (objectives/dpo.py): another is another loss
+        # DPO's reference model is that adapter (objectives/dpo.py): another is another loss
+        free = free - {"train.init_from"}
     conflicts = []
     for section, values in current.items():
         for key, new in values.items():

@@ -1,4 +1,6 @@
-"""Datasets in, batches out: loading through `datasets`, prompts and answers, shuffled batches.
+"""Rows in: a split loaded through `datasets`, each row read as (image, dialog), bad rows skipped.
+
+batches.py turns samples into the family's tensors; steps.py decides which go into each step.
 
 A row whose image cannot be read, or whose answer is missing, is a bad sample: skipped with a
 warning and counted (data.on_bad_sample = "skip"), or a stop (= "fail"). List a split's bad rows

@@ -7,7 +7,7 @@ torchrun sets WORLD_SIZE, RANK and LOCAL_RANK in each process's environment; wit
 process trains exactly as it would without this module.
 
 Each rank holds the whole model (the 4-bit base loaded on its own device) and trains on its own
-slice of every micro-batch (see data.TrainSteps). DistributedDataParallel wraps the model for the
+slice of every micro-batch (see steps.TrainSteps). DistributedDataParallel wraps the model for the
 training forward, but only the adapters are its business: the frozen base is neither broadcast
 nor reduced (`wrap`). DDP adds the ranks' adapter gradients during the backward of each step's
 last micro-batch (`synchronising`), so every rank then holds the gradient of the whole global
@@ -103,7 +103,7 @@ def wrap(model: torch.nn.Module, device: torch.device, shard: bool = False) -> t
     still running.
 
     Summed, not averaged as DDP does: each rank's loss is already divided by the answer tokens of
-    the whole global step (loop.backward_window), so the sum is the gradient of the global
+    the whole global step (the objective's backward_window), so the sum is the gradient of the global
     per-token mean. `find_unused_parameters=False`: every adapter takes part in every forward,
     so DDP need not walk the graph looking for ones that did not. Activation checkpointing must
     be the non-reentrant kind (build.py), which DDP's hooks see through.

@@ -147,7 +147,7 @@ class LoRALinear(nn.Module):
 @contextlib.contextmanager
 def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block, every LoRALinear of `model` computes base(x) alone: `model` is its base model
-    again, bit for bit, without a second copy of it in memory. DPO's reference model (dpo.py).
+    again, bit for bit, without a second copy of it in memory. DPO's reference model (objectives/dpo.py).
 
     Only adapters are switched off: modules trained in full (lora.train_modules) have no frozen
     original to fall back to. A merged adapter is part of its base weight and cannot be switched

@@ -34,7 +34,7 @@ def plot_run(output_dir: str | Path, metric: str, title: str = "") -> Path:
         loss_ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     loss_ax.set_yscale("log")
     loss_ax.set_xlabel("optimizer step")
-    per = "pair" if train and "pairs" in train[0] else "answer token"  # DPO logs pairs (dpo.py)
+    per = "pair" if train and "pairs" in train[0] else "answer token"  # DPO logs pairs (objectives/dpo.py)
     loss_ax.set_ylabel(f"loss per {per} (log scale)")
     loss_ax.grid(alpha=0.3, which="both")
     loss_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)

@@ -52,7 +52,7 @@ class TrainSteps(torch.utils.data.Dataset):
     function of (seed, epoch, world size, step). The window returned holds the whole micro-batches
     (all ranks' samples); the collated batches, this rank's slices only, one per micro-batch even
     where the slice is empty (at an epoch's short end): a batch of zero rows, so that every rank
-    counts the same micro-batches (see loop.backward_window). Random crops are drawn per rank, so
+    counts the same micro-batches (see objectives/sft.py:backward_window). Random crops are drawn per rank, so
     with data.random_resized_crop they are not those of the one-process run.
     """
 

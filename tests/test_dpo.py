@@ -1,4 +1,4 @@
-"""DPO (minivlm/dpo.py): the loss and its gradient against the formula and against TRL, the
+"""DPO (minivlm/objectives/dpo.py): the loss and its gradient against the formula and against TRL, the
 reference model (adapters off, or a frozen SFT adapter), pairs in every family, preference data
 in TRL's conversational layout, exact resume, and train.py end to end."""
 

@@ -116,7 +116,7 @@ def sequence_logps(cfg: Config, built: Built, batch: dict[str, torch.Tensor],
                    model: nn.Module | None = None) -> torch.Tensor:
     """log π(y|x) of every row: its labelled tokens' log-probabilities, summed, in fp32; shape (rows,).
 
-    As in loop.answer_loss_sum, only positions that predict an answer token go through the
+    As in sft.answer_loss_sum, only positions that predict an answer token go through the
     lm_head; the rows of those logits come in row-major order, so each token's row is its
     position's row in the mask. `model`: see precision.logits_of.
     """
@@ -207,7 +207,7 @@ def backward_window(cfg: Config, built: Built, model: nn.Module, batches: list[d
                     weights: dict[str, torch.Tensor] | None,
                     filler: dict | None = None) -> tuple[float, int, dict[str, float]]:
     """Forward + backward over one accumulation window of pair batches (collate_pairs); returns (loss
-    per pair, pairs, the mean rewards and reward accuracy). The DPO counterpart of loop.backward_window,
+    per pair, pairs, the mean rewards and reward accuracy). The DPO counterpart of sft.backward_window,
     with the same arguments (`weights`: reference_weights): each micro-batch's summed pair losses are
     divided by the pairs of the whole window, over every rank. A window without pairs does nothing
     and returns (nan, 0, {})."""
