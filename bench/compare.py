@@ -269,9 +269,15 @@ fp16 = {str(spec['dtype'] == 'float16').lower()}
     load_s = time.perf_counter() - t0
     ds = load_split(cfg.data, cfg.data.train_split)
 
+    try:  # train() takes the objective since minivlm/objectives/; ablate.py may run a checkout from before
+        from minivlm.objectives import sft
+        objective = (sft,)
+    except ImportError:
+        objective = ()
+
     recorder = StepRecorder(built.model, built.device.type == "cuda")
     t0 = time.perf_counter()
-    train(cfg, built, ds)
+    train(cfg, built, *objective, ds)
     train_s = time.perf_counter() - t0
 
     records = [json.loads(line) for line in (Path(cfg.train.output_dir) / "log.jsonl").read_text().splitlines()]

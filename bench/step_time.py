@@ -23,6 +23,7 @@ from minivlm.build import build  # noqa: E402
 from minivlm.config import load_config  # noqa: E402
 from minivlm.data import load_split  # noqa: E402
 from minivlm.loop import train  # noqa: E402
+from minivlm.objectives import get_objective  # noqa: E402
 
 
 def measure(config: str, overrides: list[str], steps: int) -> dict:
@@ -33,7 +34,7 @@ def measure(config: str, overrides: list[str], steps: int) -> dict:
         if built.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        train(cfg, built, ds)
+        train(cfg, built, get_objective(cfg.train.objective), ds)
         seconds = time.perf_counter() - t0
         peak = (torch.cuda.max_memory_allocated() if built.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
