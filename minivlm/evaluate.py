@@ -77,9 +77,12 @@ def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 
             "predictions": predictions, "references": references}
 
 
-def scores(cfg: Config, built: Built, ds: datasets.Dataset, objective: ModuleType, state) -> dict[str, float]:
-    """The eval split's figures: the objective's (val_loss first; `state`: its setup's) and data.metric."""
-    return {**objective.validation(cfg, built, ds, state), cfg.data.metric: evaluate(cfg, built, ds)["score"]}
+def scores(cfg: Config, built: Built, ds: datasets.Dataset, objective: ModuleType, state,
+           answers: dict | None = None) -> dict[str, float]:
+    """The eval split's figures: the objective's (val_loss first; `state`: its setup's) and data.metric
+    of `answers` (evaluate's, made here if not given)."""
+    figures = objective.validation(cfg, built, ds, state)
+    return {**figures, cfg.data.metric: (answers or evaluate(cfg, built, ds))["score"]}
 
 
 def show(when: str, scored: dict) -> None:
@@ -94,7 +97,7 @@ def report(when: str, cfg: Config, built: Built, ds: datasets.Dataset, objective
     (the scores, as the loop logs them; metrics.json's `<name>_<when>` entries)."""
     answers = evaluate(cfg, built, ds)
     show(when, answers)
-    figures = {**objective.validation(cfg, built, ds, state), cfg.data.metric: answers["score"]}
+    figures = scores(cfg, built, ds, objective, state, answers)
     return figures, {f"{cfg.data.metric}_{when}": answers["score"], **objective.report(when, figures)}
 
 
