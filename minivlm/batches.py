@@ -60,38 +60,56 @@ def answer_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: ModuleType,
             processor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The family's training batch for `ds[indices]`, minus bad samples (see usable_samples) and
-    any sample longer than `cfg.max_length`.
+    any sample longer than `cfg.max_length` (see within_max_length).
 
-    Too-long samples are dropped, never truncated: truncation would cut the answer or, worse,
-    image tokens, whose count the model checks against the image features. Training passes a
-    `generator`, from which random_resized_crop draws its crops; without one (validation)
-    images are not cropped.
+    Training passes a `generator`, from which random_resized_crop draws its crops; without one
+    (validation) images are not cropped.
     """
     samples = usable_samples(ds, indices, cfg)
     if not samples:  # every sample bad: a batch of zero rows, which the loop skips (no answer tokens)
-        return {key: torch.zeros(0, 0, dtype=torch.long) for key in ("input_ids", "attention_mask", "labels")}
-    indices = [index for index, *_ in samples]
+        return empty_batch()
     images = [image for _, _, image, _ in samples]
     if cfg.random_resized_crop and generator is not None:
         images = [random_resized_crop(im, cfg.random_resized_crop, generator) for im in images]
     dialogs = [dialog for *_, dialog in samples]
     check_dialogs(family, dialogs, cfg.system_prompt)
+    return within_max_length(family, processor, images, dialogs, cfg, [index for index, *_ in samples])
+
+
+def empty_batch() -> dict[str, torch.Tensor]:
+    """A batch of zero rows: what a step gets when none of its samples can be trained on."""
+    return {key: torch.zeros(0, 0, dtype=torch.long) for key in ("input_ids", "attention_mask", "labels")}
+
+
+def within_max_length(family: ModuleType, processor, images: list[Image.Image], dialogs: list, cfg: DataConfig,
+                      indices: list[int], rows_per_sample: int = 1) -> dict[str, torch.Tensor]:
+    """The family's training batch of (images, dialogs), without the samples longer than data.max_length.
+
+    Too-long samples are dropped with a warning that gives their length, how much of it is image
+    tokens and the keys that shorten it; never truncated: truncation would cut the answer or,
+    worse, image tokens, whose count the model checks against the image features ("Image
+    features and image tokens do not match"). The rest are processed again without them, since
+    some processors flatten a batch's images into one tensor whose rows belong to no sample
+    index (Qwen-VL's pixel_values are patches of every image, end to end).
+    `rows_per_sample` > 1: the rows are that many blocks of len(indices) (DPO: the chosen
+    answers, then the rejected ones), and a sample is dropped whole if any of its rows is too long.
+    """
     batch = family.training_batch(processor, images, dialogs, system=cfg.system_prompt)
-    lengths = batch["attention_mask"].sum(1)
-    keep = lengths <= cfg.max_length
-    if not keep.all():
-        dropped = [i for i, k in zip(indices, keep.tolist()) if not k]
-        warnings.warn(f"dropped sample(s) {dropped}: longer than data.max_length = {cfg.max_length} tokens "
-                      f"({lengths.max().item()}); raise data.max_length to train on them")
-        batch = select_rows(batch, keep, int(lengths[keep].max()) if keep.any() else 0)
-    return batch
-
-
-def select_rows(batch: dict[str, torch.Tensor], keep: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
-    """Keep the rows where `keep`; cut the (right) padding of the token tensors to `length`."""
-    n, seq = batch["input_ids"].shape
-    out = {}
-    for key, value in batch.items():
-        value = value[keep] if value.shape[0] == n else value
-        out[key] = value[:, :length] if value.dim() == 2 and value.shape[1] == seq else value
-    return out
+    lengths = batch["attention_mask"].sum(1).view(rows_per_sample, -1)
+    keep = (lengths <= cfg.max_length).all(0)
+    if keep.all():
+        return batch
+    image_id = getattr(processor, "image_token_id", None)
+    image_tokens = ((batch["input_ids"] == image_id).sum(1) if image_id is not None
+                    else torch.zeros(len(lengths.view(-1)), dtype=torch.long)).view(rows_per_sample, -1)
+    too_long = [f"{i} ({lengths[:, k].max().item()} tokens, {image_tokens[:, k].max().item()} of them image tokens)"
+                for k, i in enumerate(indices) if not keep[k]]
+    fewer = (f", or fewer image tokens per sample with model.processor ({', '.join(family.RESOLUTION)})"
+             if family.RESOLUTION else "")
+    warnings.warn(f"dropped sample(s) {', '.join(too_long)}: longer than data.max_length = {cfg.max_length} "
+                  f"tokens; raise data.max_length to train on them{fewer}")
+    if not keep.any():
+        return empty_batch()
+    rows = keep.repeat(rows_per_sample).tolist()
+    return family.training_batch(processor, [im for im, k in zip(images, rows) if k],
+                                 [d for d, k in zip(dialogs, rows) if k], system=cfg.system_prompt)

@@ -79,11 +79,17 @@ def _load_error(name_or_path: str, e: OSError) -> ConfigError:
 def load_processor(cfg: Config) -> object:
     """The family's processor for model.name_or_path: cheap (no weights), so a bad path shows up early."""
     check_model_source(cfg.model.name_or_path)
+    family = get_family(cfg.model.family)
+    unknown = sorted(set(cfg.model.processor) - set(family.RESOLUTION))
+    if unknown:
+        known = (f"its resolution controls are {', '.join(family.RESOLUTION)}" if family.RESOLUTION
+                 else "its resolution is fixed by the checkpoint")
+        raise ConfigError(f"model.processor: {family.NAME}'s processor has no {', '.join(unknown)}; {known}")
     try:
         # The model classes are the families' own transformers classes; remote code can only
         # come in through a checkpoint's custom processor, so this is where the flag goes.
-        return get_family(cfg.model.family).load_processor(cfg.model.name_or_path,
-                                                           trust_remote_code=cfg.model.trust_remote_code)
+        return family.load_processor(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
+                                     **cfg.model.processor)
     except OSError as e:
         raise _load_error(cfg.model.name_or_path, e) from None
 

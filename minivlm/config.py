@@ -31,6 +31,9 @@ class ModelConfig:
     name_or_path: str = ""  # hub id or local dir, passed to from_pretrained
     dtype: str = "bfloat16"  # dtype of unquantized weights and of the 4-bit matmuls
     trust_remote_code: bool = False  # run Python code shipped with a hub checkpoint (only for repos you trust)
+    # The processor's own resolution controls, named as it names them ([model.processor] max_pixels =
+    # 401408 for Qwen-VL): each family lists its own (RESOLUTION in minivlm/models/<family>.py).
+    processor: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -137,7 +140,8 @@ CHOICES = {
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a TOML file, apply `section.key=value` overrides (value in TOML syntax), validate."""
+    """Read a TOML file, apply `section.key=value` (or `section.table.key=value`) overrides, the value
+    in TOML syntax, and validate."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass an existing TOML file, e.g. configs/demo.toml")
@@ -150,7 +154,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         if not sep or "." not in key:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.max_steps=3")
         section, name = key.strip().split(".", 1)
-        raw.setdefault(section, {})[name] = _parse_value(value.strip())
+        table, _, inner = name.partition(".")  # model.processor.max_pixels: a key of a table
+        if inner:
+            raw.setdefault(section, {}).setdefault(table, {})[inner] = _parse_value(value.strip())
+        else:
+            raw.setdefault(section, {})[name] = _parse_value(value.strip())
     return from_dict(raw)
 
 

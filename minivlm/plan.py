@@ -240,8 +240,12 @@ def _weight_terms(plan: Plan, model: nn.Module, cfg: Config, family: ModuleType)
 
 
 def _preprocessor(path: str) -> dict:
-    f = Path(path) / "preprocessor_config.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    """The image processor's saved settings: preprocessor_config.json (hub checkpoints), or the
+    "image_processor" of processor_config.json (what transformers 5 writes); {} if neither."""
+    single, joint = Path(path) / "preprocessor_config.json", Path(path) / "processor_config.json"
+    if single.is_file():
+        return json.loads(single.read_text())
+    return json.loads(joint.read_text()).get("image_processor", {}) if joint.is_file() else {}
 
 
 def _per_token_layer_bytes(tc, e: int, cfg: Config) -> int:
@@ -308,7 +312,9 @@ def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1, rows_per_s
     plan = Plan(model=cfg.model.name_or_path, gradient_checkpointing=cfg.train.gradient_checkpointing,
                 ranks=ranks, fsdp=cfg.train.fsdp)
     largest_q, _ = _weight_terms(plan, model, cfg, family)
-    layout = family.layout(model, _preprocessor(cfg.model.name_or_path))
+    # The checkpoint's preprocessor_config.json, with model.processor's resolution keys on top: the
+    # image processor the run builds (models/processor.py).
+    layout = family.layout(model, {**_preprocessor(cfg.model.name_or_path), **cfg.model.processor})
     _activation_terms(plan, layout, cfg, largest_q, answer_tokens, rows_per_sample)
     if not cfg.quant.load_in_4bit:
         plan.notes.append("quant.load_in_4bit is off: every weight is counted in float")

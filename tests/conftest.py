@@ -106,3 +106,9 @@ def count_steps(monkeypatch, module) -> list:
     calls, real = [], module.backward_window
     monkeypatch.setattr(module, "backward_window", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
+    from tiny import save_tiny_qwen2_5_vl
+    return save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"))

@@ -57,7 +57,8 @@ def test_too_long_samples_are_dropped_never_cut(processor, shapes_data):
     ds = load_split(cfg, "train")
     lengths = [len(q.split()) + len(a.split()) for q, a in zip(ds["question"], ds["answer"])]
     idx = [i for i, n in enumerate(lengths) if n == 5][:2] + [i for i, n in enumerate(lengths) if n > 5][:2]
-    with pytest.warns(UserWarning, match=r"dropped sample\(s\) \[\d+, \d+\]: longer than data.max_length"):
+    long = r"\d+ \(2[5-9] tokens, 16 of them image tokens\)"  # the sample, its length, the image's share
+    with pytest.warns(UserWarning, match=rf"dropped sample\(s\) {long}, {long}: longer than data.max_length = 24"):
         batch = collate(ds, idx, cfg, paligemma, processor)
     assert batch["input_ids"].shape == (2, cfg.max_length) and batch["pixel_values"].shape[0] == 2
     assert ((batch["input_ids"] == processor.image_token_id).sum(1) == processor.image_seq_length).all()

@@ -124,3 +124,66 @@ def save_tiny_phi_and_clip(out: Path, hidden: int = 64) -> tuple[Path, Path]:
                                      num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(clip_dir)
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip_dir)
     return phi_dir, clip_dir
+
+
+# The chat template of Qwen/Qwen2.5-VL-7B-Instruct (and Qwen2-VL): a default system turn, and each
+# image as <|vision_start|><|image_pad|><|vision_end|>, which the processor expands to its tokens.
+QWEN_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def qwen2_5_vl(tokenizer, hidden: int = 64, layers: int = 2, vision_hidden: int = 32, patch: int = 4):
+    """A Qwen2.5-VL config of the real architecture, small: ViT with window attention and one
+    full-attention block, 2×2 patch merger, M-RoPE sections summing to half the head dim."""
+    from transformers import Qwen2_5_VLConfig
+
+    heads = 2
+    half = hidden // heads // 2
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=1,
+                         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+                         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]}),
+        vision_config=dict(depth=2, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
+                           patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
+                           window_size=4 * patch, fullatt_block_indexes=[1]),
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
+
+
+def qwen_processor(processor_class, tokenizer, patch: int = 4, **resolution):
+    from minivlm.models.processor import ImagesOnly
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    images = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                      **({"min_pixels": 16 * 16, "max_pixels": 64 * 64} | resolution))
+    return processor_class(image_processor=images, tokenizer=tokenizer, video_processor=ImagesOnly(),
+                           chat_template=QWEN_VL_TEMPLATE)
+
+
+def save_tiny_qwen2_5_vl(out: Path, hidden: int = 64) -> Path:
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    tokenizer = word_tokenizer(QWEN_SPECIALS, CHAT_WORDS + ["system", "user", "assistant", "You", "are", "a",
+                                                            "helpful", "."])
+    processor = qwen_processor(Qwen2_5_VLProcessor, tokenizer)
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl(tokenizer, hidden))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

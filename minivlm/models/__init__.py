@@ -7,7 +7,8 @@ A family module provides:
   QUANT_SKIP        modules kept unquantized by default
   LORA_TARGETS      modules wrapped by LoRA by default (suffix names)
   LORA_SKIP         modules never adapted by default
-  load_processor(path)                                       -> the family's real processor
+  RESOLUTION        the processor's resolution controls that model.processor may set (processor.py)
+  load_processor(path, trust_remote_code, **resolution)      -> the family's real processor
   training_batch(processor, images, dialogs, system)          -> tensors incl. labels (-100 = no loss)
   generation_batch(processor, images, prompts, system)       -> left-padded tensors for model.generate
   skeleton(path, dtype)        the model from its config.json alone (the planner builds it on the meta device)
@@ -27,7 +28,7 @@ from types import ModuleType
 # (get_family): the modules import torch and transformers (seconds), and checking the family
 # name of a config, all `train.py --help` or a config mistake needs, should not.
 FAMILIES: dict[str, str] = {name: f"minivlm.models.{name}"
-                            for name in ("paligemma", "idefics2", "idefics", "smolvlm", "llava_phi2")}
+                            for name in ("paligemma", "idefics2", "idefics", "smolvlm", "llava_phi2", "qwen2_5_vl")}
 DEFAULT = "paligemma"  # model.family when a config leaves it out
 
 

@@ -24,7 +24,6 @@ from collections.abc import Callable
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor
 
 
 Dialog = list[tuple[str, str]]  # [(user text, assistant text), ...]
@@ -53,10 +52,6 @@ def leaves_no_state(batch_fn: Callable) -> Callable:
             else:
                 backend.enable_truncation(**truncation)
     return wrapped
-
-
-def load_processor(name_or_path: str, trust_remote_code: bool = False):
-    return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
 
 
 def messages(dialog: Dialog, system: str = "", upto: int | None = None, answered: bool = True) -> list[dict]:

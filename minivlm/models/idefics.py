@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import IdeficsForVisionText2Text
 
-from minivlm.models import Layout, chat, from_config
+from minivlm.models import Layout, chat, from_config, processor
 
 NAME = "IDEFICS"
 MODEL_CLASS = IdeficsForVisionText2Text
@@ -24,7 +24,8 @@ QUANT_SKIP = ["vision_model", "perceiver_resampler", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj"]  # in self-attention and in the gated cross-attention
 LORA_SKIP = ["vision_model", "perceiver_resampler"]
 
-load_processor = chat.load_processor
+load_processor = processor.load
+RESOLUTION = ()  # CLIP at its checkpoint's one size
 
 
 @chat.leaves_no_state

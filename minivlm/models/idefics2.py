@@ -9,7 +9,7 @@ from functools import partial
 
 from transformers import Idefics2ForConditionalGeneration
 
-from minivlm.models import Layout, chat, from_config
+from minivlm.models import Layout, chat, from_config, processor
 
 NAME = "Idefics2"
 MODEL_CLASS = Idefics2ForConditionalGeneration
@@ -18,8 +18,10 @@ QUANT_SKIP = ["vision_model", "connector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_model", "connector"]
 END_OF_TURN = "<end_of_utterance>"
+# The image processor's size bound and whether it cuts each image into 4 crops + the whole.
+RESOLUTION = ("size", "do_image_splitting")
 
-load_processor = chat.load_processor
+load_processor = processor.load
 training_batch = partial(chat.training_batch, end_of_turn=END_OF_TURN)
 generation_batch = chat.generation_batch
 skeleton = partial(from_config, MODEL_CLASS)

@@ -32,7 +32,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPV
                           LlavaProcessor)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from minivlm.models import Layout, chat
+from minivlm.models import Layout, chat, processor
 
 # Newlines are Jinja string literals: transformers renders templates with trim_blocks, which
 # would eat a bare newline after a {% tag %}.
@@ -152,7 +152,8 @@ QUANT_SKIP = ["vision_tower", "projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 LORA_SKIP = ["vision_tower", "projector"]
 
-load_processor = chat.load_processor
+load_processor = processor.load
+RESOLUTION = ()  # CLIP at its checkpoint's one size
 training_batch = partial(chat.training_batch, end_of_turn=END_OF_TURN)
 generation_batch = chat.generation_batch
 

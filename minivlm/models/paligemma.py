@@ -15,9 +15,9 @@ from functools import partial
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-from minivlm.models import Layout, chat, from_config
+from minivlm.models import Layout, chat, from_config, processor
 
 NAME = "PaliGemma"
 MODEL_CLASS = PaliGemmaForConditionalGeneration
@@ -25,6 +25,8 @@ CHAT = False  # no chat template: one question per sample, no system turn (batch
 QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_tower", "multi_modal_projector"]
+RESOLUTION = ()  # fixed by the checkpoint: the 224, 448 and 896 variants are separate models
+load_processor = processor.load
 
 
 skeleton = partial(from_config, MODEL_CLASS)
@@ -36,10 +38,6 @@ def layout(model: PaliGemmaForConditionalGeneration, preprocessor: dict) -> Layo
     v = c.vision_config
     n = getattr(c.text_config, "num_image_tokens", None) or (v.image_size // v.patch_size) ** 2
     return Layout(c.get_text_config(), v, v.hidden_size, n, 1, n, f"{n} image tokens ((image_size/patch)²)")
-
-
-def load_processor(name_or_path: str, trust_remote_code: bool = False) -> PaliGemmaProcessor:
-    return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
 
 
 def _text(processor: PaliGemmaProcessor, prompt: str) -> str:

@@ -20,6 +20,9 @@ from minivlm.models.idefics2 import (END_OF_TURN, LORA_SKIP, LORA_TARGETS, QUANT
 NAME = "SmolVLM"
 MODEL_CLASS = Idefics3ForConditionalGeneration
 CHAT = True  # a chat template: a system turn and multi-turn dialogs
+# size.longest_edge: the image is resized to fit it; max_image_size.longest_edge: the tile it
+# is cut into (with do_image_splitting), each tile (image_size/patch)²/scale_factor² tokens.
+RESOLUTION = ("size", "max_image_size", "do_image_splitting")
 skeleton = partial(from_config, MODEL_CLASS)
 
 

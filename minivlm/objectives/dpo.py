@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -65,7 +64,7 @@ from torch import nn
 from minivlm import distributed
 from minivlm.build import Built
 from minivlm.checkpoint import read_adapter
-from minivlm.batches import answer_positions, check_dialogs, random_resized_crop, select_rows
+from minivlm.batches import answer_positions, check_dialogs, empty_batch, random_resized_crop, within_max_length
 from minivlm.config import Config, ConfigError, DataConfig
 from minivlm.data import rejected_of, usable_samples
 from minivlm.lora import adapters_off
@@ -84,24 +83,15 @@ def collate_pairs(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, fam
     and a pair with either row longer than data.max_length is dropped whole."""
     samples = usable_samples(ds, indices, cfg)
     if not samples:  # a batch of zero rows, which the loop skips, as batches.collate's
-        return {key: torch.zeros(0, 0, dtype=torch.long) for key in ("input_ids", "attention_mask", "labels")}
+        return empty_batch()
     images = [image for _, _, image, _ in samples]
     if cfg.random_resized_crop and generator is not None:  # one crop per pair: both answers see it
         images = [random_resized_crop(im, cfg.random_resized_crop, generator) for im in images]
     chosen = [dialog for *_, dialog in samples]
     rejected = [[(dialog[0][0], rejected_of(cfg, row))] for _, row, _, dialog in samples]
     check_dialogs(family, chosen, cfg.system_prompt)
-    batch = family.training_batch(processor, images + images, chosen + rejected, system=cfg.system_prompt)
-    n = len(samples)
-    lengths = batch["attention_mask"].sum(1)
-    keep = (lengths[:n] <= cfg.max_length) & (lengths[n:] <= cfg.max_length)
-    if not keep.all():
-        dropped = [index for (index, *_), k in zip(samples, keep.tolist()) if not k]
-        warnings.warn(f"dropped pair(s) {dropped}: an answer is longer than data.max_length = {cfg.max_length} "
-                      f"tokens ({lengths.max().item()}); raise data.max_length to train on them")
-        rows = keep.repeat(2)
-        batch = select_rows(batch, rows, int(lengths[rows].max()) if rows.any() else 0)
-    return batch
+    return within_max_length(family, processor, images + images, chosen + rejected, cfg,
+                             [index for index, *_ in samples], rows_per_sample=ROWS_PER_SAMPLE)
 
 
 collate = collate_pairs

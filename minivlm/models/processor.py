@@ -1,0 +1,62 @@
+"""Loading a checkpoint's own processor, at the resolution the config asks for.
+
+Resolution is the user's to set: a high-resolution image is thousands of tokens (Qwen2.5-VL
+takes up to 16384 per image by default), the first cause of out-of-memory in VLM fine-tuning.
+Each family names the controls its processor has (RESOLUTION: Qwen's min_pixels/max_pixels,
+Idefics3's size/max_image_size/do_image_splitting, Gemma 3's pan-and-scan...), and
+`model.processor` in the config sets them, passed through as the processor names them. The
+memory planner (plan.py) counts image tokens with the same values.
+
+The processors of models that also read video (Qwen-VL, SmolVLM2, LLaVA-OneVision, InternVL)
+hold a video processor, and transformers' video processors need torchvision, which cannot be
+installed beside this project's torch. Without it AutoProcessor refuses to load them at all;
+`load(..., video=<the processor class>)` then builds the processor from its parts, with `ImagesOnly` in the
+video processor's place: images work exactly as with the real one, a video is one clear error.
+"""
+
+from __future__ import annotations
+
+import transformers.processing_utils
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+from transformers.utils import is_torchvision_available
+from transformers.video_processing_utils import VideoProcessorMixin
+
+
+# A processor's __init__ checks each part's class by looking its base class up in transformers'
+# namespace, which exports the video processors' base only when torchvision is there.
+transformers.processing_utils.transformers_module.VideoProcessorMixin = VideoProcessorMixin
+
+
+class ImagesOnly(VideoProcessorMixin):
+    """Stands in for a processor's video processor where torchvision is missing. Saves nothing,
+    so a processor saved from here reloads with the checkpoint's real video processor elsewhere."""
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError("videos need transformers' video processors, which need torchvision; this environment "
+                         "has none (it cannot be installed beside torch 2.13): train on images, or install "
+                         "torchvision where it fits your torch")
+
+    def save_pretrained(self, *args, **kwargs) -> list:
+        return []
+
+    def to_dict(self) -> dict:
+        return {}
+
+
+def load(name_or_path: str, trust_remote_code: bool = False, video: type | None = None, **resolution):
+    """The checkpoint's processor; its image processor built with `resolution` (model.processor).
+    `video`: the family's processor class, if it also reads video."""
+    if video is not None and not is_torchvision_available():
+        processor = _images_only(video, name_or_path)
+    else:
+        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if resolution:  # from_pretrained's kwargs override the saved config before __init__ reads it
+        processor.image_processor = AutoImageProcessor.from_pretrained(name_or_path, **resolution)
+    return processor
+
+
+def _images_only(cls: type, name_or_path: str):
+    processor_dict, kwargs = cls.get_processor_dict(name_or_path)  # chat template and processor_config.json
+    parts = {"image_processor": AutoImageProcessor.from_pretrained(name_or_path),
+             "tokenizer": AutoTokenizer.from_pretrained(name_or_path), "video_processor": ImagesOnly()}
+    return cls.from_args_and_dict([parts[a] for a in cls.get_attributes()], processor_dict, **kwargs)

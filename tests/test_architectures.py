@@ -1,0 +1,241 @@
+"""Every architecture of today's VLM fine-tuning, on a tiny random-weight model of its real classes
+(tests/tiny.py), through the same checks: the label mask, batched generation, streamed loading,
+both exports, the planner at two resolutions, token-normalised accumulation, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import PeftModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import count_steps, crash_after_first_save, tiny_config
+from minivlm import export
+from minivlm.batches import collate
+from minivlm.build import build
+from minivlm.data import load_split
+from minivlm.evaluate import answer
+from minivlm.loop import train
+from minivlm.models import get_family
+from minivlm.objectives import sft
+from minivlm.plan import plan_memory
+from minivlm.precision import model_inputs
+from test_load import assert_same_logits, assert_same_model, reference, streamed
+
+ARCHITECTURES = ["qwen2_5_vl"]
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request):
+    return request.param, request.getfixturevalue(f"tiny_{request.param}")
+
+
+def images(sizes: list[tuple[int, int]]) -> list[Image.Image]:
+    """Plain images of the given sizes, each its own colour: under dynamic resolution, each size
+    is its own number of image tokens."""
+    return [Image.new("RGB", size, (200, 40 * i % 255, 30 * i % 255)) for i, size in enumerate(sizes)]
+
+
+def labelled_spans(labels: torch.Tensor) -> list[list[int]]:
+    """The runs of consecutive labelled positions of one row, as token lists."""
+    spans, run = [], []
+    for label in labels.tolist() + [-100]:
+        if label != -100:
+            run.append(label)
+        elif run:
+            spans, run = spans + [run], []
+    return spans
+
+
+@pytest.mark.parametrize("system", ["", "be brief"])
+def test_labels_are_each_answer_and_its_end_of_turn(arch, system):
+    name, path = arch
+    family = get_family(name)
+    processor = family.load_processor(str(path))
+    tok = processor.tokenizer
+    dialogs = [[("where is the shape", "top left")],
+               [("what color is it", "red"), ("and the shape", "a blue circle"), ("where", "bottom right")]]
+    batch = family.training_batch(processor, images([(48, 32), (32, 64)]), dialogs, system=system)
+    end = tok.convert_tokens_to_ids(family.END_OF_TURN)
+    for row, dialog in enumerate(dialogs):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        expected = [tok(a, add_special_tokens=False)["input_ids"] + [end] for _, a in dialog]
+        assert labelled_spans(labels) == expected
+        labelled = labels != -100
+        assert torch.equal(ids[labelled], labels[labelled])
+    assert (batch["labels"][batch["input_ids"] == processor.image_token_id] == -100).all()
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    # the two images differ in size, so in image tokens: the rows really were padded
+    assert (batch["attention_mask"] == 0).any()
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(arch, shapes_data, tmp_path):
+    name, path = arch
+    cfg = tiny_config(path, shapes_data, tmp_path, family=name, max_new_tokens=6)
+    built = build(cfg)
+    ims = images([(32, 32), (64, 48), (40, 24)])
+    prompts = ["where is the shape", "what color", "what is in the picture"]
+    together = answer(cfg, built, ims, prompts)
+    alone = [answer(cfg, built, [im], [p])[0] for im, p in zip(ims, prompts)]
+    assert together == alone and any(together)
+
+
+def test_streamed_4bit_load_equals_from_pretrained_then_quantize(arch):
+    name, path = arch
+    ref, model = reference(name, path, torch.float32), streamed(name, path, torch.float32)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert_same_model(model, ref)
+    assert_same_logits(name, path, model, ref)
+
+
+def with_trained_adapter(cfg):
+    """A built model with non-zero adapters, as training would leave it, in eval mode."""
+    built = build(cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in built.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    built.model.eval()
+    return built
+
+
+def inputs_of(built) -> dict:
+    batch = built.family.training_batch(built.processor, images([(32, 32), (48, 32)]),
+                                        [[("what color is the shape", "red")], [("where is it", "top left")]])
+    return model_inputs(batch, torch.device("cpu"), torch.float32)
+
+
+def test_peft_loads_our_adapter_with_the_same_logits(arch, tmp_path):
+    name, path = arch
+    cfg = tiny_config(path, tmp_path, tmp_path / "run", family=name)
+    cfg.quant.load_in_4bit = False  # the reference: PEFT on the float base, our adapter on ours
+    built = with_trained_adapter(cfg)
+    inputs = inputs_of(built)
+    with torch.no_grad():
+        ours = built.model(**inputs).logits
+    out = export.export_peft(cfg, built, tmp_path / "peft")
+    base = built.family.MODEL_CLASS.from_pretrained(path).eval()
+    with torch.no_grad():
+        plain = base(**inputs).logits
+    assert not torch.allclose(plain, ours, atol=1e-3)  # the adapters matter, so the comparison means something
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    assert sum(1 for n, _ in peft_model.named_parameters() if "lora_A" in n) == len(built.adapted)
+    with torch.no_grad():
+        theirs = peft_model(**inputs).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_merged_export_loads_in_plain_transformers_and_answers_alike(arch, shapes_data, tmp_path):
+    name, path = arch
+    cfg = tiny_config(path, shapes_data, tmp_path / "run", family=name, max_new_tokens=5)
+    built = with_trained_adapter(cfg)
+    inputs = inputs_of(built)
+    prompt, image = "what color is the shape", images([(48, 32)])
+    with torch.no_grad():
+        ours = built.model(**inputs).logits
+    ours_text = answer(cfg, built, image, [prompt])[0]
+    out = export.export_merged(built, tmp_path / "merged")
+
+    merged = built.family.MODEL_CLASS.from_pretrained(out).eval()
+    assert not any(type(m).__name__ in ("Linear4bit", "LoRALinear") for m in merged.modules())
+    with torch.no_grad():
+        theirs = merged(**inputs).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    processor = built.family.load_processor(str(out))
+    batch = built.family.generation_batch(processor, image, [prompt])
+    generated = merged.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert processor.tokenizer.decode(generated[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() \
+        == ours_text
+
+
+RESOLUTIONS = {"qwen2_5_vl": [({"max_pixels": 32 * 32}, (32, 32)), ({"max_pixels": 64 * 64}, (64, 64))]}
+
+
+def saved_for_backward(cfg, built, batch) -> int:
+    """Bytes of the tensors autograd keeps in one training forward (parameters excluded, shared
+    storage once), counted by a saved-tensors hook."""
+    built.model.train()
+    frozen = {t.untyped_storage().data_ptr() for t in list(built.model.parameters()) + list(built.model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in frozen:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sft.answer_loss_sum(cfg, built, batch).backward()
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("setting", [0, 1])
+def test_planned_activations_match_what_autograd_saves_at_two_resolutions(arch, tmp_path, setting):
+    """The plan counts image tokens from model.processor's resolution keys; at the largest image
+    they allow, what it plans to keep for backward is within 15% of what autograd keeps."""
+    name, path = arch
+    resolution, size = RESOLUTIONS[name][setting]
+    cfg = tiny_config(path, tmp_path, tmp_path / "run", family=name, batch_size=2)
+    cfg.model.processor = resolution
+    built = build(cfg)
+    batch = built.family.training_batch(built.processor, images([size, size]),
+                                        [[("what shape is it", "a red circle")]] * 2)
+    image_tokens = int((batch["input_ids"][0] == built.processor.image_token_id).sum())
+    cfg.data.max_length = batch["input_ids"].shape[1]
+    answer_tokens = int((batch["labels"][:, 1:] != -100).sum()) / 2
+    plan = plan_memory(cfg, answer_tokens=answer_tokens)
+    assert f"{image_tokens} image tokens" in plan.tokens  # the plan counted this resolution's tokens
+    actual = saved_for_backward(cfg, built, batch)
+    assert abs(plan.act_saved - actual) < 0.15 * actual, (plan.act_saved, actual)
+
+
+def test_batch4_accum1_equals_batch1_accum4(arch, shapes_data, tmp_path):
+    name, path = arch
+    cfg = tiny_config(path, shapes_data, tmp_path, family=name)
+    built = build(cfg)
+    with torch.no_grad():  # non-zero B, so A gets a gradient too
+        for n, p in built.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    ds = load_split(cfg.data, "train")
+    idx = [0, 1, 2, 3]
+    assert len({len(a.split()) for a in ds[idx]["answer"]}) > 1  # answers of different lengths
+
+    def grads_after(batches):
+        built.model.train()
+        built.model.zero_grad(set_to_none=True)
+        sft.backward_window(cfg, built, built.model, batches, torch.amp.GradScaler("cpu", enabled=False))
+        return {n: p.grad.clone() for n, p in built.model.named_parameters() if p.requires_grad}
+
+    one_batch = grads_after([collate(ds, idx, cfg.data, built.family, built.processor)])
+    accumulated = grads_after([collate(ds, [i], cfg.data, built.family, built.processor) for i in idx])
+    for n in one_batch:
+        torch.testing.assert_close(accumulated[n], one_batch[n], rtol=1e-4, atol=1e-6)
+    assert any(accumulated[n].abs().sum() > 0 for n in accumulated if "lora_A" in n)
+
+
+def test_train_save_resume_is_bit_exact(arch, shapes_data, tmp_path, monkeypatch):
+    name, path = arch
+
+    def cfg_for(out):
+        cfg = tiny_config(path, shapes_data, out, family=name, optimizer="adamw_8bit", batch_size=2, grad_accum=2,
+                          max_steps=4, warmup_steps=1, lr=5e-3, save_every=2)
+        cfg.lora.dropout = 0.1  # the RNG state must be restored too
+        return cfg
+
+    ds = load_split(cfg_for(tmp_path).data, "train")
+    train(cfg_for(tmp_path / "full"), build(cfg_for(tmp_path / "full")), sft, ds)
+    split = cfg_for(tmp_path / "split")
+    crash_after_first_save(monkeypatch, lambda: train(split, build(split), sft, ds))
+    assert json.loads((tmp_path / "split/last/state.json").read_text())["step"] == 2
+    trained = count_steps(monkeypatch, sft)
+    train(cfg_for(tmp_path / "split"), build(cfg_for(tmp_path / "split")), sft, ds, resume=tmp_path / "split/last")
+    assert len(trained) == 2  # steps 3-4: it went on from its save
+    for f in ("adapter", "state"):
+        a, b = load_file(tmp_path / f"full/last/{f}.safetensors"), load_file(tmp_path / f"split/last/{f}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    adapter = load_file(tmp_path / "full/last/adapter.safetensors")
+    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in adapter.items())  # it trained
