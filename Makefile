@@ -3,7 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
-BASE   := base/tiny-paligemma
+# make demo FAMILY=qwen2_5_vl: the same demo on a tiny Qwen2.5-VL (demo/pretrain_base.py lists the bases).
+FAMILY ?= paligemma
+BASE   := base/tiny-$(FAMILY)
+DEMO   := $(if $(filter paligemma,$(FAMILY)),configs/demo.toml,configs/demo_$(FAMILY).toml)
+RUN    := $(if $(filter paligemma,$(FAMILY)),runs/demo,runs/demo-$(FAMILY))
 DATA   := data/shapes-qa
 export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
@@ -19,10 +23,10 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
-# The tiny base VLM (PaliGemma architecture), pretrained here on synthetic captions.
+# The tiny base VLM (PaliGemma architecture, or FAMILY's), pretrained here on synthetic captions.
 base: $(BASE)/config.json
-$(BASE)/config.json: $(STAMP) demo/shapes.py demo/pretrain_base.py
-	$(PY) demo/pretrain_base.py --out $(BASE)
+base/tiny-%/config.json: $(STAMP) demo/shapes.py demo/pretrain_base.py
+	$(PY) demo/pretrain_base.py --family $* --out base/tiny-$*
 
 # The demo's fine-tuning data: a question type the base never saw, written as an imagefolder.
 data: $(DATA)/train/metadata.jsonl
@@ -30,17 +34,17 @@ $(DATA)/train/metadata.jsonl: $(STAMP) demo/shapes.py demo/make_data.py
 	$(PY) demo/make_data.py --out $(DATA)
 
 demo: base data
-	rm -rf runs/demo
-	$(PY) train.py --config configs/demo.toml
+	rm -rf $(RUN)
+	$(PY) train.py --config $(DEMO)
 
 # Answers the base never wrote ("0"-"9"): it learns them, as it would a user's own words.
-digits: base
+digits: base/tiny-paligemma/config.json
 	$(PY) demo/make_data.py --task digits --out data/digits
 	rm -rf runs/digits
 	$(PY) train.py --config configs/digits.toml
 
 # One real training step of the demo, printed in the order of docs/qlora.md (about 15 s).
-walkthrough: base data
+walkthrough: base/tiny-paligemma/config.json data
 	$(PY) walkthrough.py
 
 # DPO: teach the tiny base to prefer the English caption when asked a bare "caption" (docs in the
@@ -49,7 +53,7 @@ prefs: data/shapes-prefs/train/metadata.jsonl
 data/shapes-prefs/train/metadata.jsonl: $(STAMP) demo/shapes.py demo/make_data.py
 	$(PY) demo/make_data.py --task prefs --out data/shapes-prefs
 
-dpo-demo: base prefs
+dpo-demo: base/tiny-paligemma/config.json prefs
 	rm -rf runs/dpo-demo
 	$(PY) train.py --config configs/dpo_demo.toml
 

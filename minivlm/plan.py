@@ -296,11 +296,9 @@ def _activation_terms(plan: Plan, layout: Layout, cfg: Config, largest_q: int, a
     plan.act_full = plan.act_saved + workspace
     plan.act_ckpt = plan.act_full - layer_saves + layers * tokens * e * tc.hidden_size + tokens * per_layer
     plan.vision_transient = B * images * patches * e * ((4 + layout.vision_hidden_states) * layout.vision_width
-                                                         + 2 * layout.vision.intermediate_size)
+                                                         + 2 * layout.vision_intermediate)
     plan.tokens = (f"batch {B} × max_length {T} tokens, {layout.how}; logits at {answer_tokens} answer tokens/sample "
                    f"× vocab {tc.vocab_size}")
-    if layout.image_tokens >= T:
-        plan.notes.append(f"data.max_length {T} leaves no room for text after {layout.image_tokens} image tokens")
 
 
 def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1, rows_per_sample: int = 1) -> Plan:
@@ -316,6 +314,10 @@ def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1, rows_per_s
     # image processor the run builds (models/processor.py).
     layout = family.layout(model, {**_preprocessor(cfg.model.name_or_path), **cfg.model.processor})
     _activation_terms(plan, layout, cfg, largest_q, answer_tokens, rows_per_sample)
+    if layout.image_tokens >= cfg.data.max_length:
+        fewer = f" or lower model.processor's {' / '.join(family.RESOLUTION)}" if family.RESOLUTION else ""
+        plan.notes.append(f"data.max_length {cfg.data.max_length} leaves no room for text after {layout.image_tokens} "
+                          f"image tokens: such samples are dropped; raise data.max_length{fewer}")
     if not cfg.quant.load_in_4bit:
         plan.notes.append("quant.load_in_4bit is off: every weight is counted in float")
     return plan

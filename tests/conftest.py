@@ -110,5 +110,11 @@ def count_steps(monkeypatch, module) -> list:
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
-    from tiny import save_tiny_qwen2_5_vl
-    return save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"))
+    from tiny import save_tiny_qwen
+    return save_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen2_5_vl"), "2_5")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory) -> Path:
+    from tiny import save_tiny_qwen
+    return save_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen2_vl"), "2")

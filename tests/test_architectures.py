@@ -13,7 +13,7 @@ from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import count_steps, crash_after_first_save, tiny_config
+from conftest import ROOT, count_steps, crash_after_first_save, tiny_config
 from minivlm import export
 from minivlm.batches import collate
 from minivlm.build import build
@@ -26,7 +26,7 @@ from minivlm.plan import plan_memory
 from minivlm.precision import model_inputs
 from test_load import assert_same_logits, assert_same_model, reference, streamed
 
-ARCHITECTURES = ["qwen2_5_vl"]
+ARCHITECTURES = ["qwen2_5_vl", "qwen2_vl"]
 
 
 @pytest.fixture(params=ARCHITECTURES)
@@ -153,7 +153,8 @@ def test_merged_export_loads_in_plain_transformers_and_answers_alike(arch, shape
         == ours_text
 
 
-RESOLUTIONS = {"qwen2_5_vl": [({"max_pixels": 32 * 32}, (32, 32)), ({"max_pixels": 64 * 64}, (64, 64))]}
+QWEN = [({"max_pixels": 32 * 32}, (32, 32)), ({"max_pixels": 64 * 64}, (64, 64))]
+RESOLUTIONS = {"qwen2_5_vl": QWEN, "qwen2_vl": QWEN}
 
 
 def saved_for_backward(cfg, built, batch) -> int:
@@ -239,3 +240,68 @@ def test_train_save_resume_is_bit_exact(arch, shapes_data, tmp_path, monkeypatch
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
     adapter = load_file(tmp_path / "full/last/adapter.safetensors")
     assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in adapter.items())  # it trained
+
+
+def test_dry_run_counts_image_tokens_at_the_configured_resolution():
+    """configs/qwen2_5_vl.toml on the real config.json: the checkpoint's own max_pixels is 16384
+    tokens an image, which no max_length of the recipe holds; the recipe's max_pixels is 512."""
+    from minivlm.config import load_config
+    sets = [f"model.name_or_path={ROOT / 'configs/real/Qwen2.5-VL-7B-Instruct'}"]
+    recipe = plan_memory(load_config(ROOT / "configs/qwen2_5_vl.toml", sets))
+    assert "up to 512 image tokens" in recipe.tokens and not recipe.notes
+    default = plan_memory(load_config(ROOT / "configs/qwen2_5_vl.toml", sets + ["model.processor.max_pixels=12845056"]))
+    assert "up to 16384 image tokens" in default.tokens
+    assert any("such samples are dropped" in n and "max_pixels" in n for n in default.notes)
+    assert default.vision_transient > 20 * recipe.vision_transient
+
+
+def test_an_unknown_resolution_key_is_named_with_the_known_ones(arch, tmp_path):
+    from minivlm.build import load_processor
+    from minivlm.config import ConfigError
+    name, path = arch
+    cfg = tiny_config(path, tmp_path, tmp_path / "run", family=name)
+    cfg.model.processor = {"max_pixel": 1024}
+    with pytest.raises(ConfigError, match=r"has no max_pixel; its resolution controls are .*max_pixels"):
+        load_processor(cfg)
+
+
+def test_a_sample_too_long_for_max_length_is_dropped_whole_and_named(arch, tmp_path):
+    """Under dynamic resolution a large image alone can exceed data.max_length: that sample is
+    dropped, with its length, its image tokens and the keys that shrink them; the rest is
+    processed again, its image tokens and pixels intact."""
+    from minivlm.batches import within_max_length
+    from minivlm.config import DataConfig
+    name, path = arch
+    family = get_family(name)
+    processor = family.load_processor(str(path))
+    ims = images([(32, 32), (64, 64)])
+    dialogs = [[("where is the shape", "top left")], [("what color", "red")]]
+    full = family.training_batch(processor, ims, dialogs)
+    tokens = (full["input_ids"] == processor.image_token_id).sum(1)
+    assert tokens[1] > tokens[0]
+    cfg = DataConfig(max_length=int(full["attention_mask"][0].sum()))
+    with pytest.warns(UserWarning, match=rf"dropped sample\(s\) 8 \(\d+ tokens, {tokens[1]} of them image tokens\): "
+                                         rf"longer than data.max_length = {cfg.max_length}.*{family.RESOLUTION[-1]}"):
+        kept = within_max_length(family, processor, ims, dialogs, cfg, [7, 8])
+    alone = family.training_batch(processor, ims[:1], dialogs[:1])
+    assert kept.keys() == alone.keys()
+    for key in kept:
+        assert torch.equal(kept[key], alone[key]), key
+    assert (kept["input_ids"] == processor.image_token_id).sum() == tokens[0]
+
+
+# Each family's recipe, the real checkpoint's config.json (configs/real/) and its published size.
+RECIPES = {"qwen2_5_vl": ("qwen2_5_vl.toml", "Qwen2.5-VL-7B-Instruct", 8.29e9),
+           "qwen2_vl": ("qwen2_vl.toml", "Qwen2-VL-7B-Instruct", 8.29e9)}
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_the_recipe_plans_to_fit_24_gib_on_the_real_checkpoint(name):
+    from minivlm.config import load_config
+    from minivlm.plan import GiB
+    recipe, checkpoint, size = RECIPES[name]
+    cfg = load_config(ROOT / "configs" / recipe, [f"model.name_or_path={ROOT / 'configs/real' / checkpoint}"])
+    assert cfg.model.family == name
+    plan = plan_memory(cfg)
+    assert abs(plan.quant_params + plan.float_params - size) < 0.005 * size  # the config is the real model's
+    assert plan.total() < 24 * GiB and not plan.notes

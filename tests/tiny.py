@@ -175,14 +175,28 @@ def qwen_processor(processor_class, tokenizer, patch: int = 4, **resolution):
                            chat_template=QWEN_VL_TEMPLATE)
 
 
-def save_tiny_qwen2_5_vl(out: Path, hidden: int = 64) -> Path:
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+def save_tiny_qwen(out: Path, version: str, hidden: int = 64) -> Path:
+    """A tiny Qwen2-VL or Qwen2.5-VL (`version` "2" or "2_5"): the 2.5 config, and for Qwen2-VL its
+    vision config's names (embed_dim the width, hidden_size the merger's output, mlp_ratio)."""
+    import transformers
 
     tokenizer = word_tokenizer(QWEN_SPECIALS, CHAT_WORDS + ["system", "user", "assistant", "You", "are", "a",
                                                             "helpful", "."])
-    processor = qwen_processor(Qwen2_5_VLProcessor, tokenizer)
+    processor_class = {"2": transformers.Qwen2VLProcessor, "2_5": transformers.Qwen2_5_VLProcessor}[version]
+    processor = qwen_processor(processor_class, tokenizer)
+    config = qwen2_5_vl(tokenizer, hidden)
+    if version == "2":
+        v = config.vision_config
+        config = transformers.Qwen2VLConfig(
+            text_config=config.text_config.to_dict(),
+            vision_config=dict(depth=v.depth, embed_dim=v.hidden_size, hidden_size=hidden, mlp_ratio=2,
+                               num_heads=v.num_heads, patch_size=v.patch_size, spatial_merge_size=2,
+                               temporal_patch_size=2),
+            image_token_id=config.image_token_id, video_token_id=config.video_token_id,
+            vision_start_token_id=config.vision_start_token_id, eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id)
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl(tokenizer, hidden))
+    model = transformers.AutoModelForImageTextToText.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)

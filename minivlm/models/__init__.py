@@ -28,7 +28,8 @@ from types import ModuleType
 # (get_family): the modules import torch and transformers (seconds), and checking the family
 # name of a config, all `train.py --help` or a config mistake needs, should not.
 FAMILIES: dict[str, str] = {name: f"minivlm.models.{name}"
-                            for name in ("paligemma", "idefics2", "idefics", "smolvlm", "llava_phi2", "qwen2_5_vl")}
+                            for name in ("paligemma", "idefics2", "idefics", "smolvlm", "llava_phi2", "qwen2_5_vl",
+                                         "qwen2_vl")}
 DEFAULT = "paligemma"  # model.family when a config leaves it out
 
 
@@ -42,8 +43,8 @@ def get_family(name: str) -> ModuleType:
 class Layout:
     """What the memory planner (plan.py) needs to know of a family's model, beyond its parameters."""
     text: object  # the decoder's config: hidden_size, intermediate_size, heads, layers, vocab_size
-    vision: object  # the vision tower's config: intermediate_size, num_hidden_layers
     vision_width: int  # the tower's hidden size
+    vision_intermediate: int  # ... and its MLP's
     image_tokens: int  # image positions per sample in the text sequence (0: images enter by cross-attention)
     images: int  # images per sample through the tower (crops and tiles count)
     patches: int  # positions per image inside the tower

@@ -56,6 +56,6 @@ def layout(model: IdeficsForVisionText2Text, preprocessor: dict) -> Layout:
     c = model.config
     v = c.vision_config
     tc = c.get_text_config()
-    return Layout(tc, v, v.embed_dim, 0, 1, (v.image_size // v.patch_size) ** 2 + 1,
+    return Layout(tc, v.embed_dim, v.intermediate_size, 0, 1, (v.image_size // v.patch_size) ** 2 + 1,
                   f"images enter by cross-attention ({c.perceiver_config.resampler_n_latents} perceiver latents), "
                   "not as tokens", cross_attention_layers=tc.num_hidden_layers // tc.cross_layer_interval)

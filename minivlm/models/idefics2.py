@@ -37,4 +37,5 @@ def layout(model: Idefics2ForConditionalGeneration, preprocessor: dict) -> Layou
     how = (f"{n} image tokens ({c.perceiver_config.resampler_n_latents} latents × {images} image"
            f"{'s: 4 crops + the whole, image splitting' if split else ''}"
            f"{'' if preprocessor else '; no preprocessor_config.json, so splitting assumed'})")
-    return Layout(c.get_text_config(), v, v.hidden_size, n, images, (v.image_size // v.patch_size) ** 2, how)
+    return Layout(c.get_text_config(), v.hidden_size, v.intermediate_size, n, images,
+                  (v.image_size // v.patch_size) ** 2, how)

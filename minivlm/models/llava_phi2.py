@@ -177,7 +177,7 @@ def layout(model: LlavaPhi, preprocessor: dict) -> Layout:
     its hidden layer for backward."""
     v, tc = model.vision_tower.config, model.config
     n = (v.image_size // v.patch_size) ** 2
-    return Layout(tc, v, v.hidden_size, n, 1, n + 1, f"{n} image tokens (CLIP patches, CLS dropped)",
+    return Layout(tc, v.hidden_size, v.intermediate_size, n, 1, n + 1, f"{n} image tokens (CLIP patches, CLS dropped)",
                   vision_hidden_states=v.num_hidden_layers + 1, connector_saved_width=v.hidden_size + 2 * tc.hidden_size)
 
 

@@ -37,7 +37,8 @@ def layout(model: PaliGemmaForConditionalGeneration, preprocessor: dict) -> Layo
     c = model.config
     v = c.vision_config
     n = getattr(c.text_config, "num_image_tokens", None) or (v.image_size // v.patch_size) ** 2
-    return Layout(c.get_text_config(), v, v.hidden_size, n, 1, n, f"{n} image tokens ((image_size/patch)²)")
+    return Layout(c.get_text_config(), v.hidden_size, v.intermediate_size, n, 1, n,
+                  f"{n} image tokens ((image_size/patch)²)")
 
 
 def _text(processor: PaliGemmaProcessor, prompt: str) -> str:

@@ -34,13 +34,18 @@ generation_batch = chat.generation_batch
 skeleton = partial(from_config, MODEL_CLASS)
 
 
+def image_tokens(vision, preprocessor: dict) -> tuple[int, str]:
+    """(tokens, how counted) of the largest image max_pixels allows: max_pixels / (patch · merge)²."""
+    side = vision.patch_size * vision.spatial_merge_size
+    max_pixels = preprocessor.get("max_pixels") or preprocessor.get("size", {}).get("longest_edge", 12845056)
+    n = max_pixels // side ** 2
+    return n, (f"up to {n} image tokens (max_pixels {max_pixels} / {side}²"
+               f"{'' if preprocessor else '; no preprocessor_config.json, the default max_pixels assumed'})")
+
+
 def layout(model: Qwen2_5_VLForConditionalGeneration, preprocessor: dict) -> Layout:
-    """The largest image max_pixels allows: max_pixels / (patch · merge)² tokens, each merge² patches."""
+    """One image of image_tokens(), each token merge² patches of the ViT."""
     c = model.config
     v = c.vision_config
-    merged = (v.patch_size * v.spatial_merge_size) ** 2
-    max_pixels = preprocessor.get("max_pixels") or preprocessor.get("size", {}).get("longest_edge", 12845056)
-    n = max_pixels // merged
-    how = (f"up to {n} image tokens (max_pixels {max_pixels} / {v.patch_size * v.spatial_merge_size}²"
-           f"{'' if preprocessor else '; no preprocessor_config.json, the default max_pixels assumed'})")
-    return Layout(c.get_text_config(), v, v.hidden_size, n, 1, n * v.spatial_merge_size ** 2, how)
+    n, how = image_tokens(v, preprocessor)
+    return Layout(c.get_text_config(), v.hidden_size, v.intermediate_size, n, 1, n * v.spatial_merge_size ** 2, how)

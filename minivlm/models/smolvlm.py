@@ -38,5 +38,5 @@ def layout(model: Idefics3ForConditionalGeneration, preprocessor: dict) -> Layou
     tiles = grid * grid + 1
     how = (f"{per_tile * tiles} image tokens ({per_tile}/tile × ({grid}×{grid} tiles + 1 global)"
            f"{'' if preprocessor else '; no preprocessor_config.json, 4×4 tiles assumed'})")
-    return Layout(c.get_text_config(), v, v.hidden_size, per_tile * tiles, tiles, (v.image_size // v.patch_size) ** 2,
-                  how)
+    return Layout(c.get_text_config(), v.hidden_size, v.intermediate_size, per_tile * tiles, tiles,
+                  (v.image_size // v.patch_size) ** 2, how)
