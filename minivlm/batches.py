@@ -19,6 +19,7 @@ from PIL import Image
 from minivlm.config import ConfigError, DataConfig
 from minivlm.data import usable_samples
 from minivlm.models import FAMILIES, get_family
+from minivlm.models.processor import image_token_id
 
 
 def check_dialogs(family: ModuleType, dialogs: list[list[tuple[str, str]]], system: str) -> None:
@@ -99,7 +100,7 @@ def within_max_length(family: ModuleType, processor, images: list[Image.Image], 
     keep = (lengths <= cfg.max_length).all(0)
     if keep.all():
         return batch
-    image_id = getattr(processor, "image_token_id", None)
+    image_id = image_token_id(processor)
     image_tokens = ((batch["input_ids"] == image_id).sum(1) if image_id is not None
                     else torch.zeros(len(lengths.view(-1)), dtype=torch.long)).view(rows_per_sample, -1)
     too_long = [f"{i} ({lengths[:, k].max().item()} tokens, {image_tokens[:, k].max().item()} of them image tokens)"

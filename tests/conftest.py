@@ -78,6 +78,22 @@ def tiny_llava_phi2(tmp_path_factory) -> Path:
     return assemble(str(phi), str(clip), root / "assembled")
 
 
+def saved_for_backward(model: torch.nn.Module, forward_backward) -> int:
+    """Bytes of the tensors autograd keeps while `forward_backward()` runs: counted by a
+    saved-tensors hook, the model's parameters and buffers excluded, shared storage once."""
+    model.train()
+    frozen = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in frozen:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward_backward()
+    return sum(saved.values())
+
+
 class Crash(Exception):
     pass
 
@@ -118,3 +134,9 @@ def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
 def tiny_qwen2_vl(tmp_path_factory) -> Path:
     from tiny import save_tiny_qwen
     return save_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen2_vl"), "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    from tiny import save_tiny_gemma3
+    return save_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))

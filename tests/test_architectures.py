@@ -1,6 +1,7 @@
 """Every architecture of today's VLM fine-tuning, on a tiny random-weight model of its real classes
 (tests/tiny.py), through the same checks: the label mask, batched generation, streamed loading,
-both exports, the planner at two resolutions, token-normalised accumulation, exact resume."""
+the merged export (the PEFT one: tests/test_export.py), the planner at two resolutions,
+token-normalised accumulation, exact resume."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ import json
 import bitsandbytes as bnb
 import pytest
 import torch
-from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, count_steps, crash_after_first_save, tiny_config
+from conftest import ROOT, count_steps, crash_after_first_save, saved_for_backward, tiny_config
 from minivlm import export
 from minivlm.batches import collate
 from minivlm.build import build
@@ -21,12 +21,13 @@ from minivlm.data import load_split
 from minivlm.evaluate import answer
 from minivlm.loop import train
 from minivlm.models import get_family
+from minivlm.models.processor import image_token_id
 from minivlm.objectives import sft
 from minivlm.plan import plan_memory
-from minivlm.precision import model_inputs
+from test_export import sample_batch, trained_adapter
+from tiny import ARCHITECTURES
 from test_load import assert_same_logits, assert_same_model, reference, streamed
 
-ARCHITECTURES = ["qwen2_5_vl", "qwen2_vl"]
 
 
 @pytest.fixture(params=ARCHITECTURES)
@@ -67,7 +68,7 @@ def test_labels_are_each_answer_and_its_end_of_turn(arch, system):
         assert labelled_spans(labels) == expected
         labelled = labels != -100
         assert torch.equal(ids[labelled], labels[labelled])
-    assert (batch["labels"][batch["input_ids"] == processor.image_token_id] == -100).all()
+    assert (batch["labels"][batch["input_ids"] == image_token_id(processor)] == -100).all()
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     # the two images differ in size, so in image tokens: the rows really were padded
     assert (batch["attention_mask"] == 0).any()
@@ -93,48 +94,16 @@ def test_streamed_4bit_load_equals_from_pretrained_then_quantize(arch):
 
 
 def with_trained_adapter(cfg):
-    """A built model with non-zero adapters, as training would leave it, in eval mode."""
-    built = build(cfg)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in built.model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    built = trained_adapter(cfg)
     built.model.eval()
     return built
-
-
-def inputs_of(built) -> dict:
-    batch = built.family.training_batch(built.processor, images([(32, 32), (48, 32)]),
-                                        [[("what color is the shape", "red")], [("where is it", "top left")]])
-    return model_inputs(batch, torch.device("cpu"), torch.float32)
-
-
-def test_peft_loads_our_adapter_with_the_same_logits(arch, tmp_path):
-    name, path = arch
-    cfg = tiny_config(path, tmp_path, tmp_path / "run", family=name)
-    cfg.quant.load_in_4bit = False  # the reference: PEFT on the float base, our adapter on ours
-    built = with_trained_adapter(cfg)
-    inputs = inputs_of(built)
-    with torch.no_grad():
-        ours = built.model(**inputs).logits
-    out = export.export_peft(cfg, built, tmp_path / "peft")
-    base = built.family.MODEL_CLASS.from_pretrained(path).eval()
-    with torch.no_grad():
-        plain = base(**inputs).logits
-    assert not torch.allclose(plain, ours, atol=1e-3)  # the adapters matter, so the comparison means something
-    peft_model = PeftModel.from_pretrained(base, out).eval()
-    assert sum(1 for n, _ in peft_model.named_parameters() if "lora_A" in n) == len(built.adapted)
-    with torch.no_grad():
-        theirs = peft_model(**inputs).logits
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
 def test_merged_export_loads_in_plain_transformers_and_answers_alike(arch, shapes_data, tmp_path):
     name, path = arch
     cfg = tiny_config(path, shapes_data, tmp_path / "run", family=name, max_new_tokens=5)
     built = with_trained_adapter(cfg)
-    inputs = inputs_of(built)
+    inputs = sample_batch(built)
     prompt, image = "what color is the shape", images([(48, 32)])
     with torch.no_grad():
         ours = built.model(**inputs).logits
@@ -154,23 +123,10 @@ def test_merged_export_loads_in_plain_transformers_and_answers_alike(arch, shape
 
 
 QWEN = [({"max_pixels": 32 * 32}, (32, 32)), ({"max_pixels": 64 * 64}, (64, 64))]
-RESOLUTIONS = {"qwen2_5_vl": QWEN, "qwen2_vl": QWEN}
-
-
-def saved_for_backward(cfg, built, batch) -> int:
-    """Bytes of the tensors autograd keeps in one training forward (parameters excluded, shared
-    storage once), counted by a saved-tensors hook."""
-    built.model.train()
-    frozen = {t.untyped_storage().data_ptr() for t in list(built.model.parameters()) + list(built.model.buffers())}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in frozen:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        sft.answer_loss_sum(cfg, built, batch).backward()
-    return sum(saved.values())
+# Gemma 3: one view of 4 tokens, or with pan-and-scan a 3:1 image as the whole and 2 crops.
+GEMMA3 = [({"do_pan_and_scan": False}, (32, 32)),
+          ({"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 16, "pan_and_scan_max_num_crops": 2}, (96, 32))]
+RESOLUTIONS = {"qwen2_5_vl": QWEN, "qwen2_vl": QWEN, "gemma3": GEMMA3}
 
 
 @pytest.mark.parametrize("setting", [0, 1])
@@ -184,12 +140,12 @@ def test_planned_activations_match_what_autograd_saves_at_two_resolutions(arch, 
     built = build(cfg)
     batch = built.family.training_batch(built.processor, images([size, size]),
                                         [[("what shape is it", "a red circle")]] * 2)
-    image_tokens = int((batch["input_ids"][0] == built.processor.image_token_id).sum())
+    image_tokens = int((batch["input_ids"][0] == image_token_id(built.processor)).sum())
     cfg.data.max_length = batch["input_ids"].shape[1]
     answer_tokens = int((batch["labels"][:, 1:] != -100).sum()) / 2
     plan = plan_memory(cfg, answer_tokens=answer_tokens)
     assert f"{image_tokens} image tokens" in plan.tokens  # the plan counted this resolution's tokens
-    actual = saved_for_backward(cfg, built, batch)
+    actual = saved_for_backward(built.model, lambda: sft.answer_loss_sum(cfg, built, batch).backward())
     assert abs(plan.act_saved - actual) < 0.15 * actual, (plan.act_saved, actual)
 
 
@@ -261,7 +217,8 @@ def test_an_unknown_resolution_key_is_named_with_the_known_ones(arch, tmp_path):
     name, path = arch
     cfg = tiny_config(path, tmp_path, tmp_path / "run", family=name)
     cfg.model.processor = {"max_pixel": 1024}
-    with pytest.raises(ConfigError, match=r"has no max_pixel; its resolution controls are .*max_pixels"):
+    family = get_family(name)
+    with pytest.raises(ConfigError, match=f"has no max_pixel; its resolution controls are {', '.join(family.RESOLUTION)}$"):
         load_processor(cfg)
 
 
@@ -277,7 +234,7 @@ def test_a_sample_too_long_for_max_length_is_dropped_whole_and_named(arch, tmp_p
     ims = images([(32, 32), (64, 64)])
     dialogs = [[("where is the shape", "top left")], [("what color", "red")]]
     full = family.training_batch(processor, ims, dialogs)
-    tokens = (full["input_ids"] == processor.image_token_id).sum(1)
+    tokens = (full["input_ids"] == image_token_id(processor)).sum(1)
     assert tokens[1] > tokens[0]
     cfg = DataConfig(max_length=int(full["attention_mask"][0].sum()))
     with pytest.warns(UserWarning, match=rf"dropped sample\(s\) 8 \(\d+ tokens, {tokens[1]} of them image tokens\): "
@@ -287,12 +244,13 @@ def test_a_sample_too_long_for_max_length_is_dropped_whole_and_named(arch, tmp_p
     assert kept.keys() == alone.keys()
     for key in kept:
         assert torch.equal(kept[key], alone[key]), key
-    assert (kept["input_ids"] == processor.image_token_id).sum() == tokens[0]
+    assert (kept["input_ids"] == image_token_id(processor)).sum() == tokens[0]
 
 
 # Each family's recipe, the real checkpoint's config.json (configs/real/) and its published size.
 RECIPES = {"qwen2_5_vl": ("qwen2_5_vl.toml", "Qwen2.5-VL-7B-Instruct", 8.29e9),
-           "qwen2_vl": ("qwen2_vl.toml", "Qwen2-VL-7B-Instruct", 8.29e9)}
+           "qwen2_vl": ("qwen2_vl.toml", "Qwen2-VL-7B-Instruct", 8.29e9),
+           "gemma3": ("gemma3.toml", "gemma-3-4b-it", 4.30e9)}
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

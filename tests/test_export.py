@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import train
 from conftest import ROOT, tiny_config
+from tiny import ARCHITECTURES
 from minivlm import export
 from minivlm.build import build
 from minivlm.checkpoint import load_adapter
@@ -39,7 +40,7 @@ def sample_batch(built):
     return model_inputs(batch, torch.device("cpu"), torch.float32)
 
 
-@pytest.mark.parametrize("family", ["paligemma", "idefics2"])
+@pytest.mark.parametrize("family", ["paligemma", "idefics2", *ARCHITECTURES])
 def test_peft_loads_our_adapter_with_the_same_logits(family, request, tmp_path):
     path = request.getfixturevalue(f"tiny_{family}")
     cfg = tiny_config(path, tmp_path, tmp_path / "run", family=family)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import save_paligemma
+from conftest import save_paligemma, saved_for_backward
 from minivlm.build import build
 from minivlm.config import from_dict, load_config
 from minivlm.objectives.sft import answer_loss_sum
@@ -86,17 +86,9 @@ def test_planned_activations_match_what_autograd_saves(small_paligemma):
     batch = built.family.training_batch(built.processor, images, [[("what shape is it", "a red circle")]] * 2)
     cfg.data.max_length = batch["input_ids"].shape[1]
     answer_tokens = int((batch["labels"][:, 1:] != -100).sum()) / 2
-    frozen = {t.untyped_storage().data_ptr() for t in list(built.model.parameters()) + list(built.model.buffers())}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in frozen:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        answer_loss_sum(cfg, built, batch).backward()
+    saved = saved_for_backward(built.model, lambda: answer_loss_sum(cfg, built, batch).backward())
     planned = plan_memory(cfg, answer_tokens=answer_tokens).act_saved
-    assert abs(planned - sum(saved.values())) < 0.15 * sum(saved.values()), (planned, sum(saved.values()))
+    assert abs(planned - saved) < 0.15 * saved, (planned, saved)
 
 
 def counted_by_hand(config_json: Path, r: int) -> dict[str, int]:

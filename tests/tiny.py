@@ -26,15 +26,22 @@ SMOLVLM_TEMPLATE = "<|im_start|>" + IDEFICS2_TEMPLATE
 
 CHAT_WORDS = ["User", "Assistant", "System", ":"]
 
+# Today's families, each with a save_tiny_<name> below (and a tiny_<name> fixture in conftest.py):
+# tests/test_architectures.py runs every check on each.
+ARCHITECTURES = ["qwen2_5_vl", "qwen2_vl", "gemma3"]
 
-def word_tokenizer(specials: list[str], extra_words: list[str] = ()) -> PreTrainedTokenizerFast:
+
+def word_tokenizer(specials: list[str], extra_words: list[str] = (), named: dict[str, str] | None = None
+                   ) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of the fixtures' words; `specials` added, `named` ones (Gemma 3's
+    {"image_token": ...}) reachable as attributes, as the processors look them up."""
     base = ["<pad>", "<unk>", "<s>", "</s>"]
     vocab = {w: i for i, w in enumerate(base + sorted(set(VOCAB) | set(extra_words)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     # Whitespace also splits off punctuation, so "Assistant:" is two tokens, as in real tokenizers.
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>")
+                                        bos_token="<s>", eos_token="</s>", extra_special_tokens=named or {})
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
     return tokenizer
 
@@ -197,6 +204,62 @@ def save_tiny_qwen(out: Path, version: str, hidden: int = 64) -> Path:
             pad_token_id=config.pad_token_id)
     torch.manual_seed(0)
     model = transformers.AutoModelForImageTextToText.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+# Gemma 3's chat template (google/gemma-3-4b-it): the system text opens the first user turn, the
+# assistant is "model", each image is <start_of_image>.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n{%- endif -%}\n")
+
+
+def save_tiny_gemma3(out: Path, hidden: int = 64) -> Path:
+    """SigLIP at 32 px (4×4 patches of 8), pooled to 4 soft tokens an image; a Gemma 3 decoder with
+    one sliding-window and one global layer."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, SiglipVisionConfig
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tokenizer = word_tokenizer(["<start_of_turn>", "<end_of_turn>"], CHAT_WORDS + ["user", "model"],
+                               {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                "image_token": "<image_soft_token>"})
+    # The pan-and-scan settings saved as null, as in the real preprocessor_config.json: the processor's
+    # call-time defaults (Gemma3Processor.images_kwargs) hold them.
+    images = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    processor = Gemma3Processor(image_processor=images, tokenizer=tokenizer, chat_template=GEMMA3_TEMPLATE,
+                                image_seq_length=4)
+    ids = tokenizer.convert_tokens_to_ids
+    config = Gemma3Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                         query_pre_attn_scalar=32, sliding_window=16, layer_types=["sliding_attention",
+                                                                                   "full_attention"],
+                         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=ids("<end_of_turn>")),
+        vision_config=SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=32, patch_size=8, vision_use_head=False),
+        mm_tokens_per_image=4, boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"), pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)

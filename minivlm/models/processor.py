@@ -52,6 +52,10 @@ def load(name_or_path: str, trust_remote_code: bool = False, video: type | None 
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if resolution:  # from_pretrained's kwargs override the saved config before __init__ reads it
         processor.image_processor = AutoImageProcessor.from_pretrained(name_or_path, **resolution)
+        # Some processors pass call-time defaults of their own that override the image processor's
+        # settings (Gemma 3: do_pan_and_scan=False, whatever the image processor says): set ours there.
+        defaults = getattr(type(processor), "images_kwargs", {})
+        processor.images_kwargs = {**defaults, **{k: v for k, v in resolution.items() if k in defaults}}
     return processor
 
 
@@ -60,3 +64,10 @@ def _images_only(cls: type, name_or_path: str):
     parts = {"image_processor": AutoImageProcessor.from_pretrained(name_or_path),
              "tokenizer": AutoTokenizer.from_pretrained(name_or_path), "video_processor": ImagesOnly()}
     return cls.from_args_and_dict([parts[a] for a in cls.get_attributes()], processor_dict, **kwargs)
+
+
+def image_token_id(processor) -> int | None:
+    """The token repeated once per image feature in the text: the tokenizer's image token where it
+    names one (Gemma 3's processor calls its begin-of-image marker image_token_id), else the
+    processor's; None for a processor without one."""
+    return getattr(processor.tokenizer, "image_token_id", None) or getattr(processor, "image_token_id", None)
