@@ -230,8 +230,9 @@ def test_a_sample_too_long_for_max_length_is_dropped_whole_and_named(arch, tmp_p
     from minivlm.config import DataConfig
     name, path = arch
     family = get_family(name)
-    processor = family.load_processor(str(path))
-    ims = images([(32, 32), (64, 64)])
+    resolution, large = RESOLUTIONS[name][1]  # the setting under which an image can be many tokens
+    processor = family.load_processor(str(path), **resolution)
+    ims = images([(32, 32), large])
     dialogs = [[("where is the shape", "top left")], [("what color", "red")]]
     full = family.training_batch(processor, ims, dialogs)
     tokens = (full["input_ids"] == image_token_id(processor)).sum(1)
@@ -263,3 +264,16 @@ def test_the_recipe_plans_to_fit_24_gib_on_the_real_checkpoint(name):
     plan = plan_memory(cfg)
     assert abs(plan.quant_params + plan.float_params - size) < 0.005 * size  # the config is the real model's
     assert plan.total() < 24 * GiB and not plan.notes
+
+
+def test_the_resolution_keys_reach_the_processor(arch):
+    """The same large image is fewer tokens under the first setting than under the second."""
+    name, path = arch
+    family = get_family(name)
+    (small_setting, _), (large_setting, large) = RESOLUTIONS[name]
+    counts = []
+    for setting in (small_setting, large_setting):
+        processor = family.load_processor(str(path), **setting)
+        batch = family.training_batch(processor, images([large]), [[("where is the shape", "top left")]])
+        counts.append(int((batch["input_ids"] == image_token_id(processor)).sum()))
+    assert 0 < counts[0] < counts[1], counts
