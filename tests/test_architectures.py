@@ -26,6 +26,7 @@ from minivlm.objectives import sft
 from minivlm.plan import plan_memory
 from test_export import sample_batch, trained_adapter
 from tiny import ARCHITECTURES
+from test_loop import built_with_nonzero_b, grads_after
 from test_load import assert_same_logits, assert_same_model, reference, streamed
 
 
@@ -152,23 +153,12 @@ def test_planned_activations_match_what_autograd_saves_at_two_resolutions(arch, 
 def test_batch4_accum1_equals_batch1_accum4(arch, shapes_data, tmp_path):
     name, path = arch
     cfg = tiny_config(path, shapes_data, tmp_path, family=name)
-    built = build(cfg)
-    with torch.no_grad():  # non-zero B, so A gets a gradient too
-        for n, p in built.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.1)
+    built = built_with_nonzero_b(cfg)
     ds = load_split(cfg.data, "train")
     idx = [0, 1, 2, 3]
     assert len({len(a.split()) for a in ds[idx]["answer"]}) > 1  # answers of different lengths
-
-    def grads_after(batches):
-        built.model.train()
-        built.model.zero_grad(set_to_none=True)
-        sft.backward_window(cfg, built, built.model, batches, torch.amp.GradScaler("cpu", enabled=False))
-        return {n: p.grad.clone() for n, p in built.model.named_parameters() if p.requires_grad}
-
-    one_batch = grads_after([collate(ds, idx, cfg.data, built.family, built.processor)])
-    accumulated = grads_after([collate(ds, [i], cfg.data, built.family, built.processor) for i in idx])
+    one_batch = grads_after(cfg, built, [collate(ds, idx, cfg.data, built.family, built.processor)])
+    accumulated = grads_after(cfg, built, [collate(ds, [i], cfg.data, built.family, built.processor) for i in idx])
     for n in one_batch:
         torch.testing.assert_close(accumulated[n], one_batch[n], rtol=1e-4, atol=1e-6)
     assert any(accumulated[n].abs().sum() > 0 for n in accumulated if "lora_A" in n)

@@ -88,13 +88,19 @@ def grads_after(cfg, built, batches) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in built.model.named_parameters() if p.requires_grad}
 
 
-def test_batch4_accum1_equals_batch1_accum4(tiny_paligemma, shapes_data, tmp_path):
-    cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path)
+def built_with_nonzero_b(cfg):
+    """The built model with random LoRA B: at B = 0 (the init) A gets no gradient at all."""
     built = build(cfg)
-    with torch.no_grad():  # non-zero B, so A gets a gradient too
+    with torch.no_grad():
         for n, p in built.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.1)
+    return built
+
+
+def test_batch4_accum1_equals_batch1_accum4(tiny_paligemma, shapes_data, tmp_path):
+    cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path)
+    built = built_with_nonzero_b(cfg)
     ds = load_split(cfg.data, "train")
     # Answers of different lengths ("top left" is 2 words + EOS, "red" 1 + EOS): a mean of
     # per-micro-batch means would weigh them differently than one mean over all tokens.

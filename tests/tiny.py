@@ -14,6 +14,7 @@ from transformers.models.idefics2.configuration_idefics2 import Idefics2Perceive
 from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
+from demo.pretrain_base import QWEN_VL_TEMPLATE  # the real checkpoints' chat template, as the demo base uses it
 from demo.shapes import CAPTION_PROMPTS, SPANISH, VOCAB  # noqa: F401  (the words the fixtures speak)
 
 # The chat templates of HuggingFaceM4/idefics2-8b and HuggingFaceTB/SmolVLM-Instruct (Idefics3).
@@ -133,19 +134,6 @@ def save_tiny_phi_and_clip(out: Path, hidden: int = 64) -> tuple[Path, Path]:
     return phi_dir, clip_dir
 
 
-# The chat template of Qwen/Qwen2.5-VL-7B-Instruct (and Qwen2-VL): a default system turn, and each
-# image as <|vision_start|><|image_pad|><|vision_end|>, which the processor expands to its tokens.
-QWEN_VL_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
-    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
-    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
-    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}")
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
