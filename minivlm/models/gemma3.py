@@ -36,7 +36,8 @@ def layout(model: Gemma3ForConditionalGeneration, preprocessor: dict) -> Layout:
     c = model.config
     v = c.vision_config
     # The checkpoints save these as null: the processor's own call-time defaults hold them.
-    setting = {k: v if preprocessor.get(k) is None else preprocessor[k] for k, v in Gemma3Processor.images_kwargs.items()}
+    setting = {key: default if preprocessor.get(key) is None else preprocessor[key]
+               for key, default in Gemma3Processor.images_kwargs.items()}
     crops = setting["pan_and_scan_max_num_crops"] if setting["do_pan_and_scan"] else 0
     n = c.mm_tokens_per_image * (1 + crops)
     how = (f"{n} image tokens ({c.mm_tokens_per_image} per view × (1 image"

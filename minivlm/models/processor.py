@@ -10,8 +10,10 @@ memory planner (plan.py) counts image tokens with the same values.
 The processors of models that also read video (Qwen-VL, SmolVLM2, LLaVA-OneVision, InternVL)
 hold a video processor, and transformers' video processors need torchvision, which cannot be
 installed beside this project's torch. Without it AutoProcessor refuses to load them at all;
-`load(..., video=<the processor class>)` then builds the processor from its parts, with `ImagesOnly` in the
-video processor's place: images work exactly as with the real one, a video is one clear error.
+`load(..., video=<the processor class>)` then builds the processor from its parts, `ImagesOnly`
+in the video processor's place: images work exactly as with the real one, a video is one clear
+error. (Saved, such a processor writes an empty video processor entry; loading it where
+torchvision is installed is untested here.)
 """
 
 from __future__ import annotations
