@@ -230,8 +230,9 @@ MUTANTS = [
       "test_paligemma.py"),
 
     # Resolution: model.processor reaches the processor and the planner.
-    m("processor.resolution-ignored", "minivlm/models/processor.py", "    if resolution:  # from_pretrained",
-      "    if False:  # from_pretrained", "test_architectures.py::test_the_resolution_keys_reach_the_processor"),
+    m("processor.resolution-ignored", "minivlm/models/processor.py",
+      "AutoImageProcessor.from_pretrained(name_or_path, **resolution),",
+      "AutoImageProcessor.from_pretrained(name_or_path),", "test_architectures.py::test_the_resolution_keys_reach_the_processor"),
     m("processor.call-time-defaults-win", "minivlm/models/processor.py",
       "processor.images_kwargs = {**defaults, **{k: v for k, v in resolution.items() if k in defaults}}",
       "processor.images_kwargs = dict(defaults)", "test_architectures.py::test_the_resolution_keys_reach_the_processor"),

@@ -49,21 +49,21 @@ def load(name_or_path: str, trust_remote_code: bool = False, video: type | None 
     """The checkpoint's processor; its image processor built with `resolution` (model.processor).
     `video`: the family's processor class, if it also reads video."""
     if video is not None and not is_torchvision_available():
-        processor = _images_only(video, name_or_path)
+        processor = _images_only(video, name_or_path, resolution)
     else:
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    if resolution:  # from_pretrained's kwargs override the saved config before __init__ reads it
-        processor.image_processor = AutoImageProcessor.from_pretrained(name_or_path, **resolution)
-        # Some processors pass call-time defaults of their own that override the image processor's
-        # settings (Gemma 3: do_pan_and_scan=False, whatever the image processor says): set ours there.
-        defaults = getattr(type(processor), "images_kwargs", {})
-        processor.images_kwargs = {**defaults, **{k: v for k, v in resolution.items() if k in defaults}}
+        if resolution:  # from_pretrained's kwargs override the saved config before __init__ reads it
+            processor.image_processor = AutoImageProcessor.from_pretrained(name_or_path, **resolution)
+    # Some processors pass call-time defaults of their own that override the image processor's
+    # settings (Gemma 3: do_pan_and_scan=False, whatever the image processor says): set ours there.
+    defaults = getattr(type(processor), "images_kwargs", {})
+    processor.images_kwargs = {**defaults, **{k: v for k, v in resolution.items() if k in defaults}}
     return processor
 
 
-def _images_only(cls: type, name_or_path: str):
+def _images_only(cls: type, name_or_path: str, resolution: dict):
     processor_dict, kwargs = cls.get_processor_dict(name_or_path)  # chat template and processor_config.json
-    parts = {"image_processor": AutoImageProcessor.from_pretrained(name_or_path),
+    parts = {"image_processor": AutoImageProcessor.from_pretrained(name_or_path, **resolution),
              "tokenizer": AutoTokenizer.from_pretrained(name_or_path), "video_processor": ImagesOnly()}
     return cls.from_args_and_dict([parts[a] for a in cls.get_attributes()], processor_dict, **kwargs)
 
