@@ -137,6 +137,12 @@ def tiny_qwen2_vl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_vl(tmp_path_factory) -> Path:
+    from tiny import save_tiny_qwen3_vl
+    return save_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3_vl"))
+
+
+@pytest.fixture(scope="session")
 def tiny_gemma3(tmp_path_factory) -> Path:
     from tiny import save_tiny_gemma3
     return save_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))

@@ -127,7 +127,7 @@ QWEN = [({"max_pixels": 32 * 32}, (32, 32)), ({"max_pixels": 64 * 64}, (64, 64))
 # Gemma 3: one view of 4 tokens, or with pan-and-scan a 3:1 image as the whole and 2 crops.
 GEMMA3 = [({"do_pan_and_scan": False}, (32, 32)),
           ({"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 16, "pan_and_scan_max_num_crops": 2}, (96, 32))]
-RESOLUTIONS = {"qwen2_5_vl": QWEN, "qwen2_vl": QWEN, "gemma3": GEMMA3}
+RESOLUTIONS = {"qwen2_5_vl": QWEN, "qwen2_vl": QWEN, "qwen3_vl": QWEN, "gemma3": GEMMA3}
 
 
 @pytest.mark.parametrize("setting", [0, 1])
@@ -241,6 +241,7 @@ def test_a_sample_too_long_for_max_length_is_dropped_whole_and_named(arch, tmp_p
 # Each family's recipe, the real checkpoint's config.json (configs/real/) and its published size.
 RECIPES = {"qwen2_5_vl": ("qwen2_5_vl.toml", "Qwen2.5-VL-7B-Instruct", 8.29e9),
            "qwen2_vl": ("qwen2_vl.toml", "Qwen2-VL-7B-Instruct", 8.29e9),
+           "qwen3_vl": ("qwen3_vl.toml", "Qwen3-VL-4B-Instruct", 4.44e9),
            "gemma3": ("gemma3.toml", "gemma-3-4b-it", 4.30e9)}
 
 

@@ -29,7 +29,7 @@ CHAT_WORDS = ["User", "Assistant", "System", ":"]
 
 # Today's families, each with a save_tiny_<name> below (and a tiny_<name> fixture in conftest.py):
 # tests/test_architectures.py runs every check on each.
-ARCHITECTURES = ["qwen2_5_vl", "qwen2_vl", "gemma3"]
+ARCHITECTURES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3"]
 
 
 def word_tokenizer(specials: list[str], extra_words: list[str] = (), named: dict[str, str] | None = None
@@ -193,6 +193,44 @@ def save_tiny_qwen(out: Path, version: str, hidden: int = 64) -> Path:
     torch.manual_seed(0)
     model = transformers.AutoModelForImageTextToText.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+# Qwen3-VL's chat template, as far as these tests reach: Qwen2.5-VL's ChatML without the default
+# system turn (reconstructed; the checkpoints' template also renders tools and reasoning).
+QWEN3_VL_TEMPLATE = QWEN_VL_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}", "")
+
+
+def save_tiny_qwen3_vl(out: Path, hidden: int = 64) -> Path:
+    """Qwen3-VL: a ViT with learned positions (8×8, interpolated) and one DeepStack block feeding
+    the first decoder layer; a Qwen3 decoder (q/k norms) with interleaved M-RoPE."""
+    import transformers
+
+    tokenizer = word_tokenizer(QWEN_SPECIALS, CHAT_WORDS + ["system", "user", "assistant"])
+    processor = qwen_processor(transformers.Qwen3VLProcessor, tokenizer)
+    processor.chat_template = QWEN3_VL_TEMPLATE
+    ids = tokenizer.convert_tokens_to_ids
+    half = hidden // 2 // 2
+    config = transformers.Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
+                         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=ids("<|im_end|>"),
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+                                          "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    torch.manual_seed(0)
+    model = transformers.Qwen3VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = ids("<|im_end|>")
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
