@@ -146,3 +146,9 @@ def tiny_qwen3_vl(tmp_path_factory) -> Path:
 def tiny_gemma3(tmp_path_factory) -> Path:
     from tiny import save_tiny_gemma3
     return save_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm2(tmp_path_factory) -> Path:
+    from tiny import save_tiny_smolvlm
+    return save_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm2"), version="2")

@@ -127,7 +127,13 @@ QWEN = [({"max_pixels": 32 * 32}, (32, 32)), ({"max_pixels": 64 * 64}, (64, 64))
 # Gemma 3: one view of 4 tokens, or with pan-and-scan a 3:1 image as the whole and 2 crops.
 GEMMA3 = [({"do_pan_and_scan": False}, (32, 32)),
           ({"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 16, "pan_and_scan_max_num_crops": 2}, (96, 32))]
-RESOLUTIONS = {"qwen2_5_vl": QWEN, "qwen2_vl": QWEN, "qwen3_vl": QWEN, "gemma3": GEMMA3}
+# SmolVLM2: a 64 px image whole (one 32 px view), or cut into 2×2 tiles of 32 px + the global view.
+SMOLVLM = [({"do_image_splitting": False, "size": {"longest_edge": 32}}, (64, 64)),
+           ({"do_image_splitting": True, "size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32}}, (64, 64))]
+RESOLUTIONS = {"qwen2_5_vl": QWEN, "qwen2_vl": QWEN, "qwen3_vl": QWEN, "gemma3": GEMMA3, "smolvlm2": SMOLVLM}
+# An image of few tokens beside the large one. Idefics3's processor scales every image up or down
+# to size.longest_edge: there only a flatter one is fewer tiles.
+SMALL = {"smolvlm2": (64, 16)}
 
 
 @pytest.mark.parametrize("setting", [0, 1])
@@ -222,7 +228,7 @@ def test_a_sample_too_long_for_max_length_is_dropped_whole_and_named(arch, tmp_p
     family = get_family(name)
     resolution, large = RESOLUTIONS[name][1]  # the setting under which an image can be many tokens
     processor = family.load_processor(str(path), **resolution)
-    ims = images([(32, 32), large])
+    ims = images([SMALL.get(name, (32, 32)), large])
     dialogs = [[("where is the shape", "top left")], [("what color", "red")]]
     full = family.training_batch(processor, ims, dialogs)
     tokens = (full["input_ids"] == image_token_id(processor)).sum(1)
@@ -242,7 +248,8 @@ def test_a_sample_too_long_for_max_length_is_dropped_whole_and_named(arch, tmp_p
 RECIPES = {"qwen2_5_vl": ("qwen2_5_vl.toml", "Qwen2.5-VL-7B-Instruct", 8.29e9),
            "qwen2_vl": ("qwen2_vl.toml", "Qwen2-VL-7B-Instruct", 8.29e9),
            "qwen3_vl": ("qwen3_vl.toml", "Qwen3-VL-4B-Instruct", 4.44e9),
-           "gemma3": ("gemma3.toml", "gemma-3-4b-it", 4.30e9)}
+           "gemma3": ("gemma3.toml", "gemma-3-4b-it", 4.30e9),
+           "smolvlm2": ("smolvlm2.toml", "SmolVLM2-2.2B-Instruct", 2.25e9)}
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor, Idefics3Config,
-                          Idefics3ForConditionalGeneration, Idefics3Processor, Idefics3VisionConfig, LlamaConfig,
+                          Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig,
                           MistralConfig, PreTrainedTokenizerFast)
 from transformers.models.idefics2.configuration_idefics2 import Idefics2PerceiverConfig, Idefics2VisionConfig
 from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
@@ -29,7 +29,7 @@ CHAT_WORDS = ["User", "Assistant", "System", ":"]
 
 # Today's families, each with a save_tiny_<name> below (and a tiny_<name> fixture in conftest.py):
 # tests/test_architectures.py runs every check on each.
-ARCHITECTURES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3"]
+ARCHITECTURES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3", "smolvlm2"]
 
 
 def word_tokenizer(specials: list[str], extra_words: list[str] = (), named: dict[str, str] | None = None
@@ -68,25 +68,46 @@ def save_tiny_idefics2(out: Path, hidden: int = 64) -> Path:
     return out
 
 
-def save_tiny_smolvlm(out: Path, hidden: int = 64) -> Path:
+# SmolVLM2's (HuggingFaceTB/SmolVLM2-2.2B-Instruct, from memory): SmolVLM's, and a video writes <video>.
+SMOLVLM2_TEMPLATE = SMOLVLM_TEMPLATE.replace("{{ '<image>' }}{% endif %}",
+                                             "{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}")
+
+
+def save_tiny_smolvlm(out: Path, hidden: int = 64, version: str = "1") -> Path:
+    """SmolVLM (`version` "1": transformers' Idefics3 classes) or SmolVLM2 ("2": its SmolVLM
+    classes, the same architecture, and a processor that also holds a video processor)."""
+    import transformers
+    from minivlm.models.processor import ImagesOnly
+
     grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
     tokenizer = word_tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
-                                "<|im_start|>", *grid],
+                                "<|im_start|>", "<video>", *grid],
                                CHAT_WORDS)
     image_processor = Idefics3ImageProcessorPil(do_image_splitting=True, size={"longest_edge": 64},
                                                 max_image_size={"longest_edge": 32})
     # image_seq_len = (image_size / patch_size)² / scale_factor² = (32 / 8)² / 2² = 4
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
-                                  chat_template=SMOLVLM_TEMPLATE)
-    config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                                           num_attention_heads=2, image_size=32, patch_size=8),
+    if version == "1":
+        processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                      chat_template=SMOLVLM_TEMPLATE)
+    else:
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+        image_processor = SmolVLMImageProcessorPil(**image_processor.to_dict())
+        processor = transformers.SmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                                  video_processor=ImagesOnly(), image_seq_len=4,
+                                                  chat_template=SMOLVLM2_TEMPLATE)
+    config_class, model_class = {"1": (Idefics3Config, Idefics3ForConditionalGeneration),
+                                 "2": (transformers.SmolVLMConfig, transformers.SmolVLMForConditionalGeneration)}[version]
+    config = config_class(
+        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
         text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                 pad_token_id=tokenizer.pad_token_id),
         scale_factor=2, image_token_id=processor.image_token_id)
     torch.manual_seed(0)
-    Idefics3ForConditionalGeneration(config).save_pretrained(out)
+    model = model_class(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
 

@@ -29,7 +29,7 @@ from types import ModuleType
 # name of a config, all `train.py --help` or a config mistake needs, should not.
 FAMILIES: dict[str, str] = {name: f"minivlm.models.{name}"
                             for name in ("paligemma", "idefics2", "idefics", "smolvlm", "llava_phi2", "qwen2_5_vl",
-                                         "qwen2_vl", "qwen3_vl", "gemma3")}
+                                         "qwen2_vl", "qwen3_vl", "gemma3", "smolvlm2")}
 DEFAULT = "paligemma"  # model.family when a config leaves it out
 
 

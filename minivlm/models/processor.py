@@ -44,6 +44,13 @@ class ImagesOnly(VideoProcessorMixin):
     def to_dict(self) -> dict:
         return {}
 
+    def __getattr__(self, name: str):
+        # The video settings a processor reads in passing, with no video in sight (SmolVLM2's
+        # apply_chat_template takes num_frames and fps as defaults): there are none here.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return None
+
 
 def load(name_or_path: str, trust_remote_code: bool = False, video: type | None = None, **resolution):
     """The checkpoint's processor; its image processor built with `resolution` (model.processor).
