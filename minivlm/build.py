@@ -112,9 +112,11 @@ def build(cfg: Config, processor: object | None = None) -> Built:
         if issubclass(family.MODEL_CLASS, PreTrainedModel):
             # Streamed: read one tensor at a time, each 4-bit weight quantized as it arrives, straight
             # to the device. The host never holds the float model.
+            # A resolution key the model reads too (LLaVA-OneVision's pinpoints) goes to both.
+            shared = {k: v for k, v in cfg.model.processor.items() if k in getattr(family, "MODEL_RESOLUTION", ())}
             model, quantized = load_pretrained(family.MODEL_CLASS, cfg.model.name_or_path, dtype, device,
                                                quant.load_in_4bit, skip, quant.quant_type, quant.double_quant,
-                                               storage)
+                                               storage, shared)
         else:
             # LLaVA-Phi is assembled from two checkpoints by its own from_pretrained: loaded whole in
             # float on the host, then quantized one layer at a time onto the device.

@@ -50,15 +50,17 @@ def load_pretrained(
     quant_type: str = "nf4",
     double_quant: bool = True,
     storage: torch.dtype = torch.uint8,
+    config_overrides: dict | None = None,
 ) -> tuple[PreTrainedModel, list[str]]:
     """The checkpoint at `path` (a directory or a cached hub id) as `model_class`, on `device`.
 
     With `load_in_4bit`, every nn.Linear outside `skip` is quantized as its weight is read.
-    `storage`: the dtype the packed 4-bit codes are kept in (see quant.py).
+    `storage`: the dtype the packed 4-bit codes are kept in (see quant.py). `config_overrides`:
+    config.json values to replace, as from_pretrained's keyword arguments do.
     Returns the model and the names of its Linear4bit layers. A path without a config.json or
     safetensors weights raises OSError, as from_pretrained does.
     """
-    config = model_class.config_class.from_pretrained(path)
+    config = model_class.config_class.from_pretrained(path, **(config_overrides or {}))
     files = checkpoint_files(path)
     with parameters_on_meta():
         model = model_class._from_config(config, dtype=dtype)

@@ -152,3 +152,9 @@ def tiny_gemma3(tmp_path_factory) -> Path:
 def tiny_smolvlm2(tmp_path_factory) -> Path:
     from tiny import save_tiny_smolvlm
     return save_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm2"), version="2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_onevision(tmp_path_factory) -> Path:
+    from tiny import save_tiny_llava_onevision
+    return save_tiny_llava_onevision(tmp_path_factory.mktemp("tiny-llava_onevision"))

@@ -130,7 +130,12 @@ GEMMA3 = [({"do_pan_and_scan": False}, (32, 32)),
 # SmolVLM2: a 64 px image whole (one 32 px view), or cut into 2×2 tiles of 32 px + the global view.
 SMOLVLM = [({"do_image_splitting": False, "size": {"longest_edge": 32}}, (64, 64)),
            ({"do_image_splitting": True, "size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32}}, (64, 64))]
-RESOLUTIONS = {"qwen2_5_vl": QWEN, "qwen2_vl": QWEN, "qwen3_vl": QWEN, "gemma3": GEMMA3, "smolvlm2": SMOLVLM}
+# LLaVA-OneVision: a 128 px image as one crop (+ the whole), or as a 4×4 grid of crops, whose 16²
+# features exceed anyres_max_9's 9 crops' worth and are scaled down to 12² (+ 12 newlines).
+ONEVISION = [({"image_grid_pinpoints": [[32, 32]]}, (128, 128)),
+             ({"image_grid_pinpoints": [[32, 32], [128, 128]]}, (128, 128))]
+RESOLUTIONS = {"qwen2_5_vl": QWEN, "qwen2_vl": QWEN, "qwen3_vl": QWEN, "gemma3": GEMMA3, "smolvlm2": SMOLVLM,
+               "llava_onevision": ONEVISION}
 # An image of few tokens beside the large one. Idefics3's processor scales every image up or down
 # to size.longest_edge: there only a flatter one is fewer tiles.
 SMALL = {"smolvlm2": (64, 16)}
@@ -249,7 +254,8 @@ RECIPES = {"qwen2_5_vl": ("qwen2_5_vl.toml", "Qwen2.5-VL-7B-Instruct", 8.29e9),
            "qwen2_vl": ("qwen2_vl.toml", "Qwen2-VL-7B-Instruct", 8.29e9),
            "qwen3_vl": ("qwen3_vl.toml", "Qwen3-VL-4B-Instruct", 4.44e9),
            "gemma3": ("gemma3.toml", "gemma-3-4b-it", 4.30e9),
-           "smolvlm2": ("smolvlm2.toml", "SmolVLM2-2.2B-Instruct", 2.25e9)}
+           "smolvlm2": ("smolvlm2.toml", "SmolVLM2-2.2B-Instruct", 2.25e9),
+           "llava_onevision": ("llava_onevision.toml", "llava-onevision-qwen2-7b-ov-hf", 8.03e9)}
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

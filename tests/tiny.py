@@ -29,7 +29,7 @@ CHAT_WORDS = ["User", "Assistant", "System", ":"]
 
 # Today's families, each with a save_tiny_<name> below (and a tiny_<name> fixture in conftest.py):
 # tests/test_architectures.py runs every check on each.
-ARCHITECTURES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3", "smolvlm2"]
+ARCHITECTURES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3", "smolvlm2", "llava_onevision"]
 
 
 def word_tokenizer(specials: list[str], extra_words: list[str] = (), named: dict[str, str] | None = None
@@ -308,6 +308,54 @@ def save_tiny_gemma3(out: Path, hidden: int = 64) -> Path:
     torch.manual_seed(0)
     model = Gemma3ForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+# LLaVA-OneVision's chat template (llava-hf/llava-onevision-qwen2-7b-ov-hf, as transformers'
+# conversion script writes it): images, then videos, then the text of each turn.
+LLAVA_ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+    "{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# Crops of 32 px, in grids up to 2×2.
+PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+
+def save_tiny_llava_onevision(out: Path, hidden: int = 64) -> Path:
+    """SigLIP at 32 px (4×4 features a crop), anyres over PINPOINTS, a Qwen2 decoder."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor,
+                              SiglipVisionConfig)
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+    from minivlm.models.processor import ImagesOnly
+
+    tokenizer = word_tokenizer(["<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+                               CHAT_WORDS + ["system", "user", "assistant"])
+    images = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
+    processor = LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer, video_processor=ImagesOnly(),
+                                        num_image_tokens=16, vision_feature_select_strategy="full",
+                                        chat_template=LLAVA_ONEVISION_TEMPLATE)
+    ids = tokenizer.convert_tokens_to_ids
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=32, patch_size=8, vision_use_head=False),
+        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=hidden,
+                         intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=ids("<|im_end|>")),
+        image_token_id=ids("<image>"), video_token_id=ids("<video>"), image_grid_pinpoints=PINPOINTS,
+        vision_feature_select_strategy="full", vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = ids("<|im_end|>")
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -8,6 +8,7 @@ A family module provides:
   LORA_TARGETS      modules wrapped by LoRA by default (suffix names)
   LORA_SKIP         modules never adapted by default
   RESOLUTION        the processor's resolution controls that model.processor may set (processor.py)
+  MODEL_RESOLUTION  (optional) those of them the model's config holds too, set on both
   load_processor(path, trust_remote_code, **resolution)      -> the family's real processor
   training_batch(processor, images, dialogs, system)          -> tensors incl. labels (-100 = no loss)
   generation_batch(processor, images, prompts, system)       -> left-padded tensors for model.generate
@@ -29,7 +30,8 @@ from types import ModuleType
 # name of a config, all `train.py --help` or a config mistake needs, should not.
 FAMILIES: dict[str, str] = {name: f"minivlm.models.{name}"
                             for name in ("paligemma", "idefics2", "idefics", "smolvlm", "llava_phi2", "qwen2_5_vl",
-                                         "qwen2_vl", "qwen3_vl", "gemma3", "smolvlm2")}
+                                         "qwen2_vl", "qwen3_vl", "gemma3", "smolvlm2",
+                                         "llava_onevision")}
 DEFAULT = "paligemma"  # model.family when a config leaves it out
 
 

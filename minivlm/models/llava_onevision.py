@@ -1,0 +1,57 @@
+"""LLaVA-OneVision (llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf): SigLIP at 384 px (27 × 27
+patches) -> 2-layer MLP projector -> Qwen2 decoder, in ChatML.
+
+AnyRes: the processor picks, among image_grid_pinpoints, the resolution that best fits the
+image, cuts it into crops of 384 px and adds the whole image scaled down: 1 + crops images
+through the tower. In the text the whole image is 729 tokens, the crops one grid of features
+with the padding cropped away and an image_newline after each row; a grid of more than
+anyres_max_9 crops' worth (9 × 729) is interpolated down to about that. The model splits the
+tower's output by the same pinpoints, read from its own config: image_grid_pinpoints is set on
+both (MODEL_RESOLUTION), or features and image tokens would not match.
+"""
+
+import math
+from functools import partial
+
+from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+
+from minivlm.models import Layout, chat, from_config, processor
+
+NAME = "LLaVA-OneVision"
+MODEL_CLASS = LlavaOnevisionForConditionalGeneration
+CHAT = True  # a chat template: a system turn and multi-turn dialogs
+QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_SKIP = ["vision_tower", "multi_modal_projector"]
+RESOLUTION = ("image_grid_pinpoints",)  # [[height, width], ...]: the grids of 384 px crops allowed
+MODEL_RESOLUTION = ("image_grid_pinpoints",)
+END_OF_TURN = "<|im_end|>"
+
+load_processor = partial(processor.load, video=LlavaOnevisionProcessor)
+training_batch = partial(chat.training_batch, end_of_turn=END_OF_TURN)
+generation_batch = chat.generation_batch
+skeleton = partial(from_config, MODEL_CLASS)
+
+
+def layout(model: LlavaOnevisionForConditionalGeneration, preprocessor: dict) -> Layout:
+    """The largest grid the pinpoints allow: its crops' features (capped at anyres_max_N crops'
+    worth, as the processor caps them) and a newline per row, plus the whole image's."""
+    c = model.config
+    v = c.vision_config
+    side = v.image_size // v.patch_size  # features per crop edge: 27
+    pinpoints = preprocessor.get("image_grid_pinpoints") or c.image_grid_pinpoints
+    most = int(c.vision_aspect_ratio.removeprefix("anyres_max_"))
+
+    def grid_tokens(height: int, width: int) -> int:
+        rows, cols = side * height // v.image_size, side * width // v.image_size
+        ratio = math.sqrt(rows * cols / (most * side ** 2))
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
+        return rows * cols + rows
+
+    n = side ** 2 + max(grid_tokens(h, w) for h, w in pinpoints)
+    crops = max(h * w // v.image_size ** 2 for h, w in pinpoints)
+    how = (f"up to {n} image tokens ({side}² for the whole image + a grid of up to {crops} crops, "
+           f"newlines included, capped at {c.vision_aspect_ratio})")
+    return Layout(c.get_text_config(), v.hidden_size, v.intermediate_size, n, 1 + crops, side ** 2, how,
+                  vision_hidden_states=v.num_hidden_layers + 1)
