@@ -82,7 +82,7 @@ from torch import nn
 from minivlm.build import DTYPES
 from minivlm.config import Config, ConfigError
 from minivlm.distributed import layer_class_names
-from minivlm.models import Layout, get_family
+from minivlm.models import Layout, get_family, processor
 from minivlm.modules import matches
 
 GiB = 1024 ** 3
@@ -240,12 +240,15 @@ def _weight_terms(plan: Plan, model: nn.Module, cfg: Config, family: ModuleType)
 
 
 def _preprocessor(path: str) -> dict:
-    """The image processor's saved settings: preprocessor_config.json (hub checkpoints), or the
-    "image_processor" of processor_config.json (what transformers 5 writes); {} if neither."""
+    """The image processor's settings as a call uses them: preprocessor_config.json (hub
+    checkpoints) or the "image_processor" of processor_config.json (what transformers 5 writes),
+    under the processor class's call-time defaults (processor.call_settings); {} if neither."""
     single, joint = Path(path) / "preprocessor_config.json", Path(path) / "processor_config.json"
-    if single.is_file():
-        return json.loads(single.read_text())
-    return json.loads(joint.read_text()).get("image_processor", {}) if joint.is_file() else {}
+    outer = json.loads(joint.read_text()) if joint.is_file() else {}
+    saved = json.loads(single.read_text()) if single.is_file() else outer.get("image_processor", {})
+    if not saved:
+        return {}
+    return processor.call_settings(saved, saved.get("processor_class") or outer.get("processor_class"))
 
 
 def _per_token_layer_bytes(tc, e: int, cfg: Config) -> int:

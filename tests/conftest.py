@@ -158,3 +158,9 @@ def tiny_smolvlm2(tmp_path_factory) -> Path:
 def tiny_llava_onevision(tmp_path_factory) -> Path:
     from tiny import save_tiny_llava_onevision
     return save_tiny_llava_onevision(tmp_path_factory.mktemp("tiny-llava_onevision"))
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl(tmp_path_factory) -> Path:
+    from tiny import save_tiny_internvl
+    return save_tiny_internvl(tmp_path_factory.mktemp("tiny-internvl"))

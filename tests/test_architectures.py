@@ -134,8 +134,10 @@ SMOLVLM = [({"do_image_splitting": False, "size": {"longest_edge": 32}}, (64, 64
 # features exceed anyres_max_9's 9 crops' worth and are scaled down to 12² (+ 12 newlines).
 ONEVISION = [({"image_grid_pinpoints": [[32, 32]]}, (128, 128)),
              ({"image_grid_pinpoints": [[32, 32], [128, 128]]}, (128, 128))]
+# InternVL: a wide image as one tile, or as up to 4 tiles (2×2, 1×4...) + the thumbnail.
+INTERNVL = [({"crop_to_patches": False}, (128, 32)), ({"crop_to_patches": True, "max_patches": 4}, (128, 32))]
 RESOLUTIONS = {"qwen2_5_vl": QWEN, "qwen2_vl": QWEN, "qwen3_vl": QWEN, "gemma3": GEMMA3, "smolvlm2": SMOLVLM,
-               "llava_onevision": ONEVISION}
+               "llava_onevision": ONEVISION, "internvl": INTERNVL}
 # An image of few tokens beside the large one. Idefics3's processor scales every image up or down
 # to size.longest_edge: there only a flatter one is fewer tiles.
 SMALL = {"smolvlm2": (64, 16)}
@@ -212,6 +214,19 @@ def test_dry_run_counts_image_tokens_at_the_configured_resolution():
     assert default.vision_transient > 20 * recipe.vision_transient
 
 
+def test_the_plan_counts_what_the_processor_does_at_call_time(tiny_internvl, tmp_path):
+    """InternVL's image processor is saved with crop_to_patches off, and its processor turns it on
+    at every call: the plan counts the tiles the processor really makes."""
+    from minivlm.models import internvl
+    processor = internvl.load_processor(str(tiny_internvl))
+    assert not processor.image_processor.crop_to_patches
+    batch = internvl.training_batch(processor, images([(128, 32)]), [[("where is the shape", "top left")]])
+    tokens = int((batch["input_ids"] == image_token_id(processor)).sum())
+    assert tokens > 4  # more than one tile's
+    plan = plan_memory(tiny_config(tiny_internvl, tmp_path, tmp_path / "run", family="internvl"))
+    assert f"up to {tokens} image tokens" in plan.tokens
+
+
 def test_an_unknown_resolution_key_is_named_with_the_known_ones(arch, tmp_path):
     from minivlm.build import load_processor
     from minivlm.config import ConfigError
@@ -255,7 +270,8 @@ RECIPES = {"qwen2_5_vl": ("qwen2_5_vl.toml", "Qwen2.5-VL-7B-Instruct", 8.29e9),
            "qwen3_vl": ("qwen3_vl.toml", "Qwen3-VL-4B-Instruct", 4.44e9),
            "gemma3": ("gemma3.toml", "gemma-3-4b-it", 4.30e9),
            "smolvlm2": ("smolvlm2.toml", "SmolVLM2-2.2B-Instruct", 2.25e9),
-           "llava_onevision": ("llava_onevision.toml", "llava-onevision-qwen2-7b-ov-hf", 8.03e9)}
+           "llava_onevision": ("llava_onevision.toml", "llava-onevision-qwen2-7b-ov-hf", 8.03e9),
+           "internvl": ("internvl.toml", "InternVL3-8B-hf", 7.94e9)}
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

@@ -29,7 +29,7 @@ CHAT_WORDS = ["User", "Assistant", "System", ":"]
 
 # Today's families, each with a save_tiny_<name> below (and a tiny_<name> fixture in conftest.py):
 # tests/test_architectures.py runs every check on each.
-ARCHITECTURES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3", "smolvlm2", "llava_onevision"]
+ARCHITECTURES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3", "smolvlm2", "llava_onevision", "internvl"]
 
 
 def word_tokenizer(specials: list[str], extra_words: list[str] = (), named: dict[str, str] | None = None
@@ -354,6 +354,46 @@ def save_tiny_llava_onevision(out: Path, hidden: int = 64) -> Path:
         vision_feature_select_strategy="full", vision_feature_layer=-1)
     torch.manual_seed(0)
     model = LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = ids("<|im_end|>")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+# InternVL's chat template (transformers' conversion script for the OpenGVLab/InternVL3-*-hf checkpoints).
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\\n' }}{% elif content['type'] == 'video' %}{{ '<video>\\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def save_tiny_internvl(out: Path, hidden: int = 64) -> Path:
+    """InternViT at 32 px (4×4 patches of 8, pixel-shuffled to 4 tokens a tile), tiles of 32 px
+    up to 4 and a thumbnail, a Qwen2 decoder."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from minivlm.models.processor import ImagesOnly
+
+    named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+             "video_token": "<video>"}
+    tokenizer = word_tokenizer(["<|im_start|>", "<|im_end|>"], CHAT_WORDS + ["system", "user", "assistant"], named)
+    images = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, max_patches=4)
+    processor = InternVLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=ImagesOnly(),
+                                  image_seq_length=4, chat_template=INTERNVL_TEMPLATE)
+    ids = tokenizer.convert_tokens_to_ids
+    config = InternVLConfig(
+        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=[32, 32], patch_size=[8, 8]),
+        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=hidden,
+                         intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=ids("<|im_end|>")),
+        image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=4, downsample_ratio=0.5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.save_pretrained(out)

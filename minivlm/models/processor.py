@@ -18,6 +18,7 @@ torchvision is installed is untested here.)
 
 from __future__ import annotations
 
+import transformers
 import transformers.processing_utils
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 from transformers.utils import is_torchvision_available
@@ -66,6 +67,17 @@ def load(name_or_path: str, trust_remote_code: bool = False, video: type | None 
     defaults = getattr(type(processor), "images_kwargs", {})
     processor.images_kwargs = {**defaults, **{k: v for k, v in resolution.items() if k in defaults}}
     return processor
+
+
+def call_settings(saved: dict, processor_class: str | None) -> dict:
+    """The image settings a call of the processor uses, for the planner: the image processor's
+    saved ones under the processor class's call-time defaults, which win over them (InternVL's
+    crop_to_patches, Gemma 3's pan-and-scan); model.processor's keys win over both (load())."""
+    try:
+        defaults = getattr(transformers, processor_class or "", None)
+    except ImportError:  # a processor class that needs torchvision (Pixtral's): no defaults known here
+        defaults = None
+    return {**saved, **getattr(defaults, "images_kwargs", {})}
 
 
 def _images_only(cls: type, name_or_path: str, resolution: dict):
