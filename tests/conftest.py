@@ -164,3 +164,9 @@ def tiny_llava_onevision(tmp_path_factory) -> Path:
 def tiny_internvl(tmp_path_factory) -> Path:
     from tiny import save_tiny_internvl
     return save_tiny_internvl(tmp_path_factory.mktemp("tiny-internvl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral3(tmp_path_factory) -> Path:
+    from tiny import save_tiny_mistral3
+    return save_tiny_mistral3(tmp_path_factory.mktemp("tiny-mistral3"))

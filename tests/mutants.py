@@ -247,7 +247,7 @@ MUTANTS = [
     m("onevision.crop-cap-ignored", "minivlm/models/llava_onevision.py", "if ratio > 1.1:", "if ratio > 1e9:",
       "test_architectures.py::test_planned_activations_match_what_autograd_saves_at_two_resolutions"),
     m("plan.call-time-defaults-ignored", "minivlm/models/processor.py",
-      'return {**saved, **getattr(defaults, "images_kwargs", {})}', "return saved",
+      "return {**saved, **defaults}", "return saved",
       "test_architectures.py::test_the_plan_counts_what_the_processor_does_at_call_time"),
     m("steps.same-order-every-epoch", "minivlm/steps.py", "manual_seed(seed * 100_003 + epoch)", "manual_seed(seed * 100_003)",
       "test_data.py::test_epoch_batches_cover_every_sample_once_and_reshuffle"),

@@ -137,7 +137,9 @@ ONEVISION = [({"image_grid_pinpoints": [[32, 32]]}, (128, 128)),
 # InternVL: a wide image as one tile, or as up to 4 tiles (2×2, 1×4...) + the thumbnail.
 INTERNVL = [({"crop_to_patches": False}, (128, 32)), ({"crop_to_patches": True, "max_patches": 4}, (128, 32))]
 RESOLUTIONS = {"qwen2_5_vl": QWEN, "qwen2_vl": QWEN, "qwen3_vl": QWEN, "gemma3": GEMMA3, "smolvlm2": SMOLVLM,
-               "llava_onevision": ONEVISION, "internvl": INTERNVL}
+               "llava_onevision": ONEVISION, "internvl": INTERNVL,
+               # Mistral 3: a 64 px image at longest_edge 32 (2×2 tokens) or 64 (4×4).
+               "mistral3": [({"size": {"longest_edge": 32}}, (64, 64)), ({"size": {"longest_edge": 64}}, (64, 64))]}
 # An image of few tokens beside the large one. Idefics3's processor scales every image up or down
 # to size.longest_edge: there only a flatter one is fewer tiles.
 SMALL = {"smolvlm2": (64, 16)}
@@ -271,7 +273,8 @@ RECIPES = {"qwen2_5_vl": ("qwen2_5_vl.toml", "Qwen2.5-VL-7B-Instruct", 8.29e9),
            "gemma3": ("gemma3.toml", "gemma-3-4b-it", 4.30e9),
            "smolvlm2": ("smolvlm2.toml", "SmolVLM2-2.2B-Instruct", 2.25e9),
            "llava_onevision": ("llava_onevision.toml", "llava-onevision-qwen2-7b-ov-hf", 8.03e9),
-           "internvl": ("internvl.toml", "InternVL3-8B-hf", 7.94e9)}
+           "internvl": ("internvl.toml", "InternVL3-8B-hf", 7.94e9),
+           "mistral3": ("mistral3.toml", "Mistral-Small-3.1-24B-Instruct-2503", 24.0e9)}
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

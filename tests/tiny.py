@@ -29,7 +29,7 @@ CHAT_WORDS = ["User", "Assistant", "System", ":"]
 
 # Today's families, each with a save_tiny_<name> below (and a tiny_<name> fixture in conftest.py):
 # tests/test_architectures.py runs every check on each.
-ARCHITECTURES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3", "smolvlm2", "llava_onevision", "internvl"]
+ARCHITECTURES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3", "smolvlm2", "llava_onevision", "internvl", "mistral3"]
 
 
 def word_tokenizer(specials: list[str], extra_words: list[str] = (), named: dict[str, str] | None = None
@@ -396,6 +396,62 @@ def save_tiny_internvl(out: Path, hidden: int = 64) -> Path:
     model = InternVLForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = ids("<|im_end|>")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+# Mistral Small 3.1's chat template (mistralai/Mistral-Small-3.1-24B-Instruct-2503), from memory and
+# with its default system prompt shortened: a system turn in [SYSTEM_PROMPT], each user turn in
+# [INST] ... [/INST], each answer closed by eos.
+MISTRAL3_TEMPLATE = (
+    "{%- set today = strftime_now('%Y-%m-%d') %}"
+    "{%- set default_system_message = 'You are a helpful assistant. Today is ' + today + '.' %}"
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- if messages[0]['content'] is string %}{%- set system_message = messages[0]['content'] %}"
+    "{%- else %}{%- set system_message = messages[0]['content'][0]['text'] %}{%- endif %}"
+    "{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = default_system_message %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if message['content'] is string %}{{- '[INST]' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST]' }}{%- for block in message['content'] %}"
+    "{%- if block['type'] == 'text' %}{{- block['text'] }}"
+    "{%- elif block['type'] in ['image', 'image_url'] %}{{- '[IMG]' }}"
+    "{%- else %}{{- raise_exception('Only text and image blocks are supported in message content!') }}{%- endif %}"
+    "{%- endfor %}{{- '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{%- if message['content'] is string %}{{- message['content'] + eos_token }}"
+    "{%- else %}{{- message['content'][0]['text'] + eos_token }}{%- endif %}"
+    "{%- else %}{{- raise_exception('Only user, system and assistant roles are supported!') }}{%- endif %}"
+    "{%- endfor %}")
+
+
+def save_tiny_mistral3(out: Path, hidden: int = 64) -> Path:
+    """Pixtral at up to 64 px (patches of 8, merged 2×2: 16 px a token), a Mistral decoder."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+    from minivlm.models.processor import pixtral_processor
+
+    tokenizer = word_tokenizer(["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]",
+                                "[IMG_END]"], CHAT_WORDS + ["You", "are", "a", "helpful", "assistant", "Today", "is",
+                                                            "."])
+    images = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8})
+    processor = pixtral_processor()(image_processor=images, tokenizer=tokenizer, patch_size=8, spatial_merge_size=2,
+                                    chat_template=MISTRAL3_TEMPLATE)
+    config = Mistral3Config(
+        vision_config=PixtralVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                                          num_attention_heads=2, head_dim=hidden // 2, image_size=64, patch_size=8),
+        text_config=MistralConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                  max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Mistral3ForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -31,7 +31,7 @@ from types import ModuleType
 FAMILIES: dict[str, str] = {name: f"minivlm.models.{name}"
                             for name in ("paligemma", "idefics2", "idefics", "smolvlm", "llava_phi2", "qwen2_5_vl",
                                          "qwen2_vl", "qwen3_vl", "gemma3", "smolvlm2",
-                                         "llava_onevision", "internvl")}
+                                         "llava_onevision", "internvl", "mistral3")}
 DEFAULT = "paligemma"  # model.family when a config leaves it out
 
 

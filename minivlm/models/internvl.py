@@ -24,7 +24,7 @@ LORA_SKIP = ["vision_tower", "multi_modal_projector"]  # the ViT's attention has
 RESOLUTION = ("crop_to_patches", "min_patches", "max_patches")
 END_OF_TURN = "<|im_end|>"
 
-load_processor = partial(processor.load, video=InternVLProcessor)
+load_processor = partial(processor.load, parts=InternVLProcessor)
 training_batch = partial(chat.training_batch, end_of_turn=END_OF_TURN)
 generation_batch = chat.generation_batch
 skeleton = partial(from_config, MODEL_CLASS)

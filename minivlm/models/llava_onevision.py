@@ -27,7 +27,7 @@ RESOLUTION = ("image_grid_pinpoints",)  # [[height, width], ...]: the grids of 3
 MODEL_RESOLUTION = ("image_grid_pinpoints",)
 END_OF_TURN = "<|im_end|>"
 
-load_processor = partial(processor.load, video=LlavaOnevisionProcessor)
+load_processor = partial(processor.load, parts=LlavaOnevisionProcessor)
 training_batch = partial(chat.training_batch, end_of_turn=END_OF_TURN)
 generation_batch = chat.generation_batch
 skeleton = partial(from_config, MODEL_CLASS)

@@ -10,10 +10,11 @@ memory planner (plan.py) counts image tokens with the same values.
 The processors of models that also read video (Qwen-VL, SmolVLM2, LLaVA-OneVision, InternVL)
 hold a video processor, and transformers' video processors need torchvision, which cannot be
 installed beside this project's torch. Without it AutoProcessor refuses to load them at all;
-`load(..., video=<the processor class>)` then builds the processor from its parts, `ImagesOnly`
+`load(..., parts=<the processor class>)` then builds the processor from its parts, `ImagesOnly`
 in the video processor's place: images work exactly as with the real one, a video is one clear
 error. (Saved, such a processor writes an empty video processor entry; loading it where
-torchvision is installed is untested here.)
+torchvision is installed is untested here.) Mistral 3's PixtralProcessor reads no video, but
+transformers only exports it with torchvision installed: `pixtral_processor()` imports it.
 """
 
 from __future__ import annotations
@@ -53,11 +54,11 @@ class ImagesOnly(VideoProcessorMixin):
         return None
 
 
-def load(name_or_path: str, trust_remote_code: bool = False, video: type | None = None, **resolution):
+def load(name_or_path: str, trust_remote_code: bool = False, parts: type | None = None, **resolution):
     """The checkpoint's processor; its image processor built with `resolution` (model.processor).
-    `video`: the family's processor class, if it also reads video."""
-    if video is not None and not is_torchvision_available():
-        processor = _images_only(video, name_or_path, resolution)
+    `parts`: the family's processor class, if AutoProcessor cannot build it without torchvision."""
+    if parts is not None and not is_torchvision_available():
+        processor = _from_parts(parts, name_or_path, resolution)
     else:
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         if resolution:  # from_pretrained's kwargs override the saved config before __init__ reads it
@@ -74,17 +75,29 @@ def call_settings(saved: dict, processor_class: str | None) -> dict:
     saved ones under the processor class's call-time defaults, which win over them (InternVL's
     crop_to_patches, Gemma 3's pan-and-scan); model.processor's keys win over both (load())."""
     try:
-        defaults = getattr(transformers, processor_class or "", None)
-    except ImportError:  # a processor class that needs torchvision (Pixtral's): no defaults known here
-        defaults = None
-    return {**saved, **getattr(defaults, "images_kwargs", {})}
+        defaults = getattr(getattr(transformers, processor_class or "", None), "images_kwargs", {})
+    except ImportError:  # a processor class transformers exports only with torchvision (Pixtral's, which has none)
+        defaults = {}
+    return {**saved, **defaults}
 
 
-def _images_only(cls: type, name_or_path: str, resolution: dict):
+def _from_parts(cls: type, name_or_path: str, resolution: dict):
     processor_dict, kwargs = cls.get_processor_dict(name_or_path)  # chat template and processor_config.json
     parts = {"image_processor": AutoImageProcessor.from_pretrained(name_or_path, **resolution),
              "tokenizer": AutoTokenizer.from_pretrained(name_or_path), "video_processor": ImagesOnly()}
     return cls.from_args_and_dict([parts[a] for a in cls.get_attributes()], processor_dict, **kwargs)
+
+
+def pixtral_processor() -> type:
+    """transformers' PixtralProcessor. Its module imports one helper from the torchvision image
+    processor's module (for _get_num_multimodal_tokens, which serving code calls; processing does
+    not); the PIL image processor's module has the same function, and stands in for it here."""
+    import sys
+
+    from transformers.models.pixtral import image_processing_pil_pixtral
+    sys.modules.setdefault("transformers.models.pixtral.image_processing_pixtral", image_processing_pil_pixtral)
+    from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+    return PixtralProcessor
 
 
 def image_token_id(processor) -> int | None:

@@ -28,7 +28,7 @@ LORA_SKIP = ["visual"]  # the ViT's blocks have gate/up/down_proj too
 RESOLUTION = ("min_pixels", "max_pixels")  # h·w bounds of each image, in pixels
 END_OF_TURN = "<|im_end|>"
 
-load_processor = partial(processor.load, video=Qwen2_5_VLProcessor)
+load_processor = partial(processor.load, parts=Qwen2_5_VLProcessor)
 training_batch = partial(chat.training_batch, end_of_turn=END_OF_TURN)
 generation_batch = chat.generation_batch
 skeleton = partial(from_config, MODEL_CLASS)

@@ -13,7 +13,7 @@ from minivlm.models.qwen2_5_vl import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGET
 
 NAME = "Qwen2-VL"
 MODEL_CLASS = Qwen2VLForConditionalGeneration
-load_processor = partial(processor.load, video=Qwen2VLProcessor)
+load_processor = partial(processor.load, parts=Qwen2VLProcessor)
 skeleton = partial(from_config, MODEL_CLASS)
 
 

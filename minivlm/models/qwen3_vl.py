@@ -23,6 +23,6 @@ from minivlm.models.qwen2_5_vl import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGET
 
 NAME = "Qwen3-VL"
 MODEL_CLASS = Qwen3VLForConditionalGeneration
-load_processor = partial(processor.load, video=Qwen3VLProcessor)
+load_processor = partial(processor.load, parts=Qwen3VLProcessor)
 skeleton = partial(from_config, MODEL_CLASS)
 

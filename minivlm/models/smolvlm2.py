@@ -13,5 +13,5 @@ from minivlm.models.smolvlm import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGETS, 
 
 NAME = "SmolVLM2"
 MODEL_CLASS = SmolVLMForConditionalGeneration
-load_processor = partial(processor.load, video=SmolVLMProcessor)
+load_processor = partial(processor.load, parts=SmolVLMProcessor)
 skeleton = partial(from_config, MODEL_CLASS)
