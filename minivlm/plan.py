@@ -42,7 +42,10 @@ Activations (per step, for batch B × data.max_length tokens T: the worst case t
                    With dropout each adapter keeps its mask (1 byte) and dropped copy (e) of its
                    input; with lora.shared_dropout, once per distinct input.
   IDEFICS's gated cross-attention blocks (one every cross_layer_interval layers) are counted as
-  one more decoder layer each. Tokens with no trainable parameter upstream keep nothing (the
+  one more decoder layer each. Llama 3.2 Vision's cross-attention layers are among its decoder
+  layers, and read V vision positions a sample (tiles × patches): the projected states (e·h
+  each) and the T × V mask (e) once, every such layer's keys and values (2·e·kv each) and its
+  k_norm's fp32 copy of the keys (4·kv); one layer's when checkpointed. Tokens with no trainable parameter upstream keep nothing (the
   frozen vision tower: only a transient one-layer peak while it runs), so that is left out.
   With gradient checkpointing each layer keeps only its input (e·h per token) and one layer is
   recomputed at a time in backward: L·e·h + one layer's full set.
@@ -292,12 +295,21 @@ def _activation_terms(plan: Plan, layout: Layout, cfg: Config, largest_q: int, a
                       + answers * e * tc.hidden_size  # lm_head input at answer positions
                       + 4 * answers * tc.vocab_size)  # fp32 log-probabilities
     plan.act_saved += B * images * patches * e * layout.connector_saved_width
+    # Cross-attention to vision states: the projected states and the text × vision mask once, and
+    # each reading layer's keys and values, with k_norm's fp32 copy of the keys (under
+    # checkpointing, one layer's at a time).
+    kv = tc.num_key_value_heads * (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
+    cross_kv = B * layout.vision_states * (2 * e * kv + 4 * kv)
+    if layout.vision_states:
+        plan.act_saved += (B * layout.vision_states * e * (tc.hidden_size + T)
+                           + layout.vision_state_readers * cross_kv)
     # Alive only for a moment in backward, on top of what is saved:
     workspace = (tokens * 3 * e * tc.hidden_size  # gradients of the hidden states
                  + largest_q * e  # one dequantized 4-bit weight
                  + 8 * answers * tc.vocab_size)  # fp32 gradient of the log-probabilities and its input
     plan.act_full = plan.act_saved + workspace
-    plan.act_ckpt = plan.act_full - layer_saves + layers * tokens * e * tc.hidden_size + tokens * per_layer
+    plan.act_ckpt = (plan.act_full - layer_saves + layers * tokens * e * tc.hidden_size + tokens * per_layer
+                     - max(layout.vision_state_readers - 1, 0) * cross_kv)
     plan.vision_transient = B * images * patches * e * ((4 + layout.vision_hidden_states) * layout.vision_width
                                                          + 2 * layout.vision_intermediate)
     plan.tokens = (f"batch {B} × max_length {T} tokens, {layout.how}; logits at {answer_tokens} answer tokens/sample "

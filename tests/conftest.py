@@ -170,3 +170,9 @@ def tiny_internvl(tmp_path_factory) -> Path:
 def tiny_mistral3(tmp_path_factory) -> Path:
     from tiny import save_tiny_mistral3
     return save_tiny_mistral3(tmp_path_factory.mktemp("tiny-mistral3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mllama(tmp_path_factory) -> Path:
+    from tiny import save_tiny_mllama
+    return save_tiny_mllama(tmp_path_factory.mktemp("tiny-mllama"))

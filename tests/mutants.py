@@ -249,6 +249,8 @@ MUTANTS = [
     m("plan.call-time-defaults-ignored", "minivlm/models/processor.py",
       "return {**saved, **defaults}", "return saved",
       "test_architectures.py::test_the_plan_counts_what_the_processor_does_at_call_time"),
+    m("plan.cross-attention-keys-ignored", "minivlm/plan.py",
+      "+ layout.vision_state_readers * cross_kv)", "+ 0 * cross_kv)", "test_architectures.py::test_planned_activations_match_what_autograd_saves_at_two_resolutions"),
     m("steps.same-order-every-epoch", "minivlm/steps.py", "manual_seed(seed * 100_003 + epoch)", "manual_seed(seed * 100_003)",
       "test_data.py::test_epoch_batches_cover_every_sample_once_and_reshuffle"),
     m("paligemma.prompt-labelled", "minivlm/models/paligemma.py", 'batch["token_type_ids"] == 0', 'batch["attention_mask"] == 0',

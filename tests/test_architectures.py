@@ -36,6 +36,12 @@ def arch(request):
     return request.param, request.getfixturevalue(f"tiny_{request.param}")
 
 
+@pytest.fixture(params=[a for a in ARCHITECTURES if get_family(a).RESOLUTION])
+def resizable(request):
+    """The architectures whose processor has resolution keys (Llama 3.2 Vision's has none)."""
+    return request.param, request.getfixturevalue(f"tiny_{request.param}")
+
+
 def images(sizes: list[tuple[int, int]]) -> list[Image.Image]:
     """Plain images of the given sizes, each its own colour: under dynamic resolution, each size
     is its own number of image tokens."""
@@ -139,10 +145,20 @@ INTERNVL = [({"crop_to_patches": False}, (128, 32)), ({"crop_to_patches": True, 
 RESOLUTIONS = {"qwen2_5_vl": QWEN, "qwen2_vl": QWEN, "qwen3_vl": QWEN, "gemma3": GEMMA3, "smolvlm2": SMOLVLM,
                "llava_onevision": ONEVISION, "internvl": INTERNVL,
                # Mistral 3: a 64 px image at longest_edge 32 (2×2 tokens) or 64 (4×4).
-               "mistral3": [({"size": {"longest_edge": 32}}, (64, 64)), ({"size": {"longest_edge": 64}}, (64, 64))]}
+               "mistral3": [({"size": {"longest_edge": 32}}, (64, 64)), ({"size": {"longest_edge": 64}}, (64, 64))],
+               # Llama 3.2 Vision has no resolution keys: an image of one tile, one of 2×2 (both padded to 4).
+               "mllama": [({}, (64, 64)), ({}, (128, 128))]}
 # An image of few tokens beside the large one. Idefics3's processor scales every image up or down
 # to size.longest_edge: there only a flatter one is fewer tiles.
 SMALL = {"smolvlm2": (64, 16)}
+
+
+def counted(name: str, batch: dict, processor) -> str:
+    """What the plan must say it counted of the first row's image: its image tokens, or for
+    Llama 3.2 Vision (no image tokens; the image enters by cross-attention) its tiles."""
+    if name == "mllama":
+        return f"up to {batch['pixel_values'].shape[2]} tiles"
+    return f"{int((batch['input_ids'][0] == image_token_id(processor)).sum())} image tokens"
 
 
 @pytest.mark.parametrize("setting", [0, 1])
@@ -156,11 +172,10 @@ def test_planned_activations_match_what_autograd_saves_at_two_resolutions(arch, 
     built = build(cfg)
     batch = built.family.training_batch(built.processor, images([size, size]),
                                         [[("what shape is it", "a red circle")]] * 2)
-    image_tokens = int((batch["input_ids"][0] == image_token_id(built.processor)).sum())
     cfg.data.max_length = batch["input_ids"].shape[1]
     answer_tokens = int((batch["labels"][:, 1:] != -100).sum()) / 2
     plan = plan_memory(cfg, answer_tokens=answer_tokens)
-    assert f"{image_tokens} image tokens" in plan.tokens  # the plan counted this resolution's tokens
+    assert counted(name, batch, built.processor) in plan.tokens  # the plan counted this resolution's tokens
     actual = saved_for_backward(built.model, lambda: sft.answer_loss_sum(cfg, built, batch).backward())
     assert abs(plan.act_saved - actual) < 0.15 * actual, (plan.act_saved, actual)
 
@@ -229,10 +244,10 @@ def test_the_plan_counts_what_the_processor_does_at_call_time(tiny_internvl, tmp
     assert f"up to {tokens} image tokens" in plan.tokens
 
 
-def test_an_unknown_resolution_key_is_named_with_the_known_ones(arch, tmp_path):
+def test_an_unknown_resolution_key_is_named_with_the_known_ones(resizable, tmp_path):
     from minivlm.build import load_processor
     from minivlm.config import ConfigError
-    name, path = arch
+    name, path = resizable
     cfg = tiny_config(path, tmp_path, tmp_path / "run", family=name)
     cfg.model.processor = {"max_pixel": 1024}
     family = get_family(name)
@@ -240,13 +255,13 @@ def test_an_unknown_resolution_key_is_named_with_the_known_ones(arch, tmp_path):
         load_processor(cfg)
 
 
-def test_a_sample_too_long_for_max_length_is_dropped_whole_and_named(arch, tmp_path):
+def test_a_sample_too_long_for_max_length_is_dropped_whole_and_named(resizable, tmp_path):
     """Under dynamic resolution a large image alone can exceed data.max_length: that sample is
     dropped, with its length, its image tokens and the keys that shrink them; the rest is
     processed again, its image tokens and pixels intact."""
     from minivlm.batches import within_max_length
     from minivlm.config import DataConfig
-    name, path = arch
+    name, path = resizable
     family = get_family(name)
     resolution, large = RESOLUTIONS[name][1]  # the setting under which an image can be many tokens
     processor = family.load_processor(str(path), **resolution)
@@ -274,7 +289,8 @@ RECIPES = {"qwen2_5_vl": ("qwen2_5_vl.toml", "Qwen2.5-VL-7B-Instruct", 8.29e9),
            "smolvlm2": ("smolvlm2.toml", "SmolVLM2-2.2B-Instruct", 2.25e9),
            "llava_onevision": ("llava_onevision.toml", "llava-onevision-qwen2-7b-ov-hf", 8.03e9),
            "internvl": ("internvl.toml", "InternVL3-8B-hf", 7.94e9),
-           "mistral3": ("mistral3.toml", "Mistral-Small-3.1-24B-Instruct-2503", 24.0e9)}
+           "mistral3": ("mistral3.toml", "Mistral-Small-3.1-24B-Instruct-2503", 24.0e9),
+           "mllama": ("mllama.toml", "Llama-3.2-11B-Vision-Instruct", 10.67e9)}
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
@@ -289,9 +305,9 @@ def test_the_recipe_plans_to_fit_24_gib_on_the_real_checkpoint(name):
     assert plan.total() < 24 * GiB and not plan.notes
 
 
-def test_the_resolution_keys_reach_the_processor(arch):
+def test_the_resolution_keys_reach_the_processor(resizable):
     """The same large image is fewer tokens under the first setting than under the second."""
-    name, path = arch
+    name, path = resizable
     family = get_family(name)
     (small_setting, _), (large_setting, large) = RESOLUTIONS[name]
     counts = []

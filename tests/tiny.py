@@ -29,7 +29,7 @@ CHAT_WORDS = ["User", "Assistant", "System", ":"]
 
 # Today's families, each with a save_tiny_<name> below (and a tiny_<name> fixture in conftest.py):
 # tests/test_architectures.py runs every check on each.
-ARCHITECTURES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3", "smolvlm2", "llava_onevision", "internvl", "mistral3"]
+ARCHITECTURES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3", "smolvlm2", "llava_onevision", "internvl", "mistral3", "mllama"]
 
 
 def word_tokenizer(specials: list[str], extra_words: list[str] = (), named: dict[str, str] | None = None
@@ -452,6 +452,53 @@ def save_tiny_mistral3(out: Path, hidden: int = 64) -> Path:
     torch.manual_seed(0)
     model = Mistral3ForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+# Llama 3.2 Vision's chat template (meta-llama/Llama-3.2-11B-Vision-Instruct), simplified from memory:
+# its tools and its dated default system turn left out; each turn between headers, ended by <|eot_id|>.
+MLLAMA_TEMPLATE = (
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}"
+    "{%- if messages[0]['content'] is string %}{%- set system_message = messages[0]['content'] %}"
+    "{%- else %}{%- set system_message = messages[0]['content'][0]['text'] %}{%- endif %}"
+    "{%- set messages = messages[1:] %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + system_message + '<|eot_id|>' }}{%- endif %}"
+    "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+    "{%- for content in message['content'] %}{%- if content['type'] == 'image' %}{{- '<|image|>' }}"
+    "{%- elif content['type'] == 'text' %}{{- content['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+
+
+def save_tiny_mllama(out: Path, hidden: int = 64) -> Path:
+    """The ViT on up to 4 tiles of 64 px (64 patches of 8 + a class token each), one global layer;
+    a decoder of 4 layers, two of them gated cross-attention: the vision states they read are
+    most of what a sample keeps for backward, as with the real 4 × 1601 positions."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    tokenizer = word_tokenizer(["<|image|>", "<|python_tag|>", "<|start_header_id|>", "<|end_header_id|>",
+                                "<|eot_id|>"], CHAT_WORDS + ["system", "user", "assistant"])
+    images = MllamaImageProcessorPil(size={"height": 64, "width": 64}, max_image_tiles=4)
+    processor = MllamaProcessor(image_processor=images, tokenizer=tokenizer, chat_template=MLLAMA_TEMPLATE)
+    ids = tokenizer.convert_tokens_to_ids
+    config = MllamaConfig(
+        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_global_layers=1,
+                           attention_heads=2, image_size=64, patch_size=8, max_num_tiles=4,
+                           intermediate_layers_indices=[0], vision_output_dim=2 * hidden),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=4, cross_attention_layers=[1, 3], num_attention_heads=2,
+                         num_key_value_heads=1,
+                         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=ids("<|eot_id|>")),
+        image_token_index=ids("<|image|>"))
+    torch.manual_seed(0)
+    model = MllamaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = ids("<|eot_id|>")
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -31,7 +31,7 @@ from types import ModuleType
 FAMILIES: dict[str, str] = {name: f"minivlm.models.{name}"
                             for name in ("paligemma", "idefics2", "idefics", "smolvlm", "llava_phi2", "qwen2_5_vl",
                                          "qwen2_vl", "qwen3_vl", "gemma3", "smolvlm2",
-                                         "llava_onevision", "internvl", "mistral3")}
+                                         "llava_onevision", "internvl", "mistral3", "mllama")}
 DEFAULT = "paligemma"  # model.family when a config leaves it out
 
 
@@ -54,6 +54,10 @@ class Layout:
     cross_attention_layers: int = 0  # blocks every text token also goes through (IDEFICS's gated ones)
     vision_hidden_states: int = 2  # hidden states the tower hands back (LLaVA asks for all of them)
     connector_saved_width: int = 0  # per patch, what a connector trained in full keeps for backward
+    # Llama 3.2 Vision: the vision positions per sample that its cross-attention layers read, and
+    # how many such layers project them into keys and values of their own.
+    vision_states: int = 0
+    vision_state_readers: int = 0
 
 
 def from_config(model_class, path: str, dtype) -> object:
