@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.image:
             files = image_files(Path(args.image))
         from minivlm.build import build
-        from minivlm.checkpoint import load_adapter
+        from minivlm.checkpoint import load_adapter, write_atomic
         from minivlm.data import load_split, prompt_of, read_image
         from minivlm.evaluate import answer, evaluate
         if args.image:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{scored['metric']}: {scored['score']:.4f} on {scored['n']} samples")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        write_atomic(Path(args.out), "".join(json.dumps(row) + "\n" for row in rows).encode())
     return rows
 
 

@@ -4,7 +4,8 @@
 
 With data.eval_split set, the model is scored before and after training, and
 <output_dir>/metrics.json records both. SIGTERM or Ctrl-C saves the step in progress and exits
-(143 or 130); --resume continues from there. Every mistake found before training (config, paths,
+(143 or 130); --resume continues from there, and on a run whose training is done completes what
+a crash left of its end (minivlm/finish.py). Every mistake found before training (config, paths,
 data, a resume that would not continue the same run) is one `error:` line, before the model loads.
 
 Data-parallel on N devices (minivlm/distributed.py): one process per device, started by torchrun,
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import shlex
 import signal
@@ -142,11 +142,11 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     from minivlm.build import build, load_processor, pick_device
     from minivlm.checkpoint import load_adapter
     from minivlm.data import load_split, skipped_rows, warn_unknown_answers
-    from minivlm.evaluate import report, save_metrics
+    from minivlm.evaluate import report
+    from minivlm.finish import complete, measured_before, shown, trained_figures, trained_out, write_results
     from minivlm.loop import NonFiniteLoss, train
     from minivlm.models import get_family
     from minivlm.objectives import get_objective
-    from minivlm.plot import plot_run
     from minivlm.steps import total_steps
 
     objective = get_objective(cfg.train.objective)  # minivlm/objectives/: what a step optimizes
@@ -171,14 +171,13 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         eval_ds = load_split(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
         steps = total_steps(cfg.train, len(train_ds), world)
         if meta is not None:
-            if meta["step"] >= steps:
-                print(f"nothing to do: {resume} is at step {meta['step']}, and this run has {steps} steps; "
-                      "to train on, raise train.max_steps (or train.epochs) and --resume again")
-                return {"steps": meta["step"], "nothing_to_do": True}
+            if trained_out(cfg, meta, steps):
+                return complete(cfg, args, resume, meta, steps, eval_ds, objective)
+            print(f"resuming from {shown(resume)}: step {meta['step']} of {steps}")
             saved = {k: meta["config"]["train"][k] for k in ("max_steps", "epochs", "batch_size", "grad_accum")}
-            before = total_steps(dataclasses.replace(cfg.train, **saved), len(train_ds), world)
-            if before != steps and cfg.train.schedule != "constant":
-                print(f"note: {steps} steps instead of {before}: the {cfg.train.schedule} learning-rate schedule "
+            planned = total_steps(dataclasses.replace(cfg.train, **saved), len(train_ds), world)
+            if planned != steps and cfg.train.schedule != "constant":
+                print(f"note: {steps} steps instead of {planned}: the {cfg.train.schedule} learning-rate schedule "
                       f"is recomputed for {steps} steps from step {meta['step']} on (as the transformers "
                       "Trainer does on resume)")
         processor = load_processor(cfg)
@@ -196,10 +195,9 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     print(f"{len(built.quantized)} linears in 4-bit, {len(built.adapted)} with LoRA; trainable params "
           f"{built.trainable_params:,} of {built.total_params:,} ({100 * built.trainable_params / built.total_params:.2f}%)")
 
-    metrics, before = {"trainable_params": built.trainable_params, "total_params": built.total_params}, None
-    if eval_ds is not None:
-        before, entries = report("before", cfg, built, eval_ds, objective, state)
-        metrics.update(entries)
+    start = measured_before(cfg, built, eval_ds, objective, state, fresh=resume is None)
+    metrics, before = {"trainable_params": built.trainable_params, "total_params": built.total_params,
+                       **start["entries"]}, start["figures"] or None
     try:
         result = train(cfg, built, objective, train_ds, eval_ds=eval_ds, resume=resume, before=before, state=state)
     except NonFiniteLoss as e:
@@ -216,26 +214,12 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         print(f"{name}: stopped after step {result['step']}, saved in {Path(cfg.train.output_dir) / 'last'}; "
               f"continue with: {resume_command(args)}")
         sys.exit(128 + result["signal"])  # the shell's convention for "ended by signal N"
-    # JSON has no NaN: a run without one finite loss (every step skipped) stores null, and says so.
-    final_loss = result["loss"] if math.isfinite(result["loss"]) else None
-    if final_loss is None:
-        print("warning: no step of this run had a finite loss; final_loss is null in metrics.json")
-    metrics.update(train_seconds=result["train_seconds"], final_loss=final_loss, steps=result["step"])
-    if cfg.train.eval_every:
-        key = f"best_{cfg.train.best_by}"
-        metrics.update({key: result[key], "stopped_early": result["stopped_early"]})
+    metrics.update(trained_figures(cfg, result))
     if eval_ds is not None:
         metrics.update(report("after", cfg, built, eval_ds, objective, state)[1])
         print(f"training took {result['train_seconds']:.0f}s")
-    if not distributed.is_main():  # every rank scored the same gathered answers; rank 0 writes
-        distributed.close()
-        return metrics
-    out = save_metrics(cfg.train.output_dir, metrics)
-    title = f"{args.config}: {result['step']} steps, final train loss {result['loss']:.3g}"
-    plotted = objective.PLOTTED or cfg.data.metric
-    if eval_ds is not None:
-        title += f", {plotted} {metrics[f'{plotted}_before']:.3f} -> {metrics[f'{plotted}_after']:.3f}"
-    print(f"wrote {out} and {plot_run(cfg.train.output_dir, plotted, title)}")
+    if distributed.is_main():  # every rank scored the same gathered answers; rank 0 writes
+        write_results(cfg, args, metrics, objective, eval_ds is not None)
     distributed.close()
     return metrics
 

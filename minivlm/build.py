@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -136,7 +137,10 @@ def build(cfg: Config, processor: object | None = None) -> Built:
         # tower would then keep its activations and run backward for a gradient nobody reads.
         model.disable_input_require_grads()
     model.config.use_cache = False
-    torch.manual_seed(cfg.train.seed)  # A's random init
+    # A's random init; Python's RNG too (no library here draws from it, but a save keeps its state:
+    # seeded, two runs of one config save the same bytes).
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
     adapted = inject_lora(
         model,
         targets=family.LORA_TARGETS if cfg.lora.targets is None else cfg.lora.targets,

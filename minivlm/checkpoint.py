@@ -32,6 +32,8 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -130,12 +132,39 @@ def write_atomic(path: Path, data: bytes) -> None:
     _replace(tmp, path)
 
 
-def _point(link: Path, target: Path) -> None:
-    """Make `link` a relative symlink to `target`, replacing what was there in one rename."""
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Fill a directory that appears whole or not at all (an export): yields `<path>.tmp` to write
+    into, then renames it to `path`. A directory already there is replaced, moved aside first:
+    a crash leaves the old one, or none and the new one complete as `<path>.tmp`."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    _remove(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+    if path.exists():
+        _remove(old)
+        _replace(path, old)
+    _replace(tmp, path)
+    _remove(old)
+
+
+def _point(link: Path, target: Path) -> bool:
+    """Make `link` a relative symlink to `target`, replacing what was there in one rename; False
+    (and nothing touched) if it already is one."""
+    relative = os.path.relpath(target, link.parent)
+    if link.is_symlink() and os.readlink(link) == relative:
+        return False
     tmp = link.with_name(link.name + ".tmp")
     _remove(tmp)
-    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.symlink(relative, tmp)
     _replace(tmp, link)
+    return True
 
 
 def _meta(directory: Path) -> dict | None:
@@ -177,8 +206,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return saves[-1][0] if saves else None
 
 
-def recover(output_dir: str | Path, keep: int = 0, resumed: Path | None = None, best: str | None = None) -> None:
-    """Finish what a crash interrupted, before a run goes on.
+def recover(output_dir: str | Path, keep: int = 0, resumed: Path | None = None, best: str | None = None) -> list[str]:
+    """Finish what a crash interrupted, before a run goes on; returns what it did, in words
+    (nothing: the run was as it should be).
 
     Moves checkpoints of the earlier layout into checkpoints/; removes leftovers of interrupted
     saves; points `last` at the newest save and `best` at `best` (the name the resumed save's
@@ -187,24 +217,31 @@ def recover(output_dir: str | Path, keep: int = 0, resumed: Path | None = None, 
     """
     out = Path(output_dir)
     root = out / "checkpoints"
+    done = []
     for directory, meta in _legacy(out):
         root.mkdir(exist_ok=True)
         name = f"legacy-{directory.name.replace('.', '-')}-{meta['step']:08d}"
         _replace(directory, root / name)
+        done.append(f"moved {directory.name} to checkpoints/{name}")
         if directory.name.startswith("best"):
             best = name
     if not root.is_dir():
-        return
+        return done
     for leftover in [*root.glob("*.tmp"), *root.glob("*.del"), out / "last.tmp", out / "best.tmp"]:
-        _remove(leftover)
+        if leftover.exists() or leftover.is_symlink():
+            _remove(leftover)
+            done.append(f"removed the leftover {leftover.relative_to(out)}")
     saves = saved_checkpoints(out)
-    if saves:
-        _point(out / "last", saves[-1])
+    if saves and _point(out / "last", saves[-1]):
+        done.append(f"pointed last at {saves[-1].name}")
     if best is not None and (root / best).is_dir():
-        _point(out / "best", root / best)
-    elif best is not None:
+        if _point(out / "best", root / best):
+            done.append(f"pointed best at {best}")
+    elif best is not None and (out / "best").is_symlink():
         _remove(out / "best")  # pruned in the abandoned future: no save holds this run's best any more
-    _prune(out, saves, keep, protect=resumed)
+        done.append("removed best, whose save is gone")
+    pruned = _prune(out, saves, keep, protect=resumed)
+    return done + [f"pruned {p.name}" for p in pruned]
 
 
 def save_checkpoint(output_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -252,17 +289,18 @@ def save_checkpoint(output_dir: str | Path, model: nn.Module, optimizer: torch.o
     return final
 
 
-def _prune(out: Path, saves: list[Path], keep: int, protect: Path | None = None) -> None:
+def _prune(out: Path, saves: list[Path], keep: int, protect: Path | None = None) -> list[Path]:
     """Delete all but the `keep` newest of `saves` (oldest first), the best and `protect`
-    (keep = 0: delete none)."""
+    (keep = 0: delete none); returns the deleted."""
     if not keep:
-        return
+        return []
     spared = {p.resolve() for p in (out / "best", protect) if p is not None and p.exists()}
-    for old in saves[:-keep]:
-        if old.resolve() not in spared:
-            doomed = old.with_name(old.name + ".del")
-            _replace(old, doomed)  # no longer a checkpoint before any of its files goes
-            _remove(doomed)
+    doomed = [old for old in saves[:-keep] if old.resolve() not in spared]
+    for old in doomed:
+        gone = old.with_name(old.name + ".del")
+        _replace(old, gone)  # no longer a checkpoint before any of its files goes
+        _remove(gone)
+    return doomed
 
 
 def read_adapter(directory: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

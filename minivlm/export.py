@@ -27,7 +27,7 @@ from transformers import PreTrainedModel
 
 from minivlm import plain_warnings
 from minivlm.build import Built, build
-from minivlm.checkpoint import load_adapter
+from minivlm.checkpoint import atomic_directory, load_adapter
 from minivlm.config import Config, ConfigError, check_output_path, load_config
 from minivlm.lora import LoRALinear, merge_lora
 from minivlm.modules import replace_module
@@ -36,8 +36,6 @@ from minivlm.quant import dequantize
 
 def export_peft(cfg: Config, built: Built, out: str | Path) -> Path:
     """Write `built.model`'s adapters (and train_modules) in PEFT's LoRA layout."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, module in built.model.named_modules():
         if isinstance(module, LoRALinear):
@@ -46,7 +44,6 @@ def export_peft(cfg: Config, built: Built, out: str | Path) -> Path:
     for name, param in built.model.named_parameters():  # train_modules = PEFT's modules_to_save
         if param.requires_grad and not name.endswith((".lora_A", ".lora_B")):
             tensors[f"base_model.model.{name}"] = param.detach().contiguous()
-    save_file(tensors, out / "adapter_model.safetensors")
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": cfg.model.name_or_path,
         "r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
@@ -54,8 +51,10 @@ def export_peft(cfg: Config, built: Built, out: str | Path) -> Path:
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
         "use_rslora": False, "use_dora": False,
     }
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return out
+    with atomic_directory(out) as tmp:  # whole or absent: a crash never leaves half an adapter
+        save_file(tensors, tmp / "adapter_model.safetensors")
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return Path(out)
 
 
 def export_merged(built: Built, out: str | Path) -> Path:
@@ -67,8 +66,9 @@ def export_merged(built: Built, out: str | Path) -> Path:
     for name, module in list(model.named_modules()):
         if isinstance(module, bnb.nn.Linear4bit):  # quantized but not adapted
             replace_module(model, name, dequantize(module))
-    model.save_pretrained(out)
-    built.processor.save_pretrained(out)
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        built.processor.save_pretrained(tmp)
     return Path(out)
 
 

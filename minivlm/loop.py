@@ -149,8 +149,10 @@ class Run:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             # What a crash left half done (see checkpoint.py); `best` is the resumed save's idea of it.
-            recover(self.out, t.keep_checkpoints, resumed=Path(resume) if resume else None,
-                    best=self.best.get("best_checkpoint"))
+            done = recover(self.out, t.keep_checkpoints, resumed=Path(resume) if resume else None,
+                           best=self.best.get("best_checkpoint"))
+            if done:
+                print(f"recovered {self.out}: {'; '.join(done)}")
         # The other ranks log into the void: the same lines as rank 0's, which are written.
         self.log = open_log(self.out / "log.jsonl", keep_until=self.start) if self.main else open(os.devnull, "w")
         self.step, self.loss, self.nonfinite = self.start, float("nan"), 0
@@ -217,7 +219,7 @@ class Meter:
         self.samples += sum(len(idx) for idx in window)
         self.tokens += int(distributed.total(sum(int(b["attention_mask"].sum()) for b in batches), self.device))
         seconds = time.perf_counter() - self.t0
-        speed = {"samples_per_s": self.samples / seconds, "tokens_per_s": self.tokens / seconds}
+        speed = {"seconds": seconds, "samples_per_s": self.samples / seconds, "tokens_per_s": self.tokens / seconds}
         if self.peak:  # the share of the GPU's peak the step's math used
             speed["mfu"] = speed["tokens_per_s"] * self.flops_per_token / self.peak
         return speed

@@ -8,6 +8,7 @@ does not look like a leap.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from minivlm.checkpoint import write_atomic  # noqa: E402
 
 # The metrics whose scores do not lie in [0, 1]: CIDEr-D is 10 × a cosine, CLIPScore 2.5 × one.
 METRIC_MAX = {"cider_d": 10.0, "clip_score": 2.5}
@@ -58,7 +61,8 @@ def plot_run(output_dir: str | Path, metric: str, title: str = "") -> Path:
 
     fig.suptitle(title or output_dir.name)
     fig.tight_layout()
-    out = output_dir / "curves.png"
-    fig.savefig(out, dpi=100)
+    out, png = output_dir / "curves.png", io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    write_atomic(out, png.getvalue())  # a crash while writing leaves the old picture, never a cut one
     return out

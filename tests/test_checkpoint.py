@@ -194,7 +194,7 @@ def test_a_crash_at_any_filesystem_step_of_any_save_loses_nothing(tiny_paligemma
     def outcome(out):
         last, best = (out / "last").resolve(), (out / "best").resolve()
         meta = json.loads((last / "state.json").read_text())
-        log = [{k: v for k, v in json.loads(line).items() if not k.endswith("_per_s")}  # timings differ
+        log = [{k: v for k, v in json.loads(line).items() if not k.endswith("_per_s") and k != "seconds"}  # timings
                for line in (out / "log.jsonl").read_text().splitlines()]
         return {"last": [(last / f).read_bytes() for f in ("adapter.safetensors", "state.safetensors")],
                 "meta": (meta["step"], meta["loop"], meta["state"]), "best": (best / "adapter.safetensors").read_bytes(),
@@ -272,7 +272,7 @@ def test_a_crash_inside_recover_is_finished_by_the_next_one(tmp_path, monkeypatc
     expected, n_ops = outcome(tmp_path / "ref"), len(crash.ops)
     assert expected == {"saves": ["step-00000010", "step-00000012", "step-00000013"], "last": "step-00000013",
                         "best": "step-00000010", "leftovers": []}  # legacy-last-old-9 and 11 pruned
-    assert n_ops > 8
+    assert n_ops >= 8  # moves, leftovers removed, pointers swapped, prunes
     for k in range(1, n_ops + 1):
         out = tmp_path / f"crash{k}"
         crash.off()

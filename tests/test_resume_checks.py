@@ -40,7 +40,7 @@ def fake_checkpoint(argv: list[str], step: int) -> Path:
     cfg = load_config(parsed.config, parsed.set)
     directory = Path(cfg.train.output_dir) / "checkpoints" / f"step-{step:08d}"
     directory.mkdir(parents=True)
-    (directory / "state.json").write_text(json.dumps({"step": step, "saved": 1, "config": to_dict(cfg)}))
+    (directory / "state.json").write_text(json.dumps({"step": step, "saved": 1, "config": to_dict(cfg), "loop": {}}))
     (Path(cfg.train.output_dir) / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     return directory
 
@@ -75,12 +75,17 @@ def test_resume_allows_what_does_not_change_the_math(tiny_paligemma, shapes_data
 
 
 def test_resume_at_the_end_does_nothing_and_exits_0(tiny_paligemma, shapes_data, tmp_path, no_model_load, capsys):
+    """A run whose end is whole (last at the final save, metrics.json of its steps, curves.png)."""
+    from PIL import Image
     run = tmp_path / "run"
-    fake_checkpoint(args(tiny_paligemma, shapes_data, run), step=3)
+    save = fake_checkpoint(args(tiny_paligemma, shapes_data, run), step=3)
+    (run / "last").symlink_to(save.relative_to(run))
+    (run / "metrics.json").write_text('{"steps": 3, "final_loss": 1.0}')
+    Image.new("RGB", (8, 8)).save(run / "curves.png")
     before = files_of(run)
     assert train.main(args(tiny_paligemma, shapes_data, run) + ["--resume"]) == {"steps": 3, "nothing_to_do": True}
     assert "nothing to do" in capsys.readouterr().out
-    assert files_of(run) == before  # no metrics.json, no NaN, the log as it was
+    assert files_of(run) == before and (run / "last").resolve() == save  # nothing changed
 
 
 def test_nonfinite_loss_skips_steps_then_stops_saving_nothing(tiny_paligemma, shapes_data, tmp_path):
@@ -98,7 +103,7 @@ def test_nonfinite_loss_skips_steps_then_stops_saving_nothing(tiny_paligemma, sh
 
 def test_a_run_without_a_finite_loss_stores_null_not_nan(tiny_paligemma, shapes_data, tmp_path, monkeypatch, capsys):
     def train_without_a_finite_step(cfg, built, *a, **kw):
-        Path(cfg.train.output_dir).mkdir(parents=True)
+        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.train.output_dir) / "log.jsonl").write_text("")  # what a run of only skipped steps logs
         return {"step": 3, "loss": float("nan"), "train_seconds": 0.0, "best_metric": 0.0, "stopped_early": False,
                 "signal": None}
