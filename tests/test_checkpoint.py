@@ -283,3 +283,24 @@ def test_a_crash_inside_recover_is_finished_by_the_next_one(tmp_path, monkeypatc
         crash.off()
         recover(out, keep=2, best=best)
         assert outcome(out) == expected, f"crash at step {k} of {n_ops} of recover ({crash.ops[-1]})"
+
+
+def test_an_export_directory_appears_whole_or_not_at_all(tmp_path):
+    """atomic_directory (the exports): an export that fails half way leaves the one before it as
+    it was; one that succeeds replaces it whole, nothing of the old left inside."""
+    from minivlm.checkpoint import atomic_directory
+    out = tmp_path / "export"
+    with atomic_directory(out) as d:
+        (d / "adapter_model.safetensors").write_bytes(b"first")
+        (d / "old-only.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_model.safetensors", "old-only.json"]
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out) as d:
+            (d / "adapter_model.safetensors").write_bytes(b"sec")  # the process dies here
+            raise RuntimeError("killed")
+    assert (out / "adapter_model.safetensors").read_bytes() == b"first"
+    with atomic_directory(out) as d:
+        (d / "adapter_model.safetensors").write_bytes(b"second")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_model.safetensors"]
+    assert (out / "adapter_model.safetensors").read_bytes() == b"second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no .tmp, no .old

@@ -71,7 +71,10 @@ def test_resume_allows_what_does_not_change_the_math(tiny_paligemma, shapes_data
                 "train.max_new_tokens=8", "data.workers=1")
     with pytest.raises(AssertionError, match="the model was loaded"):  # every check passed
         train.main(free + ["--resume"])
-    assert "cosine learning-rate schedule is recomputed for 5 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cosine learning-rate schedule is recomputed for 5 steps" in out
+    assert f"resuming from {run.relative_to(Path.cwd()) if run.is_relative_to(Path.cwd()) else run}" \
+           f"/checkpoints/step-00000002: step 2 of 5" in out  # what it resumes, as the Trainer says
 
 
 def test_resume_at_the_end_does_nothing_and_exits_0(tiny_paligemma, shapes_data, tmp_path, no_model_load, capsys):
@@ -184,3 +187,42 @@ def test_a_bad_image_mid_run_is_skipped_and_reported_or_stops_in_one_line(tiny_p
         message = str(e.value.code)
         assert message.startswith("error: ") and bad.name in message and "Traceback" not in message
         assert "continue with: python train.py" in message
+
+
+def test_resume_completes_the_end_a_crash_cut_short_and_says_what(tiny_paligemma, shapes_data, tmp_path, monkeypatch,
+                                                                   capsys):
+    """A run killed after its final save but before the rest of its end: `last` still at the save
+    before, a prune half done, no metrics.json, a curves.png cut short. --resume trains nothing,
+    does all of that, says so; and measures the scores before training no second time."""
+    import minivlm.evaluate
+    run = tmp_path / "run"
+    argv = args(tiny_paligemma, shapes_data, run, "data.eval_split=test", "data.eval_samples=4", "train.max_steps=4",
+                "train.save_every=2", "train.max_new_tokens=2")
+    whole = train.main(argv)
+    expected_metrics, expected_png = (run / "metrics.json").read_text(), (run / "curves.png").read_bytes()
+    saves = sorted((run / "checkpoints").iterdir())
+    assert [p.name for p in saves] == ["step-00000002", "step-00000004"]
+    (run / "last").unlink()
+    (run / "last").symlink_to("checkpoints/step-00000002")
+    (run / "checkpoints/step-00000000.del").mkdir()  # a prune that crashed
+    (run / "metrics.json").unlink()
+    (run / "curves.png").write_bytes(expected_png[:100])
+    evaluations, real_report = [], minivlm.evaluate.report
+    monkeypatch.setattr(minivlm.evaluate, "report", lambda when, *a: evaluations.append(when) or real_report(when, *a))
+    capsys.readouterr()
+
+    completed = train.main(argv + ["--resume"])
+    out = capsys.readouterr().out
+    assert "training was done at step 4" in out and "pointed last at step-00000004" in out
+    assert "removed the leftover checkpoints/step-00000000.del" in out and "wrote metrics.json and curves.png" in out
+    assert evaluations == ["after"]  # the scores before training came from before.json
+    assert (run / "last").resolve().name == "step-00000004" and not (run / "checkpoints/step-00000000.del").exists()
+    timing = ("train_seconds",)
+    assert {k: v for k, v in completed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+    assert json.loads((run / "metrics.json").read_text()).keys() == json.loads(expected_metrics).keys()
+    from PIL import Image
+    with Image.open(run / "curves.png") as png:
+        png.load()  # whole again
+    files = files_of(run)
+    assert train.main(argv + ["--resume"]) == {"steps": 4, "nothing_to_do": True}  # now whole: nothing changes
+    assert files_of(run) == files
