@@ -23,7 +23,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from minivlm.config import ConfigError, DataConfig, load_config
 
@@ -37,6 +37,8 @@ class BadSample(ConfigError):
 # covers PIL's UnidentifiedImageError, "image file is truncated" and a failed download),
 # decoder complaints (PIL's PNG reader raises SyntaxError for a broken chunk), oversized images.
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+ORIENTATION = 0x0112  # the EXIF tag
 
 URL_TIMEOUT_S = 10  # one try per URL image: offline, it fails in seconds instead of retrying
 
@@ -228,9 +230,11 @@ def to_rgb(image: Image.Image | str | Path | dict) -> Image.Image:
     """A PIL image, a path, a URL or an undecoded `datasets` image ({"bytes", "path"}), as RGB.
 
     Decoded in full here (`load`), so that a truncated file fails now, naming itself, rather
-    than later inside the processor. Transparency is composited on white: a bare convert("RGB")
-    turns transparent pixels black (seed 002's convert_to_rgb). 16-bit and float greyscale is
-    scaled to 8 bits first: convert() clips it at 255, and a 16-bit image comes out all white.
+    than later inside the processor. Turned upright by its EXIF orientation; an animation's first
+    frame. Transparency is composited on white: a bare convert("RGB") turns transparent pixels
+    black (seed 002's convert_to_rgb). 16-bit and float greyscale is scaled to 8 bits first:
+    convert() clips it at 255, and a 16-bit image comes out all white. CMYK goes through Pillow's
+    conversion, its ICC profile unapplied, as transformers' processors read it.
     """
     if isinstance(image, dict):
         image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
@@ -238,8 +242,14 @@ def to_rgb(image: Image.Image | str | Path | dict) -> Image.Image:
         with urllib.request.urlopen(image, timeout=URL_TIMEOUT_S) as response:  # HTTP errors raise
             image = io.BytesIO(response.read())
     if not isinstance(image, Image.Image):
+        # Pillow refuses an image of over 2 × Image.MAX_IMAGE_PIXELS (179M) pixels here, before
+        # decoding a byte of it: a decompression bomb, or a 20,000 × 20,000 scan, is a bad sample.
         image = Image.open(image)
-    image.load()  # also closes a file opened by path: no handle stays open per image
+    image.load()  # also closes a file opened by path: no handle stays open per image; the first frame of a GIF
+    if image.getexif().get(ORIENTATION, 1) != 1:
+        # A camera stores a photo as its sensor saw it and an EXIF tag saying how to turn it;
+        # viewers turn it, and so must we, or a question about "left" is about the right.
+        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16") or image.mode == "I":
         # 16-bit samples (Pillow opens 16-bit PNGs as I;16, older versions as I): keep the top
         # 8 bits, so 65535 is white as 255 is, whatever the image holds.

@@ -258,6 +258,8 @@ MUTANTS = [
     m("finish.end-never-completed", "train.py", "return complete(cfg, args, resume, meta, steps, eval_ds, objective)",
       'return {"steps": meta["step"], "nothing_to_do": True}',
       "test_resume_checks.py::test_resume_completes_the_end_a_crash_cut_short_and_says_what"),
+    m("data.exif-ignored", "minivlm/data.py", "if image.getexif().get(ORIENTATION, 1) != 1:", "if False:",
+      "test_data.py::test_to_rgb_turns_photos_upright_and_reads_animations_and_cmyk"),
     m("steps.same-order-every-epoch", "minivlm/steps.py", "manual_seed(seed * 100_003 + epoch)", "manual_seed(seed * 100_003)",
       "test_data.py::test_epoch_batches_cover_every_sample_once_and_reshuffle"),
     m("paligemma.prompt-labelled", "minivlm/models/paligemma.py", 'batch["token_type_ids"] == 0', 'batch["attention_mask"] == 0',

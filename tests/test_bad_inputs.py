@@ -89,7 +89,14 @@ ROW_CASES = {
     "text file named .png": (lambda p: p.write_text("not an image"), {}, "bad.png cannot be read"),
     "png with a broken chunk": (broken_png_chunk, {}, r"bad.png cannot be read: \w+"),
     "image path is a folder": (lambda p: p.mkdir(), {}, r"bad.png cannot be read: IsADirectoryError"),
+    # 20,000 × 20,000 (1.2 GB as RGB) in a 60 KB PNG: refused before a byte is decoded.
+    "decompression bomb": (lambda p: Image.new("1", (20_000, 20_000)).save(p), {},
+                           r"bad.png cannot be read: DecompressionBombError: Image size \(400000000 pixels\) "
+                           r"exceeds limit"),
     "null image": (None, {"image": None}, r"data.image_column 'image' is null"),
+    # TRL's layout, a list of images a row: a corrupt one is that row's, not its batch's.
+    "corrupt image in a list column": (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20),
+                                       {"image": ["{tmp}/bad.png"]}, r"bad.png cannot be read: OSError"),
     "URL image offline": (None, {"image": "http://127.0.0.1:9/x.png"}, r"http://127.0.0.1:9/x.png cannot be read: "
                           r"URLError.*refused"),
     "null answer": (write_png, {"answer": None}, "the answer is null"),
@@ -119,9 +126,13 @@ def one_bad_row(tmp_path: Path, case: str) -> tuple[DataConfig, Path]:
     if conversations:
         for row in rows:
             row["conversations"] = [{"from": "human", "value": "what"}, {"from": "gpt", "value": "red"}]
-    rows[1].update({k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in fields.items()})
+    rows[1].update({k: v.format(tmp=tmp_path) if isinstance(v, str) else
+                    [x.format(tmp=tmp_path) for x in v] if k == "image" and isinstance(v, list) else v
+                    for k, v in fields.items()})
     if isinstance(rows[1]["answer"], list):  # one type per column
         rows[0]["answer"] = ["red"]
+    if isinstance(rows[1]["image"], list):
+        rows[0]["image"] = [rows[0]["image"]]
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return DataConfig(dataset=str(path), conversations_column="conversations" if conversations else ""), path

@@ -39,6 +39,35 @@ def test_to_rgb_composites_transparency_on_white(tmp_path):
     assert to_rgb(str(path)).getpixel((1, 1)) == (255, 255, 255)  # a path loads too
 
 
+def test_to_rgb_turns_photos_upright_and_reads_animations_and_cmyk(tmp_path):
+    """An EXIF-rotated photo comes out as a viewer shows it; an animated GIF as its first frame;
+    a CMYK JPEG with an ICC profile in its colours."""
+    from PIL import ImageCms
+    # Stored 4 wide × 2 high, red on the left; orientation 6: shown turned 90° clockwise.
+    stored = Image.new("RGB", (4, 2), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 2, 2))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    upright = to_rgb(str(tmp_path / "rotated.jpg"))
+    assert upright.size == (2, 4)  # 2 wide × 4 high
+    top, bottom = upright.getpixel((0, 0)), upright.getpixel((0, 3))
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200  # the stored left (red) is now on top
+
+    frames = [Image.new("RGB", (4, 4), c) for c in [(0, 200, 0), (200, 0, 0), (0, 0, 200)]]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    first = to_rgb(str(tmp_path / "anim.gif"))
+    assert first.mode == "RGB" and first.getpixel((1, 1)) == (0, 200, 0)
+
+    cmyk = Image.new("CMYK", (8, 8), (255, 0, 0, 0))  # pure cyan
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    cmyk.save(tmp_path / "cmyk.jpg", icc_profile=srgb, quality=100)
+    with Image.open(tmp_path / "cmyk.jpg") as opened:
+        assert opened.mode == "CMYK" and opened.info.get("icc_profile")
+    r, g, b = to_rgb(str(tmp_path / "cmyk.jpg")).getpixel((4, 4))
+    assert r < 30 and g > 225 and b > 225
+
+
 def test_random_resized_crop_scale_and_determinism():
     image = Image.new("RGB", (100, 80))
     g = torch.Generator().manual_seed(0)
