@@ -206,7 +206,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         last = str(e).strip().splitlines()[-1]  # a DataLoader worker's error carries its traceback
         fail(f"{last}\nthe last checkpoint (if any) is intact; continue with: {resume_command(args)}")
     skipped = skipped_rows(train_ds)
-    if skipped:  # counted in this process: with data.workers > 0 the workers' skips are not seen here
+    if skipped:  # the DataLoader workers' too (data.record_skipped)
         print(f"skipped {len(skipped)} bad row(s) (data.on_bad_sample = \"skip\"); list them all with: "
               f"python -m minivlm.data --config {args.config}")
     if result["signal"] is not None:

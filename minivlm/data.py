@@ -44,13 +44,20 @@ URL_TIMEOUT_S = 10  # one try per URL image: offline, it fails in seconds instea
 
 # (dataset fingerprint, row) -> reason, for every bad row this process has skipped: each is
 # warned about once, not once per epoch, and the warnings carry the running count. With
-# data.workers > 0 each worker process keeps its own.
+# data.workers > 0 each worker process keeps its own, and the training process gathers them
+# (record_skipped).
 _skipped: dict[tuple[str, int], str] = {}
 
 
 def skipped_rows(ds: datasets.Dataset | None = None) -> dict[tuple[str, int], str]:
     """The bad rows skipped so far in this process (of `ds` only, if given), for an end-of-run summary."""
     return {k: v for k, v in _skipped.items() if ds is None or k[0] == ds._fingerprint}
+
+
+def record_skipped(rows: dict[tuple[str, int], str]) -> None:
+    """Count in this process rows another one skipped (a DataLoader worker: steps.TrainSteps hands
+    them over with the step), so that the end-of-run summary holds every worker's."""
+    _skipped.update(rows)
 
 
 def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
@@ -266,18 +273,21 @@ def to_rgb(image: Image.Image | str | Path | dict) -> Image.Image:
 
 
 def warn_unknown_answers(ds: datasets.Dataset, cfg: DataConfig, tokenizer, rows: int = 1000) -> int:
-    """Warn when answers hold text the tokenizer cannot spell: it becomes the unknown token, or
-    vanishes (a tokenizer without one drops what it does not know), and the model can only learn
-    to write that. Returns how many of the first `rows` answers are affected."""
+    """Warn when answers (rejected ones too, in preference data) hold text the tokenizer cannot
+    spell: it becomes the unknown token, or vanishes (a tokenizer without one drops what it does
+    not know), and the model can only learn to write that. Returns how many of the first `rows`
+    rows are affected."""
     # Answers only: decoding a thousand images to read strings would cost seconds and memory.
     texts = ds.select(range(min(rows, len(ds)))).remove_columns(cfg.image_column)
     bad = []
     for i, row in enumerate(rows_of(texts, list(range(len(texts))))):
         try:
-            dialog = dialog_of(cfg, row)
+            # Preference data (DPO) learns to write the chosen answer and away from the rejected:
+            # an answer it cannot spell is as wrong on either side.
+            answers = [a for _, a in dialog_of(cfg, row)] + ([rejected_of(cfg, row)] if cfg.rejected_column else [])
         except BadSample:  # skipped (or refused) when its batch is collated, and counted there
             continue
-        for _, answer in dialog:
+        for answer in answers:
             ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
             spelled = tokenizer.decode(ids, skip_special_tokens=True)
             # Compared without whitespace, which tokenizers are free to normalise.

@@ -20,22 +20,25 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import bitsandbytes as bnb
-from safetensors.torch import save_file
-from transformers import PreTrainedModel
+from typing import TYPE_CHECKING
 
 from minivlm import plain_warnings
-from minivlm.build import Built, build
-from minivlm.checkpoint import atomic_directory, load_adapter
 from minivlm.config import Config, ConfigError, check_output_path, load_config
-from minivlm.lora import LoRALinear, merge_lora
-from minivlm.modules import replace_module
-from minivlm.quant import dequantize
+
+if TYPE_CHECKING:
+    from minivlm.build import Built
+
+# torch, transformers and bitsandbytes are imported where they are used: `--help` and a mistake in
+# the arguments answer at once, not after seconds of imports.
 
 
 def export_peft(cfg: Config, built: Built, out: str | Path) -> Path:
     """Write `built.model`'s adapters (and train_modules) in PEFT's LoRA layout."""
+    from safetensors.torch import save_file
+
+    from minivlm.checkpoint import atomic_directory
+    from minivlm.lora import LoRALinear
+
     tensors = {}
     for name, module in built.model.named_modules():
         if isinstance(module, LoRALinear):
@@ -59,6 +62,14 @@ def export_peft(cfg: Config, built: Built, out: str | Path) -> Path:
 
 def export_merged(built: Built, out: str | Path) -> Path:
     """Merge the adapters, dequantize what is left in 4-bit, save a plain transformers checkpoint."""
+    import bitsandbytes as bnb
+    from transformers import PreTrainedModel
+
+    from minivlm.checkpoint import atomic_directory
+    from minivlm.lora import merge_lora
+    from minivlm.modules import replace_module
+    from minivlm.quant import dequantize
+
     if not isinstance(built.model, PreTrainedModel):
         raise ConfigError(f"--merge writes a transformers checkpoint, and {type(built.model).__name__} is not a "
                           "transformers model; export its adapter without --merge")
@@ -84,6 +95,8 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         cfg = load_config(args.config, args.set)
         check_output_path(args.out, "--out", directory=True)
+        from minivlm.build import build
+        from minivlm.checkpoint import load_adapter
         built = build(cfg)
         load_adapter(args.checkpoint, built.model)
         out = export_merged(built, args.out) if args.merge else export_peft(cfg, built, args.out)

@@ -33,6 +33,7 @@ from minivlm import distributed, steps
 from minivlm.build import Built
 from minivlm.checkpoint import load_adapter, load_training_state, recover, save_checkpoint, write_atomic
 from minivlm.config import Config, to_dict
+from minivlm.data import record_skipped
 from minivlm.evaluate import scores
 from minivlm.lora import logical_numel
 from minivlm.optim import build_optimizer, lr_at
@@ -292,7 +293,8 @@ def train(cfg: Config, built: Built, objective: ModuleType, train_ds: datasets.D
     model.train()
     bar, meter = progress_bar(run.start, total), Meter(cfg, built, objective)
     with StopSignal() as stop:  # until the last save is written: a signal never cuts one short
-        for step, window, batches in loader:
+        for step, window, batches, skipped in loader:
+            record_skipped(skipped)  # a worker's, counted here for the end-of-run summary
             run.step, epoch = step + 1, step // per_epoch
             bar.update()
             loss, n, logged = objective.backward_window(cfg, built, trained, batches, run.scaler, state, filler)

@@ -17,6 +17,7 @@ import torch
 
 from minivlm.batches import collate
 from minivlm.config import DataConfig, TrainConfig
+from minivlm.data import skipped_rows
 from minivlm.models import get_family
 
 
@@ -69,7 +70,9 @@ class TrainSteps(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.last - self.first
 
-    def __getitem__(self, k: int) -> tuple[int, list[list[int]], list[dict[str, torch.Tensor]]]:
+    def __getitem__(self, k: int) -> tuple[int, list[list[int]], list[dict[str, torch.Tensor]], dict]:
+        """(step, its sample indices, its micro-batches, the bad rows first skipped in making them:
+        a DataLoader worker's skips reach the training process this way, to be counted there)."""
         step = self.first + k
         epoch, offset = divmod(step, self.per_epoch)
         if self._order[0] != epoch:
@@ -78,7 +81,9 @@ class TrainSteps(torch.utils.data.Dataset):
         mine = [idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for idx in window]
         crops = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         family = get_family(self.family)  # held by name: a module object does not pickle into workers
-        return step, window, [self.collate(self.ds, idx, self.cfg, family, self.processor, crops) for idx in mine]
+        known = skipped_rows(self.ds)
+        batches = [self.collate(self.ds, idx, self.cfg, family, self.processor, crops) for idx in mine]
+        return step, window, batches, {k: v for k, v in skipped_rows(self.ds).items() if k not in known}
 
 
 def filler_batch(ds: datasets.Dataset, cfg: DataConfig, family: ModuleType, processor) -> dict[str, torch.Tensor]:

@@ -113,6 +113,15 @@ def test_answers_the_tokenizer_cannot_spell_are_counted_and_shown(tiny_idefics2,
         assert warn_unknown_answers(ds, cfg, PreTrainedTokenizerFast(tokenizer_object=letters)) == 2
     byte_level = AutoProcessor.from_pretrained(tiny_paligemma).tokenizer  # the embedded base's: spells anything
     assert warn_unknown_answers(ds, cfg, byte_level) == 0
+    # Preference data: a rejected answer it cannot spell is caught too (row 0: 'red' chosen, '9' rejected).
+    rejected = tmp_path / "prefs" / "train"
+    rejected.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(rejected / "0.png")
+    (rejected / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "question": "what", "answer": "red",
+                                                         "rejected": "9"}) + "\n")
+    prefs = DataConfig(dataset=str(rejected.parent), rejected_column="rejected")
+    with pytest.warns(UserWarning, match=r"1 of the first 1 answers .*row 0: '9' -> \['<unk>'\]"):
+        assert warn_unknown_answers(load_split(prefs, "train"), prefs, word_level) == 1
     assert byte_level.decode(byte_level("42 café")["input_ids"], skip_special_tokens=True).strip() == "42 café"
 
 
@@ -130,8 +139,8 @@ def test_train_loader_gives_the_same_steps_with_workers_and_from_a_resumed_step(
         return list(train_loader(ds, cfg.data, "paligemma", processor, 2, 2, 0, first, 9))
 
     inline, parallel, resumed = steps(0, 0), steps(2, 0), steps(0, 4)
-    assert [s for s, _, _ in inline] == list(range(9))
-    assert [w for _, w, _ in inline[:6]] == [epoch_batches(24, 2, 0, 0)[2 * k:2 * k + 2] for k in range(6)]
+    assert [s for s, _, _, _ in inline] == list(range(9))
+    assert [w for _, w, _, _ in inline[:6]] == [epoch_batches(24, 2, 0, 0)[2 * k:2 * k + 2] for k in range(6)]
     for a, b in [*zip(inline, parallel), *zip(inline[4:], resumed)]:
         assert a[:2] == b[:2]
         for x, y in zip(a[2], b[2]):

@@ -155,12 +155,14 @@ def test_uncached_hub_id_fails_at_once_offline(tiny_paligemma, shapes_data, tmp_
         train.main(args(tiny_paligemma, shapes_data, tmp_path / "run", "model.name_or_path=nobody/no-such-model"))
 
 
-def test_help_and_config_errors_import_no_torch(tmp_path):
+@pytest.mark.parametrize("script", ["train", "minivlm.export"])
+def test_help_and_config_errors_import_no_torch(tmp_path, script):
     bad = tmp_path / "bad.toml"
     bad.write_text("[lora]\nr = 0\n")
-    probe = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import train\n"
-             f"for argv in (['--help'], ['--config', {str(bad)!r}]):\n"
-             "    try: train.main(argv)\n"
+    extra = "" if script == "train" else ", '--checkpoint', 'x', '--out', 'y'"
+    probe = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import {script} as script\n"
+             f"for argv in (['--help'], ['--config', {str(bad)!r}{extra}]):\n"
+             "    try: script.main(argv)\n"
              "    except SystemExit as e: print(e.code)\n"
              "heavy = sorted({'torch', 'transformers', 'datasets', 'bitsandbytes'} & set(sys.modules))\n"
              "print('imported:', heavy)")
@@ -169,14 +171,17 @@ def test_help_and_config_errors_import_no_torch(tmp_path):
     assert proc.stdout.strip().endswith("imported: []"), proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("mode", ["skip", "fail"])
-def test_a_bad_image_mid_run_is_skipped_and_reported_or_stops_in_one_line(tiny_paligemma, tmp_path, mode, capsys):
+@pytest.mark.parametrize("mode, workers", [("skip", 0), ("skip", 1), ("fail", 0)])
+def test_a_bad_image_mid_run_is_skipped_and_reported_or_stops_in_one_line(tiny_paligemma, tmp_path, mode, workers,
+                                                                          capsys):
+    """Skipped and counted at the end, also when a DataLoader worker met it (data.workers = 1)."""
     from conftest import write_split
     data = tmp_path / "data"
     write_split(data / "train", 24, seed=1)
     bad = sorted((data / "train").glob("*.png"))[20]  # past the rows train.py reads before training
     bad.write_bytes(bad.read_bytes()[:40])  # truncated: the header reads, the pixels do not
-    argv = args(tiny_paligemma, data, tmp_path / "run", "train.max_steps=6", f'data.on_bad_sample="{mode}"')
+    argv = args(tiny_paligemma, data, tmp_path / "run", "train.max_steps=6", f'data.on_bad_sample="{mode}"',
+                f"data.workers={workers}")
     if mode == "skip":
         metrics = train.main(argv)
         assert metrics["steps"] == 6
