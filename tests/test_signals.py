@@ -46,20 +46,24 @@ def uninterrupted(tiny_paligemma, shapes_data, tmp_path_factory):
     return final_state(out)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_saves_the_step_and_resume_ends_bit_identical(signum, uninterrupted, tiny_paligemma,
+@pytest.mark.parametrize("signum, workers", [(signal.SIGTERM, 0), (signal.SIGINT, 0), (signal.SIGINT, 1)],
+                         ids=["SIGTERM", "SIGINT", "Ctrl-C with a DataLoader worker"])
+def test_a_signal_saves_the_step_and_resume_ends_bit_identical(signum, workers, uninterrupted, tiny_paligemma,
                                                                shapes_data, tmp_path, monkeypatch):
+    """Ctrl-C in a terminal signals the whole process group: the DataLoader's workers get the
+    SIGINT too (they ignore it; the training process saves and stops them)."""
     out = tmp_path / "run"
     log = out / "log.jsonl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(tiny_paligemma, shapes_data, out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    argv = args(tiny_paligemma, shapes_data, out) + ["--set", f"data.workers={workers}"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     while not (log.is_file() and log.read_text().count("\n") >= 1):  # mid-run: at least one step done
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.01)
     landed = log.read_text().count("\n")
     sent = time.perf_counter()
-    proc.send_signal(signum)
+    os.killpg(proc.pid, signum)  # to the group, as a terminal does
     stdout, stderr = proc.communicate(timeout=120)
     seconds = time.perf_counter() - sent
 
