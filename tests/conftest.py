@@ -124,55 +124,22 @@ def count_steps(monkeypatch, module) -> list:
     return calls
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
-    from tiny import save_tiny_qwen
-    return save_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen2_5_vl"), "2_5")
+def tiny_fixture(name: str, builder: str, *args, **kwargs):
+    """A session fixture `tiny_<name>`: tests/tiny.py's `builder` saving its model in a temp dir."""
+    @pytest.fixture(scope="session")
+    def fixture(tmp_path_factory) -> Path:
+        import tiny
+        return getattr(tiny, builder)(tmp_path_factory.mktemp(f"tiny-{name}"), *args, **kwargs)
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen2_vl(tmp_path_factory) -> Path:
-    from tiny import save_tiny_qwen
-    return save_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen2_vl"), "2")
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen3_vl(tmp_path_factory) -> Path:
-    from tiny import save_tiny_qwen3_vl
-    return save_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3_vl"))
-
-
-@pytest.fixture(scope="session")
-def tiny_gemma3(tmp_path_factory) -> Path:
-    from tiny import save_tiny_gemma3
-    return save_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
-
-
-@pytest.fixture(scope="session")
-def tiny_smolvlm2(tmp_path_factory) -> Path:
-    from tiny import save_tiny_smolvlm
-    return save_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm2"), version="2")
-
-
-@pytest.fixture(scope="session")
-def tiny_llava_onevision(tmp_path_factory) -> Path:
-    from tiny import save_tiny_llava_onevision
-    return save_tiny_llava_onevision(tmp_path_factory.mktemp("tiny-llava_onevision"))
-
-
-@pytest.fixture(scope="session")
-def tiny_internvl(tmp_path_factory) -> Path:
-    from tiny import save_tiny_internvl
-    return save_tiny_internvl(tmp_path_factory.mktemp("tiny-internvl"))
-
-
-@pytest.fixture(scope="session")
-def tiny_mistral3(tmp_path_factory) -> Path:
-    from tiny import save_tiny_mistral3
-    return save_tiny_mistral3(tmp_path_factory.mktemp("tiny-mistral3"))
-
-
-@pytest.fixture(scope="session")
-def tiny_mllama(tmp_path_factory) -> Path:
-    from tiny import save_tiny_mllama
-    return save_tiny_mllama(tmp_path_factory.mktemp("tiny-mllama"))
+# Today's families (tests/tiny.py's ARCHITECTURES), each through every check of test_architectures.py.
+tiny_qwen2_5_vl = tiny_fixture("qwen2_5_vl", "save_tiny_qwen", "2_5")
+tiny_qwen2_vl = tiny_fixture("qwen2_vl", "save_tiny_qwen", "2")
+tiny_qwen3_vl = tiny_fixture("qwen3_vl", "save_tiny_qwen3_vl")
+tiny_gemma3 = tiny_fixture("gemma3", "save_tiny_gemma3")
+tiny_smolvlm2 = tiny_fixture("smolvlm2", "save_tiny_smolvlm", version="2")
+tiny_llava_onevision = tiny_fixture("llava_onevision", "save_tiny_llava_onevision")
+tiny_internvl = tiny_fixture("internvl", "save_tiny_internvl")
+tiny_mistral3 = tiny_fixture("mistral3", "save_tiny_mistral3")
+tiny_mllama = tiny_fixture("mllama", "save_tiny_mllama")

@@ -47,6 +47,20 @@ def word_tokenizer(specials: list[str], extra_words: list[str] = (), named: dict
     return tokenizer
 
 
+def saved(out: Path, model_class, config, processor, eos_token: str | None = None) -> Path:
+    """A random-weight `model_class(config)` (seed 0) and its processor, saved in `out` like a hub
+    checkpoint; generation pads with the tokenizer's pad token and stops at `eos_token` if given."""
+    tokenizer = processor.tokenizer
+    torch.manual_seed(0)
+    model = model_class(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if eos_token:
+        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(eos_token)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 def save_tiny_idefics2(out: Path, hidden: int = 64) -> Path:
     tokenizer = word_tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>"], CHAT_WORDS)
     image_processor = Idefics2ImageProcessorPil(do_image_splitting=True,
@@ -104,12 +118,7 @@ def save_tiny_smolvlm(out: Path, hidden: int = 64, version: str = "1") -> Path:
                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                 pad_token_id=tokenizer.pad_token_id),
         scale_factor=2, image_token_id=processor.image_token_id)
-    torch.manual_seed(0)
-    model = model_class(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return saved(out, model_class, config, processor)
 
 
 def save_tiny_idefics(out: Path, hidden: int = 64) -> Path:
@@ -248,13 +257,7 @@ def save_tiny_qwen3_vl(out: Path, hidden: int = 64) -> Path:
                            num_position_embeddings=64, deepstack_visual_indexes=[0]),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-    torch.manual_seed(0)
-    model = transformers.Qwen3VLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = ids("<|im_end|>")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return saved(out, transformers.Qwen3VLForConditionalGeneration, config, processor, "<|im_end|>")
 
 
 # Gemma 3's chat template (google/gemma-3-4b-it): the system text opens the first user turn, the
@@ -305,12 +308,7 @@ def save_tiny_gemma3(out: Path, hidden: int = 64) -> Path:
                                          num_attention_heads=2, image_size=32, patch_size=8, vision_use_head=False),
         mm_tokens_per_image=4, boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
         image_token_index=ids("<image_soft_token>"), pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return saved(out, Gemma3ForConditionalGeneration, config, processor)
 
 
 # LLaVA-OneVision's chat template (llava-hf/llava-onevision-qwen2-7b-ov-hf, as transformers'
@@ -352,13 +350,7 @@ def save_tiny_llava_onevision(out: Path, hidden: int = 64) -> Path:
                          eos_token_id=ids("<|im_end|>")),
         image_token_id=ids("<image>"), video_token_id=ids("<video>"), image_grid_pinpoints=PINPOINTS,
         vision_feature_select_strategy="full", vision_feature_layer=-1)
-    torch.manual_seed(0)
-    model = LlavaOnevisionForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = ids("<|im_end|>")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return saved(out, LlavaOnevisionForConditionalGeneration, config, processor, "<|im_end|>")
 
 
 # InternVL's chat template (transformers' conversion script for the OpenGVLab/InternVL3-*-hf checkpoints).
@@ -392,13 +384,7 @@ def save_tiny_internvl(out: Path, hidden: int = 64) -> Path:
                          num_key_value_heads=1, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=ids("<|im_end|>")),
         image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=4, downsample_ratio=0.5, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = InternVLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = ids("<|im_end|>")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return saved(out, InternVLForConditionalGeneration, config, processor, "<|im_end|>")
 
 
 # Mistral Small 3.1's chat template (mistralai/Mistral-Small-3.1-24B-Instruct-2503), from memory and
@@ -449,12 +435,7 @@ def save_tiny_mistral3(out: Path, hidden: int = 64) -> Path:
                                   max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = Mistral3ForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return saved(out, Mistral3ForConditionalGeneration, config, processor)
 
 
 # Llama 3.2 Vision's chat template (meta-llama/Llama-3.2-11B-Vision-Instruct), simplified from memory:
@@ -495,10 +476,4 @@ def save_tiny_mllama(out: Path, hidden: int = 64) -> Path:
                          max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=ids("<|eot_id|>")),
         image_token_index=ids("<|image|>"))
-    torch.manual_seed(0)
-    model = MllamaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = ids("<|eot_id|>")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return saved(out, MllamaForConditionalGeneration, config, processor, "<|eot_id|>")
