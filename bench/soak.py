@@ -7,8 +7,9 @@ best) and evaluating every 500. Every 2 s this script reads the training process
 memory (/proc/<pid>/status VmRSS) and the step it is at (log.jsonl). At a random step between
 50% and 70% of the run it SIGKILLs it, copies the log as it was, and runs `--resume`. At the end:
 
-- the peak RSS in every 1,000 steps, of each process, and its growth from the first full 1,000
-  (after warm-up) to the last: a growth over 5% is a leak to find;
+- the peak RSS in every 1,000 steps of training, of each process, and its growth from the first
+  full 1,000 (after warm-up) to the last: a growth over 5% is a leak to find; the end of the run
+  (the evaluation after training, metrics.json, curves.png) apart;
 - the log holds every step once, 1..steps, in order; `last` is the final step; the saves on disk
   are the 2 newest and the best, nothing left over (*.tmp, *.del);
 - the resume was exact: the steps trained twice (after the last save before the kill, up to the
@@ -70,18 +71,19 @@ def watch(argv: list[str], log: Path, samples: list, kill_at: int | None = None)
     return current_step(log)
 
 
-def per_1000(samples: list[tuple[int, int]]) -> dict[int, int]:
-    """The peak RSS (MiB) seen while the log was in each thousand steps."""
+def per_1000(samples: list[tuple[int, int]], last: int) -> dict[int, int]:
+    """The peak RSS (MiB) seen while training was in each thousand steps (the end of the run, once
+    the log reaches the `last` step, is end_of_run's)."""
     peaks: dict[int, int] = {}
     for step, memory in samples:
-        if step and memory:
+        if step and memory and step < last:
             peaks[step // 1000 * 1000] = max(peaks.get(step // 1000 * 1000, 0), memory)
     return {k: round(v / MiB) for k, v in sorted(peaks.items())}
 
 
-def growth(samples: list[tuple[int, int]]) -> float | None:
+def growth(samples: list[tuple[int, int]], last: int) -> float | None:
     """RSS growth of one process from its first full thousand steps (after warm-up) to its last."""
-    peaks = per_1000(samples)
+    peaks = per_1000(samples, last)
     marks = sorted(peaks)[1:]  # the first thousand is warm-up (and, resumed, a partial one)
     return (peaks[marks[-1]] - peaks[marks[0]]) / peaks[marks[0]] if len(marks) >= 2 else None
 
@@ -120,11 +122,16 @@ def main() -> None:
         "steps": args.steps, "seconds": round(seconds), "killed_at_step": killed, "resumed_from_step": resumed_from,
         "steps_trained_twice": len(twice), "resume_exact": exact, "log_steps_in_order": steps_in_order,
         "last": (out / "last").resolve().name, "saves": saves, "leftovers": leftovers,
-        "rss_mib_per_1000_steps": {"killed run": per_1000(first_run), "resumed run": per_1000(second_run)},
-        "rss_growth_after_warmup": {"killed run": growth(first_run), "resumed run": growth(second_run)},
+        "rss_mib_per_1000_steps": {"killed run": per_1000(first_run, args.steps),
+                                   "resumed run": per_1000(second_run, args.steps)},
+        "rss_growth_after_warmup": {"killed run": growth(first_run, args.steps),
+                                    "resumed run": growth(second_run, args.steps)},
+        # the evaluation after training, metrics.json and curves.png (matplotlib, 10,000 points)
+        "end_of_run_rss_mib": round(max((m for s, m in second_run if s >= args.steps), default=0) / MiB),
+        "samples": {"killed run": first_run, "resumed run": second_run},
     }
     (out.parent / f"{out.name}.soak.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
 
 
 if __name__ == "__main__":
