@@ -213,8 +213,8 @@ def processor_and_label_mask(step: Step) -> None:
     ds = load_split(cfg.data, cfg.data.train_split)
     steps = total_steps(t, len(ds))
     # Step 0 exactly as loop.train gets it: the same loader, the same shuffled sample indices.
-    _, window, batches = next(iter(train_loader(ds, cfg.data, cfg.model.family, built.processor, t.batch_size,
-                                                t.grad_accum, t.seed, 0, steps)))
+    _, window, batches, _ = next(iter(train_loader(ds, cfg.data, cfg.model.family, built.processor, t.batch_size,
+                                                   t.grad_accum, t.seed, 0, steps)))
     batch = batches[0]
     print(f"  step 0's samples {window[0]}")
     for key, value in batch.items():
