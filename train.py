@@ -196,10 +196,10 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
           f"{built.trainable_params:,} of {built.total_params:,} ({100 * built.trainable_params / built.total_params:.2f}%)")
 
     start = measured_before(cfg, built, eval_ds, objective, state, fresh=resume is None)
-    metrics, before = {"trainable_params": built.trainable_params, "total_params": built.total_params,
-                       **start["entries"]}, start["figures"] or None
+    metrics = {"trainable_params": built.trainable_params, "total_params": built.total_params, **start["entries"]}
     try:
-        result = train(cfg, built, objective, train_ds, eval_ds=eval_ds, resume=resume, before=before, state=state)
+        result = train(cfg, built, objective, train_ds, eval_ds=eval_ds, resume=resume,
+                       before=start["figures"] or None, state=state)
     except NonFiniteLoss as e:
         fail(str(e))
     except ConfigError as e:  # data.on_bad_sample = "fail" met a bad row; the last save is intact

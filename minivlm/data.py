@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import itertools
 import string
 import sys
 import urllib.request
@@ -52,6 +53,15 @@ _skipped: dict[tuple[str, int], str] = {}
 def skipped_rows(ds: datasets.Dataset | None = None) -> dict[tuple[str, int], str]:
     """The bad rows skipped so far in this process (of `ds` only, if given), for an end-of-run summary."""
     return {k: v for k, v in _skipped.items() if ds is None or k[0] == ds._fingerprint}
+
+
+def skipped_count() -> int:
+    return len(_skipped)
+
+
+def skipped_since(mark: int) -> dict[tuple[str, int], str]:
+    """The rows skipped in this process after the first `mark` (a skipped_count() taken before)."""
+    return dict(itertools.islice(_skipped.items(), mark, None))
 
 
 def record_skipped(rows: dict[tuple[str, int], str]) -> None:

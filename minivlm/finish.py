@@ -133,9 +133,9 @@ def saved_result(cfg: Config, out: Path, meta: dict, steps: int) -> dict:
     log: the last step's loss and time."""
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     last = next((r for r in reversed(records) if "loss" in r and r["step"] <= meta["step"]), {})
-    best = meta["loop"].get("best_score", -math.inf)
+    from minivlm.loop import best_figure
     return {"step": meta["step"], "loss": last.get("loss", math.nan), "train_seconds": last.get("seconds", 0.0),
-            f"best_{cfg.train.best_by}": best if cfg.train.best_by == "metric" else -best,
+            f"best_{cfg.train.best_by}": best_figure(meta["loop"], cfg.train.best_by),
             "stopped_early": meta["step"] < steps}
 
 

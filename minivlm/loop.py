@@ -261,6 +261,12 @@ def evaluate_and_keep_best(cfg: Config, built: Built, objective: ModuleType, sta
     return False
 
 
+def best_figure(best: dict, best_by: str) -> float:
+    """The best evaluation, as reported, from the loop's state (`Run.best`, saved with every
+    checkpoint): its score is kept higher-is-better, so the validation loss is stored negated."""
+    return best.get("best_score", -math.inf) * (1 if best_by == "metric" else -1)
+
+
 def train(cfg: Config, built: Built, objective: ModuleType, train_ds: datasets.Dataset,
           eval_ds: datasets.Dataset | None = None, resume: str | Path | None = None, before: dict | None = None,
           state=None) -> dict:
@@ -327,6 +333,5 @@ def train(cfg: Config, built: Built, objective: ModuleType, train_ds: datasets.D
         run.log.close()
         run.save(run.step)
         distributed.barrier()  # no rank returns (and its launcher reports the run done) before the save exists
-    best = run.best["best_score"] if t.best_by == "metric" else -run.best["best_score"]
     return {"step": run.step, "loss": run.loss, "train_seconds": time.perf_counter() - meter.t0,
-            f"best_{t.best_by}": best, "stopped_early": run.step < total, "signal": stop.signum}
+            f"best_{t.best_by}": best_figure(run.best, t.best_by), "stopped_early": run.step < total, "signal": stop.signum}

@@ -45,8 +45,9 @@ Activations (per step, for batch B × data.max_length tokens T: the worst case t
   one more decoder layer each. Llama 3.2 Vision's cross-attention layers are among its decoder
   layers, and read V vision positions a sample (tiles × patches): the projected states (e·h
   each) and the T × V mask (e) once, every such layer's keys and values (2·e·kv each) and its
-  k_norm's fp32 copy of the keys (4·kv); one layer's when checkpointed. Tokens with no trainable parameter upstream keep nothing (the
-  frozen vision tower: only a transient one-layer peak while it runs), so that is left out.
+  k_norm's fp32 copy of the keys (4·kv); one layer's when checkpointed. Tokens with no
+  trainable parameter upstream keep nothing (the frozen vision tower: only a transient
+  one-layer peak while it runs), so that is left out.
   With gradient checkpointing each layer keeps only its input (e·h per token) and one layer is
   recomputed at a time in backward: L·e·h + one layer's full set.
   Logits: minivlm runs the lm_head at labelled (answer) positions only, so the vocabulary-sized
@@ -298,9 +299,10 @@ def _activation_terms(plan: Plan, layout: Layout, cfg: Config, largest_q: int, a
     # Cross-attention to vision states: the projected states and the text × vision mask once, and
     # each reading layer's keys and values, with k_norm's fp32 copy of the keys (under
     # checkpointing, one layer's at a time).
-    kv = tc.num_key_value_heads * (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
-    cross_kv = B * layout.vision_states * (2 * e * kv + 4 * kv)
+    cross_kv = 0  # one reading layer's keys and values
     if layout.vision_states:
+        kv = tc.num_key_value_heads * (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
+        cross_kv = B * layout.vision_states * (2 * e * kv + 4 * kv)
         plan.act_saved += (B * layout.vision_states * e * (tc.hidden_size + T)
                            + layout.vision_state_readers * cross_kv)
     # Alive only for a moment in backward, on top of what is saved:

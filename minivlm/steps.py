@@ -17,7 +17,7 @@ import torch
 
 from minivlm.batches import collate
 from minivlm.config import DataConfig, TrainConfig
-from minivlm.data import skipped_rows
+from minivlm.data import skipped_count, skipped_since
 from minivlm.models import get_family
 
 
@@ -81,9 +81,9 @@ class TrainSteps(torch.utils.data.Dataset):
         mine = [idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for idx in window]
         crops = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         family = get_family(self.family)  # held by name: a module object does not pickle into workers
-        known = skipped_rows(self.ds)
+        mark = skipped_count()
         batches = [self.collate(self.ds, idx, self.cfg, family, self.processor, crops) for idx in mine]
-        return step, window, batches, {k: v for k, v in skipped_rows(self.ds).items() if k not in known}
+        return step, window, batches, skipped_since(mark)
 
 
 def filler_batch(ds: datasets.Dataset, cfg: DataConfig, family: ModuleType, processor) -> dict[str, torch.Tensor]:

@@ -89,7 +89,7 @@ ROW_CASES = {
     "text file named .png": (lambda p: p.write_text("not an image"), {}, "bad.png cannot be read"),
     "png with a broken chunk": (broken_png_chunk, {}, r"bad.png cannot be read: \w+"),
     "image path is a folder": (lambda p: p.mkdir(), {}, r"bad.png cannot be read: IsADirectoryError"),
-    # 20,000 × 20,000 (1.2 GB as RGB) in a 60 KB PNG: refused before a byte is decoded.
+    # 20,000 × 20,000 (1.2 GB as RGB) in a 48 KB PNG: refused before a byte is decoded.
     "decompression bomb": (lambda p: Image.new("1", (20_000, 20_000)).save(p), {},
                            r"bad.png cannot be read: DecompressionBombError: Image size \(400000000 pixels\) "
                            r"exceeds limit"),

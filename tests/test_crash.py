@@ -47,7 +47,7 @@ def launch(argv: list[str], out: Path, kill_at: int = 0) -> tuple[int, str]:
     log = out.parent / f"output-{kill_at}-{len(list(out.parent.glob('output-*')))}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     pid = os.fork()
-    if pid == 0:  # the child: one thread (OpenMP's pool does not survive a fork), its output to `log`
+    if pid == 0:  # the child: one thread (as DataLoader workers: no OpenMP pool across a fork), output to `log`
         code = 1
         try:
             torch.set_num_threads(1)
