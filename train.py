@@ -99,9 +99,10 @@ def check_lengths(ds, cfg: Config, family, processor, rows: int = 16) -> None:
     Also the first batch the family builds from this data: a data/family mismatch shows up now.
     """
     from minivlm.batches import collate
+    from minivlm.data import first_rows
 
     unlimited = dataclasses.replace(cfg.data, max_length=sys.maxsize)
-    lengths = collate(ds, list(range(min(rows, len(ds)))), unlimited, family, processor)["attention_mask"].sum(1)
+    lengths = collate(*first_rows(ds, rows), unlimited, family, processor)["attention_mask"].sum(1)
     if bool((lengths > cfg.data.max_length).all()):
         raise ConfigError(f"data.max_length = {cfg.data.max_length} is shorter than every sample: the first "
                           f"{len(lengths)} rows are {int(lengths.min())} to {int(lengths.max())} tokens long "
@@ -141,7 +142,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     from minivlm import distributed
     from minivlm.build import build, load_processor, pick_device
     from minivlm.checkpoint import load_adapter
-    from minivlm.data import load_split, skipped_rows, warn_unknown_answers
+    from minivlm.data import head, load_split, skipped_rows, warn_unknown_answers
     from minivlm.evaluate import report
     from minivlm.finish import complete, measured_before, shown, trained_figures, trained_out, write_results
     from minivlm.loop import NonFiniteLoss, train
@@ -167,15 +168,17 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         if not distributed.is_main():  # rank 0 speaks for all; the others keep stderr for their errors
             sys.stdout = open(os.devnull, "w")
         resume, meta = find_resume(cfg, args.resume, world)
-        train_ds = load_split(cfg.data, cfg.data.train_split)
-        eval_ds = load_split(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
-        steps = total_steps(cfg.train, len(train_ds), world)
+        train_ds = load_split(cfg.data, cfg.data.train_split, streaming=cfg.data.streaming)
+        eval_ds = load_split(cfg.data, cfg.data.eval_split, streaming=cfg.data.streaming) if cfg.data.eval_split else None
+        if cfg.data.streaming and eval_ds is not None:  # scored at every evaluation: read once, kept
+            eval_ds = head(eval_ds, cfg.data.eval_samples)
+        steps = total_steps(cfg.train, train_ds, world)
         if meta is not None:
             if trained_out(cfg, meta, steps):
                 return complete(cfg, args, resume, meta, steps, eval_ds, objective)
             print(f"resuming from {shown(resume)}: step {meta['step']} of {steps}")
             saved = {k: meta["config"]["train"][k] for k in ("max_steps", "epochs", "batch_size", "grad_accum")}
-            planned = total_steps(dataclasses.replace(cfg.train, **saved), len(train_ds), world)
+            planned = total_steps(dataclasses.replace(cfg.train, **saved), train_ds, world)
             if planned != steps and cfg.train.schedule != "constant":
                 print(f"note: {steps} steps instead of {planned}: the {cfg.train.schedule} learning-rate schedule "
                       f"is recomputed for {steps} steps from step {meta['step']} on (as the transformers "

@@ -211,10 +211,11 @@ def processor_and_label_mask(step: Step) -> None:
     cfg, t, built = step.cfg, step.cfg.train, step.built
     stage(5, "minivlm/steps.py:train_loader → minivlm/batches.py:collate → minivlm/models/paligemma.py:training_batch")
     ds = load_split(cfg.data, cfg.data.train_split)
-    steps = total_steps(t, len(ds))
+    steps = total_steps(t, ds)
     # Step 0 exactly as loop.train gets it: the same loader, the same shuffled sample indices.
-    _, window, batches, _ = next(iter(train_loader(ds, cfg.data, cfg.model.family, built.processor, t.batch_size,
-                                                   t.grad_accum, t.seed, 0, steps)))
+    first = next(iter(train_loader(ds, cfg.data, cfg.model.family, built.processor, t.batch_size, t.grad_accum,
+                                   t.seed, 0, steps)))
+    window, batches = first.window, first.batches
     batch = batches[0]
     print(f"  step 0's samples {window[0]}")
     for key, value in batch.items():

@@ -11,7 +11,10 @@ user's first run does):
 - first step: `train.py` on the demo base with `data.dataset` set to it, 1 optimizer step, the
   seconds from start to the first log record, and its peak RSS;
 - scan: `python -m minivlm.data`, which opens every image and reads every answer, its seconds
-  and peak RSS.
+  and peak RSS;
+- streamed (data.streaming = true): the first step's seconds and peak RSS, and what a resume
+  halfway through the epoch costs: the seconds to read up to row rows/2 of the shuffled stream
+  (steps.StreamSteps, images not decoded).
 
 Peak RSS staying near the runtime's (~0.5 GB here) while the files hold 200,000 images is the
 check that nothing is read whole into memory: `datasets` memory-maps its Arrow cache, and rows
@@ -84,6 +87,21 @@ print(json.dumps({{"rows": len(ds), "seconds": time.perf_counter() - t1,
 """
 
 
+SKIP = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+from minivlm.config import DataConfig
+from minivlm.data import load_split
+from minivlm.steps import StreamSteps
+cfg = DataConfig(dataset={dataset!r}, streaming=True)
+t0 = time.perf_counter()
+steps = StreamSteps(load_split(cfg, "train", streaming=True), cfg, "paligemma", None, 8, 1, 0, 0, 1,
+                    start={{"epoch": 0, "row": {row}, "read": {row}}})
+where, _ = next(steps._rows())
+print(json.dumps({{"row": where["row"], "seconds": time.perf_counter() - t0}}))
+"""
+
+
 def timed(argv: list[str], env: dict, first_record: Path | None = None) -> dict:
     """Run `argv`; its seconds (to the first log record, if given) and peak RSS (from /proc, sampled)."""
     t0 = time.perf_counter()
@@ -135,7 +153,17 @@ def main() -> None:
                       env, first_record=run / "log.jsonl")
         scan = timed([py, "-m", "minivlm.data", "--config", "configs/demo.toml", "--set", f"data.dataset={dataset}"],
                      env)
-        results[name] = {"load": loads, "first_step": first, "scan": scan,
+        streamed_run = out / f"run-{name}-streamed"
+        streamed = timed([py, "train.py", "--config", "configs/demo.toml",
+                          *sum((["--set", s] for s in [*sets, f"train.output_dir={streamed_run}",
+                                                        "data.streaming=true"]), [])],
+                         env, first_record=streamed_run / "log.jsonl")
+        skip = subprocess.run([py, "-c", SKIP.format(root=str(ROOT), dataset=str(dataset), row=args.rows // 2)],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        if skip.returncode:
+            sys.exit(skip.stderr[-3000:])
+        streamed["resume_halfway"] = json.loads(skip.stdout.strip().splitlines()[-1])
+        results[name] = {"load": loads, "first_step": first, "scan": scan, "streamed": streamed,
                          "cache_mib": sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) / MiB}
         print(name, json.dumps(results[name], indent=1), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

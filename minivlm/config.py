@@ -72,6 +72,10 @@ class DataConfig:
     on_bad_sample: str = "skip"  # an unreadable image or a null answer: "skip" it (warned, counted) or "fail"
     random_resized_crop: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0]: train-time crop scale
     max_length: int = 256  # longer samples are dropped (never cut through image tokens)
+    # Read the training split as a `datasets` stream, never downloaded or loaded whole, for a set
+    # that does not fit on disk; needs train.max_steps (a stream has no length). See steps.StreamSteps.
+    streaming: bool = False
+    shuffle_buffer: int = 1000  # data.streaming: rows a stream is shuffled within (datasets' buffer); 0 = in order
     workers: int = 0  # DataLoader processes preparing the next steps' batches while this one trains; 0 = inline
     eval_samples: int = 0  # 0 = the whole eval split
     metric: str = "accuracy"  # how answers are scored: see minivlm/metrics.py
@@ -259,6 +263,12 @@ def validate(cfg: Config) -> None:
         (cfg.data.max_length > 0, "data.max_length", "must be > 0"),
         (cfg.data.workers >= 0, "data.workers", "must be >= 0 (0 = prepare batches in the training process)"),
         (cfg.data.eval_samples >= 0, "data.eval_samples", "must be >= 0 (0 = all)"),
+        (not cfg.data.streaming or cfg.train.max_steps > 0, "train.max_steps",
+         "must be set with data.streaming = true: a stream has no length to count epochs in"),
+        (not cfg.data.streaming or not cfg.data.eval_split or cfg.data.eval_samples > 0, "data.eval_samples",
+         "must be set with data.streaming = true and a data.eval_split: the eval split's first data.eval_samples "
+         "rows are read into memory once and scored at every evaluation (e.g. 500)"),
+        (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0 (0 = the stream's own order)"),
         (cfg.train.save_every >= 0, "train.save_every", "must be >= 0 (0 = only at the end)"),
         (cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0 = keep every save)"),
         (cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = never)"),

@@ -52,7 +52,7 @@ _skipped: dict[tuple[str, int], str] = {}
 
 def skipped_rows(ds: datasets.Dataset | None = None) -> dict[tuple[str, int], str]:
     """The bad rows skipped so far in this process (of `ds` only, if given), for an end-of-run summary."""
-    return {k: v for k, v in _skipped.items() if ds is None or k[0] == ds._fingerprint}
+    return {k: v for k, v in _skipped.items() if ds is None or k[0] == identity(ds)}
 
 
 def skipped_count() -> int:
@@ -70,33 +70,96 @@ def record_skipped(rows: dict[tuple[str, int], str]) -> None:
     _skipped.update(rows)
 
 
-def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
+def load_split(cfg: DataConfig, split: str, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
     """One split of `cfg.dataset`: a hub id, a local imagefolder dir, or a .jsonl/.parquet file.
 
-    `split` takes `datasets` slicing, e.g. "train[:10%]".
+    `split` takes `datasets` slicing, e.g. "train[:10%]". `streaming`: a `datasets` stream
+    (IterableDataset) instead, read as it is iterated: nothing is downloaded or converted first,
+    for a split that does not fit on disk (data.streaming).
     """
     src = Path(cfg.dataset)
+    if streaming and "[" in split:
+        raise ConfigError(f"split {split!r}: a stream (data.streaming = true) cannot be sliced; name the whole "
+                          "split and set train.max_steps to train on part of it")
     try:
         if src.is_dir():
             with _local_files_quietly():
-                ds = datasets.load_dataset("imagefolder", data_dir=str(src), split=split)
+                ds = (_imagefolder_metadata(src, split, streaming)
+                      or datasets.load_dataset("imagefolder", data_dir=str(src), split=split, streaming=streaming))
         elif src.suffix in (".jsonl", ".json", ".parquet"):
             builder = "parquet" if src.suffix == ".parquet" else "json"
             with _local_files_quietly():
-                ds = datasets.load_dataset(builder, data_files=str(src), split=split)
+                ds = datasets.load_dataset(builder, data_files=str(src), split=split, streaming=streaming)
         else:
-            ds = datasets.load_dataset(cfg.dataset, split=split)
+            ds = datasets.load_dataset(cfg.dataset, split=split, streaming=streaming)
+        # A JSON stream knows its columns only once read: its first row tells.
+        columns = ds.column_names if ds.column_names is not None else list(next(iter(ds.take(1)), {}))
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         raise ConfigError(f"cannot load split {split!r} of data.dataset = {cfg.dataset!r}: {e}") from None
     except datasets.exceptions.DatasetGenerationError as e:  # the file's own error is its __cause__
         raise ConfigError(f"data.dataset = {cfg.dataset!r} cannot be read: {e.__cause__ or e}; fix the file "
                           "(JSON Lines: one complete JSON object per line)") from None
-    missing = [c for c in required_columns(cfg) if c not in ds.column_names]
+    missing = [c for c in required_columns(cfg) if c not in columns]
     if missing:
         raise ConfigError(f"data.dataset {cfg.dataset!r} has no column(s) {missing}; its columns are "
-                          f"{ds.column_names}: set data.image_column / question_column / answer_column, "
+                          f"{columns}: set data.image_column / question_column / answer_column, "
                           "or the fields of data.prompt_template / answer_template")
     return ds
+
+
+def _imagefolder_metadata(src: Path, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset | None:
+    """An imagefolder split with a metadata.jsonl (<src>/<split>/metadata.jsonl), read as the JSON
+    Lines file it is, each file_name made the path of its image in an "image" column (the
+    builder's name for it); None for any other layout, which the imagefolder builder reads.
+
+    The builder lists, resolves and fingerprints every image file on every load: 359 s warm and
+    1364 s cold at 200,000 rows, where the metadata alone takes a second (docs/log.md). The rows
+    are the same, in the metadata's order."""
+    folder = src.resolve() / split.split("[")[0]
+    metadata = folder / "metadata.jsonl"
+    if not metadata.is_file():
+        return None
+    ds = datasets.load_dataset("json", data_files={folder.name: str(metadata)}, split=split, streaming=streaming)
+
+    def paths(rows: dict) -> dict:
+        return {"image": [str(folder / name) for name in rows["file_name"]]}
+    return ds.map(paths, batched=True, remove_columns=["file_name"])
+
+
+def head(ds: datasets.Dataset | datasets.IterableDataset, n: int) -> datasets.Dataset:
+    """The first `n` rows as a Dataset: a stream's are read now and held in memory, images
+    undecoded (for the checks before training, and the eval rows of a streamed dataset)."""
+    if isinstance(ds, datasets.Dataset):
+        return ds.select(range(min(n, len(ds))))
+    ds = undecoded(ds)
+    return datasets.Dataset.from_list(list(ds.take(n)), features=ds.features, split=ds.split)
+
+
+def first_rows(ds: datasets.Dataset | datasets.IterableDataset, n: int) -> tuple[datasets.Dataset, list[int]]:
+    """The first `n` rows to collate, as (a Dataset, their indices in it): a Dataset's own, so
+    that a bad row among them is the one training meets (warned once, counted once); a stream's
+    read into memory (head)."""
+    first = ds if isinstance(ds, datasets.Dataset) else head(ds, n)
+    return first, list(range(min(n, len(first))))
+
+
+@dataclasses.dataclass
+class Rows:
+    """Rows already read, by their number: a step's share of a stream (steps.StreamSteps), which
+    collate reads in place of a Dataset."""
+
+    source: str  # identity(stream): names the rows in warnings and in the skipped-rows registry
+    rows: dict[int, dict]
+
+
+def identity(ds: datasets.Dataset | datasets.IterableDataset | Rows) -> str:
+    """What names a split in the skipped-rows registry, the same in every process: a Dataset's
+    content hash (the same split read twice is one split); a stream's name and split."""
+    if isinstance(ds, Rows):
+        return ds.source
+    if isinstance(ds, datasets.IterableDataset):
+        return f"stream {ds.info.dataset_name or ''}:{ds.split}"
+    return ds._fingerprint
 
 
 @contextlib.contextmanager
@@ -282,13 +345,14 @@ def to_rgb(image: Image.Image | str | Path | dict) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255)), rgba).convert("RGB")
 
 
-def warn_unknown_answers(ds: datasets.Dataset, cfg: DataConfig, tokenizer, rows: int = 1000) -> int:
+def warn_unknown_answers(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, tokenizer,
+                         rows: int = 1000) -> int:
     """Warn when answers (rejected ones too, in preference data) hold text the tokenizer cannot
     spell: it becomes the unknown token, or vanishes (a tokenizer without one drops what it does
     not know), and the model can only learn to write that. Returns how many of the first `rows`
     rows are affected."""
     # Answers only: decoding a thousand images to read strings would cost seconds and memory.
-    texts = ds.select(range(min(rows, len(ds)))).remove_columns(cfg.image_column)
+    texts = head(ds.remove_columns(cfg.image_column), rows)
     bad = []
     for i, row in enumerate(rows_of(texts, list(range(len(texts))))):
         try:
@@ -314,17 +378,25 @@ def warn_unknown_answers(ds: datasets.Dataset, cfg: DataConfig, tokenizer, rows:
     return len(bad)
 
 
-def rows_of(ds: datasets.Dataset, indices: list[int]) -> list[dict]:
-    """Rows as dicts, with `datasets` images left undecoded ({"bytes", "path"}): to_rgb decodes
-    them one by one, so an unreadable file costs its own row, not the whole batch read."""
-    for name, feature in ds.features.items():
+def undecoded(ds: datasets.Dataset | datasets.IterableDataset) -> datasets.Dataset | datasets.IterableDataset:
+    """`ds` with its `datasets` images left undecoded ({"bytes", "path"}): to_rgb decodes them
+    one by one, so an unreadable file costs its own row, not the whole batch read, and a row
+    read only to be skipped (a resumed stream) costs no decoding."""
+    for name, feature in (ds.features or {}).items():  # a JSON stream's are unknown: no images to cast
         if isinstance(feature, datasets.Image) and feature.decode:
             ds = ds.cast_column(name, datasets.Image(decode=False))  # a schema change, no data rewritten
-    columns = ds[indices]  # one columnar read
+    return ds
+
+
+def rows_of(ds: datasets.Dataset | Rows, indices: list[int]) -> list[dict]:
+    """Rows as dicts, images undecoded (see undecoded)."""
+    if isinstance(ds, Rows):
+        return [ds.rows[i] for i in indices]
+    columns = undecoded(ds)[indices]  # one columnar read
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
-def usable_samples(ds: datasets.Dataset, indices: list[int],
+def usable_samples(ds: datasets.Dataset | Rows, indices: list[int],
                    cfg: DataConfig) -> list[tuple[int, dict, Image.Image, list[tuple[str, str]]]]:
     """(index, row, image, exchanges) for each of `ds[indices]` that can be used. A bad one is
     skipped with a warning (once per row, with the running count) or, with data.on_bad_sample =
@@ -334,12 +406,13 @@ def usable_samples(ds: datasets.Dataset, indices: list[int],
         try:
             samples.append((index, row, *sample_of(cfg, row)))
         except BadSample as e:
-            where = f"row {index} of split {str(ds.split or '?')!r}"
+            where = (f"row {index} of the stream" if isinstance(ds, Rows)
+                     else f"row {index} of split {str(ds.split or '?')!r}")
             if cfg.on_bad_sample == "fail":
                 raise ConfigError(f"{where}: {e}. Fix or remove the row, or set data.on_bad_sample = \"skip\" to "
                                   "train without it; `python -m minivlm.data --config <config>` lists every bad "
                                   "row") from None
-            key = (ds._fingerprint, index)  # a content hash: the same split read twice is one split
+            key = (identity(ds), index)
             if key not in _skipped:
                 _skipped[key] = str(e)
                 warnings.warn(f"skipped {where}: {e} ({len(_skipped)} bad row(s) skipped so far; "
@@ -347,20 +420,24 @@ def usable_samples(ds: datasets.Dataset, indices: list[int],
     return samples
 
 
-def check_split(ds: datasets.Dataset, cfg: DataConfig, rows: list[int] | None = None,
-                chunk: int = 64) -> list[tuple[int, str]]:
-    """(row, reason) for every row of `ds` (or of `rows`) that training would skip: each image
-    opened and decoded, each answer read. Nothing is kept in memory but the current chunk."""
-    rows = list(range(len(ds))) if rows is None else rows
-    bad = []
-    for start in range(0, len(rows), chunk):
-        indices = rows[start:start + chunk]
-        for index, row in zip(indices, rows_of(ds, indices)):
-            try:
-                sample_of(cfg, row)
-            except BadSample as e:
-                bad.append((index, str(e)))
-    return bad
+def check_split(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig,
+                chunk: int = 64) -> tuple[list[tuple[int, str]], int]:
+    """((row, reason) for every row of `ds` that training would skip, how many rows were read):
+    each image opened and decoded, each answer read. Nothing is kept in memory but the current
+    chunk. A stream is read through in its order, its rows numbered from 0."""
+    if isinstance(ds, datasets.IterableDataset):
+        numbered = enumerate(undecoded(ds))
+    else:
+        chunks = (list(range(start, min(start + chunk, len(ds)))) for start in range(0, len(ds), chunk))
+        numbered = (pair for indices in chunks for pair in zip(indices, rows_of(ds, indices)))
+    bad, read = [], 0
+    for index, row in numbered:
+        read += 1
+        try:
+            sample_of(cfg, row)
+        except BadSample as e:
+            bad.append((index, str(e)))
+    return bad, read
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,13 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         split = args.split or cfg.data.train_split
-        ds = load_split(cfg.data, split)
+        ds = load_split(cfg.data, split, streaming=cfg.data.streaming)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    bad = check_split(ds, cfg.data)
+    bad, read = check_split(ds, cfg.data)
     for row, reason in bad:
         print(f"row {row}: {reason}")
-    print(f"{len(bad)} bad row(s) of {len(ds)} in split {split!r}" if bad else f"all {len(ds)} rows of split "
+    print(f"{len(bad)} bad row(s) of {read} in split {split!r}" if bad else f"all {read} rows of split "
           f"{split!r} are usable")
     return 1 if bad else 0
 

@@ -132,7 +132,8 @@ def open_log(path: Path, keep_until: int):
 
 class Run:
     """What training changes as it goes: the optimizer and its GradScaler, the step, the last loss,
-    the best so far (`best`, saved with every checkpoint), the step log and the saves."""
+    the loop's `state` saved with every checkpoint (the best so far, the evaluations since it and,
+    reading a stream, where the next step starts), the step log and the saves."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, resume: str | Path | None):
         t, self.cfg, self.model = cfg.train, cfg, model
@@ -141,17 +142,17 @@ class Run:
         # Loss scaling only matters for fp16, whose 5 exponent bits underflow small gradients;
         # bf16 has fp32's exponent range and needs none.
         self.scaler = torch.amp.GradScaler(device.type, enabled=t.fp16)
-        self.best = {"best_score": -float("inf"), "evals_since_best": 0}
+        self.state = {"best_score": -float("inf"), "evals_since_best": 0}
         self.start = 0
         if resume:
             load_adapter(resume, model)
             self.start, saved = load_training_state(resume, self.optimizer, self.scaler)  # RNG too: same masks
-            self.best.update(saved)
+            self.state.update(saved)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             # What a crash left half done (see checkpoint.py); `best` is the resumed save's idea of it.
             done = recover(self.out, t.keep_checkpoints, resumed=Path(resume) if resume else None,
-                           best=self.best.get("best_checkpoint"))
+                           best=self.state.get("best_checkpoint"))
             if done:
                 print(f"recovered {self.out}: {'; '.join(done)}")
         # The other ranks log into the void: the same lines as rank 0's, which are written.
@@ -168,7 +169,7 @@ class Run:
         """One directory per step, however many reasons there are to save it (best, save_every, the end)."""
         if step != self.saved_step or best:
             if self.main:
-                save_checkpoint(self.out, self.model, self.optimizer, self.scaler, step, to_dict(self.cfg), self.best,
+                save_checkpoint(self.out, self.model, self.optimizer, self.scaler, step, to_dict(self.cfg), self.state,
                                 best=best, keep=self.cfg.train.keep_checkpoints, world_size=distributed.world_size())
             self.saved_step = step
 
@@ -249,25 +250,25 @@ def evaluate_and_keep_best(cfg: Config, built: Built, objective: ModuleType, sta
               f"{record[cfg.data.metric]:.4f}" + "".join(f", {k.replace('_', ' ')} {record[k]:.4f}" for k in shown[2:]))
     # Higher is better for every metric; lower for the loss.
     score = record[cfg.data.metric] if t.best_by == "metric" else -record["val_loss"]
-    if score > run.best["best_score"]:
-        run.best.update(best_score=score, evals_since_best=0)
+    if score > run.state["best_score"]:
+        run.state.update(best_score=score, evals_since_best=0)
         run.save(run.step, best=True)
     else:
-        run.best["evals_since_best"] += 1
-    if t.early_stopping_patience and run.best["evals_since_best"] >= t.early_stopping_patience:
+        run.state["evals_since_best"] += 1
+    if t.early_stopping_patience and run.state["evals_since_best"] >= t.early_stopping_patience:
         bar.write(f"early stop: no better {t.best_by} in {t.early_stopping_patience} evaluations "
                   f"(best kept in {run.out / 'best'})")
         return True
     return False
 
 
-def best_figure(best: dict, best_by: str) -> float:
-    """The best evaluation, as reported, from the loop's state (`Run.best`, saved with every
+def best_figure(state: dict, best_by: str) -> float:
+    """The best evaluation, as reported, from the loop's state (`Run.state`, saved with every
     checkpoint): its score is kept higher-is-better, so the validation loss is stored negated."""
-    return best.get("best_score", -math.inf) * (1 if best_by == "metric" else -1)
+    return state.get("best_score", -math.inf) * (1 if best_by == "metric" else -1)
 
 
-def train(cfg: Config, built: Built, objective: ModuleType, train_ds: datasets.Dataset,
+def train(cfg: Config, built: Built, objective: ModuleType, train_ds: datasets.Dataset | datasets.IterableDataset,
           eval_ds: datasets.Dataset | None = None, resume: str | Path | None = None, before: dict | None = None,
           state=None) -> dict:
     """Train the adapters of `built.model` on `train_ds` with `objective` (a minivlm/objectives module;
@@ -284,8 +285,7 @@ def train(cfg: Config, built: Built, objective: ModuleType, train_ds: datasets.D
     t, model, device = cfg.train, built.model, built.device
     world = distributed.world_size()
     state = objective.setup(cfg, built) if state is None else state
-    total = steps.total_steps(t, len(train_ds), world)
-    per_epoch = steps.steps_per_epoch(len(train_ds), t.batch_size * world, t.grad_accum)
+    total = steps.total_steps(t, train_ds, world)
     run = Run(cfg, model, device, resume)
     if run.start == 0 and t.eval_every and eval_ds is not None and before is not None:
         run.write({"step": 0, **before})
@@ -295,13 +295,16 @@ def train(cfg: Config, built: Built, objective: ModuleType, train_ds: datasets.D
     trainable = [p for p in model.parameters() if p.requires_grad]
     filler = steps.filler_batch(train_ds, cfg.data, built.family, built.processor) if world > 1 else None
     loader = steps.train_loader(train_ds, cfg.data, cfg.model.family, built.processor, t.batch_size, t.grad_accum,
-                                t.seed, run.start, total, world, distributed.rank(), collate_fn=objective.collate)
+                                t.seed, run.start, total, world, distributed.rank(), collate_fn=objective.collate,
+                                resume_at=run.state.get("stream"))
     model.train()
     bar, meter = progress_bar(run.start, total), Meter(cfg, built, objective)
     with StopSignal() as stop:  # until the last save is written: a signal never cuts one short
-        for step, window, batches, skipped in loader:
+        for step, epoch, window, batches, skipped, resume_at in loader:
             record_skipped(skipped)  # a worker's, counted here for the end-of-run summary
-            run.step, epoch = step + 1, step // per_epoch
+            run.step = step + 1
+            if resume_at is not None:  # a stream's: where a run resumed from this step's save reads on
+                run.state["stream"] = resume_at
             bar.update()
             loss, n, logged = objective.backward_window(cfg, built, trained, batches, run.scaler, state, filler)
             distributed.sum_gradients(trained, trainable)  # FSDP only: DDP summed them in the backward
@@ -334,4 +337,4 @@ def train(cfg: Config, built: Built, objective: ModuleType, train_ds: datasets.D
         run.save(run.step)
         distributed.barrier()  # no rank returns (and its launcher reports the run done) before the save exists
     return {"step": run.step, "loss": run.loss, "train_seconds": time.perf_counter() - meter.t0,
-            f"best_{t.best_by}": best_figure(run.best, t.best_by), "stopped_early": run.step < total, "signal": stop.signum}
+            f"best_{t.best_by}": best_figure(run.state, t.best_by), "stopped_early": run.step < total, "signal": stop.signum}

@@ -4,21 +4,35 @@ An epoch is a shuffle of the training split, a pure function of (seed, epoch); a
 `grad_accum` micro-batches of it, and under torchrun each micro-batch is world_size × batch_size
 samples, of which each rank takes its slice. So any step can be rebuilt from its number alone:
 a resumed run starts at its step, and DataLoader workers can prepare steps in any process.
+A stream (data.streaming) has no random access: its steps are read in order (StreamSteps).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import NamedTuple
 
 import datasets
 import torch
 
 from minivlm.batches import collate
-from minivlm.config import DataConfig, TrainConfig
-from minivlm.data import skipped_count, skipped_since
+from minivlm.config import ConfigError, DataConfig, TrainConfig
+from minivlm.data import Rows, first_rows, identity, skipped_count, skipped_since, undecoded
 from minivlm.models import get_family
+
+
+class Step(NamedTuple):
+    """One optimizer step's data, as the loader hands it to the loop."""
+
+    number: int  # 0-based: the step that takes the run to `number + 1`
+    epoch: int
+    window: list[list[int]]  # the sample numbers of each micro-batch, every rank's
+    batches: list[dict[str, torch.Tensor]]  # this rank's collated micro-batches
+    skipped: dict  # bad rows first skipped in making them: a DataLoader worker's reach the loop this way
+    resume_at: dict | None  # a stream's: where the step after it starts (StreamSteps); saved with the step
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -32,10 +46,11 @@ def steps_per_epoch(n: int, batch_size: int, grad_accum: int) -> int:
     return math.ceil(math.ceil(n / batch_size) / grad_accum)
 
 
-def total_steps(t: TrainConfig, n_rows: int, world_size: int = 1) -> int:
-    """Optimizer steps of a run: train.max_steps, or train.epochs epochs of `n_rows` rows, each step
-    taking world_size × batch_size samples per micro-batch."""
-    return t.max_steps or steps_per_epoch(n_rows, t.batch_size * world_size, t.grad_accum) * t.epochs
+def total_steps(t: TrainConfig, ds: datasets.Dataset | datasets.IterableDataset, world_size: int = 1) -> int:
+    """Optimizer steps of a run: train.max_steps, or train.epochs epochs of `ds`, each step taking
+    world_size × batch_size samples per micro-batch. (A stream has no length: config.py requires
+    train.max_steps with it.)"""
+    return t.max_steps or steps_per_epoch(len(ds), t.batch_size * world_size, t.grad_accum) * t.epochs
 
 
 class TrainSteps(torch.utils.data.Dataset):
@@ -70,9 +85,7 @@ class TrainSteps(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.last - self.first
 
-    def __getitem__(self, k: int) -> tuple[int, list[list[int]], list[dict[str, torch.Tensor]], dict]:
-        """(step, its sample indices, its micro-batches, the bad rows first skipped in making them:
-        a DataLoader worker's skips reach the training process this way, to be counted there)."""
+    def __getitem__(self, k: int) -> Step:
         step = self.first + k
         epoch, offset = divmod(step, self.per_epoch)
         if self._order[0] != epoch:
@@ -83,30 +96,110 @@ class TrainSteps(torch.utils.data.Dataset):
         family = get_family(self.family)  # held by name: a module object does not pickle into workers
         mark = skipped_count()
         batches = [self.collate(self.ds, idx, self.cfg, family, self.processor, crops) for idx in mine]
-        return step, window, batches, skipped_since(mark)
+        return Step(step, epoch, window, batches, skipped_since(mark), None)
 
 
-def filler_batch(ds: datasets.Dataset, cfg: DataConfig, family: ModuleType, processor) -> dict[str, torch.Tensor]:
-    """The first usable sample of `ds` with every label masked: a forward and backward that add
-    exactly zero to every gradient. Under DDP, a rank whose slice of a micro-batch holds no usable
-    sample runs it instead, because every rank must take part in each synchronised backward."""
-    for i in range(len(ds)):
-        batch = collate(ds, [i], cfg, family, processor)
+class StreamSteps(torch.utils.data.IterableDataset):
+    """Steps first..last-1 of a stream (data.streaming), each the next world_size × batch_size ×
+    grad_accum rows of it, split into micro-batches and rank slices as TrainSteps splits a step.
+
+    A stream has no length and no random access. It is read in order, epoch after epoch, each
+    epoch shuffled anew within data.shuffle_buffer rows (by `datasets`, from seed and epoch), and
+    a step whose rows run past an epoch's end takes the rest from the next. A row's number is how
+    many rows the run read before it. Where a step starts is thus {"epoch", "row" (in that epoch),
+    "read" (rows before it)}, and every save records the next step's (Step.resume_at): a resumed
+    run reads that epoch again from its start and skips to that row, reading the rows before it
+    without decoding their images, as the transformers Trainer replays a resumed epoch's first
+    batches.
+
+    With DataLoader workers, worker w of W collates steps first + w, first + w + W, ...: each reads
+    the whole stream and decodes only its own steps' images, and the DataLoader takes the
+    workers' steps in turn, so the steps come in the one-process order whatever W is.
+    """
+
+    def __init__(self, stream: datasets.IterableDataset, cfg: DataConfig, family: str, processor, batch_size: int,
+                 grad_accum: int, seed: int, first: int, last: int, start: dict | None = None, world_size: int = 1,
+                 rank: int = 0, collate_fn: Callable | None = None):
+        self.source = identity(stream)
+        stream = undecoded(stream)
+        self.stream = stream.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer) if cfg.shuffle_buffer else stream
+        self.cfg, self.family, self.processor, self.collate = cfg, family, processor, collate_fn or collate
+        self.batch_size, self.grad_accum, self.seed, self.first, self.last = batch_size, grad_accum, seed, first, last
+        self.world_size, self.rank = world_size, rank
+        self.start = start or {"epoch": 0, "row": 0, "read": 0}
+
+    def __len__(self) -> int:
+        return self.last - self.first
+
+    def _rows(self) -> Iterator[tuple[dict, dict]]:
+        """(where the row is, the row), from self.start on, epoch after epoch, without end."""
+        epoch, row, read = self.start["epoch"], self.start["row"], self.start["read"]
+        while True:
+            self.stream.set_epoch(epoch)  # the epoch's shuffle: datasets derives it from (seed, epoch)
+            # .iter(), not iter(stream): inside a DataLoader worker, datasets hands a stream's plain
+            # iteration only that worker's share of the files.
+            chunks = self.stream.iter(batch_size=256)
+            rows = (dict(zip(chunk, values)) for chunk in chunks for values in zip(*chunk.values()))
+            for data in itertools.islice(rows, row, None):  # a resumed epoch: read up to its row
+                yield {"epoch": epoch, "row": row, "read": read}, data
+                row, read = row + 1, read + 1
+            if row == 0:
+                raise ConfigError(f"the training stream {self.source} has no rows (epoch {epoch})")
+            epoch, row = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[Step]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rows = self._rows()
+        width = self.batch_size * self.world_size
+        family = get_family(self.family)
+        for step in range(self.first, self.last):
+            read = list(itertools.islice(rows, width * self.grad_accum))
+            if (step - self.first) % workers != worker:
+                continue  # another worker's step: read past, not decoded
+            numbers = [where["read"] for where, _ in read]
+            window = [numbers[i:i + width] for i in range(0, len(numbers), width)]
+            mine = [idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for idx in window]
+            held = Rows(self.source, {where["read"]: row for where, row in read})
+            crops = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            mark = skipped_count()
+            batches = [self.collate(held, idx, self.cfg, family, self.processor, crops) for idx in mine]
+            after = read[-1][0]
+            resume_at = {"epoch": after["epoch"], "row": after["row"] + 1, "read": after["read"] + 1}
+            yield Step(step, read[0][0]["epoch"], window, batches, skipped_since(mark), resume_at)
+
+
+def filler_batch(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, family: ModuleType,
+                 processor, rows: int = 64) -> dict[str, torch.Tensor]:
+    """The first usable sample of `ds` (of its first `rows`) with every label masked: a forward
+    and backward that add exactly zero to every gradient. Under DDP, a rank whose slice of a
+    micro-batch holds no usable sample runs it instead, because every rank must take part in
+    each synchronised backward."""
+    first, indices = first_rows(ds, rows)
+    for i in indices:
+        batch = collate(first, [i], cfg, family, processor)
         if len(batch["input_ids"]):
             return {**batch, "labels": torch.full_like(batch["labels"], -100)}
-    raise ValueError("the training split has no usable sample (see data.on_bad_sample and data.max_length)")
+    raise ValueError(f"none of the first {len(indices)} training rows is usable (see data.on_bad_sample and "
+                     "data.max_length)")
 
 
-def train_loader(ds: datasets.Dataset, cfg: DataConfig, family: str, processor, batch_size: int, grad_accum: int,
-                 seed: int, first: int, last: int, world_size: int = 1, rank: int = 0,
-                 collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:
-    """Steps first..last-1 in order, each (step, sample indices, micro-batches), collated by
-    `collate_fn` (default: collate; dpo.collate_pairs for preference pairs). With data.workers
-    > 0, that many processes prepare the next steps while the current one trains (two steps ahead
-    each); with 0, every step is prepared in the training process when it is needed. With several
-    ranks, each step is this rank's share of it (see TrainSteps)."""
-    steps = TrainSteps(ds, cfg, family, processor, batch_size, grad_accum, seed, first, last, world_size, rank,
-                       collate_fn)
+def train_loader(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, family: str, processor,
+                 batch_size: int, grad_accum: int, seed: int, first: int, last: int, world_size: int = 1,
+                 rank: int = 0, collate_fn: Callable | None = None,
+                 resume_at: dict | None = None) -> torch.utils.data.DataLoader:
+    """Steps first..last-1 in order (each a Step), collated by `collate_fn` (default: collate;
+    dpo.collate_pairs for preference pairs). With data.workers > 0, that many processes prepare
+    the next steps while the current one trains (two steps ahead each); with 0, every step is
+    prepared in the training process when it is needed. With several ranks, each step is this
+    rank's share of it (see TrainSteps). A stream (StreamSteps) starts at `resume_at`, the
+    position the save of step `first` recorded."""
+    if isinstance(ds, datasets.IterableDataset):
+        steps = StreamSteps(ds, cfg, family, processor, batch_size, grad_accum, seed, first, last, resume_at,
+                            world_size, rank, collate_fn)
+    else:
+        steps = TrainSteps(ds, cfg, family, processor, batch_size, grad_accum, seed, first, last, world_size, rank,
+                           collate_fn)
     # Its own generator: a DataLoader draws a seed for its workers when iterated, and from the
     # global RNG that would shift every dropout mask after it (and break exact resume).
     return torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=cfg.workers,

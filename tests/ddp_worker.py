@@ -50,8 +50,8 @@ def run(config: Path) -> None:
     # What this rank holds of the frozen base: all of it under DDP, its shard of the layers under FSDP.
     held = sum(p.numel() for p in built.model.parameters() if not p.requires_grad)
     Path(f"{out}/held-rank{rank}.json").write_text(json.dumps(held))
-    _, _, batches, _ = TrainSteps(ds, cfg.data, cfg.model.family, processor, t.batch_size, t.grad_accum, t.seed,
-                               0, 1, world, rank)[0]
+    batches = TrainSteps(ds, cfg.data, cfg.model.family, processor, t.batch_size, t.grad_accum, t.seed,
+                         0, 1, world, rank)[0].batches
     filler = filler_batch(ds, cfg.data, built.family, processor) if world > 1 else None
     backward_window(cfg, built, model, batches, torch.amp.GradScaler("cpu", enabled=False), None, filler)
     distributed.sum_gradients(model, [p for p in built.model.parameters() if p.requires_grad])

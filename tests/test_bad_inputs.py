@@ -142,7 +142,7 @@ def one_bad_row(tmp_path: Path, case: str) -> tuple[DataConfig, Path]:
 def test_bad_row_is_listed_and_refused_by_fail(case, tmp_path):
     cfg, _ = one_bad_row(tmp_path, case)
     ds = load_split(cfg, "train")
-    [(row, reason)] = check_split(ds, cfg)
+    [(row, reason)], _ = check_split(ds, cfg)
     assert row == 1 and re.search(ROW_CASES[case][2], reason), reason
     cfg.on_bad_sample = "fail"
     message = error(lambda: collate(ds, [0, 1], cfg, paligemma, make_processor()))
@@ -205,7 +205,7 @@ def test_wrong_image_root_names_the_joined_path(tmp_path):
     write_png(tmp_path / "a.png")
     cfg = DataConfig(dataset=jsonl(tmp_path, '{"image": "a.png", "question": "q", "answer": "a"}\n'),
                      image_root=str(tmp_path / "elsewhere"))
-    [(row, reason)] = check_split(load_split(cfg, "train"), cfg)
+    [(row, reason)], _ = check_split(load_split(cfg, "train"), cfg)
     assert row == 0 and re.search(r"image .*elsewhere/a.png cannot be read: FileNotFoundError", reason)
 
 

@@ -35,6 +35,10 @@ def with_(section: str, **values) -> dict:
     (with_("lora", dropout=1.0), r"lora.dropout = 1.0 must be in \[0, 1\)"),
     (with_("train", betas=[0.9]), r"train.betas = \[0.9\] must be two numbers"),
     (with_("data", random_resized_crop=[0.9]), r"data.random_resized_crop = \[0.9\] must be \[\] or \[min_scale"),
+    (with_("data", streaming=True), r"train.max_steps = 0 must be set with data.streaming = true"),
+    ({"data": {"streaming": True, "eval_split": "test"}, "train": {"max_steps": 5}},
+     r"data.eval_samples = 0 must be set with data.streaming = true and a data.eval_split"),
+    (with_("data", shuffle_buffer=-1), r"data.shuffle_buffer = -1 must be >= 0"),
 ])
 def test_bad_values_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message):

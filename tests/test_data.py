@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from PIL import Image
@@ -9,8 +11,8 @@ from PIL import Image
 from minivlm.config import ConfigError, DataConfig
 from conftest import tiny_config
 from minivlm.batches import collate, random_resized_crop
-from minivlm.data import answer_of, load_split, prompt_of, required_columns, to_rgb
-from minivlm.steps import epoch_batches, steps_per_epoch, train_loader
+from minivlm.data import answer_of, load_split, prompt_of, required_columns, rows_of, to_rgb
+from minivlm.steps import StreamSteps, epoch_batches, steps_per_epoch, train_loader
 from minivlm.models import paligemma
 
 
@@ -139,13 +141,48 @@ def test_train_loader_gives_the_same_steps_with_workers_and_from_a_resumed_step(
         return list(train_loader(ds, cfg.data, "paligemma", processor, 2, 2, 0, first, 9))
 
     inline, parallel, resumed = steps(0, 0), steps(2, 0), steps(0, 4)
-    assert [s for s, _, _, _ in inline] == list(range(9))
-    assert [w for _, w, _, _ in inline[:6]] == [epoch_batches(24, 2, 0, 0)[2 * k:2 * k + 2] for k in range(6)]
+    assert [s.number for s in inline] == list(range(9))
+    assert [s.epoch for s in inline] == [0] * 6 + [1] * 3
+    assert [s.window for s in inline[:6]] == [epoch_batches(24, 2, 0, 0)[2 * k:2 * k + 2] for k in range(6)]
     for a, b in [*zip(inline, parallel), *zip(inline[4:], resumed)]:
-        assert a[:2] == b[:2]
-        for x, y in zip(a[2], b[2]):
+        assert (a.number, a.window) == (b.number, b.window)
+        for x, y in zip(a.batches, b.batches):
             assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     # The crops are really drawn (the batches above are cropped), and only in training: a batch
     # collated without a generator (validation) keeps whole images.
-    uncropped = collate(ds, inline[0][1][0], cfg.data, paligemma, processor)
-    assert not torch.equal(uncropped["pixel_values"], inline[0][2][0]["pixel_values"])
+    uncropped = collate(ds, inline[0].window[0], cfg.data, paligemma, processor)
+    assert not torch.equal(uncropped["pixel_values"], inline[0].batches[0]["pixel_values"])
+
+
+def same_steps(a: list, b: list) -> None:
+    assert [(s.number, s.epoch, s.window, s.resume_at) for s in a] == [(s.number, s.epoch, s.window, s.resume_at) for s in b]
+    for x, y in zip(a, b):
+        for p, q in zip(x.batches, y.batches):
+            assert p.keys() == q.keys() and all(torch.equal(p[k], q[k]) for k in p)
+
+
+def test_a_stream_is_read_epoch_after_epoch_reshuffled_and_resumes_where_it_was(tiny_paligemma, shapes_data,
+                                                                             tmp_path):
+    """data.streaming: every row once an epoch, each epoch in a new order, a step running on into
+    the next epoch; the same steps with workers, and from a save's position as from the start."""
+    cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path)
+    cfg.data.streaming, cfg.data.shuffle_buffer, cfg.data.random_resized_crop = True, 8, [0.3, 0.5]
+    processor = paligemma.load_processor(str(tiny_paligemma))
+    stream = load_split(cfg.data, "train", streaming=True)
+    in_file = [row["image"]["path"] for row in rows_of(load_split(cfg.data, "train"), list(range(24)))]
+
+    read = list(itertools.islice(StreamSteps(stream, cfg.data, "paligemma", processor, 5, 1, 0, 0, 1)._rows(), 48))
+    assert [where for where, _ in read] == [{"epoch": e, "row": r, "read": 24 * e + r} for e in (0, 1) for r in range(24)]
+    epochs = [[row["image"]["path"] for where, row in read if where["epoch"] == e] for e in (0, 1)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(in_file)
+    assert len({tuple(epochs[0]), tuple(epochs[1]), tuple(in_file)}) == 3  # shuffled, and anew each epoch
+
+    def steps(workers: int, first: int, resume_at: dict | None = None) -> list:
+        cfg.data.workers = workers  # 5 rows a step: the fifth runs from epoch 0 into epoch 1
+        return list(train_loader(stream, cfg.data, "paligemma", processor, 5, 1, 0, first, 9, resume_at=resume_at))
+
+    inline = steps(0, 0)
+    assert [s.epoch for s in inline] == [0] * 5 + [1] * 4
+    assert inline[4].window == [[20, 21, 22, 23, 24]] and inline[4].resume_at == {"epoch": 1, "row": 1, "read": 25}
+    same_steps(inline, steps(2, 0))
+    same_steps(inline[5:], steps(0, 5, inline[4].resume_at))

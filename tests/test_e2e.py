@@ -108,3 +108,30 @@ def test_cli_refuses_to_overwrite_and_resumes(tiny_paligemma, shapes_data, tmp_p
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     with pytest.raises(SystemExit, match="holds no checkpoint"):
         train.main(args + ["--resume", str(tmp_path / "nowhere")])
+
+
+def test_a_streamed_jsonl_trains_evaluates_and_lists_its_bad_rows(tiny_paligemma, shapes_data, tmp_path, capsys):
+    """data.streaming on a JSON Lines file (a stream that learns its columns from its first row),
+    read by a DataLoader worker: the run trains its steps, scores data.eval_samples rows held in
+    memory, counts the bad row it met, and its save records where the stream goes on;
+    `python -m minivlm.data` lists that row by its place in the stream."""
+    rows = [json.loads(line) for line in (shapes_data / "train/metadata.jsonl").read_text().splitlines()]
+    rows[2]["file_name"] = "missing.png"
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"image": r["file_name"], "question": r["question"],
+                                                             "answer": r["answer"]}) + "\n" for r in rows))
+    sets = [f"model.name_or_path={tiny_paligemma}", f"data.dataset={tmp_path / 'data.jsonl'}",
+            f"data.image_root={shapes_data / 'train'}", "data.streaming=true", "data.shuffle_buffer=0",
+            "data.workers=1", "data.eval_split=train", "data.eval_samples=5", f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=3", "train.batch_size=4", "train.eval_every=0"]
+    argv = ["--config", str(ROOT / "configs/demo.toml"), *sum((["--set", s] for s in sets), [])]
+    metrics = train.main(argv)
+    assert metrics["steps"] == 3 and "accuracy_after" in metrics
+    out = capsys.readouterr().out
+    assert "accuracy before training: " in out and " on 4 held-out samples" in out  # 5 rows, one bad
+    assert "skipped 1 bad row(s)" in out  # met by the worker, counted by the training process
+    state = json.loads((tmp_path / "run/last/state.json").read_text())
+    assert state["loop"]["stream"] == {"epoch": 0, "row": 12, "read": 12}  # 3 steps of 4 rows
+    from minivlm.data import main as check_data
+    assert check_data(["--config", str(ROOT / "configs/demo.toml"), *sum((["--set", s] for s in sets), [])]) == 1
+    listed = capsys.readouterr().out
+    assert listed.startswith("row 2: image ") and listed.rstrip().endswith(f"1 bad row(s) of {len(rows)} in split 'train'")

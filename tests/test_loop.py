@@ -131,23 +131,29 @@ def test_batch4_accum1_equals_batch1_accum4(tiny_paligemma, shapes_data, tmp_pat
     assert not all(torch.allclose(naive[n], one_batch[n], rtol=1e-3, atol=1e-6) for n in one_batch)
 
 
-def test_resume_n_plus_n_equals_2n(tiny_paligemma, shapes_data, tmp_path, monkeypatch):
-    """A run killed right after its step-4 checkpoint, resumed, ends bit-identical to an unbroken run."""
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resume_n_plus_n_equals_2n(tiny_paligemma, shapes_data, tmp_path, monkeypatch, streaming):
+    """A run killed right after its step-4 checkpoint, resumed, ends bit-identical to an unbroken run;
+    reading a stream too (data.streaming), whose save says where to read on."""
     def cfg_for(out):
         # r=64 makes some adapters >= 4096 values, so bitsandbytes keeps their Adam moments in
         # 8 bits (with shared quantization maps): the state that is hardest to save and restore.
-        # dropout > 0: the RNG state must be restored too.
-        cfg = tiny_config(tiny_paligemma, shapes_data, out, optimizer="adamw_8bit", batch_size=2,
-                          grad_accum=2, max_steps=8, warmup_steps=2, lr=5e-3, save_every=4)
+        # dropout > 0: the RNG state must be restored too. A stream's steps are 5 rows, so the
+        # save's position is mid-epoch (row 20) and step 5 runs on into the next epoch.
+        cfg = tiny_config(tiny_paligemma, shapes_data, out, optimizer="adamw_8bit", batch_size=5 if streaming else 2,
+                          grad_accum=1 if streaming else 2, max_steps=8, warmup_steps=2, lr=5e-3, save_every=4)
         cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 64, 16.0, 0.1
+        cfg.data.streaming, cfg.data.eval_samples = streaming, 8
         return cfg
 
-    ds = load_split(cfg_for(tmp_path).data, "train")  # 24 samples = 6 steps per epoch: crosses an epoch
+    # 24 samples = 6 steps per epoch: crosses an epoch
+    ds = load_split(cfg_for(tmp_path).data, "train", streaming=streaming)
     train(cfg_for(tmp_path / "full"), build(cfg_for(tmp_path / "full")), sft, ds)
 
     split = cfg_for(tmp_path / "split")
     crash_after_first_save(monkeypatch, lambda: train(split, build(split), sft, ds))
-    assert json.loads((tmp_path / "split/last/state.json").read_text())["step"] == 4
+    saved = json.loads((tmp_path / "split/last/state.json").read_text())
+    assert saved["step"] == 4 and saved["loop"].get("stream") == ({"epoch": 0, "row": 20, "read": 20} if streaming else None)
     trained = count_steps(monkeypatch, sft)
     train(cfg_for(tmp_path / "split"), build(cfg_for(tmp_path / "split")), sft, ds, resume=tmp_path / "split/last")
     assert len(trained) == 4  # steps 5-8: it went on from its save
