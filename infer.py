@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             files = image_files(Path(args.image))
         from minivlm.build import build
         from minivlm.checkpoint import load_adapter, write_atomic
-        from minivlm.data import load_split, prompt_of, read_image
+        from minivlm.data import load_scored, prompt_of, read_image
         from minivlm.evaluate import answer, evaluate
         if args.image:
             if len(files) == 1:  # one image: a bad file is the whole job, so say so before the model loads
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 raise ConfigError(f"data.prompt_template reads column {e} that a single question cannot fill; "
                                   "override it, e.g. --set data.prompt_template='{question}'") from None
         else:
-            ds = load_split(cfg.data, args.split)
+            ds = load_scored(cfg.data, args.split)
         built = build(cfg)
         if args.checkpoint:
             load_adapter(args.checkpoint, built.model)

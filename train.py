@@ -142,7 +142,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     from minivlm import distributed
     from minivlm.build import build, load_processor, pick_device
     from minivlm.checkpoint import load_adapter
-    from minivlm.data import head, load_split, skipped_rows, warn_unknown_answers
+    from minivlm.data import load_scored, load_split, skipped_rows, warn_unknown_answers
     from minivlm.evaluate import report
     from minivlm.finish import complete, measured_before, shown, trained_figures, trained_out, write_results
     from minivlm.loop import NonFiniteLoss, train
@@ -169,9 +169,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
             sys.stdout = open(os.devnull, "w")
         resume, meta = find_resume(cfg, args.resume, world)
         train_ds = load_split(cfg.data, cfg.data.train_split, streaming=cfg.data.streaming)
-        eval_ds = load_split(cfg.data, cfg.data.eval_split, streaming=cfg.data.streaming) if cfg.data.eval_split else None
-        if cfg.data.streaming and eval_ds is not None:  # scored at every evaluation: read once, kept
-            eval_ds = head(eval_ds, cfg.data.eval_samples)
+        eval_ds = load_scored(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
         steps = total_steps(cfg.train, train_ds, world)
         if meta is not None:
             if trained_out(cfg, meta, steps):

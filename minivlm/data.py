@@ -107,10 +107,23 @@ def load_split(cfg: DataConfig, split: str, streaming: bool = False) -> datasets
     return ds
 
 
+def load_scored(cfg: DataConfig, split: str) -> datasets.Dataset:
+    """The rows an evaluation scores: the split or, with data.streaming, the first
+    data.eval_samples rows of its stream, read once and held in memory (every evaluation of the
+    run scores them again)."""
+    if not cfg.streaming:
+        return load_split(cfg, split)
+    if not cfg.eval_samples:
+        raise ConfigError(f"scoring split {split!r} of a stream (data.streaming = true) needs data.eval_samples, "
+                          "the number of its first rows to score, e.g. --set data.eval_samples=500")
+    return head(load_split(cfg, split, streaming=True), cfg.eval_samples)
+
+
 def _imagefolder_metadata(src: Path, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset | None:
     """An imagefolder split with a metadata.jsonl (<src>/<split>/metadata.jsonl), read as the JSON
-    Lines file it is, each file_name made the path of its image in an "image" column (the
-    builder's name for it); None for any other layout, which the imagefolder builder reads.
+    Lines file it is, each file_name made the path of its image in an "image" column (of
+    `datasets.Image()`, as the builder makes it); None for any other layout, which the builder
+    reads.
 
     The builder lists, resolves and fingerprints every image file on every load: 359 s warm and
     1364 s cold at 200,000 rows, where the metadata alone takes a second (docs/log.md). The rows
@@ -123,7 +136,10 @@ def _imagefolder_metadata(src: Path, split: str, streaming: bool) -> datasets.Da
 
     def paths(rows: dict) -> dict:
         return {"image": [str(folder / name) for name in rows["file_name"]]}
-    return ds.map(paths, batched=True, remove_columns=["file_name"])
+    ds = ds.map(paths, batched=True, remove_columns=["file_name"])
+    # A JSON stream knows its columns' types only once read: it keeps the paths as strings,
+    # which to_rgb reads as well.
+    return ds if streaming else ds.cast_column("image", datasets.Image())
 
 
 def head(ds: datasets.Dataset | datasets.IterableDataset, n: int) -> datasets.Dataset:

@@ -21,7 +21,7 @@ from minivlm import distributed  # noqa: E402
 from minivlm.build import build, load_processor  # noqa: E402
 from minivlm.config import from_dict  # noqa: E402
 from minivlm.data import load_split  # noqa: E402
-from minivlm.steps import TrainSteps, filler_batch  # noqa: E402
+from minivlm.steps import filler_batch, train_loader  # noqa: E402
 from minivlm.evaluate import scores  # noqa: E402
 from minivlm.loop import train  # noqa: E402
 from minivlm.objectives import sft  # noqa: E402
@@ -36,7 +36,7 @@ def trainable(model: torch.nn.Module, what: str) -> dict[str, torch.Tensor]:
 def run(config: Path) -> None:
     cfg, out = from_dict(json.loads(config.read_text())), config.parent
     world, rank, t = distributed.world_size(), distributed.rank(), cfg.train
-    ds = load_split(cfg.data, cfg.data.train_split)
+    ds = load_split(cfg.data, cfg.data.train_split, streaming=cfg.data.streaming)
     processor = load_processor(cfg)
 
     # Step 1's gradient, with B non-zero (the same on every rank) so that A has one too.
@@ -50,8 +50,8 @@ def run(config: Path) -> None:
     # What this rank holds of the frozen base: all of it under DDP, its shard of the layers under FSDP.
     held = sum(p.numel() for p in built.model.parameters() if not p.requires_grad)
     Path(f"{out}/held-rank{rank}.json").write_text(json.dumps(held))
-    batches = TrainSteps(ds, cfg.data, cfg.model.family, processor, t.batch_size, t.grad_accum, t.seed,
-                         0, 1, world, rank)[0].batches
+    batches = next(iter(train_loader(ds, cfg.data, cfg.model.family, processor, t.batch_size, t.grad_accum, t.seed,
+                                     0, 1, world, rank))).batches
     filler = filler_batch(ds, cfg.data, built.family, processor) if world > 1 else None
     backward_window(cfg, built, model, batches, torch.amp.GradScaler("cpu", enabled=False), None, filler)
     distributed.sum_gradients(model, [p for p in built.model.parameters() if p.requires_grad])

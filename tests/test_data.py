@@ -173,7 +173,7 @@ def test_a_stream_is_read_epoch_after_epoch_reshuffled_and_resumes_where_it_was(
 
     read = list(itertools.islice(StreamSteps(stream, cfg.data, "paligemma", processor, 5, 1, 0, 0, 1)._rows(), 48))
     assert [where for where, _ in read] == [{"epoch": e, "row": r, "read": 24 * e + r} for e in (0, 1) for r in range(24)]
-    epochs = [[row["image"]["path"] for where, row in read if where["epoch"] == e] for e in (0, 1)]
+    epochs = [[row["image"] for where, row in read if where["epoch"] == e] for e in (0, 1)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(in_file)
     assert len({tuple(epochs[0]), tuple(epochs[1]), tuple(in_file)}) == 3  # shuffled, and anew each epoch
 

@@ -34,17 +34,20 @@ def relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     return float((flat[0] - flat[1]).norm() / flat[1].norm())
 
 
-CASES = {"nf4": (True, False), "float": (False, False), "nf4-fsdp": (True, True)}  # load_in_4bit, fsdp
+# load_in_4bit, fsdp, data.streaming
+CASES = {"nf4": (True, False, False), "float": (False, False, False), "nf4-fsdp": (True, True, False),
+         "nf4-streamed": (True, False, True)}
 
 
 def test_two_ranks_train_as_one_process_on_the_combined_batch(tiny_paligemma, shapes_data, tmp_path):
     """Batch 1 × accumulation 2 on each of 2 ranks = batch 2 × accumulation 2 in one process, with
-    a 4-bit and a float base replicated (DDP) and a 4-bit base sharded (FSDP): the step's gradient
+    a 4-bit and a float base replicated (DDP), a 4-bit base sharded (FSDP), and reading a stream
+    (data.streaming, which every rank reads whole, collating its share): the step's gradient
     (summed once per step: no_sync on the first micro-batch) and the adapters after 3 AdamW steps.
     The FSDP run also evaluates before training and every 2 steps, which every rank must run in
     step with the others."""
     configs = {}
-    for case, (load_in_4bit, fsdp) in CASES.items():
+    for case, (load_in_4bit, fsdp, streaming) in CASES.items():
         for ranks, batch_size in ((2, 1), (1, 2)):
             if ranks == 1 and fsdp:
                 continue  # alone, FSDP is a no-op: the replicated one-process run is the reference
@@ -53,6 +56,7 @@ def test_two_ranks_train_as_one_process_on_the_combined_batch(tiny_paligemma, sh
             cfg = to_dict(tiny_config(tiny_paligemma, shapes_data, out / "run", batch_size=batch_size, grad_accum=2,
                                       max_steps=STEPS, eval_every=2 if fsdp else 0, fsdp=fsdp))
             cfg["quant"]["load_in_4bit"] = load_in_4bit
+            cfg["data"].update(streaming=streaming, eval_samples=8)
             (out / "config.json").write_text(json.dumps(cfg))
             configs.setdefault(ranks, []).append(out / "config.json")
     done = subprocess.run([*TORCHRUN, str(ROOT / "tests/ddp_worker.py"), *map(str, configs[2])],
@@ -61,7 +65,7 @@ def test_two_ranks_train_as_one_process_on_the_combined_batch(tiny_paligemma, sh
     for config in configs[1]:
         ddp_worker.run(config)  # the reference, in this process
 
-    for case, (load_in_4bit, fsdp) in CASES.items():
+    for case, (_, fsdp, _) in CASES.items():
         two, one = tmp_path / f"{case}-2", tmp_path / f"{case.removesuffix('-fsdp')}-1"
         held = [json.loads((two / f"held-rank{r}.json").read_text()) for r in (0, 1)]
         whole = json.loads((one / "held-rank0.json").read_text())

@@ -131,6 +131,9 @@ def test_a_streamed_jsonl_trains_evaluates_and_lists_its_bad_rows(tiny_paligemma
     assert "skipped 1 bad row(s)" in out  # met by the worker, counted by the training process
     state = json.loads((tmp_path / "run/last/state.json").read_text())
     assert state["loop"]["stream"] == {"epoch": 0, "row": 12, "read": 12}  # 3 steps of 4 rows
+    answered = infer.main([*argv, "--checkpoint", str(tmp_path / "run/last"), "--split", "train"])
+    assert [row["references"] for row in answered] == [[r["answer"]] for r in rows[:5] if r is not rows[2]]
+    capsys.readouterr()
     from minivlm.data import main as check_data
     assert check_data(["--config", str(ROOT / "configs/demo.toml"), *sum((["--set", s] for s in sets), [])]) == 1
     listed = capsys.readouterr().out
