@@ -174,7 +174,9 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         if meta is not None:
             if trained_out(cfg, meta, steps):
                 return complete(cfg, args, resume, meta, steps, eval_ds, objective)
-            print(f"resuming from {shown(resume)}: step {meta['step']} of {steps}")
+            stream = meta["loop"].get("stream")  # where a stream reads on (steps.StreamSteps)
+            print(f"resuming from {shown(resume)}: step {meta['step']} of {steps}"
+                  + (f", the stream read on from row {stream['row']} of epoch {stream['epoch']}" if stream else ""))
             saved = {k: meta["config"]["train"][k] for k in ("max_steps", "epochs", "batch_size", "grad_accum")}
             planned = total_steps(dataclasses.replace(cfg.train, **saved), train_ds, world)
             if planned != steps and cfg.train.schedule != "constant":

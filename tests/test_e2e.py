@@ -131,6 +131,9 @@ def test_a_streamed_jsonl_trains_evaluates_and_lists_its_bad_rows(tiny_paligemma
     assert "skipped 1 bad row(s)" in out  # met by the worker, counted by the training process
     state = json.loads((tmp_path / "run/last/state.json").read_text())
     assert state["loop"]["stream"] == {"epoch": 0, "row": 12, "read": 12}  # 3 steps of 4 rows
+    train.main([*argv, "--set", "train.max_steps=4", "--resume"])
+    assert "step 3 of 4, the stream read on from row 12 of epoch 0" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run/last/state.json").read_text())["loop"]["stream"]["row"] == 16
     answered = infer.main([*argv, "--checkpoint", str(tmp_path / "run/last"), "--split", "train"])
     assert [row["references"] for row in answered] == [[r["answer"]] for r in rows[:5] if r is not rows[2]]
     capsys.readouterr()
