@@ -1,0 +1,168 @@
+"""GRPO's math (objectives/grpo.py): the advantages, and the loss and its gradient, against the
+formula computed token by token from full logits and against TRL's GRPOTrainer loss."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from minivlm.objectives.grpo import LOSS_TYPES, group_advantages, policy_loss, token_log_probs
+
+
+def test_advantages_are_the_reward_against_its_group_and_zero_where_all_agree():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 3.0, 1.0, 2.0, 2.0])
+    scaled, unscaled = group_advantages(rewards, 4), group_advantages(rewards, 4, scale=False)
+    for g in range(3):
+        r = rewards[4 * g:4 * g + 4].tolist()
+        mean = sum(r) / 4
+        std = math.sqrt(sum((x - mean) ** 2 for x in r) / 3)  # unbiased, as torch.std and TRL
+        for k in range(4):
+            assert unscaled[4 * g + k].item() == pytest.approx(r[k] - mean)
+            assert scaled[4 * g + k].item() == pytest.approx((r[k] - mean) / (std + 1e-4))
+    assert torch.equal(scaled[4:8], torch.zeros(4)) and torch.equal(unscaled[4:8], torch.zeros(4))
+
+
+def test_token_log_probs_are_the_log_softmax_of_the_chosen_ids():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
+    want = logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(token_log_probs(logits, ids), want)
+
+
+def batch(seed: int = 0, drift: float = 0.3):
+    """Full logits of 6 completions (2 prompts × 3) of up to 7 tokens, their masks (lengths 7, 3,
+    5, 1, 7, 4), the log-probabilities at sampling (π_old, `drift` away so that clipping acts) and
+    the reference's, and the advantages."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(6, 7, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 13, (6, 7), generator=g)
+    lengths = [7, 3, 5, 1, 7, 4]
+    mask = torch.tensor([[1] * n + [0] * (7 - n) for n in lengths])
+    with torch.no_grad():
+        now = logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        old = now + drift * torch.randn(6, 7, generator=g, dtype=torch.float64)
+        ref = now + 0.5 * torch.randn(6, 7, generator=g, dtype=torch.float64)
+    advantages = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0], dtype=torch.float64), 3)
+    return logits, ids, mask, old, ref, advantages, lengths
+
+
+EPS_LOW, EPS_HIGH, BETA, MAX_NEW = 0.2, 0.28, 0.04, 7
+
+
+def by_hand(logits, ids, old, ref, advantages, lengths, loss_type: str) -> torch.Tensor:
+    """The loss of the module docstring, one token at a time from the full log-softmax."""
+    total, tokens = 0.0, 0
+    per_sequence = []
+    for i, n in enumerate(lengths):
+        terms = []
+        for t in range(n):
+            logp = logits[i, t].log_softmax(-1)[ids[i, t]]
+            ratio = torch.exp(logp - old[i, t])
+            a = advantages[i]
+            clipped = torch.clamp(ratio, 1 - EPS_LOW, 1 + EPS_HIGH)
+            kl = torch.exp(ref[i, t] - logp) - (ref[i, t] - logp) - 1
+            terms.append(-torch.min(ratio * a, clipped * a) + BETA * kl)
+        per_sequence.append(sum(terms) / n)
+        total = total + sum(terms)
+        tokens += n
+    if loss_type == "grpo":
+        return sum(per_sequence) / len(lengths)
+    if loss_type == "dr_grpo":
+        return total / (len(lengths) * MAX_NEW)
+    return total / tokens
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_and_gradient_equal_the_formula_on_full_logits(loss_type):
+    logits, ids, mask, old, ref, advantages, lengths = batch()
+    summed, count, figures = policy_loss(token_log_probs(logits, ids), old, ref, advantages, mask, loss_type,
+                                         EPS_LOW, EPS_HIGH, BETA, MAX_NEW)
+    ours = summed / count
+    (grad,) = torch.autograd.grad(ours, logits)
+    want = by_hand(logits, ids, old, ref, advantages, lengths, loss_type)
+    (want_grad,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(ours, want)
+    torch.testing.assert_close(grad, want_grad)
+    assert 0 < figures["clip_fraction"] < 1 and figures["kl"] > 0  # clipping acts on some tokens here
+    assert grad[torch.tensor(lengths) == 1, 1:].abs().sum() == 0  # nothing after a completion's end
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_two_micro_batches_give_the_windows_loss(loss_type):
+    """The loop sums the terms of the window's micro-batches and divides by the sum of their counts."""
+    logits, ids, mask, old, ref, advantages, _ = batch()
+    logp = token_log_probs(logits, ids)
+    args = (loss_type, EPS_LOW, EPS_HIGH, BETA, MAX_NEW)
+    whole, count, _ = policy_loss(logp, old, ref, advantages, mask, *args)
+    halves = [policy_loss(logp[s], old[s], ref[s], advantages[s], mask[s], *args) for s in (slice(0, 2), slice(2, 6))]
+    torch.testing.assert_close(sum(h[0] for h in halves) / sum(h[1] for h in halves), whole / count)
+
+
+def test_one_update_per_sample_has_ratio_one_and_no_clipping():
+    """iterations = 1: π_old is π_θ at the update, so ρ = 1, nothing is clipped, and without the
+    KL term the gradient is the policy gradient, −Â ∇log π averaged as loss_type averages."""
+    logits, ids, mask, _, _, advantages, lengths = batch()
+    logp = token_log_probs(logits, ids)
+    summed, count, figures = policy_loss(logp, logp.detach(), None, advantages, mask, "dapo", EPS_LOW, EPS_HIGH, 0.0,
+                                         MAX_NEW)
+    assert figures == {"clip_fraction": 0.0}
+    (grad,) = torch.autograd.grad(summed / count, logits)
+    pg = -(advantages.unsqueeze(1) * token_log_probs(logits, ids) * mask).sum() / mask.sum()
+    (want,) = torch.autograd.grad(pg, logits)
+    torch.testing.assert_close(grad, want)
+
+
+def test_the_kl_term_is_zero_when_the_policy_is_the_reference():
+    """At step 0 the adapters' B is 0, so π_θ = π_ref: with β > 0 the KL term adds nothing."""
+    logits, ids, mask, _, _, advantages, _ = batch()
+    logp = token_log_probs(logits, ids)
+    with_kl = policy_loss(logp, logp.detach(), logp.detach(), advantages, mask, "grpo", EPS_LOW, EPS_HIGH, 0.5, MAX_NEW)
+    without = policy_loss(logp, logp.detach(), None, advantages, mask, "grpo", EPS_LOW, EPS_HIGH, 0.0, MAX_NEW)
+    assert with_kl[2]["kl"] == 0.0
+    torch.testing.assert_close(with_kl[0], without[0])
+
+
+class TRLStandIn:
+    """What trl's GRPOTrainer._compute_loss reads of its trainer, for one micro-batch in training:
+    the per-token log-probabilities are handed over as the model's, so the two losses are
+    compared on the same inputs."""
+
+    def __init__(self, logp: torch.Tensor, loss_type: str):
+        identity = lambda x, **_: x  # noqa: E731  (one process: gathering and reducing change nothing)
+        self._logp = logp
+        self.loss_type, self.beta, self.epsilon_low, self.epsilon_high = loss_type, BETA, EPS_LOW, EPS_HIGH
+        self.max_completion_length, self.current_gradient_accumulation_steps = MAX_NEW, 1
+        self.top_entropy_quantile, self.off_policy_mask_threshold, self.importance_sampling_level = 1.0, None, "token"
+        self.use_vllm, self.aux_loss_enabled, self._entropy_bonus_enabled = False, False, False
+        self.args = SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)
+        self.model = SimpleNamespace(training=True)
+        self.accelerator = SimpleNamespace(gather=identity, reduce=identity, gather_for_metrics=identity,
+                                           num_processes=1)
+        self._metrics = {"train": defaultdict(list)}
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        return self._logp, torch.zeros_like(self._logp), None
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_and_gradient_equal_trls(loss_type):
+    from trl import GRPOTrainer
+
+    logits, ids, mask, old, ref, advantages, _ = batch(seed=1)
+    logp = token_log_probs(logits, ids)
+    summed, count, figures = policy_loss(logp, old, ref, advantages, mask, loss_type, EPS_LOW, EPS_HIGH, BETA, MAX_NEW)
+    (grad,) = torch.autograd.grad(summed / count, logits)
+    stand_in = TRLStandIn(token_log_probs(logits, ids), loss_type)
+    inputs = {"prompt_ids": torch.zeros(6, 2, dtype=torch.long), "prompt_mask": torch.ones(6, 2, dtype=torch.long),
+              "completion_ids": ids, "completion_mask": mask, "advantages": advantages, "old_per_token_logps": old,
+              "ref_per_token_logps": ref, "num_items_in_batch": mask.sum()}
+    theirs = GRPOTrainer._compute_loss(stand_in, None, inputs)
+    (their_grad,) = torch.autograd.grad(theirs, logits)
+    torch.testing.assert_close(summed / count, theirs)
+    torch.testing.assert_close(grad, their_grad)
+    assert stand_in._metrics["train"]["clip_ratio/region_mean"] == [pytest.approx(figures["clip_fraction"])]
+    assert stand_in._metrics["train"]["kl"] == [pytest.approx(figures["kl"])]
