@@ -42,6 +42,9 @@ def exact_match(cfg: DataConfig) -> RewardFunction:
 
 
 def metric(cfg: DataConfig) -> RewardFunction:
+    if cfg.metric not in METRICS:  # clip_score reads images, which a reward is not given
+        raise ConfigError(f"data.metric = {cfg.metric!r} cannot be a reward: it scores against the image, not "
+                          f"references; use one of {sorted(METRICS)}")
     score = METRICS[cfg.metric]
 
     def reward(prompts: list[str], completions: list[str], rows: list[dict]) -> list[float]:

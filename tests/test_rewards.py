@@ -26,6 +26,8 @@ def test_exact_match_normalises_as_vqa_does_and_reads_every_reference():
 def test_metric_is_data_metric_on_each_completion_alone():
     cfg = DataConfig(metric="anls", references_column="answer")
     assert metric(cfg)(["", ""], ["tw", "crimsen"], ROWS) == pytest.approx([1 - 1 / 3, 1 - 1 / 7])
+    with pytest.raises(ConfigError, match="data.metric = 'clip_score' cannot be a reward"):
+        metric(DataConfig(metric="clip_score"))
 
 
 def test_format_matches_the_whole_completion():
