@@ -166,3 +166,47 @@ def test_loss_and_gradient_equal_trls(loss_type):
     torch.testing.assert_close(grad, their_grad)
     assert stand_in._metrics["train"]["clip_ratio/region_mean"] == [pytest.approx(figures["clip_fraction"])]
     assert stand_in._metrics["train"]["kl"] == [pytest.approx(figures["kl"])]
+
+
+def test_sampled_completions_are_scored_token_for_token(tiny_paligemma, shapes_data, tmp_path):
+    """The scoring batch is the prompt as generate saw it with the sampled tokens appended: its
+    log-probabilities are those the sampler drew from, token for token (PaliGemma's answer type
+    ids included: typed as prefix, a completion would see itself bidirectionally). Labels stop at
+    each completion's first end token, which half the vocabulary is here, so that most end early."""
+    from conftest import tiny_config
+    from minivlm.build import build
+    from minivlm.data import image_of, load_split, prompt_of, rows_of
+    from minivlm.objectives.grpo import answer_token_types, completion_log_probs, sample
+
+    cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path)
+    built = build(cfg)
+    built.model.generation_config.eos_token_id = list(range(0, built.model.config.text_config.vocab_size, 2))
+    rows = rows_of(load_split(cfg.data, "train"), [0, 1])
+    images, prompts = [image_of(cfg.data, r) for r in rows], [prompt_of(cfg.data, r) for r in rows]
+    types = answer_token_types(built)
+    assert types == {"token_type_ids": 1}
+
+    torch.manual_seed(0)
+    scored, texts = sample(cfg, built, images, prompts, 3, 1.0, 1.0, 6, types)
+    torch.manual_seed(0)
+    inputs = built.family.generation_batch(built.processor, images, prompts)
+    out = built.model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6,
+                               num_return_sequences=3, output_logits=True, return_dict_in_generate=True)
+    width = inputs["input_ids"].shape[1]
+    completion = out.sequences[:, width:]
+    assert len(texts) == 6 and torch.equal(scored["input_ids"][:, width:width + completion.shape[1]], completion)
+
+    labels = scored["labels"]
+    assert (labels[:, :width] == -100).all()  # the prompt, image tokens included, never
+    ends = completion % 2 == 0
+    for row in range(6):
+        first_end = int(ends[row].nonzero()[0, 0]) if ends[row].any() else completion.shape[1] - 1
+        assert (labels[row, width:width + first_end + 1] == completion[row, :first_end + 1]).all()
+        assert (labels[row, width + first_end + 1:] == -100).all()
+        assert (scored["attention_mask"][row, width + first_end + 1:] == 0).all()
+    assert sum(int(e.any()) for e in ends) >= 3  # the end-token masking was exercised
+
+    built.model.eval()
+    logp, mask = completion_log_probs(cfg, built, scored)
+    drawn = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logp[mask], drawn[:, :logp.shape[1]][mask], atol=1e-4, rtol=1e-4)
