@@ -90,6 +90,18 @@ def user_function(name: str) -> RewardFunction:
     return found
 
 
+def _first_failure(function: RewardFunction, prompts: list[str], completions: list[str],
+                   rows: list[dict]) -> tuple[int, Exception] | None:
+    """The first completion `function` raises on when called on each alone, and what it raised:
+    a batch call that failed names no row."""
+    for k in range(len(completions)):
+        try:
+            function(prompts[k:k + 1], completions[k:k + 1], rows[k:k + 1])
+        except Exception as e:  # noqa: BLE001
+            return k, e
+    return None
+
+
 class RewardError(ConfigError):
     """A reward function that raised or returned something other than a finite number per completion."""
 
@@ -120,15 +132,7 @@ class Rewards:
         try:
             values = list(function(prompts, completions, rows))
         except Exception as e:  # noqa: BLE001 (a user's code: any exception is the user's to see, in one line)
-            # Which completion? Call it on each alone, to name the first that fails.
-            for k in range(len(completions)):
-                try:
-                    function(prompts[k:k + 1], completions[k:k + 1], rows[k:k + 1])
-                except Exception as one:  # noqa: BLE001
-                    e = one
-                    break
-            else:
-                k = None
+            k, e = _first_failure(function, prompts, completions, rows) or (None, e)
             where = f" on row {row_numbers[k]} (completion {completions[k]!r})" if k is not None else ""
             raise RewardError(f"reward {name} raised {type(e).__name__}: {e}{where}; fix the function (the last "
                               "checkpoint is intact)") from None

@@ -35,6 +35,20 @@ class Step(NamedTuple):
     resume_at: dict | None  # a stream's: where the step after it starts (StreamSteps); saved with the step
 
 
+def collated_step(parts: TrainSteps | StreamSteps, number: int, epoch: int, rows: datasets.Dataset | Rows,
+                  window: list[list[int]], resume_at: dict | None) -> Step:
+    """The Step of `window` (every rank's sample numbers, per micro-batch) read from `rows` (a
+    Dataset, or a stream's Rows): this rank's slice of each micro-batch, collated with random
+    crops seeded by (seed, step), and the bad rows first skipped in collating them. `parts`: a
+    TrainSteps or StreamSteps, whose settings say how."""
+    mine = [idx[parts.rank * parts.batch_size:(parts.rank + 1) * parts.batch_size] for idx in window]
+    crops = torch.Generator().manual_seed(parts.seed * 1_000_003 + number)
+    family = get_family(parts.family)  # held by name: a module object does not pickle into workers
+    mark = skipped_count()
+    batches = [parts.collate(rows, idx, parts.cfg, family, parts.processor, crops) for idx in mine]
+    return Step(number, epoch, window, batches, skipped_since(mark), resume_at)
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Shuffled index batches for one epoch; a function of (seed, epoch) only, so resume can replay it."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -91,12 +105,7 @@ class TrainSteps(torch.utils.data.Dataset):
         if self._order[0] != epoch:
             self._order = (epoch, epoch_batches(len(self.ds), self.batch_size * self.world_size, self.seed, epoch))
         window = self._order[1][offset * self.grad_accum:(offset + 1) * self.grad_accum]
-        mine = [idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for idx in window]
-        crops = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        family = get_family(self.family)  # held by name: a module object does not pickle into workers
-        mark = skipped_count()
-        batches = [self.collate(self.ds, idx, self.cfg, family, self.processor, crops) for idx in mine]
-        return Step(step, epoch, window, batches, skipped_since(mark), None)
+        return collated_step(self, step, epoch, self.ds, window, None)
 
 
 class StreamSteps(torch.utils.data.IterableDataset):
@@ -152,21 +161,16 @@ class StreamSteps(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rows = self._rows()
         width = self.batch_size * self.world_size
-        family = get_family(self.family)
         for step in range(self.first, self.last):
             read = list(itertools.islice(rows, width * self.grad_accum))
             if (step - self.first) % workers != worker:
                 continue  # another worker's step: read past, not decoded
             numbers = [where["read"] for where, _ in read]
             window = [numbers[i:i + width] for i in range(0, len(numbers), width)]
-            mine = [idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for idx in window]
             held = Rows(self.source, {where["read"]: row for where, row in read})
-            crops = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            mark = skipped_count()
-            batches = [self.collate(held, idx, self.cfg, family, self.processor, crops) for idx in mine]
             after = read[-1][0]
             resume_at = {"epoch": after["epoch"], "row": after["row"] + 1, "read": after["read"] + 1}
-            yield Step(step, read[0][0]["epoch"], window, batches, skipped_since(mark), resume_at)
+            yield collated_step(self, step, read[0][0]["epoch"], held, window, resume_at)
 
 
 def filler_batch(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, family: ModuleType,
