@@ -155,7 +155,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     try:
         if args.dry_run:  # minivlm/plan.py: from config.json alone, no weights, no data
             from minivlm.plan import format_plan, parse_size, plan_memory
-            plan = plan_memory(cfg, ranks=args.ranks, rows_per_sample=objective.ROWS_PER_SAMPLE)
+            plan = plan_memory(cfg, ranks=args.ranks, **objective.planned(cfg))
             print(format_plan(plan, parse_size(args.gpu_memory) if args.gpu_memory else None))
             return {"dry_run": True, "total_bytes": plan.total()}
         # Everything that can go wrong before the model is read (minutes, for a big one).
@@ -170,7 +170,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         resume, meta = find_resume(cfg, args.resume, world)
         train_ds = load_split(cfg.data, cfg.data.train_split, streaming=cfg.data.streaming)
         eval_ds = load_scored(cfg.data, cfg.data.eval_split) if cfg.data.eval_split else None
-        steps = total_steps(cfg.train, train_ds, world)
+        steps = total_steps(cfg.train, train_ds, world, objective.iterations(cfg))
         if meta is not None:
             if trained_out(cfg, meta, steps):
                 return complete(cfg, args, resume, meta, steps, eval_ds, objective)
@@ -178,7 +178,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
             print(f"resuming from {shown(resume)}: step {meta['step']} of {steps}"
                   + (f", the stream read on from row {stream['row']} of epoch {stream['epoch']}" if stream else ""))
             saved = {k: meta["config"]["train"][k] for k in ("max_steps", "epochs", "batch_size", "grad_accum")}
-            planned = total_steps(dataclasses.replace(cfg.train, **saved), train_ds, world)
+            planned = total_steps(dataclasses.replace(cfg.train, **saved), train_ds, world, objective.iterations(cfg))
             if planned != steps and cfg.train.schedule != "constant":
                 print(f"note: {steps} steps instead of {planned}: the {cfg.train.schedule} learning-rate schedule "
                       f"is recomputed for {steps} steps from step {meta['step']} on (as the transformers "

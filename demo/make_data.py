@@ -3,6 +3,7 @@
     python demo/make_data.py --out data/shapes-qa                  (or: make data) the demo
     python demo/make_data.py --task digits --out data/digits       (part of: make digits)
     python demo/make_data.py --task prefs --out data/shapes-prefs  (part of: make dpo-demo)
+    python demo/make_data.py --task en --out data/shapes-en        (part of: make grpo-demo)
 
 shapes-qa: shape images with questions the base model never saw. digits: one digit an image,
 drawn with varying size, place, slant, stroke and brightness, asked "what digit is this" and
@@ -11,7 +12,10 @@ downloading anything, in words the base never wrote before (a tokenizer without 
 make every answer <unk>). prefs: preference pairs for DPO: asked a bare "caption" (neither
 "caption en" nor "caption es", which the base was pretrained on), the English caption is chosen
 and the Spanish one rejected. The base prefers the opposite: it finds the Spanish caption the more
-likely one for about 9 images in 10 (docs/log.md), so DPO has a preference to reverse.
+likely one for about 9 images in 10 (docs/log.md), so DPO has a preference to reverse. en: the
+prompt "en" alone, for GRPO: the base, pretrained on "caption en", writes an English caption to it,
+but mostly a wrong one (docs/log.md). Its rows hold the caption's colour, shape and position,
+which demo/rewards.py checks; no caption is ever a label.
 
 The layout is the `datasets` imagefolder one (images + metadata.jsonl per split), loaded with
 `datasets.load_dataset("imagefolder", data_dir=...)`: the same path a user's own data takes.
@@ -49,8 +53,14 @@ def prefs(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
     return image, {"question": "caption", "chosen": caption(attrs, "en"), "rejected": caption(attrs, "es")}
 
 
+def en(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
+    image, attrs = sample(rng)
+    return image, {"question": "en", "caption": caption(attrs, "en"), **attrs}
+
+
 # Each task: (one sample's image and metadata columns, train seed, test seed).
-TASKS = {"shapes-qa": (shapes_qa, 1000, 2000), "digits": (digits, 3000, 4000), "prefs": (prefs, 5000, 6000)}
+TASKS = {"shapes-qa": (shapes_qa, 1000, 2000), "digits": (digits, 3000, 4000), "prefs": (prefs, 5000, 6000),
+         "en": (en, 7000, 8000)}
 
 
 def write_split(folder: Path, n: int, seed: int, task: str = "shapes-qa") -> None:

@@ -5,7 +5,8 @@ pointers to them:
 
     <output_dir>/checkpoints/step-00000400/
         adapter.safetensors   trainable weights (LoRA A/B + train_modules), by parameter name
-        state.safetensors     every tensor of the optimizer, GradScaler and RNG states
+        state.safetensors     every tensor of the optimizer, GradScaler and RNG states, and of the
+                              objective's (GRPO: the sampled batch its next iterations train on)
         state.json            the rest of those states, the step, the config, the save's number
     <output_dir>/last  ->  checkpoints/step-00000400     (relative symlinks, so
     <output_dir>/best  ->  checkpoints/step-00000300      runs/x/last/adapter.safetensors works)
@@ -246,13 +247,15 @@ def recover(output_dir: str | Path, keep: int = 0, resumed: Path | None = None, 
 
 def save_checkpoint(output_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, step: int, config: dict, loop_state: dict | None = None,
-                    best: bool = False, keep: int = 0, world_size: int = 1) -> Path:
+                    best: bool = False, keep: int = 0, world_size: int = 1, objective_state: dict | None = None) -> Path:
     """Save a checkpoint of `step` under <output_dir>/checkpoints; point `last` (and, if `best`, `best`)
     at it; then delete all but the `keep` newest saves and the best (keep = 0: delete none).
 
     A best save writes its own name into `loop_state["best_checkpoint"]`, so that every later
     save knows which one is the best (see `recover`). `world_size`, the number of data-parallel
     ranks that trained it, goes into state.json: a resume must use as many (see train.py).
+    `objective_state`: what the objective carries from step to step (a nested dict of tensors and
+    numbers; GRPO's sampled batch), or None.
     """
     out = Path(output_dir)
     root = out / "checkpoints"
@@ -272,8 +275,8 @@ def save_checkpoint(output_dir: str | Path, model: nn.Module, optimizer: torch.o
     _write(tmp / "adapter.safetensors",
            save({unwrapped_name(k): v.contiguous() for k, v in trainable_state_dict(model).items()}))
     tensors: dict[str, torch.Tensor] = {}
-    skeleton = _split({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()},
-                      tensors, "s")
+    skeleton = _split({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                       "objective": objective_state}, tensors, "s")
     _write(tmp / "state.safetensors", save(tensors))
     number = max((meta.get("saved", 0) for _, meta in earlier), default=0) + 1
     _write(tmp / "state.json", json.dumps({"step": step, "saved": number, "config": config,
@@ -343,12 +346,13 @@ def load_adapter(directory: str | Path, model: nn.Module, partial: bool = False)
 
 
 def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
-                        scaler: torch.amp.GradScaler) -> tuple[int, dict]:
-    """Restore optimizer, scaler and RNG states; return the step to continue from and the loop's state."""
+                        scaler: torch.amp.GradScaler) -> tuple[int, dict, dict | None]:
+    """Restore optimizer, scaler and RNG states; return the step to continue from, the loop's state
+    and the objective's (save_checkpoint's `objective_state`)."""
     directory = Path(directory)
     meta = json.loads((directory / "state.json").read_text())
     state = _join(meta["state"], load_file(directory / "state.safetensors"))
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    return meta["step"], meta["loop"]
+    return meta["step"], meta["loop"], state.get("objective")

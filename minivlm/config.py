@@ -1,6 +1,7 @@
 """TOML config -> dataclasses, validated.
 
-A config is five tables, one dataclass each: [model], [quant], [lora], [data], [train].
+A config is five tables, one dataclass each: [model], [quant], [lora], [data], [train], and a
+sixth, [grpo], read when train.objective = "grpo".
 Every mistake a user can make in a TOML file ends in one `ConfigError` whose message
 names the key and says what would be accepted; `train.py` prints it and exits.
 """
@@ -86,7 +87,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
-    objective: str = "sft"  # "sft": learn the answers; "dpo": prefer the chosen answer to the rejected one
+    # "sft": learn the answers; "dpo": prefer the chosen answer to the rejected one; "grpo": learn
+    # from rewards on sampled answers ([grpo])
+    objective: str = "sft"
     dpo_beta: float = 0.1  # DPO's beta: how far the policy may move from the reference (higher: less)
     dpo_label_smoothing: float = 0.0  # cDPO: the probability that a preference label is wrong, in [0, 0.5)
     seed: int = 0
@@ -119,17 +122,38 @@ class TrainConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """train.objective = "grpo" (objectives/grpo.py); the names and defaults are TRL's GRPOConfig's."""
+    num_generations: int = 8  # completions sampled per prompt: the group its advantages are taken within
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32  # a completion's length limit (TRL: max_completion_length)
+    epsilon: float = 0.2  # the ratio's clip below 1 (PPO's ε)
+    epsilon_high: float = 0.0  # the clip above 1; 0 = epsilon (DAPO's "clip higher": e.g. 0.28)
+    iterations: int = 1  # optimizer steps per sampled batch (TRL: num_iterations, the paper's μ)
+    beta: float = 0.0  # the KL term's weight; 0 = no reference model, and no reference forward
+    loss_type: str = "dapo"  # "grpo" (per sequence), "dr_grpo" (per max_new_tokens), "dapo" (per token)
+    scale_rewards: str = "group"  # "group": advantages over the group's std (GRPO); "none": not (Dr. GRPO)
+    # minivlm/rewards.py: "exact_match", "metric", "format", "length", or a user's "module:function"
+    rewards: list[str] = field(default_factory=lambda: ["exact_match"])
+    reward_weights: list[float] = field(default_factory=list)  # one per reward; [] = all 1
+    format_pattern: str = ""  # the "format" reward: a regular expression the whole completion must match
+    overlong_cache: int = 0  # the "length" reward: the last this many tokens before max_new_tokens cost reward
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
 # The training objectives, each a module minivlm/objectives/<name>.py: adding one is its file and
 # its name here. (The families' names are minivlm/models' own: families import nothing of minivlm.)
-OBJECTIVES = ("sft", "dpo")
+OBJECTIVES = ("sft", "dpo", "grpo")
 
 CHOICES = {
     "data.metric": ("accuracy", "vqa_accuracy", "anls", "relaxed_accuracy", "bleu4", "cider_d", "clip_score"),
@@ -140,6 +164,8 @@ CHOICES = {
     "train.schedule": ("cosine", "linear", "constant"),
     "train.best_by": ("metric", "val_loss"),
     "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
+    "grpo.loss_type": ("grpo", "dr_grpo", "dapo"),
+    "grpo.scale_rewards": ("group", "none"),
 }
 
 
@@ -290,6 +316,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.objective != "dpo" or not cfg.data.conversations_column, "data.conversations_column",
          "is set, and train.objective = \"dpo\" compares two answers to one prompt; leave it empty and set "
          "data.question_column, data.answer_column (chosen) and data.rejected_column"),
+        *_grpo_checks(cfg),
         (cfg.train.device in ("auto", "cpu") or cfg.train.device.startswith("cuda"), "train.device",
          "must be 'auto', 'cpu' or 'cuda[:N]'"),
     ]
@@ -298,10 +325,59 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} = {_get(cfg, key)!r} {msg}")
     for key in ("lora.targets", "lora.skip", "lora.train_modules", "quant.skip"):
         _check_patterns(key, _get(cfg, key) or [])
+    if cfg.train.objective == "grpo":
+        try:
+            re.compile(cfg.grpo.format_pattern)
+        except re.error as e:
+            raise ConfigError(f"grpo.format_pattern = {cfg.grpo.format_pattern!r} is not a valid regular expression "
+                              f"({e}); fix it") from None
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r} is not one of {list(allowed)}{_did_you_mean(value, allowed)}")
+
+
+BUILT_IN_REWARDS = ("exact_match", "metric", "format", "length")  # minivlm/rewards.py
+
+
+def _grpo_checks(cfg: Config) -> list[tuple[bool, str, str]]:
+    """validate's checks of [grpo], and of what train.objective = "grpo" rules out elsewhere."""
+    g = cfg.grpo
+    if cfg.train.objective != "grpo":
+        return []
+    unknown = [r for r in g.rewards if r not in BUILT_IN_REWARDS and ":" not in r]
+    return [
+        (g.num_generations >= 2, "grpo.num_generations",
+         "must be >= 2: advantages compare a completion with the others of its prompt's group"),
+        (g.temperature > 0, "grpo.temperature", "must be > 0 (sampling; 1 = the model's own distribution)"),
+        (0 < g.top_p <= 1, "grpo.top_p", "must be in (0, 1]"),
+        (g.max_new_tokens >= 1, "grpo.max_new_tokens", "must be >= 1"),
+        (g.epsilon > 0, "grpo.epsilon", "must be > 0 (e.g. 0.2)"),
+        (g.epsilon_high == 0 or g.epsilon_high >= g.epsilon, "grpo.epsilon_high",
+         "must be 0 (= grpo.epsilon) or >= grpo.epsilon (DAPO's clip higher, e.g. 0.28)"),
+        (g.iterations >= 1, "grpo.iterations", "must be >= 1 (optimizer steps per sampled batch)"),
+        (g.beta >= 0, "grpo.beta", "must be >= 0 (0 = no KL term)"),
+        (bool(g.rewards), "grpo.rewards", f"is empty; name at least one: {list(BUILT_IN_REWARDS)} or module:function"),
+        (not unknown, "grpo.rewards", f"has {unknown}, which is neither built in ({list(BUILT_IN_REWARDS)}) nor "
+         "a module:function of yours"),
+        (not g.reward_weights or len(g.reward_weights) == len(g.rewards), "grpo.reward_weights",
+         f"must be [] or one weight for each of the {len(g.rewards)} grpo.rewards"),
+        ("format" not in g.rewards or g.format_pattern, "grpo.format_pattern",
+         "is empty, and grpo.rewards has \"format\": give the regular expression a completion must match"),
+        ("length" not in g.rewards or 0 < g.overlong_cache < g.max_new_tokens, "grpo.overlong_cache",
+         "must be in (0, grpo.max_new_tokens) with the \"length\" reward: the tokens before the limit over "
+         "which a completion's reward falls to -1 (DAPO uses 4096 of 20480)"),
+        (cfg.train.best_by == "metric", "train.best_by",
+         "must be \"metric\" with train.objective = \"grpo\": it has no validation loss"),
+        (not cfg.train.fsdp, "train.fsdp", "is not supported with train.objective = \"grpo\" yet (sampling "
+         "under FSDP is not tested); use DDP (train.fsdp = false)"),
+        (not cfg.data.conversations_column, "data.conversations_column",
+         "is set, and train.objective = \"grpo\" samples answers to one prompt per row; leave it empty and "
+         "set data.question_column (or data.prompt_template)"),
+        (not cfg.lora.train_modules or not g.beta or cfg.train.init_from, "lora.train_modules",
+         "needs train.init_from with train.objective = \"grpo\" and grpo.beta > 0: the reference model is the "
+         "base with its adapters switched off, and a module trained in full has no such switch"),
+    ]
 
 
 def _check_patterns(key: str, patterns: list[str]) -> None:
@@ -371,8 +447,8 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
     A key the saved config lacks (written before that key existed) is not compared.
     """
     free = FREE_ON_RESUME
-    if current.get("train", {}).get("objective") == "dpo":
-        # DPO's reference model is that adapter (objectives/dpo.py): another is another loss
+    if current.get("train", {}).get("objective") in ("dpo", "grpo"):
+        # DPO's and GRPO's reference model is that adapter (objectives/reference.py): another is another loss
         free = free - {"train.init_from"}
     conflicts = []
     for section, values in current.items():

@@ -54,7 +54,7 @@ def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 
     must reach the same verdict on best checkpoints and early stopping."""
     rows = distributed.shard(min(cfg.data.eval_samples or len(ds), len(ds)), built.model)
     clip = cfg.data.metric == "clip_score"  # the one metric that reads the images, not the references
-    prompts, predictions, references, clip_per_sample = [], [], [], []
+    prompts, predictions, references, clip_per_sample, numbers = [], [], [], [], []
     for i in range(rows.start, rows.stop, batch_size):
         samples = usable_samples(ds, list(range(i, min(i + batch_size, rows.stop))), cfg.data)
         if not samples:
@@ -67,22 +67,24 @@ def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 
         predictions += answers
         prompts += [q for q, _ in first]
         references += [references_of(cfg.data, row) for _, row, _, _ in samples]
-    prompts, predictions, references, clip_per_sample = (distributed.gather(x, built.model) for x in (
-        prompts, predictions, references, clip_per_sample))
+        numbers += [index for index, *_ in samples]
+    prompts, predictions, references, clip_per_sample, numbers = (distributed.gather(x, built.model) for x in (
+        prompts, predictions, references, clip_per_sample, numbers))
     if not predictions:
         raise ValueError(f"the eval split has no rows to score {cfg.data.metric} on")
     score = (sum(clip_per_sample) / len(clip_per_sample) if clip
              else METRICS[cfg.data.metric](predictions, references))
     return {"metric": cfg.data.metric, "score": score, "n": len(references), "prompts": prompts,
-            "predictions": predictions, "references": references}
+            "predictions": predictions, "references": references, "rows": numbers}
 
 
 def scores(cfg: Config, built: Built, ds: datasets.Dataset, objective: ModuleType, state,
            answers: dict | None = None) -> dict[str, float]:
-    """The eval split's figures: the objective's (val_loss first; `state`: its setup's) and data.metric
-    of `answers` (evaluate's, made here if not given)."""
-    figures = objective.validation(cfg, built, ds, state)
-    return {**figures, cfg.data.metric: (answers or evaluate(cfg, built, ds))["score"]}
+    """The eval split's figures: the objective's (`state`: its setup's; GRPO scores the greedy answers
+    with its rewards) and data.metric of `answers` (evaluate's, made here if not given)."""
+    answers = answers or evaluate(cfg, built, ds)
+    figures = objective.validation(cfg, built, ds, state, answers)
+    return {**figures, cfg.data.metric: answers["score"]}
 
 
 def show(when: str, scored: dict) -> None:

@@ -1,6 +1,6 @@
 """The training loop: one readable function from batches to optimizer steps.
 
-What a step computes is the objective's (minivlm/objectives/: SFT, DPO): it collates the
+What a step computes is the objective's (minivlm/objectives/: SFT, DPO, GRPO): it collates the
 micro-batches, runs forward and backward over one accumulation window, and says what it
 measured. Everything else is the same for every objective and is here: clipping, the
 learning-rate schedule, skipping NaN/inf steps, the 8-bit AdamW step, the log, evaluation,
@@ -133,10 +133,13 @@ def open_log(path: Path, keep_until: int):
 class Run:
     """What training changes as it goes: the optimizer and its GradScaler, the step, the last loss,
     the loop's `state` saved with every checkpoint (the best so far, the evaluations since it and,
-    reading a stream, where the next step starts), the step log and the saves."""
+    reading a stream, where the next step starts), the step log and the saves. The objective's
+    state (its setup's) is saved and restored too where it has a state_dict (GRPO's sampled batch)."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, resume: str | Path | None):
+    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, resume: str | Path | None,
+                 objective_state=None):
         t, self.cfg, self.model = cfg.train, cfg, model
+        self.carried = objective_state if hasattr(objective_state, "state_dict") else None
         self.out, self.main = Path(t.output_dir), distributed.is_main()
         self.optimizer = build_optimizer(model, t)
         # Loss scaling only matters for fp16, whose 5 exponent bits underflow small gradients;
@@ -146,8 +149,10 @@ class Run:
         self.start = 0
         if resume:
             load_adapter(resume, model)
-            self.start, saved = load_training_state(resume, self.optimizer, self.scaler)  # RNG too: same masks
+            self.start, saved, carried = load_training_state(resume, self.optimizer, self.scaler)  # RNG too
             self.state.update(saved)
+            if self.carried is not None:
+                self.carried.load_state_dict(carried)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             # What a crash left half done (see checkpoint.py); `best` is the resumed save's idea of it.
@@ -170,7 +175,8 @@ class Run:
         if step != self.saved_step or best:
             if self.main:
                 save_checkpoint(self.out, self.model, self.optimizer, self.scaler, step, to_dict(self.cfg), self.state,
-                                best=best, keep=self.cfg.train.keep_checkpoints, world_size=distributed.world_size())
+                                best=best, keep=self.cfg.train.keep_checkpoints, world_size=distributed.world_size(),
+                                objective_state=self.carried.state_dict() if self.carried is not None else None)
             self.saved_step = step
 
     def skipped(self, loss: float, grad_norm: float, lr: float, epoch: int, bar: tqdm) -> bool:
@@ -217,9 +223,12 @@ class Meter:
         self.flops_per_token = train_flops_per_token(built, cfg.train.gradient_checkpointing, objective.EXTRA_FORWARDS)
         self.t0 = time.perf_counter()
 
-    def update(self, window: list[list[int]], batches: list[dict]) -> dict[str, float]:
+    def update(self, window: list[list[int]], batches: list[dict], tokens: int | None = None) -> dict[str, float]:
+        """`tokens`: what the step's forwards ran over, every rank's, where its batches do not say
+        (GRPO's batches are prompts; its forwards run over the sampled completions too)."""
         self.samples += sum(len(idx) for idx in window)
-        self.tokens += int(distributed.total(sum(int(b["attention_mask"].sum()) for b in batches), self.device))
+        self.tokens += tokens if tokens is not None else int(distributed.total(
+            sum(int(b["attention_mask"].sum()) for b in batches), self.device))
         seconds = time.perf_counter() - self.t0
         speed = {"seconds": seconds, "samples_per_s": self.samples / seconds, "tokens_per_s": self.tokens / seconds}
         if self.peak:  # the share of the GPU's peak the step's math used
@@ -235,6 +244,9 @@ def progress_bar(start: int, total: int) -> tqdm:
                 mininterval=0.1 if tty else 30, maxinterval=10 if tty else 60)
 
 
+NAMES = {"val_loss": "validation loss", "val_reward": "held-out reward"}  # as the step lines print them
+
+
 def evaluate_and_keep_best(cfg: Config, built: Built, objective: ModuleType, state, ds: datasets.Dataset, run: Run,
                            bar: tqdm) -> bool:
     """Score the eval split (evaluate.scores) and log it; save a new best (train.best_by); return whether
@@ -244,10 +256,9 @@ def evaluate_and_keep_best(cfg: Config, built: Built, objective: ModuleType, sta
     # 4-bit weights on some CPUs, which quant.py turns off so training can go on.
     record = {"step": run.step, **scores(cfg, built, ds, objective, state)}
     run.write(record)
-    shown = ["val_loss", cfg.data.metric, *([objective.PLOTTED] if objective.PLOTTED else [])]
+    shown = [objective.CURVE[1], cfg.data.metric, *([objective.PLOTTED] if objective.PLOTTED else [])]
     run.shown = {k: f"{v:.4f}" for k, v in record.items() if k in shown}
-    bar.write(f"step {run.step}: validation loss {record['val_loss']:.4f}, {cfg.data.metric} "
-              f"{record[cfg.data.metric]:.4f}" + "".join(f", {k.replace('_', ' ')} {record[k]:.4f}" for k in shown[2:]))
+    bar.write(f"step {run.step}: " + ", ".join(f"{NAMES.get(k, k.replace('_', ' '))} {record[k]:.4f}" for k in shown))
     # Higher is better for every metric; lower for the loss.
     score = record[cfg.data.metric] if t.best_by == "metric" else -record["val_loss"]
     if score > run.state["best_score"]:
@@ -285,8 +296,8 @@ def train(cfg: Config, built: Built, objective: ModuleType, train_ds: datasets.D
     t, model, device = cfg.train, built.model, built.device
     world = distributed.world_size()
     state = objective.setup(cfg, built) if state is None else state
-    total = steps.total_steps(t, train_ds, world)
-    run = Run(cfg, model, device, resume)
+    total = steps.total_steps(t, train_ds, world, objective.iterations(cfg))
+    run = Run(cfg, model, device, resume, state)
     if run.start == 0 and t.eval_every and eval_ds is not None and before is not None:
         run.write({"step": 0, **before})
     # Under torchrun the training forward goes through DDP (or FSDP); checkpoints and generation use
@@ -296,7 +307,7 @@ def train(cfg: Config, built: Built, objective: ModuleType, train_ds: datasets.D
     filler = steps.filler_batch(train_ds, cfg.data, built.family, built.processor) if world > 1 else None
     loader = steps.train_loader(train_ds, cfg.data, cfg.model.family, built.processor, t.batch_size, t.grad_accum,
                                 t.seed, run.start, total, world, distributed.rank(), collate_fn=objective.collate,
-                                resume_at=run.state.get("stream"))
+                                resume_at=run.state.get("stream"), repeat=objective.iterations(cfg))
     model.train()
     bar, meter = progress_bar(run.start, total), Meter(cfg, built, objective)
     with StopSignal() as stop:  # until the last save is written: a signal never cuts one short
@@ -319,7 +330,7 @@ def train(cfg: Config, built: Built, objective: ModuleType, train_ds: datasets.D
                 continue
             run.optimizer_step(lr)
             run.loss = loss
-            speed = meter.update(window, batches)
+            speed = meter.update(window, batches, logged.pop("tokens", None))
             run.write({"step": run.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                        objective.COUNT: n, **logged, **speed})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed['tokens_per_s']:.0f}",

@@ -1,7 +1,8 @@
-"""One PNG per run: the loss and the metric against the optimizer step.
+"""One PNG per run: the loss (GRPO: the reward) and the metric against the optimizer step.
 
 Two panels, so neither scale hides the other: the loss on a log axis (on a linear one,
-everything after the first few dozen steps is a flat line), and the metric on its fixed range
+everything after the first few dozen steps is a flat line; GRPO's reward, which can be
+negative, on a linear one), and the metric on its fixed range
 (0-1 for most), starting with the evaluation before training at step 0, so that a small change
 does not look like a leap.
 """
@@ -23,22 +24,27 @@ from minivlm.checkpoint import write_atomic  # noqa: E402
 METRIC_MAX = {"cider_d": 10.0, "clip_score": 2.5}
 
 
-def plot_run(output_dir: str | Path, metric: str, title: str = "") -> Path:
-    """Read <output_dir>/log.jsonl and write <output_dir>/curves.png."""
+def plot_run(output_dir: str | Path, metric: str, title: str = "", curve: tuple[str, str] = ("loss", "val_loss")) -> Path:
+    """Read <output_dir>/log.jsonl and write <output_dir>/curves.png. `curve`: the objective's CURVE,
+    the step log's figure of the left panel and its held-out counterpart."""
     output_dir = Path(output_dir)
     records = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "val_loss" in r or metric in r]
+    trained, held_out = curve
+    evals = [r for r in records if held_out in r or metric in r]
     fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
 
-    loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.8, label="train")
-    val = [r for r in evals if "val_loss" in r]
+    loss_ax.plot([r["step"] for r in train], [r[trained] for r in train], lw=0.8, alpha=0.8, label="train")
+    val = [r for r in evals if held_out in r]
     if val:
-        loss_ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-    loss_ax.set_yscale("log")
+        loss_ax.plot([r["step"] for r in val], [r[held_out] for r in val], "o-", label="validation")
     loss_ax.set_xlabel("optimizer step")
-    per = "pair" if train and "pairs" in train[0] else "answer token"  # DPO logs pairs (objectives/dpo.py)
-    loss_ax.set_ylabel(f"loss per {per} (log scale)")
+    if trained == "loss":
+        loss_ax.set_yscale("log")
+        per = "pair" if train and "pairs" in train[0] else "answer token"  # DPO logs pairs (objectives/dpo.py)
+        loss_ax.set_ylabel(f"loss per {per} (log scale)")
+    else:  # GRPO: the sampled completions' mean reward, and the greedy answers' held out
+        loss_ax.set_ylabel(f"mean {trained} (train: sampled; validation: greedy)")
     loss_ax.grid(alpha=0.3, which="both")
     loss_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
 

@@ -1,4 +1,4 @@
-"""Rewards a program checks, for GRPO (objectives/grpo.py; issue 22, in progress).
+"""Rewards a program checks, for GRPO (objectives/grpo.py).
 
 A reward function takes the prompts, the completions and the dataset rows they answer (one of
 each per completion: a prompt's G completions repeat its prompt and row) and returns one float
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from minivlm.config import ConfigError, DataConfig
+from minivlm.config import Config, ConfigError, DataConfig
 from minivlm.data import references_of
 from minivlm.metrics import METRICS, vqa_normalize
 
@@ -151,3 +151,17 @@ class Rewards:
                                   "function (the last checkpoint is intact)")
             numbers.append(number)
         return numbers
+
+
+def build_rewards(cfg: Config, tokenizer) -> Rewards:
+    """grpo.rewards as functions (a built-in's name, or a user's module:function), weighted by
+    grpo.reward_weights; `tokenizer` counts a completion's tokens for the length reward."""
+    g = cfg.grpo
+    built_in = {"exact_match": lambda: exact_match(cfg.data), "metric": lambda: metric(cfg.data),
+                "format": lambda: format_match(g.format_pattern),
+                "length": lambda: overlong(lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+                                           g.max_new_tokens, g.overlong_cache)}
+    # A user's is logged under its function's name (reward_<name>), a built-in's under its own.
+    functions = {name.rpartition(":")[2]: built_in[name]() if name in built_in else user_function(name)
+                 for name in g.rewards}
+    return Rewards(functions, g.reward_weights or None)

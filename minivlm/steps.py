@@ -5,6 +5,11 @@ An epoch is a shuffle of the training split, a pure function of (seed, epoch); a
 samples, of which each rank takes its slice. So any step can be rebuilt from its number alone:
 a resumed run starts at its step, and DataLoader workers can prepare steps in any process.
 A stream (data.streaming) has no random access: its steps are read in order (StreamSteps).
+
+An objective may train on each window of samples for several optimizer steps (GRPO's
+grpo.iterations, TRL's num_iterations: a sampled batch serves μ updates). Then a window serves
+`repeat` consecutive steps: the first collates it, the others are the same window with no
+batches (the objective kept what it made of them), and an epoch has `repeat` times the steps.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class Step(NamedTuple):
     number: int  # 0-based: the step that takes the run to `number + 1`
     epoch: int
     window: list[list[int]]  # the sample numbers of each micro-batch, every rank's
-    batches: list[dict[str, torch.Tensor]]  # this rank's collated micro-batches
+    batches: list[dict[str, torch.Tensor]]  # this rank's collated micro-batches; [] when the window repeats
     skipped: dict  # bad rows first skipped in making them: a DataLoader worker's reach the loop this way
     resume_at: dict | None  # a stream's: where the step after it starts (StreamSteps); saved with the step
 
@@ -60,11 +65,12 @@ def steps_per_epoch(n: int, batch_size: int, grad_accum: int) -> int:
     return math.ceil(math.ceil(n / batch_size) / grad_accum)
 
 
-def total_steps(t: TrainConfig, ds: datasets.Dataset | datasets.IterableDataset, world_size: int = 1) -> int:
-    """Optimizer steps of a run: train.max_steps, or train.epochs epochs of `ds`, each step taking
-    world_size × batch_size samples per micro-batch. (A stream has no length: config.py requires
-    train.max_steps with it.)"""
-    return t.max_steps or steps_per_epoch(len(ds), t.batch_size * world_size, t.grad_accum) * t.epochs
+def total_steps(t: TrainConfig, ds: datasets.Dataset | datasets.IterableDataset, world_size: int = 1,
+                repeat: int = 1) -> int:
+    """Optimizer steps of a run: train.max_steps, or train.epochs epochs of `ds`, each window of
+    world_size × batch_size samples per micro-batch serving `repeat` steps. (A stream has no length:
+    config.py requires train.max_steps with it.)"""
+    return t.max_steps or steps_per_epoch(len(ds), t.batch_size * world_size, t.grad_accum) * t.epochs * repeat
 
 
 class TrainSteps(torch.utils.data.Dataset):
@@ -88,11 +94,11 @@ class TrainSteps(torch.utils.data.Dataset):
 
     def __init__(self, ds: datasets.Dataset, cfg: DataConfig, family: str, processor, batch_size: int,
                  grad_accum: int, seed: int, first: int, last: int, world_size: int = 1, rank: int = 0,
-                 collate_fn: Callable | None = None):
+                 collate_fn: Callable | None = None, repeat: int = 1):
         self.ds, self.cfg, self.family, self.processor = ds, cfg, family, processor
         self.collate = collate_fn or collate  # dpo.collate_pairs for preference pairs
         self.batch_size, self.grad_accum, self.seed, self.first, self.last = batch_size, grad_accum, seed, first, last
-        self.world_size, self.rank = world_size, rank
+        self.world_size, self.rank, self.repeat = world_size, rank, repeat
         self.per_epoch = steps_per_epoch(len(ds), batch_size * world_size, grad_accum)
         self._order: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches): one shuffle per epoch
 
@@ -101,10 +107,13 @@ class TrainSteps(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> Step:
         step = self.first + k
-        epoch, offset = divmod(step, self.per_epoch)
+        served, again = divmod(step, self.repeat)  # the window's number, and whether it repeats
+        epoch, offset = divmod(served, self.per_epoch)
         if self._order[0] != epoch:
             self._order = (epoch, epoch_batches(len(self.ds), self.batch_size * self.world_size, self.seed, epoch))
         window = self._order[1][offset * self.grad_accum:(offset + 1) * self.grad_accum]
+        if again:
+            return Step(step, epoch, window, [], {}, None)
         return collated_step(self, step, epoch, self.ds, window, None)
 
 
@@ -124,17 +133,20 @@ class StreamSteps(torch.utils.data.IterableDataset):
     With DataLoader workers, worker w of W collates steps first + w, first + w + W, ...: each reads
     the whole stream and decodes only its own steps' images, and the DataLoader takes the
     workers' steps in turn, so the steps come in the one-process order whatever W is.
+
+    A repeated window (`repeat` > 1) reads nothing: its steps record where the stream reads on
+    after the window, so a run resumed inside one starts with the window's rows just read.
     """
 
     def __init__(self, stream: datasets.IterableDataset, cfg: DataConfig, family: str, processor, batch_size: int,
                  grad_accum: int, seed: int, first: int, last: int, start: dict | None = None, world_size: int = 1,
-                 rank: int = 0, collate_fn: Callable | None = None):
+                 rank: int = 0, collate_fn: Callable | None = None, repeat: int = 1):
         self.source = identity(stream)
         stream = undecoded(stream)
         self.stream = stream.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer) if cfg.shuffle_buffer else stream
         self.cfg, self.family, self.processor, self.collate = cfg, family, processor, collate_fn or collate
         self.batch_size, self.grad_accum, self.seed, self.first, self.last = batch_size, grad_accum, seed, first, last
-        self.world_size, self.rank = world_size, rank
+        self.world_size, self.rank, self.repeat = world_size, rank, repeat
         self.start = start or {"epoch": 0, "row": 0, "read": 0}
 
     def __len__(self) -> int:
@@ -161,16 +173,25 @@ class StreamSteps(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rows = self._rows()
         width = self.batch_size * self.world_size
+        # Resumed inside a repeated window: it is the rows just before where the stream reads on.
+        numbers = list(range(self.start["read"] - width * self.grad_accum, self.start["read"]))
+        last = Step(self.first, self.start["epoch"], [numbers[i:i + width] for i in range(0, len(numbers), width)],
+                    [], {}, self.start)
         for step in range(self.first, self.last):
+            mine = (step - self.first) % workers == worker  # else another worker's step: read past, not decoded
+            if step % self.repeat:
+                if mine:
+                    yield last._replace(number=step, batches=[], skipped={})
+                continue
             read = list(itertools.islice(rows, width * self.grad_accum))
-            if (step - self.first) % workers != worker:
-                continue  # another worker's step: read past, not decoded
             numbers = [where["read"] for where, _ in read]
             window = [numbers[i:i + width] for i in range(0, len(numbers), width)]
-            held = Rows(self.source, {where["read"]: row for where, row in read})
             after = read[-1][0]
             resume_at = {"epoch": after["epoch"], "row": after["row"] + 1, "read": after["read"] + 1}
-            yield collated_step(self, step, read[0][0]["epoch"], held, window, resume_at)
+            last = Step(step, read[0][0]["epoch"], window, [], {}, resume_at)
+            if mine:
+                yield collated_step(self, step, last.epoch, Rows(self.source, {w["read"]: row for w, row in read}),
+                                    window, resume_at)
 
 
 def filler_batch(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, family: ModuleType,
@@ -190,20 +211,20 @@ def filler_batch(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfi
 
 def train_loader(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, family: str, processor,
                  batch_size: int, grad_accum: int, seed: int, first: int, last: int, world_size: int = 1,
-                 rank: int = 0, collate_fn: Callable | None = None,
-                 resume_at: dict | None = None) -> torch.utils.data.DataLoader:
+                 rank: int = 0, collate_fn: Callable | None = None, resume_at: dict | None = None,
+                 repeat: int = 1) -> torch.utils.data.DataLoader:
     """Steps first..last-1 in order (each a Step), collated by `collate_fn` (default: collate;
     dpo.collate_pairs for preference pairs). With data.workers > 0, that many processes prepare
     the next steps while the current one trains (two steps ahead each); with 0, every step is
     prepared in the training process when it is needed. With several ranks, each step is this
     rank's share of it (see TrainSteps). A stream (StreamSteps) starts at `resume_at`, the
-    position the save of step `first` recorded."""
+    position the save of step `first` recorded. `repeat`: optimizer steps each window serves."""
     if isinstance(ds, datasets.IterableDataset):
         steps = StreamSteps(ds, cfg, family, processor, batch_size, grad_accum, seed, first, last, resume_at,
-                            world_size, rank, collate_fn)
+                            world_size, rank, collate_fn, repeat)
     else:
         steps = TrainSteps(ds, cfg, family, processor, batch_size, grad_accum, seed, first, last, world_size, rank,
-                           collate_fn)
+                           collate_fn, repeat)
     # Its own generator: a DataLoader draws a seed for its workers when iterated, and from the
     # global RNG that would shift every dropout mask after it (and break exact resume).
     return torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=cfg.workers,

@@ -419,7 +419,7 @@ def test_rlaif_v_layout_is_read_and_bad_pairs_skipped(tiny_smolvlm, tmp_path):
     ({"data": {"conversations_column": "conversations"}}, "compares two answers to one prompt"),
     ({"lora": {"train_modules": ["multi_modal_projector"]}}, "lora.train_modules .* needs train.init_from"),
     ({"train": {"beta": 0.1}}, "unknown key train.beta; did you mean 'dpo_beta'"),
-    ({"train": {"objective": "ppo"}}, r"train.objective = 'ppo' is not one of \['sft', 'dpo'\]"),
+    ({"train": {"objective": "ppo"}}, r"train.objective = 'ppo' is not one of \['sft', 'dpo', 'grpo'\]"),
 ])
 def test_bad_dpo_config_is_one_clear_error(change, message):
     raw = {"data": {"rejected_column": "rejected"}, "train": {"objective": "dpo"}}

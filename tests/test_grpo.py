@@ -176,7 +176,7 @@ def test_sampled_completions_are_scored_token_for_token(tiny_paligemma, shapes_d
     from conftest import tiny_config
     from minivlm.build import build
     from minivlm.data import image_of, load_split, prompt_of, rows_of
-    from minivlm.objectives.grpo import answer_token_types, completion_log_probs, sample
+    from minivlm.objectives.grpo import answer_token_types, completion_log_probs, sample, scoring_batch, texts
 
     cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path)
     built = build(cfg)
@@ -186,15 +186,17 @@ def test_sampled_completions_are_scored_token_for_token(tiny_paligemma, shapes_d
     types = answer_token_types(built)
     assert types == {"token_type_ids": 1}
 
-    torch.manual_seed(0)
-    scored, texts = sample(cfg, built, images, prompts, 3, 1.0, 1.0, 6, types)
-    torch.manual_seed(0)
     inputs = built.family.generation_batch(built.processor, images, prompts)
+    torch.manual_seed(0)
+    sampled, ended = sample(cfg, built, inputs, 3, 1.0, 1.0, 6)
+    scored = scoring_batch(built.model, inputs, sampled, ended, 3, types)
+    decoded = texts(built.processor, sampled, ended)
+    torch.manual_seed(0)
     out = built.model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6,
                                num_return_sequences=3, output_logits=True, return_dict_in_generate=True)
     width = inputs["input_ids"].shape[1]
     completion = out.sequences[:, width:]
-    assert len(texts) == 6 and torch.equal(scored["input_ids"][:, width:width + completion.shape[1]], completion)
+    assert len(decoded) == 6 and torch.equal(scored["input_ids"][:, width:width + completion.shape[1]], completion)
 
     labels = scored["labels"]
     assert (labels[:, :width] == -100).all()  # the prompt, image tokens included, never

@@ -51,9 +51,7 @@ pairs, and so whether training changed that.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from types import ModuleType
 
 import datasets
@@ -63,17 +61,17 @@ from torch import nn
 
 from minivlm import distributed
 from minivlm.build import Built
-from minivlm.checkpoint import read_adapter
 from minivlm.batches import answer_positions, check_dialogs, empty_batch, random_resized_crop, within_max_length
-from minivlm.config import Config, ConfigError, DataConfig
+from minivlm.config import Config, DataConfig
 from minivlm.data import rejected_of, usable_samples
-from minivlm.lora import adapters_off
+from minivlm.objectives.reference import reference, reference_weights
 from minivlm.precision import logits_of
 
 COUNT = "pairs"
 ROWS_PER_SAMPLE = 2  # chosen and rejected, in one forward
 EXTRA_FORWARDS = 1  # the reference's, without gradient
 PLOTTED = "preference_accuracy"  # what DPO changes; its greedy answers may not change at all
+CURVE = ("loss", "val_loss")
 
 
 def collate_pairs(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: ModuleType, processor,
@@ -131,54 +129,18 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def reference_weights(cfg: Config, model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """What π_ref's trainable tensors hold: None for the base model (adapters off), else the
-    train.init_from adapter, which must hold every trainable tensor of the model."""
-    if not cfg.train.init_from:
-        return None
-    try:
-        saved = read_adapter(cfg.train.init_from, device=next(model.parameters()).device)
-    except FileNotFoundError:
-        raise ConfigError(f"train.init_from = {cfg.train.init_from!r} holds no adapter; give a checkpoint "
-                          "directory a run wrote (e.g. runs/demo/last)") from None
-    # Names as checkpoints write them, whether or not FSDP has wrapped the model (distributed.py).
-    trainable = {distributed.unwrapped_name(n): p for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(trainable) - set(saved))
-    if missing:
-        raise ConfigError(f"train.init_from = {cfg.train.init_from!r} lacks {len(missing)} of this model's trainable "
-                          f"tensors (e.g. {missing[:2]}), and DPO uses that adapter as its reference model: train "
-                          "with the [lora] config it was trained with")
-    return {n: saved[n].to(p.dtype) for n, p in trainable.items()}
-
-
 def setup(cfg: Config, built: Built) -> dict[str, torch.Tensor] | None:
     """The reference's weights, read once for the whole run (see reference_weights)."""
     return reference_weights(cfg, built.model)
 
 
-@contextlib.contextmanager
-def reference(model: nn.Module, weights: dict[str, torch.Tensor] | None) -> Iterator[nn.Module]:
-    """Inside the block, `model` computes π_ref: without gradient, in eval mode, and with its
-    adapters off (weights None) or its trainable tensors holding `weights` (see reference_weights)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if weights is None:
-                with adapters_off(model):
-                    yield model
-            else:
-                params = {distributed.unwrapped_name(n): p for n, p in model.named_parameters()}
-                trained = {n: params[n].clone() for n in weights}
-                for n, w in weights.items():
-                    params[n].copy_(w)
-                try:
-                    yield model
-                finally:
-                    for n, w in trained.items():
-                        params[n].copy_(w)
-    finally:
-        model.train(was_training)
+def iterations(cfg: Config) -> int:
+    return 1
+
+
+def planned(cfg: Config) -> dict:
+    """Each pair is two rows of the forward."""
+    return {"rows_per_sample": ROWS_PER_SAMPLE}
 
 
 def _sums(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -266,8 +228,8 @@ def held_out(cfg: Config, built: Built, ds: datasets.Dataset,
     return {"dpo_loss": loss, **rewards, "preference_accuracy": prefers / pairs}
 
 
-def validation(cfg: Config, built: Built, ds: datasets.Dataset,
-               weights: dict[str, torch.Tensor] | None) -> dict[str, float]:
+def validation(cfg: Config, built: Built, ds: datasets.Dataset, weights: dict[str, torch.Tensor] | None,
+               answers: dict | None = None) -> dict[str, float]:
     """held_out's figures, its DPO loss as the run's val_loss."""
     scores = held_out(cfg, built, ds, weights)
     return {"val_loss": scores.pop("dpo_loss"), **scores}

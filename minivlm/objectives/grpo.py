@@ -2,10 +2,6 @@
 §4.1), with the fixes of Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training") and
 DAPO (Yu et al. 2025).
 
-Work in progress (issue 22): the math of a step, sampling and scoring completions are here and
-tested (rewards are minivlm/rewards.py); the config and the objective's seam
-(objectives/__init__.py) come next, and only then is "grpo" a train.objective.
-
 For a prompt q (an image and a question), G completions o_1 … o_G are sampled from the policy as
 it was when sampling, π_old, and each gets a reward r_i. Its advantage is its reward against its
 group's (outcome supervision, §4.1.2):
@@ -28,19 +24,51 @@ losses differ in how the token terms are averaged (loss_type):
     dr_grpo   the sum over every token / (sequences × max new tokens): a constant, no length bias
     dapo      the sum over every token / the tokens of the batch (token-level)
 
-With gradient accumulation, each micro-batch hands the loop its terms' sum and what the window's
-sum is divided by (sequences, or tokens), as SFT divides by answer tokens: the step's loss is the
+With gradient accumulation, each micro-batch's sum is divided by what the whole window's is
+(sequences, or tokens, over every rank), as SFT divides by answer tokens: the step's loss is the
 same however the window is split.
+
+A step (backward_window), for the train.batch_size prompts of each micro-batch ([grpo] keys):
+
+  1. sample num_generations completions per prompt with the policy in eval mode (sample); the
+     image goes through the processor and the vision tower once per prompt;
+  2. score them with the rewards (minivlm/rewards.py) and take the group advantages;
+  3. with iterations > 1, keep π_old's log-probabilities (a forward without gradient); with
+     beta > 0, π_ref's (objectives/reference.py: the adapters off, or train.init_from's);
+  4. forward the completions through the policy and backpropagate policy_loss.
+
+With iterations = μ > 1 the sampled window serves μ optimizer steps (steps.py repeats it), as
+TRL's num_iterations does; what those steps need (the prompts' inputs, the completions, π_old,
+π_ref, the advantages) is the objective's state, saved with a checkpoint taken inside the μ
+steps, so a resumed run trains on the very same samples. Sampling draws from the global RNG,
+which every checkpoint saves: a resumed run samples what the unbroken one would have.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
+import warnings
+from types import ModuleType
+
+import datasets
 import torch
 from PIL import Image
 
+from minivlm import distributed
+from minivlm.batches import check_dialogs, random_resized_crop
 from minivlm.build import DTYPES, Built
-from minivlm.config import Config
+from minivlm.config import Config, DataConfig
+from minivlm.data import rows_of, usable_samples
+from minivlm.objectives.reference import reference, reference_weights
+from minivlm.objectives.sft import answer_loss_sum
 from minivlm.precision import autocast, logits_of, model_inputs
+from minivlm.rewards import Rewards, build_rewards
+
+COUNT = "completions"  # what a window's loss is divided by varies with loss_type; the log counts these
+EXTRA_FORWARDS = 1  # the sampling's: about a forward over every completion token (more with beta or iterations)
+PLOTTED = None  # data.metric, of greedy answers
+CURVE = ("reward", "val_reward")  # the mean reward of the sampled completions, and of greedy ones held out
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 # Per-token inputs besides input_ids and attention_mask: a completion appended to a prompt takes
@@ -90,12 +118,18 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
     figures["clip_fraction"] = float((clipping * mask).sum() / mask.sum().clamp(min=1))
     summed = (per_token * mask).sum(-1)
     if loss_type == "grpo":
-        return (summed / mask.sum(-1).clamp(min=1)).sum(), len(logp), figures
+        return (summed / mask.sum(-1).clamp(min=1)).sum(), divisor(mask, loss_type), figures
     if loss_type == "dr_grpo":
-        return summed.sum() / max_new_tokens, len(logp), figures
-    if loss_type == "dapo":
-        return summed.sum(), int(mask.sum()), figures
-    raise ValueError(f"unknown GRPO loss_type {loss_type!r}; known: {list(LOSS_TYPES)}")
+        return summed.sum() / max_new_tokens, divisor(mask, loss_type), figures
+    return summed.sum(), divisor(mask, loss_type), figures
+
+
+def divisor(mask: torch.Tensor, loss_type: str) -> int:
+    """What a micro-batch adds to the number its window's summed loss is divided by: its
+    sequences (grpo, dr_grpo) or its completion tokens (dapo)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown GRPO loss_type {loss_type!r}; known: {list(LOSS_TYPES)}")
+    return int(mask.sum()) if loss_type == "dapo" else len(mask)
 
 
 def answer_token_types(built: Built) -> dict[str, int]:
@@ -107,46 +141,53 @@ def answer_token_types(built: Built) -> dict[str, int]:
 
 
 @torch.no_grad()
-def sample(cfg: Config, built: Built, images: list[Image.Image], prompts: list[str], group: int, temperature: float,
-           top_p: float, max_new_tokens: int, types: dict[str, int]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """`group` completions of each (image, prompt), sampled from the policy in eval mode (no
-    dropout), and the batch that scores them: (that batch, the completions' text, prompt by prompt).
-
-    The images go through the processor and the vision tower once per prompt: generate expands
-    the prompt's inputs to its `group` rows. The scoring batch is those expanded inputs (the
-    model's own _expand_inputs_for_generation, which knows how its family lays out pixel_values)
-    with the sampled tokens appended as they are, not decoded and re-tokenised, which could
-    split them otherwise: labels are the completion up to and with its first end token, the
-    prompt (image tokens included) and what follows the end never. A completion cut off at
-    max_new_tokens has no end token and is labelled whole. `types`: answer_token_types.
-    """
-    model, processor = built.model, built.processor
-    batch = built.family.generation_batch(processor, images, prompts, system=cfg.data.system_prompt)
-    inputs = model_inputs(batch, built.device, DTYPES[cfg.model.dtype])
+def sample(cfg: Config, built: Built, inputs: dict[str, torch.Tensor], group: int, temperature: float, top_p: float,
+           max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`group` completions of each prompt of `inputs` (the family's generation_batch: one row per
+    prompt, left-padded), sampled from the policy in eval mode (no dropout): (their ids, as
+    generated, and the mask of each up to and with its first end token), both (prompts × group,
+    length), a prompt's completions in a row. The images go through the vision tower once per
+    prompt: generate expands the prompt's encoded inputs to its `group` rows. A completion cut
+    off at max_new_tokens has no end token and is kept whole."""
+    model = built.model
     was_training = model.training
     model.eval()
     with autocast(cfg, built.device):
         # top_k=0: a checkpoint's generation_config may set top_k (50 by default), which would
         # sample from fewer tokens than top_p and temperature say.
-        out = model.generate(**inputs, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                             max_new_tokens=max_new_tokens, num_return_sequences=group, use_cache=True)
+        out = model.generate(**model_inputs(inputs, built.device, DTYPES[cfg.model.dtype]), do_sample=True,
+                             temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+                             num_return_sequences=group, use_cache=True)
     model.train(was_training)
-    prompt_length = inputs["input_ids"].shape[1]
-    completion = out[:, prompt_length:].cpu()
+    completion = out[:, inputs["input_ids"].shape[1]:].cpu()
     ends = torch.tensor(model.generation_config.eos_token_id).flatten()
     is_end = torch.isin(completion, ends)
     # Up to and with the first end token: the count of ends strictly before each position is 0.
-    mask = (is_end.cumsum(1) - is_end.long()) == 0
-    input_ids, expanded = model._expand_inputs_for_generation(expand_size=group, input_ids=batch["input_ids"],
-                                                               **{k: v for k, v in batch.items() if k != "input_ids"})
+    return completion, (is_end.cumsum(1) - is_end.long()) == 0
+
+
+def scoring_batch(model: torch.nn.Module, inputs: dict[str, torch.Tensor], completion: torch.Tensor,
+                  mask: torch.Tensor, group: int, types: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The batch that scores sampled completions: the prompts' inputs expanded to `group` rows each
+    (by the model's own _expand_inputs_for_generation, which knows how its family lays out
+    pixel_values) with the sampled ids appended as they are, not decoded and re-tokenised, which
+    could split them otherwise. Labels are each completion up to and with its first end token;
+    the prompt (image tokens included) and what follows the end never. `types`: answer_token_types."""
+    input_ids, expanded = model._expand_inputs_for_generation(expand_size=group, input_ids=inputs["input_ids"],
+                                                               **{k: v for k, v in inputs.items() if k != "input_ids"})
     scored = {**expanded, "input_ids": torch.cat([input_ids, completion], 1),
               "attention_mask": torch.cat([expanded["attention_mask"], mask.long()], 1),
               "labels": torch.cat([torch.full_like(input_ids, -100), completion.masked_fill(~mask, -100)], 1)}
     for key, value in types.items():
         scored[key] = torch.cat([expanded[key], torch.full_like(completion, value)], 1)
-    texts = processor.tokenizer.batch_decode(completion.masked_fill(~mask, processor.tokenizer.pad_token_id),
-                                             skip_special_tokens=True)
-    return scored, [t.strip() for t in texts]
+    return scored
+
+
+def texts(processor, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """The completions as the rewards read them: decoded up to their end, special tokens dropped."""
+    decoded = processor.tokenizer.batch_decode(completion.masked_fill(~mask, processor.tokenizer.pad_token_id),
+                                               skip_special_tokens=True)
+    return [t.strip() for t in decoded]
 
 
 def completion_log_probs(cfg: Config, built: Built, batch: dict[str, torch.Tensor],
@@ -161,3 +202,196 @@ def completion_log_probs(cfg: Config, built: Built, batch: dict[str, torch.Tenso
     ids = labels[:, -length:]
     mask = ids != -100
     return token_log_probs(logits, ids.clamp(min=0).to(logits.device)), mask.to(logits.device)
+
+
+def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: ModuleType, processor,
+            generator: torch.Generator | None = None) -> dict:
+    """The prompts of `ds[indices]` for sampling: {"inputs": the family's generation batch (one row per
+    prompt), "prompts", "rows", "numbers" (the rows' indices)}, the last three for the rewards. Bad rows
+    are skipped (data.on_bad_sample), and so are prompts longer than data.max_length tokens."""
+    samples = usable_samples(ds, indices, cfg)
+    images = [image for _, _, image, _ in samples]
+    if cfg.random_resized_crop and generator is not None:
+        images = [random_resized_crop(im, cfg.random_resized_crop, generator) for im in images]
+    prompts = [dialog[0][0] for *_, dialog in samples]
+    check_dialogs(family, [[(p, "")] for p in prompts], cfg.system_prompt)
+    if samples:
+        lengths = family.generation_batch(processor, images, prompts, system=cfg.system_prompt)["attention_mask"].sum(1)
+        if (lengths > cfg.max_length).any():
+            warnings.warn(f"dropped prompt(s) of rows {[s[0] for s, n in zip(samples, lengths) if n > cfg.max_length]}: "
+                          f"longer than data.max_length = {cfg.max_length} tokens (image tokens included); raise "
+                          "data.max_length to train on them")
+            keep = (lengths <= cfg.max_length).tolist()
+            samples, images, prompts = ([x for x, k in zip(xs, keep) if k] for xs in (samples, images, prompts))
+    return {"inputs": family.generation_batch(processor, images, prompts, system=cfg.system_prompt) if samples else {},
+            "prompts": prompts, "rows": [row for _, row, _, _ in samples], "numbers": [i for i, *_ in samples]}
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One micro-batch's sampled completions and what the updates on them need."""
+
+    inputs: dict[str, torch.Tensor]  # the prompts' generation batch, one row per prompt
+    completion: torch.Tensor  # (prompts × G, length) sampled ids
+    mask: torch.Tensor  # (prompts × G, length): up to and with each first end token
+    advantages: torch.Tensor  # (prompts × G,)
+    old_logp: torch.Tensor | None  # π_old's log-probabilities per token (grpo.iterations > 1)
+    ref_logp: torch.Tensor | None  # π_ref's (grpo.beta > 0)
+    sums: dict[str, float]  # what the step log averages: rewards, spread, lengths (see _logged)
+
+
+class State:
+    """What GRPO holds through a run: the rewards, π_ref's weights, the answer token types, and the
+    window being trained on with the optimizer steps it has left (grpo.iterations)."""
+
+    def __init__(self, rewards: Rewards, reference: dict[str, torch.Tensor] | None, types: dict[str, int]):
+        self.rewards, self.reference, self.types = rewards, reference, types
+        self.window: list[Rollout | None] = []
+        self.left = 0
+
+    def state_dict(self) -> dict:
+        """The window, while steps are left on it: a checkpoint inside the μ steps keeps it."""
+        if not self.left:
+            return {"left": 0}
+        return {"left": self.left, "window": [dataclasses.asdict(r) if r else {} for r in self.window]}
+
+    def load_state_dict(self, saved: dict | None) -> None:
+        self.left = (saved or {}).get("left", 0)
+        self.window = [Rollout(**r) if r else None for r in saved["window"]] if self.left else []
+
+
+def setup(cfg: Config, built: Built) -> State:
+    """The rewards (a mistake in them shows now), π_ref's weights with grpo.beta > 0, and the type ids
+    a completion token takes."""
+    reference_of = reference_weights(cfg, built.model) if cfg.grpo.beta else None
+    return State(build_rewards(cfg, built.processor.tokenizer), reference_of, answer_token_types(built))
+
+
+def iterations(cfg: Config) -> int:
+    """Optimizer steps each sampled window serves (steps.py repeats it)."""
+    return cfg.grpo.iterations
+
+
+def planned(cfg: Config) -> dict:
+    """plan_memory's shape of a step: each prompt is num_generations rows, whose loss is taken on up
+    to max_new_tokens tokens each."""
+    return {"rows_per_sample": cfg.grpo.num_generations, "answer_tokens": cfg.grpo.max_new_tokens}
+
+
+def repeated(items: list, group: int) -> list:
+    return [item for item in items for _ in range(group)]
+
+
+def roll_out(cfg: Config, built: Built, batch: dict, state: State) -> Rollout | None:
+    """Steps 1-3 of the module docstring for one micro-batch of prompts (collate's); None if it has none."""
+    g = cfg.grpo
+    if not batch["prompts"]:
+        return None
+    completion, mask = sample(cfg, built, batch["inputs"], g.num_generations, g.temperature, g.top_p,
+                              g.max_new_tokens)
+    rewards, each = state.rewards(repeated(batch["prompts"], g.num_generations), texts(built.processor, completion, mask),
+                                  repeated(batch["rows"], g.num_generations),
+                                  repeated(batch["numbers"], g.num_generations))
+    old_logp = ref_logp = None
+    if g.iterations > 1 or g.beta:
+        scored = scoring_batch(built.model, batch["inputs"], completion, mask, g.num_generations, state.types)
+        if g.iterations > 1:  # π_old: the policy as it sampled, without dropout
+            was_training = built.model.training
+            built.model.eval()
+            with torch.no_grad():
+                old_logp = completion_log_probs(cfg, built, scored)[0]
+            built.model.train(was_training)
+        if g.beta:
+            with reference(built.model, state.reference):
+                ref_logp = completion_log_probs(cfg, built, scored)[0]
+    groups = rewards.view(-1, g.num_generations)
+    sums = {"reward": rewards.sum(), "reward_std": groups.std(1).sum(),
+            "zero_spread": (groups.max(1).values == groups.min(1).values).sum(), "groups": len(groups),
+            "completions": len(rewards), "completion_tokens": mask.sum(),
+            **{f"reward_{name}": sum(values) for name, values in each.items()}}
+    return Rollout(dict(batch["inputs"]), completion, mask,
+                   group_advantages(rewards, g.num_generations, scale=g.scale_rewards == "group").float(),
+                   old_logp, ref_logp, {k: float(v) for k, v in sums.items()})
+
+
+def _logged(sums: dict[str, float]) -> dict[str, float]:
+    """The step log's figures from the window's sums (every rank's)."""
+    n, groups, tokens = sums.pop("completions"), sums.pop("groups"), sums["completion_tokens"]
+    logged = {k: v / n for k, v in sums.items() if k.startswith("reward") and k != "reward_std"}
+    logged.update(reward_std=sums["reward_std"] / groups, zero_spread=sums["zero_spread"] / groups,
+                  completion_length=tokens / n, clip_fraction=sums["clipped"] / max(tokens, 1))
+    if "kl" in sums:
+        logged["kl"] = sums["kl"] / max(tokens, 1)
+    return logged
+
+
+def backward_window(cfg: Config, built: Built, model: torch.nn.Module, batches: list[dict],
+                    scaler: torch.amp.GradScaler, state: State,
+                    filler: dict | None = None) -> tuple[float, int, dict[str, float]]:
+    """Sample (when the window is new: `batches` is [] on the steps that repeat it), score, and take
+    forward + backward of policy_loss over the window; returns (the loss, the completions, the
+    figures to log). Each micro-batch's summed loss is divided by the window's divisor (sequences or
+    tokens, per grpo.loss_type) over every rank, so the gradient is that of the whole window's loss.
+    `model`: built.model, or its DDP wrapper; `filler`: see steps.filler_batch (DDP only)."""
+    g = cfg.grpo
+    started = time.perf_counter()
+    if batches:
+        state.window, state.left = [roll_out(cfg, built, b, state) for b in batches], g.iterations
+    elif not state.left:
+        raise RuntimeError("a repeated GRPO window without its sampled completions (the save's objective state)")
+    sampled = time.perf_counter()
+    state.left -= 1
+    rollouts = state.window
+    count = int(distributed.total(sum(divisor(r.mask, g.loss_type) for r in rollouts if r), built.device))
+    if count == 0:
+        return float("nan"), 0, {}
+    loss = torch.zeros((), device=built.device)
+    tokens = torch.zeros((), device=built.device)
+    clipped = kl = 0.0
+    for i, r in enumerate(rollouts):
+        with distributed.synchronising(model, last=i == len(rollouts) - 1):
+            if r is None:  # no prompt here: under DDP, a backward that adds zero (see sft.backward_window)
+                if filler is not None:
+                    scaler.scale(answer_loss_sum(cfg, built, filler, model)).backward()
+                continue
+            scored = scoring_batch(built.model, r.inputs, r.completion, r.mask, g.num_generations, state.types)
+            logp, mask = completion_log_probs(cfg, built, scored, model)
+            old = r.old_logp if r.old_logp is not None else logp.detach()  # μ = 1: π_old is π_θ, ρ = 1
+            summed, _, figures = policy_loss(logp, old, r.ref_logp, r.advantages.to(logp.device), mask, g.loss_type,
+                                             g.epsilon, g.epsilon_high or g.epsilon, g.beta, g.max_new_tokens)
+            scaler.scale(summed / count).backward()
+        loss += summed.detach() / count
+        tokens += scored["attention_mask"].sum()
+        n = int(mask.sum())
+        clipped, kl = clipped + figures["clip_fraction"] * n, kl + figures.get("kl", 0.0) * n
+    # Every rank's sums, in one exchange: the same keys on every rank, whether it had prompts or not.
+    keys = ["reward", "reward_std", "zero_spread", "groups", "completions", "completion_tokens",
+            *(f"reward_{name}" for name in state.rewards.functions)]
+    local = [float(loss), float(tokens), clipped, kl, *(sum(r.sums[k] for r in rollouts if r) for k in keys)]
+    loss_total, tokens_total, clipped, kl, *summed_up = distributed.totals(local, built.device)
+    sums = dict(zip(keys, summed_up), clipped=clipped, **({"kl": kl} if g.beta else {}))
+    completions = int(sums["completions"])
+    logged = _logged(sums)
+    logged.update(sample_s=sampled - started, update_s=time.perf_counter() - sampled, tokens=int(tokens_total))
+    return loss_total, completions, logged
+
+
+def shown(logged: dict) -> dict[str, str]:
+    """This step's mean reward and the share of its groups without spread, on the progress bar."""
+    return {"reward": f"{logged['reward']:.3f}", "flat": f"{logged['zero_spread']:.2f}"}
+
+
+def validation(cfg: Config, built: Built, ds: datasets.Dataset, state: State, answers: dict) -> dict[str, float]:
+    """The rewards of the greedy answers to the eval split's prompts (evaluate's `answers`, which
+    data.metric scores too): their weighted sum's mean as val_reward, and each function's."""
+    numbers = answers["rows"]
+    total, each = state.rewards(answers["prompts"], answers["predictions"], rows_of(ds, numbers), numbers)
+    return {"val_reward": float(total.mean()), **{f"val_reward_{k}": sum(v) / len(v) for k, v in each.items()}}
+
+
+def report(when: str, figures: dict[str, float]) -> dict[str, float]:
+    """validation's figures as metrics.json keeps them (reward_<when>, reward_<name>_<when>), after a line."""
+    each = {k.removeprefix("val_reward_"): v for k, v in figures.items() if k.startswith("val_reward_")}
+    print(f"mean reward {when} training: {figures['val_reward']:.3f} on held-out prompts (greedy answers)"
+          + (f"; {', '.join(f'{k} {v:.3f}' for k, v in each.items())}" if len(each) > 1 else ""))
+    return {f"{k.removeprefix('val_')}_{when}": v for k, v in figures.items()}

@@ -25,14 +25,22 @@ from minivlm.config import Config
 from minivlm.precision import logits_of
 
 COUNT = "answer_tokens"
-ROWS_PER_SAMPLE = 1
 EXTRA_FORWARDS = 0
 PLOTTED = None  # data.metric
+CURVE = ("loss", "val_loss")
 
 
 def setup(cfg: Config, built: Built) -> None:
     """SFT needs nothing besides the model."""
     return None
+
+
+def iterations(cfg: Config) -> int:
+    return 1
+
+
+def planned(cfg: Config) -> dict:
+    return {}
 
 
 def answer_loss_sum(cfg: Config, built: Built, batch: dict[str, torch.Tensor],
@@ -112,7 +120,8 @@ def validation_loss(cfg: Config, built: Built, ds: datasets.Dataset) -> float:
     return total / max(tokens, 1)
 
 
-def validation(cfg: Config, built: Built, ds: datasets.Dataset, state: None = None) -> dict[str, float]:
+def validation(cfg: Config, built: Built, ds: datasets.Dataset, state: None = None,
+               answers: dict | None = None) -> dict[str, float]:
     return {"val_loss": validation_loss(cfg, built, ds)}
 
 
