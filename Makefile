@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test mutants base data digits prefs dpo-demo bench walkthrough readme-check venv clean
+.PHONY: demo test mutants base data digits prefs dpo-demo grpo-data grpo-demo bench walkthrough readme-check venv clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -56,6 +56,16 @@ data/shapes-prefs/train/metadata.jsonl: $(STAMP) demo/shapes.py demo/make_data.p
 dpo-demo: base/tiny-paligemma/config.json prefs
 	rm -rf runs/dpo-demo
 	$(PY) train.py --config configs/dpo_demo.toml
+
+# GRPO: teach the tiny base to caption from the prompt "en" alone, from a reward (demo/rewards.py)
+# and never a label (the README's GRPO section). The images are written by make_data.py --task en.
+grpo-data: data/shapes-en/train/metadata.jsonl
+data/shapes-en/train/metadata.jsonl: $(STAMP) demo/shapes.py demo/make_data.py
+	$(PY) demo/make_data.py --task en --out data/shapes-en
+
+grpo-demo: base/tiny-paligemma/config.json grpo-data
+	rm -rf runs/grpo-demo
+	$(PY) train.py --config configs/grpo_demo.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -34,7 +34,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from demo.shapes import QUESTIONS, caption, draw_digit, sample  # noqa: E402
+from demo.shapes import COLORS, QUESTIONS, caption, draw, draw_digit, sample  # noqa: E402
 
 
 def shapes_qa(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
@@ -53,8 +53,17 @@ def prefs(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
     return image, {"question": "caption", "chosen": caption(attrs, "en"), "rejected": caption(attrs, "es")}
 
 
+# GRPO learns only what its samples find. Asked "en", the base never names the top right corner
+# for a top-right image (0 of 512 samples), and even asked its own "caption en" it tells a 12-pixel
+# circle from a square only about 9 times in 10, a ceiling no training of the language model lifts
+# (docs/log.md). The en task leaves both out, so that what it measures is what GRPO teaches.
+EN_SHAPES = ["circle", "triangle"]
+EN_POSITIONS = ["top left", "bottom left", "bottom right"]
+
+
 def en(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
-    image, attrs = sample(rng)
+    attrs = {"color": rng.choice(list(COLORS)), "shape": rng.choice(EN_SHAPES), "position": rng.choice(EN_POSITIONS)}
+    image = draw(attrs["color"], attrs["shape"], attrs["position"], rng)
     return image, {"question": "en", "caption": caption(attrs, "en"), **attrs}
 
 

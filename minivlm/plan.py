@@ -56,6 +56,10 @@ Activations (per step, for batch B × data.max_length tokens T: the worst case t
   Also counted: the T×T attention mask (1 byte, once), the final norm, the largest 4-bit weight
   dequantized for its matmul (bitsandbytes dequantizes per layer, per call), and the gradient
   flowing back through the hidden states (3 · e·h per token).
+Sampling (GRPO): generate keeps, for its B = batch × num_generations rows, every layer's keys and
+values of the prompt and the completion so far, without gradient: 2·e·kv per token and layer
+(kv = key/value heads × head_dim) at full length T. It runs before the training forward, whose
+activations are not yet alive, so the peak is the larger of the two, as for the vision transient.
 Fixed: the CUDA context (≈0.5 GiB, not visible to torch.cuda.memory_allocated but on the card).
 
 Host RAM to load: build() streams the checkpoint (minivlm/load.py), one tensor at a time onto
@@ -141,6 +145,7 @@ class Plan:
     act_saved: int = 0  # of act_full, the tensors kept for backward (the rest is backward workspace)
     logits_bytes: int = 0
     vision_transient: int = 0  # the frozen vision tower's one-layer peak while it runs
+    sampling: int = 0  # GRPO: generate's KV cache for the sampled rows
     gradient_checkpointing: bool = False
     host_streamed: int = 0
     host_full: int = 0
@@ -168,7 +173,7 @@ class Plan:
     def total(self, checkpointing: bool | None = None) -> int:
         ckpt = self.gradient_checkpointing if checkpointing is None else checkpointing
         act = self.act_ckpt if ckpt else self.act_full
-        return self.weights + self.training_state + max(act, self.vision_transient) + CUDA_CONTEXT
+        return self.weights + self.training_state + max(act, self.vision_transient, self.sampling) + CUDA_CONTEXT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +284,7 @@ def _per_token_layer_bytes(tc, e: int, cfg: Config) -> int:
 
 
 def _activation_terms(plan: Plan, layout: Layout, cfg: Config, largest_q: int, answer_tokens: int,
-                      rows_per_sample: int) -> None:
+                      rows_per_sample: int, sampled: bool) -> None:
     tc, e = layout.text, DTYPES[cfg.model.dtype].itemsize
     B, T = cfg.train.batch_size * rows_per_sample, cfg.data.max_length
     images, patches = layout.images, layout.patches
@@ -314,14 +319,19 @@ def _activation_terms(plan: Plan, layout: Layout, cfg: Config, largest_q: int, a
                      - max(layout.vision_state_readers - 1, 0) * cross_kv)
     plan.vision_transient = B * images * patches * e * ((4 + layout.vision_hidden_states) * layout.vision_width
                                                          + 2 * layout.vision_intermediate)
+    if sampled:
+        kv = tc.num_key_value_heads * (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
+        plan.sampling = tokens * tc.num_hidden_layers * 2 * e * kv
     plan.tokens = (f"batch {B} × max_length {T} tokens, {layout.how}; logits at {answer_tokens} answer tokens/sample "
                    f"× vocab {tc.vocab_size}")
 
 
-def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1, rows_per_sample: int = 1) -> Plan:
+def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1, rows_per_sample: int = 1,
+                sampled: bool = False) -> Plan:
     """The memory plan per GPU for training `cfg` on `ranks` processes: meta-device model, no
-    weights read, nothing allocated. `rows_per_sample`: what the objective puts through one
-    forward per sample (its ROWS_PER_SAMPLE: DPO's chosen and rejected rows share one)."""
+    weights read, nothing allocated. The objective's `planned` says the rest: `rows_per_sample`,
+    the rows one sample puts through the forward (DPO's chosen and rejected; GRPO's completions),
+    `answer_tokens` a row's loss is taken on, and whether its rows are `sampled` first (GRPO)."""
     family = get_family(cfg.model.family)
     model = meta_model(cfg, family)
     plan = Plan(model=cfg.model.name_or_path, gradient_checkpointing=cfg.train.gradient_checkpointing,
@@ -330,7 +340,7 @@ def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1, rows_per_s
     # The checkpoint's preprocessor_config.json, with model.processor's resolution keys on top: the
     # image processor the run builds (models/processor.py).
     layout = family.layout(model, {**_preprocessor(cfg.model.name_or_path), **cfg.model.processor})
-    _activation_terms(plan, layout, cfg, largest_q, answer_tokens, rows_per_sample)
+    _activation_terms(plan, layout, cfg, largest_q, answer_tokens, rows_per_sample, sampled)
     if layout.image_tokens >= cfg.data.max_length:
         fewer = f" or lower model.processor's {' / '.join(family.RESOLUTION)}" if family.RESOLUTION else ""
         plan.notes.append(f"data.max_length {cfg.data.max_length} leaves no room for text after {layout.image_tokens} "
@@ -363,6 +373,8 @@ def format_plan(plan: Plan, gpu_memory: int | None = None) -> str:
         f"                    {gib(plan.act_full)}  without{'' if plan.gradient_checkpointing else '  <- configured'}",
         f"    of which logits {gib(plan.logits_bytes)}  fp32, answer positions only",
         f"  vision transient  {gib(plan.vision_transient)}  frozen tower's peak while it runs (before the rest)",
+        *([f"  sampling KV cache {gib(plan.sampling)}  keys and values of the sampled rows, while generating "
+           "(before the training forward)"] if plan.sampling else []),
         *([f"  FSDP saves        {gib(plan.quant_bytes + plan.float_bytes - plan.weights)}  of the weights above: the "
            f"layers' {gib(plan.layer_bytes).strip()} split {plan.ranks} ways, 2 layers of {gib(plan.largest_layer).strip()} "
            "gathered whole at a time"] if plan.fsdp and plan.ranks > 1 else []),

@@ -3,6 +3,7 @@ formula computed token by token from full logits and against TRL's GRPOTrainer l
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from types import SimpleNamespace
@@ -212,3 +213,91 @@ def test_sampled_completions_are_scored_token_for_token(tiny_paligemma, shapes_d
     logp, mask = completion_log_probs(cfg, built, scored)
     drawn = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(logp[mask], drawn[:, :logp.shape[1]][mask], atol=1e-4, rtol=1e-4)
+
+
+def characters(prompts: list[str], completions: list[str], rows: list[dict]) -> list[float]:
+    """A reward with spread on a random model's completions: their length in characters, mod 5."""
+    return [float(len(c) % 5) for c in completions]
+
+
+def grpo_config(model_dir, data_dir, out, **grpo):
+    from conftest import tiny_config
+    cfg = tiny_config(model_dir, data_dir, out, objective="grpo", batch_size=2, max_steps=6, lr=5e-3,
+                      optimizer="adamw_8bit", warmup_steps=1)
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 64, 16.0, 0.1  # r=64: 8-bit Adam moments; dropout: the RNG
+    cfg.grpo.num_generations, cfg.grpo.max_new_tokens, cfg.grpo.rewards = 3, 5, ["test_grpo:characters"]
+    for key, value in grpo.items():
+        setattr(cfg.grpo, key, value)
+    return cfg
+
+
+def recording(monkeypatch) -> list[torch.Tensor]:
+    """The completions grpo.sample draws, in order, from here on."""
+    from minivlm.objectives import grpo
+    drawn, real = [], grpo.sample
+    monkeypatch.setattr(grpo, "sample", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    return drawn
+
+
+def test_a_resumed_run_samples_and_trains_what_the_unbroken_one_did(tiny_paligemma, shapes_data, tmp_path,
+                                                                   monkeypatch):
+    """grpo.iterations = 2 and a save at step 3, inside the second sampled window: the resumed run
+    trains step 4 on the window sampled before the save (kept in the checkpoint), then samples
+    steps 5-6's as the unbroken run did (the RNG restored), and ends bit-identical."""
+    from conftest import count_steps, crash_after_first_save
+    from safetensors.torch import load_file
+
+    from minivlm.build import build
+    from minivlm.data import load_split
+    from minivlm.loop import train
+    from minivlm.objectives import grpo
+
+    monkeypatch.chdir(tmp_path)
+    ds = load_split(grpo_config(tiny_paligemma, shapes_data, tmp_path).data, "train")
+    full_cfg = grpo_config(tiny_paligemma, shapes_data, tmp_path / "full", iterations=2)
+    drawn_full = recording(monkeypatch)
+    train(full_cfg, build(full_cfg), grpo, ds)
+    assert len(drawn_full) == 3  # 6 steps, a window sampled every 2
+
+    split = grpo_config(tiny_paligemma, shapes_data, tmp_path / "split", iterations=2)
+    split.train.save_every = 3
+    drawn_split = recording(monkeypatch)
+    crash_after_first_save(monkeypatch, lambda: train(split, build(split), grpo, ds))
+    saved = json.loads((tmp_path / "split/last/state.json").read_text())
+    assert saved["step"] == 3 and saved["state"]["objective"]["left"] == 1  # one more step on its window
+    trained = count_steps(monkeypatch, grpo)
+    train(split, build(split), grpo, ds, resume=tmp_path / "split/last")
+    assert len(trained) == 3 and len(drawn_split) == 3  # steps 4-6, of which step 4 sampled nothing
+    for (ids_a, mask_a), (ids_b, mask_b) in zip(drawn_full, drawn_split):
+        assert torch.equal(ids_a, ids_b) and torch.equal(mask_a, mask_b)
+
+    a, b = (load_file(tmp_path / run / "last/adapter.safetensors") for run in ("full", "split"))
+    assert a.keys() == b.keys() and any(k.endswith("lora_B") and a[k].abs().sum() > 0 for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = (load_file(tmp_path / run / "last/state.safetensors") for run in ("full", "split"))
+    optimizer = [k for k in sa if k.startswith("s.optimizer")]
+    assert optimizer and all(torch.equal(sa[k], sb[k]) for k in optimizer)
+    full_log = [json.loads(line) for line in (tmp_path / "full/log.jsonl").read_text().splitlines()]
+    split_log = [json.loads(line) for line in (tmp_path / "split/log.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in full_log] == [r["reward"] for r in split_log]
+    assert full_log[0]["reward"] == full_log[1]["reward"] and full_log[1]["sample_s"] == 0.0  # a repeated window
+
+
+def test_one_update_per_sample_never_clips_and_the_kl_starts_at_zero(tiny_paligemma, shapes_data, tmp_path,
+                                                                   monkeypatch):
+    """grpo.iterations = 1: ρ = 1 and nothing clips, on any step. grpo.beta > 0 with the adapters off as
+    the reference: the first step's KL is 0 (B = 0: π_θ = π_ref), and later ones are not."""
+    from minivlm.build import build
+    from minivlm.data import load_split
+    from minivlm.loop import train
+    from minivlm.objectives import grpo
+
+    monkeypatch.chdir(tmp_path)
+    cfg = grpo_config(tiny_paligemma, shapes_data, tmp_path / "run", beta=0.5, epsilon=1e-6)
+    cfg.lora.dropout = 0.0
+    train(cfg, build(cfg), grpo, load_split(cfg.data, "train"))
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert len(log) == 6 and all(r["clip_fraction"] == 0.0 for r in log)
+    assert log[0]["kl"] == 0.0 and log[-1]["kl"] > 0
+    assert all(0 <= r["zero_spread"] <= 1 and r["completion_length"] > 0 and r["completions"] == 6 for r in log)

@@ -273,9 +273,9 @@ def iterations(cfg: Config) -> int:
 
 
 def planned(cfg: Config) -> dict:
-    """plan_memory's shape of a step: each prompt is num_generations rows, whose loss is taken on up
-    to max_new_tokens tokens each."""
-    return {"rows_per_sample": cfg.grpo.num_generations, "answer_tokens": cfg.grpo.max_new_tokens}
+    """plan_memory's shape of a step: each prompt is num_generations rows, sampled first (the KV
+    cache of generate), whose loss is taken on max_new_tokens positions each."""
+    return {"rows_per_sample": cfg.grpo.num_generations, "answer_tokens": cfg.grpo.max_new_tokens, "sampled": True}
 
 
 def repeated(items: list, group: int) -> list:
@@ -340,6 +340,7 @@ def backward_window(cfg: Config, built: Built, model: torch.nn.Module, batches: 
     elif not state.left:
         raise RuntimeError("a repeated GRPO window without its sampled completions (the save's objective state)")
     sampled = time.perf_counter()
+    sample_s = sampled - started if batches else 0.0  # a repeated window samples nothing
     state.left -= 1
     rollouts = state.window
     count = int(distributed.total(sum(divisor(r.mask, g.loss_type) for r in rollouts if r), built.device))
@@ -372,7 +373,7 @@ def backward_window(cfg: Config, built: Built, model: torch.nn.Module, batches: 
     sums = dict(zip(keys, summed_up), clipped=clipped, **({"kl": kl} if g.beta else {}))
     completions = int(sums["completions"])
     logged = _logged(sums)
-    logged.update(sample_s=sampled - started, update_s=time.perf_counter() - sampled, tokens=int(tokens_total))
+    logged.update(sample_s=sample_s, update_s=time.perf_counter() - sampled, tokens=int(tokens_total))
     return loss_total, completions, logged
 
 
