@@ -198,14 +198,16 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     print(f"{len(built.quantized)} linears in 4-bit, {len(built.adapted)} with LoRA; trainable params "
           f"{built.trainable_params:,} of {built.total_params:,} ({100 * built.trainable_params / built.total_params:.2f}%)")
 
-    start = measured_before(cfg, built, eval_ds, objective, state, fresh=resume is None)
-    metrics = {"trainable_params": built.trainable_params, "total_params": built.total_params, **start["entries"]}
     try:
+        start = measured_before(cfg, built, eval_ds, objective, state, fresh=resume is None)
+        metrics = {"trainable_params": built.trainable_params, "total_params": built.total_params, **start["entries"]}
         result = train(cfg, built, objective, train_ds, eval_ds=eval_ds, resume=resume,
                        before=start["figures"] or None, state=state)
     except NonFiniteLoss as e:
         fail(str(e))
-    except ConfigError as e:  # data.on_bad_sample = "fail" met a bad row; the last save is intact
+    # data.on_bad_sample = "fail" met a bad row, or a GRPO reward failed (rewards.RewardError): the
+    # last save is intact
+    except ConfigError as e:
         last = str(e).strip().splitlines()[-1]  # a DataLoader worker's error carries its traceback
         fail(f"{last}\nthe last checkpoint (if any) is intact; continue with: {resume_command(args)}")
     skipped = skipped_rows(train_ds)

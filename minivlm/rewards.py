@@ -134,8 +134,7 @@ class Rewards:
         except Exception as e:  # noqa: BLE001 (a user's code: any exception is the user's to see, in one line)
             k, e = _first_failure(function, prompts, completions, rows) or (None, e)
             where = f" on row {row_numbers[k]} (completion {completions[k]!r})" if k is not None else ""
-            raise RewardError(f"reward {name} raised {type(e).__name__}: {e}{where}; fix the function (the last "
-                              "checkpoint is intact)") from None
+            raise RewardError(f"reward {name} raised {type(e).__name__}: {e}{where}; fix the function") from None
         if len(values) != len(completions):
             raise RewardError(f"reward {name} returned {len(values)} values for {len(completions)} completions; it "
                               "must return one float per completion")
@@ -148,7 +147,7 @@ class Rewards:
             if not math.isfinite(number):
                 raise RewardError(f"reward {name} returned {value!r} on row {row_numbers[k]} (completion "
                                   f"{completions[k]!r}): it must return a finite number per completion; fix the "
-                                  "function (the last checkpoint is intact)")
+                                  "function")
             numbers.append(number)
         return numbers
 

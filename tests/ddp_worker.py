@@ -24,8 +24,7 @@ from minivlm.data import load_split  # noqa: E402
 from minivlm.steps import filler_batch, train_loader  # noqa: E402
 from minivlm.evaluate import scores  # noqa: E402
 from minivlm.loop import train  # noqa: E402
-from minivlm.objectives import sft  # noqa: E402
-from minivlm.objectives.sft import backward_window  # noqa: E402
+from minivlm.objectives import get_objective  # noqa: E402
 
 
 def trainable(model: torch.nn.Module, what: str) -> dict[str, torch.Tensor]:
@@ -36,6 +35,7 @@ def trainable(model: torch.nn.Module, what: str) -> dict[str, torch.Tensor]:
 def run(config: Path) -> None:
     cfg, out = from_dict(json.loads(config.read_text())), config.parent
     world, rank, t = distributed.world_size(), distributed.rank(), cfg.train
+    objective = get_objective(t.objective)
     ds = load_split(cfg.data, cfg.data.train_split, streaming=cfg.data.streaming)
     processor = load_processor(cfg)
 
@@ -51,9 +51,10 @@ def run(config: Path) -> None:
     held = sum(p.numel() for p in built.model.parameters() if not p.requires_grad)
     Path(f"{out}/held-rank{rank}.json").write_text(json.dumps(held))
     batches = next(iter(train_loader(ds, cfg.data, cfg.model.family, processor, t.batch_size, t.grad_accum, t.seed,
-                                     0, 1, world, rank))).batches
+                                     0, 1, world, rank, collate_fn=objective.collate))).batches
     filler = filler_batch(ds, cfg.data, built.family, processor) if world > 1 else None
-    backward_window(cfg, built, model, batches, torch.amp.GradScaler("cpu", enabled=False), None, filler)
+    objective.backward_window(cfg, built, model, batches, torch.amp.GradScaler("cpu", enabled=False),
+                              objective.setup(cfg, built), filler)
     distributed.sum_gradients(model, [p for p in built.model.parameters() if p.requires_grad])
     save_file(trainable(built.model, "grad"), f"{out}/grads-rank{rank}.safetensors")
 
@@ -61,8 +62,9 @@ def run(config: Path) -> None:
     # With eval_every, the scores before training too (as train.py measures them), which under FSDP
     # run before the wrapper's first forward.
     eval_ds = load_split(cfg.data, cfg.data.eval_split) if t.eval_every else None
-    before = scores(cfg, built, eval_ds, sft, None) if eval_ds is not None else None
-    train(cfg, built, sft, ds, eval_ds=eval_ds, before=before)
+    state = objective.setup(cfg, built)
+    before = scores(cfg, built, eval_ds, objective, state) if eval_ds is not None else None
+    train(cfg, built, objective, ds, eval_ds=eval_ds, before=before, state=state)
     save_file(trainable(built.model, "data"), f"{out}/adapters-rank{rank}.safetensors")
 
 

@@ -64,3 +64,47 @@ def test_overrides_and_shipped_configs(tmp_path):
     (tmp_path / "bad.toml").write_text("[train\nlr = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(tmp_path / "bad.toml")
+
+
+def grpo(**values) -> dict:
+    raw = with_("train", objective="grpo")
+    for key, value in values.items():
+        section, name = key.split("__")
+        raw.setdefault(section, {})[name] = value
+    return raw
+
+
+@pytest.mark.parametrize("raw, message", [
+    (grpo(grpo__num_generations=1), r"grpo.num_generations = 1 must be >= 2"),
+    (grpo(grpo__temperature=0.0), r"grpo.temperature = 0.0 must be > 0"),
+    (grpo(grpo__top_p=1.5), r"grpo.top_p = 1.5 must be in \(0, 1\]"),
+    (grpo(grpo__epsilon_high=0.1), r"grpo.epsilon_high = 0.1 must be 0 \(= grpo.epsilon\) or >= grpo.epsilon"),
+    (grpo(grpo__iterations=0), r"grpo.iterations = 0 must be >= 1"),
+    (grpo(grpo__beta=-0.1), r"grpo.beta = -0.1 must be >= 0"),
+    (grpo(grpo__loss_type="ppo"), r"grpo.loss_type = 'ppo' is not one of \['grpo', 'dr_grpo', 'dapo'\]"),
+    (grpo(grpo__scale_rewards="batch"), r"grpo.scale_rewards = 'batch' is not one of \['group', 'none'\]"),
+    (grpo(grpo__rewards=[]), r"grpo.rewards = \[\] is empty"),
+    (grpo(grpo__rewards=["exact"]), r"has \['exact'\], which is neither built in .* nor a module:function"),
+    (grpo(grpo__reward_weights=[1.0, 2.0]), r"grpo.reward_weights = \[1.0, 2.0\] must be \[\] or one weight for each "
+                                            r"of the 1 grpo.rewards"),
+    (grpo(grpo__rewards=["format"]), r"grpo.format_pattern = '' is empty, and grpo.rewards has \"format\""),
+    (grpo(grpo__rewards=["format"], grpo__format_pattern="(a"), r"grpo.format_pattern = '\(a' is not a valid regular"),
+    (grpo(grpo__rewards=["length"], grpo__overlong_cache=32), r"grpo.overlong_cache = 32 must be in \(0, "
+                                                              r"grpo.max_new_tokens\)"),
+    (grpo(train__best_by="val_loss"), r"train.best_by = 'val_loss' must be \"metric\" with train.objective = \"grpo\""),
+    (grpo(train__fsdp=True), r"train.fsdp = True is not supported with train.objective = \"grpo\""),
+    (grpo(data__conversations_column="c"), r"data.conversations_column = 'c' is set, and train.objective = \"grpo\""),
+    (grpo(lora__train_modules=["proj"], grpo__beta=0.1), r"lora.train_modules = \['proj'\] needs train.init_from"),
+])
+def test_bad_grpo_values_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(raw)
+
+
+def test_grpo_keys_are_read_only_with_its_objective():
+    """[grpo] of an SFT run is not validated (nothing reads it); with train.objective = "grpo" it is,
+    and a good one loads."""
+    from_dict({**with_("train", objective="sft"), "grpo": {"num_generations": 1}})
+    cfg = from_dict(grpo(grpo__rewards=["exact_match", "length", "my_rewards:f"], grpo__overlong_cache=8,
+                         grpo__reward_weights=[1, 0.5, 2]))
+    assert cfg.grpo.reward_weights == [1.0, 0.5, 2.0] and cfg.grpo.epsilon_high == 0.0

@@ -1,7 +1,9 @@
 """Data parallel under torchrun (gloo, CPU): 2 ranks × batch b train as 1 process with batch 2b.
 
 The runs are the tiny model with LoRA dropout 0: each rank draws its own dropout masks, which
-the one-process run cannot reproduce.
+the one-process run cannot reproduce. Nor can it reproduce GRPO's samples, drawn on each rank from
+its own RNG: the GRPO case samples with top_p so small that only the likeliest token is kept, the
+same completions however the prompts fall to ranks.
 """
 
 from __future__ import annotations
@@ -34,28 +36,33 @@ def relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     return float((flat[0] - flat[1]).norm() / flat[1].norm())
 
 
-# load_in_4bit, fsdp, data.streaming
-CASES = {"nf4": (True, False, False), "float": (False, False, False), "nf4-fsdp": (True, True, False),
-         "nf4-streamed": (True, False, True)}
+# load_in_4bit, fsdp, data.streaming, train.objective
+CASES = {"nf4": (True, False, False, "sft"), "float": (False, False, False, "sft"),
+         "nf4-fsdp": (True, True, False, "sft"), "nf4-streamed": (True, False, True, "sft"),
+         "nf4-grpo": (True, False, False, "grpo")}
 
 
 def test_two_ranks_train_as_one_process_on_the_combined_batch(tiny_paligemma, shapes_data, tmp_path):
     """Batch 1 × accumulation 2 on each of 2 ranks = batch 2 × accumulation 2 in one process, with
     a 4-bit and a float base replicated (DDP), a 4-bit base sharded (FSDP), and reading a stream
-    (data.streaming, which every rank reads whole, collating its share): the step's gradient
-    (summed once per step: no_sync on the first micro-batch) and the adapters after 3 AdamW steps.
+    (data.streaming, which every rank reads whole, collating its share), and GRPO (each rank sampling
+    for its prompts, the KL term's tokens counted over both): the step's gradient (summed once per
+    step: no_sync on the first micro-batch) and the adapters after 3 AdamW steps.
     The FSDP run also evaluates before training and every 2 steps, which every rank must run in
     step with the others."""
     configs = {}
-    for case, (load_in_4bit, fsdp, streaming) in CASES.items():
+    for case, (load_in_4bit, fsdp, streaming, objective) in CASES.items():
         for ranks, batch_size in ((2, 1), (1, 2)):
             if ranks == 1 and fsdp:
                 continue  # alone, FSDP is a no-op: the replicated one-process run is the reference
             out = tmp_path / f"{case}-{ranks}"
             out.mkdir()
             cfg = to_dict(tiny_config(tiny_paligemma, shapes_data, out / "run", batch_size=batch_size, grad_accum=2,
-                                      max_steps=STEPS, eval_every=2 if fsdp else 0, fsdp=fsdp))
+                                      max_steps=STEPS, eval_every=2 if fsdp else 0, fsdp=fsdp, objective=objective))
             cfg["quant"]["load_in_4bit"] = load_in_4bit
+            # GRPO: every sample the likeliest token (the same on any rank), so all advantages are 0
+            # and the gradient is the KL term's, B being non-zero at step 1 (ddp_worker.py).
+            cfg["grpo"].update(num_generations=2, max_new_tokens=3, top_p=1e-9, beta=0.5)
             cfg["data"].update(streaming=streaming, eval_samples=8)
             (out / "config.json").write_text(json.dumps(cfg))
             configs.setdefault(ranks, []).append(out / "config.json")
@@ -65,7 +72,7 @@ def test_two_ranks_train_as_one_process_on_the_combined_batch(tiny_paligemma, sh
     for config in configs[1]:
         ddp_worker.run(config)  # the reference, in this process
 
-    for case, (_, fsdp, _) in CASES.items():
+    for case, (_, fsdp, _, objective) in CASES.items():
         two, one = tmp_path / f"{case}-2", tmp_path / f"{case.removesuffix('-fsdp')}-1"
         held = [json.loads((two / f"held-rank{r}.json").read_text()) for r in (0, 1)]
         whole = json.loads((one / "held-rank0.json").read_text())
@@ -99,8 +106,9 @@ def test_two_ranks_train_as_one_process_on_the_combined_batch(tiny_paligemma, sh
         logs = [[r for r in map(json.loads, (out / "run/log.jsonl").read_text().splitlines()) if "loss" in r]
                 for out in (two, one)]
         assert len(logs[0]) == STEPS
+        count = "completions" if objective == "grpo" else "answer_tokens"
         for r2, r1 in zip(*logs):
-            assert r2["answer_tokens"] == r1["answer_tokens"]
+            assert r2[count] == r1[count]
             torch.testing.assert_close(r2["loss"], r1["loss"], rtol=1e-6, atol=0)
         if fsdp:  # evaluated before training and at step 2, by both ranks in step
             assert [r["step"] for r in map(json.loads, (two / "run/log.jsonl").read_text().splitlines())

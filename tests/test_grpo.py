@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -301,3 +302,64 @@ def test_one_update_per_sample_never_clips_and_the_kl_starts_at_zero(tiny_palige
     assert len(log) == 6 and all(r["clip_fraction"] == 0.0 for r in log)
     assert log[0]["kl"] == 0.0 and log[-1]["kl"] > 0
     assert all(0 <= r["zero_spread"] <= 1 and r["completion_length"] > 0 and r["completions"] == 6 for r in log)
+
+
+FAILING = """
+calls = 0
+
+
+def third_call_fails(prompts, completions, rows):
+    global calls
+    calls += 1
+    if calls == 3:  # the evaluation before training, step 1, then step 2
+        return [1.0] * (len(completions) - 1) + [None]
+    return [float(len(c) % 5) for c in completions]
+"""
+
+
+def test_a_reward_that_fails_mid_run_is_one_message_and_the_last_save_is_intact(tiny_paligemma, shapes_data, tmp_path,
+                                                                              monkeypatch, capsys):
+    """Through train.py: the evaluation before training calls the reward once, step 1 once and is saved,
+    step 2's call returns None for its last completion: one error line naming the reward, the row and
+    the completion, and the step-1 save loads."""
+    import train
+    from minivlm.checkpoint import latest_checkpoint, read_state
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "user_rewards.py").write_text(FAILING)
+    sets = [f"model.name_or_path={tiny_paligemma}", f"data.dataset={shapes_data}", "data.eval_samples=4",
+            "train.objective=grpo", "train.batch_size=2", "train.max_steps=4", "train.save_every=1", "train.eval_every=0",
+            "train.optimizer=adamw", "train.device=cpu", f"train.output_dir={tmp_path / 'run'}", "lora.dropout=0.0",
+            "grpo.num_generations=2", "grpo.max_new_tokens=3", 'grpo.rewards=["user_rewards:third_call_fails"]']
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--config", str(Path(train.__file__).parent / "configs/demo.toml"), *sum((["--set", s] for s in sets), [])])
+    message = str(stop.value.code)
+    assert message.startswith("error: reward third_call_fails returned None on row ") and "(completion " in message
+    assert "the last checkpoint (if any) is intact; continue with: python train.py" in message
+    assert len(message.splitlines()) == 2
+    saved = latest_checkpoint(tmp_path / "run")
+    assert read_state(saved)["step"] == 1 and (saved / "adapter.safetensors").stat().st_size > 0
+
+
+def test_the_plan_counts_the_sampling_kv_cache_as_generate_holds_it(tiny_paligemma, shapes_data, tmp_path):
+    """--dry-run's sampling term against the keys and values generate really keeps, for batch_size
+    prompts × num_generations rows at the length they reach; and the training rows it plans for."""
+    from minivlm.build import build
+    from minivlm.data import image_of, load_split, prompt_of, rows_of
+    from minivlm.objectives import grpo, sft
+    from minivlm.plan import plan_memory
+
+    cfg = grpo_config(tiny_paligemma, shapes_data, tmp_path)
+    built = build(cfg)
+    rows = rows_of(load_split(cfg.data, "train"), [0, 1])
+    inputs = built.family.generation_batch(built.processor, [image_of(cfg.data, r) for r in rows],
+                                           [prompt_of(cfg.data, r) for r in rows])
+    out = built.model.generate(**inputs, do_sample=True, num_return_sequences=3, max_new_tokens=5, min_new_tokens=5,
+                               return_dict_in_generate=True)
+    layers = out.past_key_values.layers
+    held = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
+    cfg.data.max_length = layers[0].keys.shape[2]  # the tokens cached: prompt and completion but its last
+    plan = plan_memory(cfg, **grpo.planned(cfg))
+    assert plan.sampling == held > 0
+    assert "batch 6 × max_length" in plan.tokens and "logits at 5 answer tokens" in plan.tokens
+    assert plan_memory(cfg, **sft.planned(cfg)).sampling == 0
