@@ -303,6 +303,13 @@ def test_one_update_per_sample_never_clips_and_the_kl_starts_at_zero(tiny_palige
     assert log[0]["kl"] == 0.0 and log[-1]["kl"] > 0
     assert all(0 <= r["zero_spread"] <= 1 and r["completion_length"] > 0 and r["completions"] == 6 for r in log)
 
+    # grpo.iterations = 2: the second step on a window compares π_θ, one update on, with π_old at sampling.
+    cfg = grpo_config(tiny_paligemma, shapes_data, tmp_path / "twice", iterations=2, epsilon=1e-6)
+    cfg.lora.dropout = 0.0
+    train(cfg, build(cfg), grpo, load_split(cfg.data, "train"))
+    log = [json.loads(line) for line in (tmp_path / "twice/log.jsonl").read_text().splitlines()]
+    assert [r["clip_fraction"] == 0.0 for r in log] == [True, False] * 3
+
 
 FAILING = """
 calls = 0

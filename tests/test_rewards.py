@@ -76,3 +76,22 @@ def test_a_failing_reward_is_one_message_naming_it_and_the_row(function, message
     with pytest.raises(RewardError, match=message):
         Rewards({"bad": function})(["q"] * 3, ["a", "b", ""], [{}] * 3, [10, 11, 12])
     assert issubclass(RewardError, ConfigError)  # train.py prints a ConfigError as one `error:` line
+
+
+def test_the_configured_rewards_are_built_by_name_and_weighted(tmp_path, monkeypatch):
+    """grpo.rewards and grpo.reward_weights as build_rewards reads them: a built-in by its name, a
+    user's module:function logged by its function's name, the length reward counting tokens."""
+    from minivlm.config import from_dict
+    from minivlm.rewards import build_rewards
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.py").write_text("def shouting(prompts, completions, rows):\n"
+                                      "    return [float(c.isupper()) for c in completions]\n")
+    cfg = from_dict({"model": {"name_or_path": "x"}, "train": {"objective": "grpo"},
+                     "grpo": {"rewards": ["exact_match", "mine:shouting", "length"], "reward_weights": [1.0, 0.5, 2.0],
+                              "max_new_tokens": 4, "overlong_cache": 2}})
+    rewards = build_rewards(cfg, lambda text, add_special_tokens: {"input_ids": text.split()})
+    total, each = rewards(["q"] * 3, ["red", "RED", "a b c d"], [{"answer": "red"}] * 3, [0, 1, 2])
+    assert list(each) == ["exact_match", "shouting", "length"]
+    assert each == {"exact_match": [1.0, 1.0, 0.0], "shouting": [0.0, 1.0, 0.0], "length": [0.0, 0.0, -1.0]}
+    assert total.tolist() == [1.0, 1.5, -2.0]
