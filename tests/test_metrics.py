@@ -274,7 +274,7 @@ def test_evaluate_scores_clip_score_batch_by_batch(tiny_paligemma, shapes_data, 
     images = [image_of(cfg.data, row) for row in rows_of(ds, list(range(len(ds))))]
     expected = clip_s_by_hand(tiny_clips[0], images, scored["predictions"]).mean().item()
     assert scored["score"] == pytest.approx(expected, abs=1e-5)
-    assert set(scored) == {"metric", "score", "n", "prompts", "predictions", "references"}
+    assert set(scored) == {"metric", "score", "n", "prompts", "predictions", "references", "rows"}
     assert scored["metric"] == "clip_score" and scored["n"] == len(scored["references"]) == len(ds) == 8
 
 
