@@ -61,7 +61,7 @@ def write_results(cfg: Config, args: argparse.Namespace, metrics: dict, objectiv
     plotted = objective.PLOTTED or cfg.data.metric
     if evaluated:
         title += f", {plotted} {metrics[f'{plotted}_before']:.3f} -> {metrics[f'{plotted}_after']:.3f}"
-    print(f"wrote {out} and {plot_run(cfg.train.output_dir, plotted, title, objective.CURVE)}")
+    print(f"wrote {out} and {plot_run(cfg.train.output_dir, plotted, title, objective.CURVE, objective.SHARES)}")
 
 
 def measured_before(cfg: Config, built, eval_ds, objective: ModuleType, state, fresh: bool) -> dict:

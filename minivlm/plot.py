@@ -24,15 +24,18 @@ from minivlm.checkpoint import write_atomic  # noqa: E402
 METRIC_MAX = {"cider_d": 10.0, "clip_score": 2.5}
 
 
-def plot_run(output_dir: str | Path, metric: str, title: str = "", curve: tuple[str, str] = ("loss", "val_loss")) -> Path:
+def plot_run(output_dir: str | Path, metric: str, title: str = "", curve: tuple[str, str] = ("loss", "val_loss"),
+             shares: tuple[str, ...] = ()) -> Path:
     """Read <output_dir>/log.jsonl and write <output_dir>/curves.png. `curve`: the objective's CURVE,
-    the step log's figure of the left panel and its held-out counterpart."""
+    the step log's figure of the left panel and its held-out counterpart; `shares`: its SHARES, step
+    log figures in [0, 1] that a third panel shows (GRPO: groups without spread, clipped tokens,
+    sampling's share of the step)."""
     output_dir = Path(output_dir)
     records = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     trained, held_out = curve
     evals = [r for r in records if held_out in r or metric in r]
-    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (loss_ax, metric_ax, *share_ax) = plt.subplots(1, 3 if shares else 2, figsize=(16 if shares else 11, 4.2))
 
     loss_ax.plot([r["step"] for r in train], [r[trained] for r in train], lw=0.8, alpha=0.8, label="train")
     val = [r for r in evals if held_out in r]
@@ -64,6 +67,16 @@ def plot_run(output_dir: str | Path, metric: str, title: str = "", curve: tuple[
     metric_ax.set_xlabel("optimizer step (0 = before training)")
     metric_ax.set_ylabel(metric)
     metric_ax.grid(alpha=0.3)
+
+    for ax in share_ax:
+        for key in shares:
+            ax.plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], lw=0.8,
+                    label=key.replace("_", " "))
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("share")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
 
     fig.suptitle(title or output_dir.name)
     fig.tight_layout()

@@ -370,3 +370,24 @@ def test_the_plan_counts_the_sampling_kv_cache_as_generate_holds_it(tiny_paligem
     assert plan.sampling == held > 0
     assert "batch 6 × max_length" in plan.tokens and "logits at 5 answer tokens" in plan.tokens
     assert plan_memory(cfg, **sft.planned(cfg)).sampling == 0
+
+
+def test_prompts_longer_than_max_length_are_dropped_with_a_warning(tiny_paligemma, shapes_data, tmp_path):
+    """collate's prompts: a row whose prompt (image tokens included) is over data.max_length is
+    left out, named in a warning; the others keep their rows and numbers in order."""
+    from minivlm.build import load_processor
+    from minivlm.data import load_split
+    from minivlm.models import paligemma
+    from minivlm.objectives import grpo
+
+    cfg = grpo_config(tiny_paligemma, shapes_data, tmp_path)
+    ds, processor = load_split(cfg.data, "train"), load_processor(cfg)
+    whole = grpo.collate(ds, [0, 1, 2], cfg.data, paligemma, processor)
+    lengths = whole["inputs"]["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) > 1, "the shapes questions differ in length"
+    cfg.data.max_length = min(lengths)
+    with pytest.warns(UserWarning, match="dropped the prompt"):
+        kept = grpo.collate(ds, [0, 1, 2], cfg.data, paligemma, processor)
+    survivors = [i for i, n in zip([0, 1, 2], lengths) if n <= min(lengths)]
+    assert kept["numbers"] == survivors and len(kept["inputs"]["input_ids"]) == len(survivors)
+    assert kept["prompts"] == [whole["prompts"][i] for i in survivors]

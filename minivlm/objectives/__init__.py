@@ -11,6 +11,7 @@ An objective module provides:
   PLOTTED           the held-out figure its curves and summary line show (None: data.metric)
   CURVE             (the step log's figure, its held-out counterpart) of the curves' left panel:
                     ("loss", "val_loss"); GRPO's ("reward", "val_reward")
+  SHARES            step-log figures in [0, 1] that a third panel of the curves shows (GRPO's)
   collate(ds, indices, data_cfg, family, processor, generator) -> batch
   setup(cfg, built) -> state       what it needs before training (DPO: the reference weights);
                     a state with state_dict()/load_state_dict() is saved in every checkpoint

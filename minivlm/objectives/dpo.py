@@ -72,6 +72,7 @@ ROWS_PER_SAMPLE = 2  # chosen and rejected, in one forward
 EXTRA_FORWARDS = 1  # the reference's, without gradient
 PLOTTED = "preference_accuracy"  # what DPO changes; its greedy answers may not change at all
 CURVE = ("loss", "val_loss")
+SHARES = ()
 
 
 def collate_pairs(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: ModuleType, processor,

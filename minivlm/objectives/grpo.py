@@ -69,6 +69,7 @@ COUNT = "completions"  # what a window's loss is divided by varies with loss_typ
 EXTRA_FORWARDS = 1  # the sampling's: about a forward over every completion token (more with beta or iterations)
 PLOTTED = None  # data.metric, of greedy answers
 CURVE = ("reward", "val_reward")  # the mean reward of the sampled completions, and of greedy ones held out
+SHARES = ("zero_spread", "clip_fraction", "sample_share")  # the curves' third panel
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 # Per-token inputs besides input_ids and attention_mask: a completion appended to a prompt takes
@@ -215,16 +216,17 @@ def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: M
         images = [random_resized_crop(im, cfg.random_resized_crop, generator) for im in images]
     prompts = [dialog[0][0] for *_, dialog in samples]
     check_dialogs(family, [[(p, "")] for p in prompts], cfg.system_prompt)
-    if samples:
-        lengths = family.generation_batch(processor, images, prompts, system=cfg.system_prompt)["attention_mask"].sum(1)
-        if (lengths > cfg.max_length).any():
-            warnings.warn(f"dropped prompt(s) of rows {[s[0] for s, n in zip(samples, lengths) if n > cfg.max_length]}: "
-                          f"longer than data.max_length = {cfg.max_length} tokens (image tokens included); raise "
-                          "data.max_length to train on them")
-            keep = (lengths <= cfg.max_length).tolist()
-            samples, images, prompts = ([x for x, k in zip(xs, keep) if k] for xs in (samples, images, prompts))
-    return {"inputs": family.generation_batch(processor, images, prompts, system=cfg.system_prompt) if samples else {},
-            "prompts": prompts, "rows": [row for _, row, _, _ in samples], "numbers": [i for i, *_ in samples]}
+    inputs = family.generation_batch(processor, images, prompts, system=cfg.system_prompt) if samples else {}
+    if inputs and (inputs["attention_mask"].sum(1) > cfg.max_length).any():
+        keep = (inputs["attention_mask"].sum(1) <= cfg.max_length).tolist()
+        warnings.warn(f"dropped the prompt(s) of rows {[s[0] for s, k in zip(samples, keep) if not k]}: longer than "
+                      f"data.max_length = {cfg.max_length} tokens (image tokens included); raise data.max_length to "
+                      "train on them")
+        samples, images, prompts = ([x for x, k in zip(xs, keep) if k] for xs in (samples, images, prompts))
+        # Processed again without them: some processors flatten a batch's images into rows of no sample.
+        inputs = family.generation_batch(processor, images, prompts, system=cfg.system_prompt) if samples else {}
+    return {"inputs": inputs, "prompts": prompts, "rows": [row for _, row, _, _ in samples],
+            "numbers": [i for i, *_ in samples]}
 
 
 @dataclasses.dataclass
@@ -279,6 +281,7 @@ def planned(cfg: Config) -> dict:
 
 
 def repeated(items: list, group: int) -> list:
+    """Each item `group` times in a row: a prompt's (or row's) for each of its completions."""
     return [item for item in items for _ in range(group)]
 
 
@@ -373,7 +376,9 @@ def backward_window(cfg: Config, built: Built, model: torch.nn.Module, batches: 
     sums = dict(zip(keys, summed_up), clipped=clipped, **({"kl": kl} if g.beta else {}))
     completions = int(sums["completions"])
     logged = _logged(sums)
-    logged.update(sample_s=sample_s, update_s=time.perf_counter() - sampled, tokens=int(tokens_total))
+    update_s = time.perf_counter() - sampled
+    logged.update(sample_s=sample_s, update_s=update_s, sample_share=sample_s / (sample_s + update_s),
+                  tokens=int(tokens_total))
     return loss_total, completions, logged
 
 

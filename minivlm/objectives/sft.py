@@ -28,6 +28,7 @@ COUNT = "answer_tokens"
 EXTRA_FORWARDS = 0
 PLOTTED = None  # data.metric
 CURVE = ("loss", "val_loss")
+SHARES = ()
 
 
 def setup(cfg: Config, built: Built) -> None:
