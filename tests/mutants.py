@@ -195,7 +195,7 @@ MUTANTS = [
       "test_dpo.py::test_loss_equals_trls_on_the_same_log_probabilities"),
     m("dpo.mean-of-micro-batch-means", DPO, "scaler.scale(losses.sum() / n_pairs).backward()",
       "scaler.scale(losses.mean() / len(batches)).backward()", "test_dpo.py::test_loss_and_gradient_equal_the_formula"),
-    m("dpo.trained-weights-not-restored", DPO, "                    for n, w in trained.items():\n"
+    m("dpo.trained-weights-not-restored", "minivlm/objectives/reference.py", "                    for n, w in trained.items():\n"
       "                        params[n].copy_(w)\n", "                    pass\n",
       "test_dpo.py::test_init_from_an_sft_adapter_makes_it_the_frozen_reference"),
 
@@ -269,7 +269,8 @@ MUTANTS = [
       "test_data.py::test_a_stream_is_read_epoch_after_epoch_reshuffled_and_resumes_where_it_was"),
     m("steps.stream-workers-duplicate", "minivlm/steps.py", "mine = (step - self.first) % workers == worker",
       "mine = True", "test_data.py::test_a_stream_is_read_epoch_after_epoch_reshuffled_and_resumes_where_it_was"),
-    m("loop.stream-position-not-restored", "minivlm/loop.py", 'resume_at=run.state.get("stream"))', "resume_at=None)",
+    m("loop.stream-position-not-restored", "minivlm/loop.py", 'resume_at=run.state.get("stream"), repeat=',
+      "resume_at=None, repeat=",
       "test_loop.py::test_resume_n_plus_n_equals_2n"),
     m("steps.ranks-take-all", "minivlm/steps.py",
       "mine = [idx[parts.rank * parts.batch_size:(parts.rank + 1) * parts.batch_size] for idx in window]",

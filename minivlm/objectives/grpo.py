@@ -31,7 +31,8 @@ same however the window is split.
 A step (backward_window), for the train.batch_size prompts of each micro-batch ([grpo] keys):
 
   1. sample num_generations completions per prompt with the policy in eval mode (sample); the
-     image goes through the processor and the vision tower once per prompt;
+     image goes through the processor and the vision tower once per prompt (the forwards of
+     steps 3 and 4 take it once per completion: scoring_batch expands the prompt's inputs);
   2. score them with the rewards (minivlm/rewards.py) and take the group advantages;
   3. with iterations > 1, keep π_old's log-probabilities (a forward without gradient); with
      beta > 0, π_ref's (objectives/reference.py: the adapters off, or train.init_from's);
@@ -58,7 +59,7 @@ from PIL import Image
 from minivlm import distributed
 from minivlm.batches import check_dialogs, random_resized_crop
 from minivlm.build import DTYPES, Built
-from minivlm.config import Config, DataConfig
+from minivlm.config import CHOICES, Config, DataConfig
 from minivlm.data import rows_of, usable_samples
 from minivlm.objectives.reference import reference, reference_weights
 from minivlm.objectives.sft import answer_loss_sum
@@ -71,7 +72,7 @@ PLOTTED = None  # data.metric, of greedy answers
 CURVE = ("reward", "val_reward")  # the mean reward of the sampled completions, and of greedy ones held out
 SHARES = ("zero_spread", "clip_fraction", "sample_share")  # the curves' third panel
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+LOSS_TYPES = CHOICES["grpo.loss_type"]
 # Per-token inputs besides input_ids and attention_mask: a completion appended to a prompt takes
 # the value the family's training batches give an answer token (PaliGemma's token_type_ids mark
 # the answer 1, its prefix-LM's causal part; Gemma 3's token_type_ids and Qwen's
