@@ -84,22 +84,37 @@ def empty_batch() -> dict[str, torch.Tensor]:
 
 def within_max_length(family: ModuleType, processor, images: list[Image.Image], dialogs: list, cfg: DataConfig,
                       indices: list[int], rows_per_sample: int = 1) -> dict[str, torch.Tensor]:
-    """The family's training batch of (images, dialogs), without the samples longer than data.max_length.
-
-    Too-long samples are dropped with a warning that gives their length, how much of it is image
-    tokens and the keys that shorten it; never truncated: truncation would cut the answer or,
-    worse, image tokens, whose count the model checks against the image features ("Image
-    features and image tokens do not match"). The rest are processed again without them, since
-    some processors flatten a batch's images into one tensor whose rows belong to no sample
-    index (Qwen-VL's pixel_values are patches of every image, end to end).
+    """The family's training batch of (images, dialogs), without the samples longer than data.max_length
+    (see short_enough). The rest are processed again without them, since some processors flatten a
+    batch's images into one tensor whose rows belong to no sample index (Qwen-VL's pixel_values are
+    patches of every image, end to end).
     `rows_per_sample` > 1: the rows are that many blocks of len(indices) (DPO: the chosen
     answers, then the rejected ones), and a sample is dropped whole if any of its rows is too long.
     """
     batch = family.training_batch(processor, images, dialogs, system=cfg.system_prompt)
+    keep = short_enough(batch, family, processor, cfg, indices, rows_per_sample)
+    if keep.all():
+        return batch
+    if not keep.any():
+        return empty_batch()
+    rows = keep.repeat(rows_per_sample).tolist()
+    return family.training_batch(processor, [im for im, k in zip(images, rows) if k],
+                                 [d for d, k in zip(dialogs, rows) if k], system=cfg.system_prompt)
+
+
+def short_enough(batch: dict[str, torch.Tensor], family: ModuleType, processor, cfg: DataConfig, indices: list[int],
+                 rows_per_sample: int = 1) -> torch.Tensor:
+    """(samples,) bool: which samples of a processed `batch` are at most data.max_length tokens long.
+
+    Too-long samples are dropped with a warning that gives their length, how much of it is image
+    tokens and the keys that shorten it; never truncated: truncation would cut the answer or,
+    worse, image tokens, whose count the model checks against the image features ("Image
+    features and image tokens do not match").
+    """
     lengths = batch["attention_mask"].sum(1).view(rows_per_sample, -1)
     keep = (lengths <= cfg.max_length).all(0)
     if keep.all():
-        return batch
+        return keep
     image_id = image_token_id(processor)
     image_tokens = ((batch["input_ids"] == image_id).sum(1) if image_id is not None
                     else torch.zeros(len(lengths.view(-1)), dtype=torch.long)).view(rows_per_sample, -1)
@@ -109,8 +124,4 @@ def within_max_length(family: ModuleType, processor, images: list[Image.Image], 
              if family.RESOLUTION else "")
     warnings.warn(f"dropped sample(s) {', '.join(too_long)}: longer than data.max_length = {cfg.max_length} "
                   f"tokens; raise data.max_length to train on them{fewer}")
-    if not keep.any():
-        return empty_batch()
-    rows = keep.repeat(rows_per_sample).tolist()
-    return family.training_batch(processor, [im for im, k in zip(images, rows) if k],
-                                 [d for d, k in zip(dialogs, rows) if k], system=cfg.system_prompt)
+    return keep

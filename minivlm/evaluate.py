@@ -26,23 +26,29 @@ from minivlm.metrics import METRICS, clip_scores
 
 
 @torch.no_grad()
+def generated(cfg: Config, built: Built, batch: dict[str, torch.Tensor], **settings) -> torch.Tensor:
+    """The tokens `generate` appends to `batch` (the family's generation_batch), the model in eval
+    mode (no dropout) and the configured precision; `settings` are generate's (greedy, or GRPO's
+    sampling). Left padding makes every prompt end at the same column, where the new tokens start."""
+    model = built.model
+    was_training = model.training
+    model.eval()
+    with autocast(cfg, built.device):
+        out = model.generate(**model_inputs(batch, built.device, DTYPES[cfg.model.dtype]), use_cache=True, **settings)
+    model.train(was_training)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
 def answer(cfg: Config, built: Built, images: list[Image.Image], prompts: list[str]) -> list[str]:
     """Greedy-decode one answer per (image, prompt), as a batch."""
-    model, processor = built.model, built.processor
-    was_training = model.training
-    model.eval()  # dropout off
     check_dialogs(built.family, [[(p, "")] for p in prompts], cfg.data.system_prompt)
-    batch = built.family.generation_batch(processor, [to_rgb(im) for im in images], prompts,
+    batch = built.family.generation_batch(built.processor, [to_rgb(im) for im in images], prompts,
                                           system=cfg.data.system_prompt)
-    inputs = model_inputs(batch, built.device, DTYPES[cfg.model.dtype])
-    with autocast(cfg, built.device):
-        # synced_gpus: under FSDP a rank whose answers are done keeps stepping until all are,
-        # since every forward gathers weights from every rank.
-        out = model.generate(**inputs, max_new_tokens=cfg.train.max_new_tokens, do_sample=False, use_cache=True,
-                             synced_gpus=distributed.is_sharded(model))
-    model.train(was_training)
-    new_tokens = out[:, inputs["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
-    return [s.strip() for s in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    # synced_gpus: under FSDP a rank whose answers are done keeps stepping until all are, since
+    # every forward gathers weights from every rank.
+    new_tokens = generated(cfg, built, batch, max_new_tokens=cfg.train.max_new_tokens, do_sample=False,
+                           synced_gpus=distributed.is_sharded(built.model))
+    return [s.strip() for s in built.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 16) -> dict:

@@ -304,9 +304,9 @@ def _activation_terms(plan: Plan, layout: Layout, cfg: Config, largest_q: int, a
     # Cross-attention to vision states: the projected states and the text × vision mask once, and
     # each reading layer's keys and values, with k_norm's fp32 copy of the keys (under
     # checkpointing, one layer's at a time).
+    kv = tc.num_key_value_heads * (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
     cross_kv = 0  # one reading layer's keys and values
     if layout.vision_states:
-        kv = tc.num_key_value_heads * (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
         cross_kv = B * layout.vision_states * (2 * e * kv + 4 * kv)
         plan.act_saved += (B * layout.vision_states * e * (tc.hidden_size + T)
                            + layout.vision_state_readers * cross_kv)
@@ -320,7 +320,6 @@ def _activation_terms(plan: Plan, layout: Layout, cfg: Config, largest_q: int, a
     plan.vision_transient = B * images * patches * e * ((4 + layout.vision_hidden_states) * layout.vision_width
                                                          + 2 * layout.vision_intermediate)
     if sampled:
-        kv = tc.num_key_value_heads * (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
         plan.sampling = tokens * tc.num_hidden_layers * 2 * e * kv
     plan.tokens = (f"batch {B} × max_length {T} tokens, {layout.how}; logits at {answer_tokens} answer tokens/sample "
                    f"× vocab {tc.vocab_size}")

@@ -217,7 +217,7 @@ MUTANTS = [
     m("metrics.cider-sigma", METRICS, "(2 * sigma ** 2)", "(sigma ** 2)", "test_metrics.py"),
 
     # Evaluation.
-    m("evaluate.generates-with-dropout", "minivlm/evaluate.py", "model.eval()  # dropout off", "model.train()  # dropout off",
+    m("evaluate.generates-with-dropout", "minivlm/evaluate.py", "    model.eval()\n    with autocast(", "    model.train()\n    with autocast(",
       "test_evaluate.py"),
 
     # Data: which tokens carry the loss, and which samples are kept.

@@ -211,7 +211,7 @@ def test_sampled_completions_are_scored_token_for_token(tiny_paligemma, shapes_d
     assert sum(int(e.any()) for e in ends) >= 3  # the end-token masking was exercised
 
     built.model.eval()
-    logp, mask = completion_log_probs(cfg, built, scored)
+    logp, mask = completion_log_probs(cfg, built, scored, sampled.shape[1])
     drawn = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(logp[mask], drawn[:, :logp.shape[1]][mask], atol=1e-4, rtol=1e-4)
 
@@ -386,7 +386,7 @@ def test_prompts_longer_than_max_length_are_dropped_with_a_warning(tiny_paligemm
     lengths = whole["inputs"]["attention_mask"].sum(1).tolist()
     assert len(set(lengths)) > 1, "the shapes questions differ in length"
     cfg.data.max_length = min(lengths)
-    with pytest.warns(UserWarning, match="dropped the prompt"):
+    with pytest.warns(UserWarning, match="dropped sample"):
         kept = grpo.collate(ds, [0, 1, 2], cfg.data, paligemma, processor)
     survivors = [i for i, n in zip([0, 1, 2], lengths) if n <= min(lengths)]
     assert kept["numbers"] == survivors and len(kept["inputs"]["input_ids"]) == len(survivors)

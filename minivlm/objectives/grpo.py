@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from types import ModuleType
 
 import datasets
@@ -57,13 +56,14 @@ import torch
 from PIL import Image
 
 from minivlm import distributed
-from minivlm.batches import check_dialogs, random_resized_crop
-from minivlm.build import DTYPES, Built
+from minivlm.batches import check_dialogs, random_resized_crop, short_enough
+from minivlm.build import Built
 from minivlm.config import CHOICES, Config, DataConfig
 from minivlm.data import rows_of, usable_samples
+from minivlm.evaluate import generated
 from minivlm.objectives.reference import reference, reference_weights
 from minivlm.objectives.sft import answer_loss_sum
-from minivlm.precision import autocast, logits_of, model_inputs
+from minivlm.precision import logits_of
 from minivlm.rewards import Rewards, build_rewards
 
 COUNT = "completions"  # what a window's loss is divided by varies with loss_type; the log counts these
@@ -142,28 +142,19 @@ def answer_token_types(built: Built) -> dict[str, int]:
     return {key: int(batch[key][0, answer]) for key in TOKEN_TYPES if key in batch}
 
 
-@torch.no_grad()
 def sample(cfg: Config, built: Built, inputs: dict[str, torch.Tensor], group: int, temperature: float, top_p: float,
            max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`group` completions of each prompt of `inputs` (the family's generation_batch: one row per
-    prompt, left-padded), sampled from the policy in eval mode (no dropout): (their ids, as
-    generated, and the mask of each up to and with its first end token), both (prompts × group,
-    length), a prompt's completions in a row. The images go through the vision tower once per
-    prompt: generate expands the prompt's encoded inputs to its `group` rows. A completion cut
-    off at max_new_tokens has no end token and is kept whole."""
-    model = built.model
-    was_training = model.training
-    model.eval()
-    with autocast(cfg, built.device):
-        # top_k=0: a checkpoint's generation_config may set top_k (50 by default), which would
-        # sample from fewer tokens than top_p and temperature say.
-        out = model.generate(**model_inputs(inputs, built.device, DTYPES[cfg.model.dtype]), do_sample=True,
-                             temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-                             num_return_sequences=group, use_cache=True)
-    model.train(was_training)
-    completion = out[:, inputs["input_ids"].shape[1]:].cpu()
-    ends = torch.tensor(model.generation_config.eos_token_id).flatten()
-    is_end = torch.isin(completion, ends)
+    prompt), sampled from the policy in eval mode (no dropout): (their ids, as generated, and the
+    mask of each up to and with its first end token), both (prompts × group, length), a prompt's
+    completions in a row. The images go through the vision tower once per prompt: generate
+    expands the prompt's encoded inputs to its `group` rows. A completion cut off at
+    max_new_tokens has no end token and is kept whole."""
+    # top_k=0: a checkpoint's generation_config may set top_k (50 by default), which would sample
+    # from fewer tokens than top_p and temperature say.
+    completion = generated(cfg, built, inputs, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                           max_new_tokens=max_new_tokens, num_return_sequences=group).cpu()
+    is_end = torch.isin(completion, torch.tensor(built.model.generation_config.eos_token_id).flatten())
     # Up to and with the first end token: the count of ends strictly before each position is 0.
     return completion, (is_end.cumsum(1) - is_end.long()) == 0
 
@@ -192,12 +183,12 @@ def texts(processor, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
     return [t.strip() for t in decoded]
 
 
-def completion_log_probs(cfg: Config, built: Built, batch: dict[str, torch.Tensor],
+def completion_log_probs(cfg: Config, built: Built, batch: dict[str, torch.Tensor], length: int,
                          model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log π(token) of each completion token, the mask of those tokens), both (rows, completion
-    length): the logits of the positions that predict them, only (precision.logits_of)."""
+    """(log π(token) of each completion token, the mask of those tokens), both (rows, `length`): the
+    completions are the last `length` columns of the scoring batch, and only the positions that
+    predict them go through the lm_head (precision.logits_of)."""
     labels = batch["labels"]
-    length = labels.shape[1] - int((labels != -100).any(0).nonzero()[0, 0])  # the completion's columns
     predicting = torch.zeros_like(labels, dtype=torch.bool)
     predicting[:, -length - 1:-1] = True
     logits = logits_of(cfg, built, batch, at=predicting, model=model).view(len(labels), length, -1)
@@ -218,12 +209,9 @@ def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: M
     prompts = [dialog[0][0] for *_, dialog in samples]
     check_dialogs(family, [[(p, "")] for p in prompts], cfg.system_prompt)
     inputs = family.generation_batch(processor, images, prompts, system=cfg.system_prompt) if samples else {}
-    if inputs and (inputs["attention_mask"].sum(1) > cfg.max_length).any():
-        keep = (inputs["attention_mask"].sum(1) <= cfg.max_length).tolist()
-        warnings.warn(f"dropped the prompt(s) of rows {[s[0] for s, k in zip(samples, keep) if not k]}: longer than "
-                      f"data.max_length = {cfg.max_length} tokens (image tokens included); raise data.max_length to "
-                      "train on them")
-        samples, images, prompts = ([x for x, k in zip(xs, keep) if k] for xs in (samples, images, prompts))
+    keep = short_enough(inputs, family, processor, cfg, [i for i, *_ in samples]) if samples else None
+    if keep is not None and not keep.all():
+        samples, images, prompts = ([x for x, k in zip(xs, keep.tolist()) if k] for xs in (samples, images, prompts))
         # Processed again without them: some processors flatten a batch's images into rows of no sample.
         inputs = family.generation_batch(processor, images, prompts, system=cfg.system_prompt) if samples else {}
     return {"inputs": inputs, "prompts": prompts, "rows": [row for _, row, _, _ in samples],
@@ -303,11 +291,11 @@ def roll_out(cfg: Config, built: Built, batch: dict, state: State) -> Rollout | 
             was_training = built.model.training
             built.model.eval()
             with torch.no_grad():
-                old_logp = completion_log_probs(cfg, built, scored)[0]
+                old_logp = completion_log_probs(cfg, built, scored, completion.shape[1])[0]
             built.model.train(was_training)
         if g.beta:
             with reference(built.model, state.reference):
-                ref_logp = completion_log_probs(cfg, built, scored)[0]
+                ref_logp = completion_log_probs(cfg, built, scored, completion.shape[1])[0]
     groups = rewards.view(-1, g.num_generations)
     sums = {"reward": rewards.sum(), "reward_std": groups.std(1).sum(),
             "zero_spread": (groups.max(1).values == groups.min(1).values).sum(), "groups": len(groups),
@@ -360,7 +348,7 @@ def backward_window(cfg: Config, built: Built, model: torch.nn.Module, batches: 
                     scaler.scale(answer_loss_sum(cfg, built, filler, model)).backward()
                 continue
             scored = scoring_batch(built.model, r.inputs, r.completion, r.mask, g.num_generations, state.types)
-            logp, mask = completion_log_probs(cfg, built, scored, model)
+            logp, mask = completion_log_probs(cfg, built, scored, r.completion.shape[1], model)
             old = r.old_logp if r.old_logp is not None else logp.detach()  # μ = 1: π_old is π_θ, ρ = 1
             summed, _, figures = policy_loss(logp, old, r.ref_logp, r.advantages.to(logp.device), mask, g.loss_type,
                                              g.epsilon, g.epsilon_high or g.epsilon, g.beta, g.max_new_tokens)
