@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test mutants base data digits prefs dpo-demo grpo-data grpo-demo bench walkthrough readme-check venv clean
+.PHONY: demo test mutants base data digits prefs dpo-demo grpo-data grpo-demo pairs-data pairs-demo bench walkthrough readme-check venv clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -66,6 +66,16 @@ data/shapes-en/train/metadata.jsonl: $(STAMP) demo/shapes.py demo/make_data.py
 grpo-demo: base/tiny-paligemma/config.json grpo-data
 	rm -rf runs/grpo-demo
 	$(PY) train.py --config configs/grpo_demo.toml
+
+# Several images per sample: teach the tiny Qwen2.5-VL base which of two images holds the red shape
+# (the README's "Several images" section). LLaVA JSON written by make_data.py --task pairs.
+pairs-data: data/shapes-pairs/pairs.json
+data/shapes-pairs/pairs.json: $(STAMP) demo/shapes.py demo/make_data.py
+	$(PY) demo/make_data.py --task pairs --train 1600 --test 200 --out data/shapes-pairs
+
+pairs-demo: base/tiny-qwen2_5_vl/config.json pairs-data
+	rm -rf runs/pairs-demo
+	$(PY) train.py --config configs/pairs_demo.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -3,9 +3,11 @@
     python infer.py --config configs/demo.toml --checkpoint runs/demo/last \\
                     --image img.png --prompt "what color is the shape"          # one image
     python infer.py ... --image photos/ --prompt "what is shown"                # every image in a folder
+    python infer.py ... --image a.png b.png --prompt "<image> or <image>: which is red"  # one sample, two images
     python infer.py ... --split test --eval --out answers.jsonl                 # a split of data.dataset
 
---prompt is the question; it goes through data.prompt_template. With --split, the questions
+--prompt is the question; it goes through data.prompt_template. Several --image files are one
+sample's images, placed at the prompt's <image> markers (or all before it). With --split, the questions
 and references come from the dataset, and --eval prints data.metric. --out writes one JSON
 line per answer.
 """
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--config", required=True)
     ap.add_argument("--checkpoint", help="a directory written by train.py; omit to ask the base model")
     source = ap.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", help="an image file, or a folder of them")
+    source.add_argument("--image", nargs="+", help="an image file, a folder of them (each answered by itself), or "
+                        "several files (one sample's images)")
     source.add_argument("--split", help="a split of data.dataset, e.g. test or validation[:100]")
     ap.add_argument("--prompt", help="the question (with --image)")
     ap.add_argument("--eval", action="store_true", help="with --split: print data.metric against the references")
@@ -77,19 +80,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
             check_output_path(args.out, "--out", directory=False)
         cfg = load_config(args.config, args.set)
         if args.image:
-            files = image_files(Path(args.image))
+            files = [f for name in args.image for f in image_files(Path(name))]
+            together = len(args.image) > 1  # several files: one sample; a folder: a sample each
         from minivlm.build import build
         from minivlm.checkpoint import load_adapter, write_atomic
         from minivlm.data import load_scored, prompt_of, read_image
         from minivlm.evaluate import answer, evaluate
+        from minivlm.models.chat import IMAGE
         if args.image:
-            if len(files) == 1:  # one image: a bad file is the whole job, so say so before the model loads
-                read_image(files[0])  # a BadSample, which is a ConfigError, names it
+            if len(files) == 1 or together:  # one sample: a bad file is the whole job; say so before loading
+                images = [read_image(f) for f in files]  # a BadSample, which is a ConfigError, names it
             try:
                 prompt = prompt_of(cfg.data, {cfg.data.question_column: args.prompt})
             except KeyError as e:
                 raise ConfigError(f"data.prompt_template reads column {e} that a single question cannot fill; "
                                   "override it, e.g. --set data.prompt_template='{question}'") from None
+            marked = prompt.count(IMAGE)
+            if marked not in (0, len(files) if together else 1):
+                raise ConfigError(f"the prompt has {marked} {IMAGE} marker(s) for {len(files) if together else 1} "
+                                  "image(s) per sample: mark each image, or none (all go before the prompt)")
         else:
             ds = load_scored(cfg.data, args.split)
         built = build(cfg)
@@ -98,10 +107,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except (ConfigError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
 
-    if args.image:
+    if args.image and together:
+        rows = [{"images": [str(f) for f in files], "prompt": prompt,
+                 "answer": answer(cfg, built, [images], [prompt])[0]}]
+    elif args.image:
         rows = [{"image": str(f), "prompt": prompt, "answer": text}
                 for batch in image_batches(files)
-                for (f, _), text in zip(batch, answer(cfg, built, [im for _, im in batch], [prompt] * len(batch)))]
+                for (f, _), text in zip(batch, answer(cfg, built, [[im] for _, im in batch], [prompt] * len(batch)))]
     else:
         scored = evaluate(cfg, built, ds)
         rows = [{"index": i, "prompt": p, "answer": a, "references": r}

@@ -142,7 +142,7 @@ def run_trl(steps: int, out: Path) -> dict:
     with torch.no_grad():
         for i in range(0, n, 16):
             rows = test.select(range(i, min(i + 16, n)))
-            batch = paligemma.generation_batch(processor, [r["image"].convert("RGB") for r in rows],
+            batch = paligemma.generation_batch(processor, [[r["image"].convert("RGB")] for r in rows],
                                                [r["question"] for r in rows])
             ids = trained.generate(**batch, max_new_tokens=cfg.train.max_new_tokens, do_sample=False)
             predictions += [t.strip() for t in processor.tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:],

@@ -4,6 +4,7 @@
     python demo/make_data.py --task digits --out data/digits       (part of: make digits)
     python demo/make_data.py --task prefs --out data/shapes-prefs  (part of: make dpo-demo)
     python demo/make_data.py --task en --out data/shapes-en        (part of: make grpo-demo)
+    python demo/make_data.py --task pairs --out data/shapes-pairs  (part of: make pairs-demo)
 
 shapes-qa: shape images with questions the base model never saw. digits: one digit an image,
 drawn with varying size, place, slant, stroke and brightness, asked "what digit is this" and
@@ -15,9 +16,13 @@ and the Spanish one rejected. The base prefers the opposite: it finds the Spanis
 likely one for about 9 images in 10 (docs/log.md), so DPO has a preference to reverse. en: the
 prompt "en" alone, for GRPO: the base, pretrained on "caption en", writes an English caption to it,
 but mostly a wrong one (docs/log.md). Its rows hold the caption's colour, shape and position,
-which demo/rewards.py checks; no caption is ever a label.
+which demo/rewards.py checks; no caption is ever a label. pairs: two images a sample, exactly one
+of them holding a red shape, asked "which image has the red shape" and answered "first" or
+"second": a question no single image answers, in words the base never wrote. It is written in
+LLaVA's JSON layout (a list of {"images": [...], "conversations": [...]}, each image placed by an
+<image> marker), train rows then test rows in one file.
 
-The layout is the `datasets` imagefolder one (images + metadata.jsonl per split), loaded with
+The layout (but pairs') is the `datasets` imagefolder one (images + metadata.jsonl per split), loaded with
 `datasets.load_dataset("imagefolder", data_dir=...)`: the same path a user's own data takes.
 Test images come from another seed than training images, so accuracy is measured on
 images the fine-tune never saw.
@@ -34,7 +39,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from demo.shapes import COLORS, QUESTIONS, caption, draw, draw_digit, sample  # noqa: E402
+from demo.shapes import COLORS, POSITIONS, QUESTIONS, SHAPES, caption, draw, draw_digit, sample  # noqa: E402
 
 
 def shapes_qa(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
@@ -67,6 +72,33 @@ def en(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
     return image, {"question": "en", "caption": caption(attrs, "en"), **attrs}
 
 
+def pair(rng: random.Random) -> tuple[list[Image.Image], str]:
+    """Two shape images, exactly one of them red; the answer says which."""
+    red = rng.randrange(2)
+    images = []
+    for i in range(2):
+        color = "red" if i == red else rng.choice([c for c in COLORS if c != "red"])
+        images.append(draw(color, rng.choice(SHAPES), rng.choice(POSITIONS), rng))
+    return images, ["first", "second"][red]
+
+
+def write_pairs(out: Path, n_train: int, n_test: int, seed: int = 9000) -> None:
+    """LLaVA's JSON layout: out/pairs.json and the images under out/images; rows [0, n_train) from
+    one seed, the n_test after them from another, so the test images are new to training."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for start, n, rng in ((0, n_train, random.Random(seed)), (n_train, n_test, random.Random(seed + 1))):
+        for i in range(start, start + n):
+            images, answer = pair(rng)
+            names = [f"images/{i:05d}_{k}.png" for k in range(2)]
+            for image, name in zip(images, names):
+                image.save(out / name)
+            rows.append({"id": i, "images": names, "conversations": [
+                {"from": "human", "value": "<image>\n<image>\nwhich image has the red shape"},
+                {"from": "gpt", "value": answer}]})
+    (out / "pairs.json").write_text(json.dumps(rows))
+
+
 # Each task: (one sample's image and metadata columns, train seed, test seed).
 TASKS = {"shapes-qa": (shapes_qa, 1000, 2000), "digits": (digits, 3000, 4000), "prefs": (prefs, 5000, 6000),
          "en": (en, 7000, 8000)}
@@ -84,11 +116,15 @@ def write_split(folder: Path, n: int, seed: int, task: str = "shapes-qa") -> Non
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", choices=sorted(TASKS), default="shapes-qa")
+    ap.add_argument("--task", choices=sorted([*TASKS, "pairs"]), default="shapes-qa")
     ap.add_argument("--out", type=Path, default=Path("data/shapes-qa"))
     ap.add_argument("--train", type=int, default=800)
     ap.add_argument("--test", type=int, default=200)
     args = ap.parse_args()
+    if args.task == "pairs":
+        write_pairs(args.out, args.train, args.test)
+        print(f"wrote {args.train} train and {args.test} test pairs to {args.out}/pairs.json")
+        sys.exit()
     _, train_seed, test_seed = TASKS[args.task]
     write_split(args.out / "train", args.train, train_seed, args.task)
     write_split(args.out / "test", args.test, test_seed, args.task)

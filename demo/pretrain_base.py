@@ -199,7 +199,7 @@ def pretrain(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed
         images, prompts, answers = zip(*[pretraining_sample(rng) for _ in range(batch_size)])
         if family != "paligemma":  # dynamic resolution: images at their own sizes
             images = [varied_size(im, rng) for im in images]
-        batch = fam.training_batch(processor, list(images), [[(p, a)] for p, a in zip(prompts, answers)])
+        batch = fam.training_batch(processor, [[im] for im in images], [[(p, a)] for p, a in zip(prompts, answers)])
         labels = batch.pop("labels")
         logits = model(**batch).logits
         # Loss on the answer tokens: logits[:, t] predicts token t+1.
@@ -228,7 +228,7 @@ def pretrain(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed
 def caption_accuracy(model, family, processor, prompt: str, rng: random.Random, n: int = 200) -> float:
     model.eval()
     images, attrs = zip(*[sample(rng) for _ in range(n)])
-    batch = family.generation_batch(processor, list(images), [prompt] * n)
+    batch = family.generation_batch(processor, [[im] for im in images], [prompt] * n)
     out = model.generate(**batch, max_new_tokens=8, do_sample=False)
     texts = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return sum(t.strip() == caption(a, CAPTION_PROMPTS[prompt]) for t, a in zip(texts, attrs)) / n

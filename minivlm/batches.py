@@ -1,6 +1,6 @@
 """Samples in, the family's tensors out: a training batch with its label mask, what the loss reads.
 
-data.py reads rows and turns them into (image, dialog) samples; here they become the family's
+data.py reads rows and turns them into (images, dialog) samples; here they become the family's
 processor tensors, with `labels` (-100 where no loss is taken), too-long samples dropped, random
 crops drawn. steps.py decides which samples go into which step.
 """
@@ -17,14 +17,26 @@ import torch.nn.functional as F
 from PIL import Image
 
 from minivlm.config import ConfigError, DataConfig
-from minivlm.data import usable_samples
+from minivlm.data import Rows, usable_samples
 from minivlm.models import FAMILIES, get_family
 from minivlm.models.processor import image_token_id
 
 
-def check_dialogs(family: ModuleType, dialogs: list[list[tuple[str, str]]], system: str) -> None:
-    """Refuse what a family without a chat template (CHAT = False) cannot write: a system turn, or
-    more than one exchange in a sample. A ConfigError: the fix is in the config or the data."""
+def check_images(family: ModuleType, most: int, where: str) -> None:
+    """Refuse `most` images per sample for a family that takes fewer (MAX_IMAGES); `where` says
+    whose count it is (data.max_images, or a sample's)."""
+    if family.MAX_IMAGES is not None and most > family.MAX_IMAGES:
+        several = [name for name in FAMILIES if get_family(name).MAX_IMAGES is None]
+        raise ConfigError(f"{family.NAME} takes {family.MAX_IMAGES} image per sample and {where} {most}; "
+                          f"several images per sample need one of {', '.join(several)}")
+
+
+def check_samples(family: ModuleType, images: list[list[Image.Image]], dialogs: list[list[tuple[str, str]]],
+                  system: str) -> None:
+    """Refuse what a family cannot write: more images in a sample than it takes (MAX_IMAGES) and,
+    without a chat template (CHAT = False), a system turn or more than one exchange in a sample.
+    A ConfigError: the fix is in the config or the data."""
+    check_images(family, max(map(len, images), default=0), "a sample here holds")
     if family.CHAT:
         return
     if system:
@@ -34,6 +46,26 @@ def check_dialogs(family: ModuleType, dialogs: list[list[tuple[str, str]]], syst
         chat = [name for name in FAMILIES if get_family(name).CHAT]
         raise ConfigError(f"{family.NAME} learns one question per sample; multi-turn conversations need a "
                           f"chat-template family ({', '.join(chat)})")
+
+
+def samples(ds: datasets.Dataset | Rows, indices: list[int], cfg: DataConfig, family: ModuleType,
+            generator: torch.Generator | None = None) -> list[tuple[int, dict, list[Image.Image], list]]:
+    """(index, row, images, dialog) of each usable sample of `ds[indices]` (see usable_samples),
+    checked against the family (check_samples), without those of more than data.max_images images
+    (dropped with a warning, as the memory plan counts that many) and, given a `generator`
+    (training), each image randomly cropped (random_resized_crop) by the same policy."""
+    usable = usable_samples(ds, indices, cfg)
+    check_samples(family, [images for _, _, images, _ in usable], [dialog for *_, dialog in usable], cfg.system_prompt)
+    many = [(index, len(images)) for index, _, images, _ in usable if len(images) > cfg.max_images]
+    if many:
+        warnings.warn(f"dropped sample(s) {', '.join(f'{i} ({n} images)' for i, n in many)}: more than "
+                      f"data.max_images = {cfg.max_images}; raise it to train on them (the memory plan counts "
+                      "that many images per sample)")
+        usable = [sample for sample in usable if len(sample[2]) <= cfg.max_images]
+    if cfg.random_resized_crop and generator is not None:
+        usable = [(index, row, [random_resized_crop(im, cfg.random_resized_crop, generator) for im in images], dialog)
+                  for index, row, images, dialog in usable]
+    return usable
 
 
 def random_resized_crop(image: Image.Image, scale: list[float], generator: torch.Generator,
@@ -60,21 +92,17 @@ def answer_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: ModuleType,
             processor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """The family's training batch for `ds[indices]`, minus bad samples (see usable_samples) and
-    any sample longer than `cfg.max_length` (see within_max_length).
+    """The family's training batch for `ds[indices]`, minus bad samples (see samples) and any sample
+    longer than `cfg.max_length` (see within_max_length).
 
     Training passes a `generator`, from which random_resized_crop draws its crops; without one
     (validation) images are not cropped.
     """
-    samples = usable_samples(ds, indices, cfg)
-    if not samples:  # every sample bad: a batch of zero rows, which the loop skips (no answer tokens)
+    chosen = samples(ds, indices, cfg, family, generator)
+    if not chosen:  # every sample bad: a batch of zero rows, which the loop skips (no answer tokens)
         return empty_batch()
-    images = [image for _, _, image, _ in samples]
-    if cfg.random_resized_crop and generator is not None:
-        images = [random_resized_crop(im, cfg.random_resized_crop, generator) for im in images]
-    dialogs = [dialog for *_, dialog in samples]
-    check_dialogs(family, dialogs, cfg.system_prompt)
-    return within_max_length(family, processor, images, dialogs, cfg, [index for index, *_ in samples])
+    return within_max_length(family, processor, [images for _, _, images, _ in chosen],
+                             [dialog for *_, dialog in chosen], cfg, [index for index, *_ in chosen])
 
 
 def empty_batch() -> dict[str, torch.Tensor]:
@@ -82,7 +110,7 @@ def empty_batch() -> dict[str, torch.Tensor]:
     return {key: torch.zeros(0, 0, dtype=torch.long) for key in ("input_ids", "attention_mask", "labels")}
 
 
-def within_max_length(family: ModuleType, processor, images: list[Image.Image], dialogs: list, cfg: DataConfig,
+def within_max_length(family: ModuleType, processor, images: list[list[Image.Image]], dialogs: list, cfg: DataConfig,
                       indices: list[int], rows_per_sample: int = 1) -> dict[str, torch.Tensor]:
     """The family's training batch of (images, dialogs), without the samples longer than data.max_length
     (see short_enough). The rest are processed again without them, since some processors flatten a

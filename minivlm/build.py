@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from minivlm import distributed
+from minivlm.batches import check_images
 from minivlm.config import Config, ConfigError
 from minivlm.load import load_pretrained
 from minivlm.lora import count_parameters, inject_lora
@@ -86,6 +87,7 @@ def load_processor(cfg: Config) -> object:
         known = (f"its resolution controls are {', '.join(family.RESOLUTION)}" if family.RESOLUTION
                  else "its resolution is fixed by the checkpoint")
         raise ConfigError(f"model.processor: {family.NAME}'s processor has no {', '.join(unknown)}; {known}")
+    check_images(family, cfg.data.max_images, "data.max_images is")
     try:
         # The model classes are the families' own transformers classes; remote code can only
         # come in through a checkpoint's custom processor, so this is where the flag goes.

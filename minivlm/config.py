@@ -73,6 +73,7 @@ class DataConfig:
     on_bad_sample: str = "skip"  # an unreadable image or a null answer: "skip" it (warned, counted) or "fail"
     random_resized_crop: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0]: train-time crop scale
     max_length: int = 256  # longer samples are dropped (never cut through image tokens)
+    max_images: int = 1  # images one sample may hold (more are dropped); the memory plan counts this many
     # Read the training split as a `datasets` stream, never downloaded or loaded whole, for a set
     # that does not fit on disk; needs train.max_steps (a stream has no length). See steps.StreamSteps.
     streaming: bool = False
@@ -287,6 +288,7 @@ def validate(cfg: Config) -> None:
          and 0 < cfg.data.random_resized_crop[0] <= cfg.data.random_resized_crop[1] <= 1),
          "data.random_resized_crop", "must be [] or [min_scale, max_scale] with 0 < min <= max <= 1"),
         (cfg.data.max_length > 0, "data.max_length", "must be > 0"),
+        (cfg.data.max_images > 0, "data.max_images", "must be > 0"),
         (cfg.data.workers >= 0, "data.workers", "must be >= 0 (0 = prepare batches in the training process)"),
         (cfg.data.eval_samples >= 0, "data.eval_samples", "must be >= 0 (0 = all)"),
         (not cfg.data.streaming or cfg.train.max_steps > 0, "train.max_steps",

@@ -1,4 +1,4 @@
-"""Rows in: a split loaded through `datasets`, each row read as (image, dialog), bad rows skipped.
+"""Rows in: a split loaded through `datasets`, each row read as (images, dialog), bad rows skipped.
 
 batches.py turns samples into the family's tensors; steps.py decides which go into each step.
 
@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from minivlm.config import ConfigError, DataConfig, load_config
+from minivlm.models.chat import IMAGE
 
 
 class BadSample(ConfigError):
@@ -240,32 +241,55 @@ def rejected_of(cfg: DataConfig, row: dict) -> str:
 def message_text(value):
     """A column in the conversational layout of TRL's datasets (HuggingFaceH4/rlaif-v_formatted)
     holds one chat message, [{"role": "user", "content": [{"type": "image"}, {"type": "text",
-    "text": "..."}]}]: read as its text parts. Any other value is returned as it is."""
+    "text": "..."}]}]: read as its text, an <image> marker where each image part is. Any other
+    value is returned as it is."""
     if not (isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value)):
         return value
     if len(value) != 1:
         raise BadSample(f"a column holds {len(value)} chat messages, where one prompt or one answer is read; "
-                        "multi-turn dialogs go in data.conversations_column (LLaVA's from/value layout)")
-    content = value[0].get("content")
-    if isinstance(content, str):
-        return content
-    return " ".join(part["text"] for part in content or [] if part.get("type") == "text" and part.get("text"))
+                        "multi-turn dialogs go in data.conversations_column")
+    return content_text(value[0].get("content"))
+
+
+def content_text(content: str | list[dict] | None) -> str:
+    """A chat message's content as text: a string as it is; a list of parts (the HF chat layout)
+    joined, each {"type": "image"} part an <image> marker, which places the row's next image there."""
+    if isinstance(content, str) or content is None:
+        return content or ""
+    pieces = [IMAGE if part.get("type") in ("image", "image_url") else part.get("text") or ""
+              for part in content if part.get("type") in ("image", "image_url", "text")]
+    return "\n".join(p for p in pieces if p)
+
+
+# A conversation's turns in the two layouts datasets use: LLaVA's and ShareGPT's {"from", "value"}
+# (human/gpt), and the HF chat layout's {"role", "content"} (user/assistant; content a string or parts).
+USER, ASSISTANT = ("human", "user"), ("gpt", "assistant")
 
 
 def dialog_of(cfg: DataConfig, row: dict) -> list[tuple[str, str]]:
-    """The (user, assistant) exchanges of a row: one from the templates, or a LLaVA-style
-    conversation [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]."""
+    """The (user, assistant) exchanges of a row: one from the templates, or a conversation in
+    data.conversations_column, either [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt",
+    "value": ...}, ...] (LLaVA, ShareGPT) or [{"role": "user", "content": [{"type": "image"},
+    {"type": "text", "text": ...}]}, {"role": "assistant", ...}, ...] (HF chat, TRL). A user
+    turn keeps its <image> markers (image parts become markers), which place the row's images
+    in order. A leading system turn is taken when it is data.system_prompt."""
     if not cfg.conversations_column:
         return [(prompt_of(cfg, row), answer_of(cfg, row))]
     turns = row[cfg.conversations_column] or []
-    roles = [t.get("from") for t in turns]
-    if not turns or len(turns) % 2 or roles != ["human", "gpt"] * (len(turns) // 2):
+    roles = [t.get("from", t.get("role")) for t in turns]
+    texts = [t["value"] if "value" in t else content_text(t.get("content")) for t in turns]
+    if roles[:1] == ["system"]:
+        if texts[0].strip() != cfg.system_prompt.strip():
+            raise BadSample(f"the conversation's system turn {texts[0]!r} is not data.system_prompt "
+                            f"{cfg.system_prompt!r}; one system prompt serves the whole run: set data.system_prompt")
+        roles, texts = roles[1:], texts[1:]
+    if (not roles or len(roles) % 2 or not all(u in USER for u in roles[0::2])
+            or not all(a in ASSISTANT for a in roles[1::2])):
         raise BadSample(f"data.conversations_column {cfg.conversations_column!r}: expected alternating "
-                        f"human/gpt turns, got {roles}")
-    # The family's template places the image; drop the dataset's own <image> marker.
-    text = [(t.get("value") or "").replace("<image>", "").strip() for t in turns]
+                        f"user/assistant (human/gpt) turns, got {roles}")
+    text = [(t or "").strip() for t in texts]
     if not all(text[1::2]):
-        raise BadSample("a gpt turn has no text")
+        raise BadSample("an assistant turn has no text")
     return list(zip(text[0::2], text[1::2]))
 
 
@@ -279,18 +303,25 @@ def references_of(cfg: DataConfig, row: dict) -> list[str]:
     return [v["answer"] if isinstance(v, dict) else str(v) for v in values]
 
 
-def image_of(cfg: DataConfig, row: dict) -> Image.Image:
-    """The row's image as RGB, fully decoded; a BadSample naming the file if it cannot be read."""
+def images_of(cfg: DataConfig, row: dict) -> list[Image.Image]:
+    """The row's images as RGB, fully decoded: data.image_column holds one image or a list of
+    them (TRL's and ShareGPT's "images"). A BadSample naming the file if any cannot be read: one
+    bad image costs its row."""
     value = row[cfg.image_column]
-    if isinstance(value, list):  # TRL's layout: a list of images, "images"
-        if len(value) != 1:
-            raise BadSample(f"data.image_column {cfg.image_column!r} holds {len(value)} images; a sample has one")
-        value = value[0]
-    if isinstance(value, str) and cfg.image_root and not value.startswith(("http://", "https://", "/")):
-        value = str(Path(cfg.image_root) / value)
-    if value is None:
-        raise BadSample(f"data.image_column {cfg.image_column!r} is null")
-    return read_image(value)
+    values = value if isinstance(value, list) else [value]
+    if value is None or not values:
+        raise BadSample(f"data.image_column {cfg.image_column!r} is {'null' if value is None else 'an empty list'}")
+    images = []
+    for i, one in enumerate(values):
+        if isinstance(one, str) and cfg.image_root and not one.startswith(("http://", "https://", "/")):
+            one = str(Path(cfg.image_root) / one)
+        if one is None:
+            raise BadSample(f"data.image_column {cfg.image_column!r}: image {i + 1} of {len(values)} is null")
+        try:
+            images.append(read_image(one))
+        except BadSample as e:
+            raise BadSample(f"{e} (image {i + 1} of {len(values)})" if len(values) > 1 else str(e)) from None
+    return images
 
 
 def read_image(source: Image.Image | str | Path | dict) -> Image.Image:
@@ -302,13 +333,20 @@ def read_image(source: Image.Image | str | Path | dict) -> Image.Image:
         raise BadSample(f"image {name or '(embedded bytes)'} cannot be read: {type(e).__name__}: {e}") from None
 
 
-def sample_of(cfg: DataConfig, row: dict) -> tuple[Image.Image, list[tuple[str, str]]]:
-    """(image, exchanges) of one row; a BadSample if either cannot be had or, in preference data
-    (data.rejected_column), the rejected answer cannot."""
-    image, dialog = image_of(cfg, row), dialog_of(cfg, row)
+def sample_of(cfg: DataConfig, row: dict) -> tuple[list[Image.Image], list[tuple[str, str]]]:
+    """(images, exchanges) of one row; a BadSample if either cannot be had, if the dialog's <image>
+    markers do not match its images (none: all go in the first turn; else one each, in user turns)
+    or, in preference data (data.rejected_column), if the rejected answer cannot be had."""
+    images, dialog = images_of(cfg, row), dialog_of(cfg, row)
+    marked = sum(user.count(IMAGE) for user, _ in dialog)
+    if marked not in (0, len(images)):
+        raise BadSample(f"the row has {len(images)} image(s) and {marked} {IMAGE} marker(s): mark every image where "
+                        "it goes, or none (then they all go at the start of the first user turn)")
+    if any(IMAGE in answer for _, answer in dialog):
+        raise BadSample(f"an answer holds an {IMAGE} marker: images go in user turns")
     if cfg.rejected_column:
         rejected_of(cfg, row)
-    return image, dialog
+    return images, dialog
 
 
 def answer_text(answer) -> str:
@@ -401,6 +439,8 @@ def undecoded(ds: datasets.Dataset | datasets.IterableDataset) -> datasets.Datas
     for name, feature in (ds.features or {}).items():  # a JSON stream's are unknown: no images to cast
         if isinstance(feature, datasets.Image) and feature.decode:
             ds = ds.cast_column(name, datasets.Image(decode=False))  # a schema change, no data rewritten
+        elif isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image) and feature.feature.decode:
+            ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))  # a list of images per row
     return ds
 
 
@@ -413,8 +453,8 @@ def rows_of(ds: datasets.Dataset | Rows, indices: list[int]) -> list[dict]:
 
 
 def usable_samples(ds: datasets.Dataset | Rows, indices: list[int],
-                   cfg: DataConfig) -> list[tuple[int, dict, Image.Image, list[tuple[str, str]]]]:
-    """(index, row, image, exchanges) for each of `ds[indices]` that can be used. A bad one is
+                   cfg: DataConfig) -> list[tuple[int, dict, list[Image.Image], list[tuple[str, str]]]]:
+    """(index, row, images, exchanges) for each of `ds[indices]` that can be used. A bad one is
     skipped with a warning (once per row, with the running count) or, with data.on_bad_sample =
     "fail", stops everything with a ConfigError naming the row, the problem and the fix."""
     samples = []

@@ -19,8 +19,9 @@ from minivlm import distributed
 from minivlm.build import DTYPES, Built
 from minivlm.checkpoint import write_atomic
 from minivlm.config import Config
-from minivlm.batches import check_dialogs
-from minivlm.data import references_of, to_rgb, usable_samples
+from minivlm.batches import check_samples, samples
+from minivlm.data import references_of, to_rgb
+from minivlm.models.chat import image_counts
 from minivlm.precision import autocast, model_inputs
 from minivlm.metrics import METRICS, clip_scores
 
@@ -39,10 +40,10 @@ def generated(cfg: Config, built: Built, batch: dict[str, torch.Tensor], **setti
     return out[:, batch["input_ids"].shape[1]:]
 
 
-def answer(cfg: Config, built: Built, images: list[Image.Image], prompts: list[str]) -> list[str]:
-    """Greedy-decode one answer per (image, prompt), as a batch."""
-    check_dialogs(built.family, [[(p, "")] for p in prompts], cfg.data.system_prompt)
-    batch = built.family.generation_batch(built.processor, [to_rgb(im) for im in images], prompts,
+def answer(cfg: Config, built: Built, images: list[list[Image.Image]], prompts: list[str]) -> list[str]:
+    """Greedy-decode one answer per (images, prompt), as a batch."""
+    check_samples(built.family, images, [[(p, "")] for p in prompts], cfg.data.system_prompt)
+    batch = built.family.generation_batch(built.processor, [[to_rgb(im) for im in ims] for ims in images], prompts,
                                           system=cfg.data.system_prompt)
     # synced_gpus: under FSDP a rank whose answers are done keeps stepping until all are, since
     # every forward gathers weights from every rank.
@@ -53,7 +54,8 @@ def answer(cfg: Config, built: Built, images: list[Image.Image], prompts: list[s
 
 def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 16) -> dict:
     """data.metric of greedy answers on `ds` (the first data.eval_samples rows if set), over the
-    rows that are not bad samples (data.on_bad_sample decides: skipped, or an error).
+    rows that are not bad samples (data.on_bad_sample decides: skipped, or an error). A conversation
+    is scored on its first exchange, with the images of its first user turn.
 
     Under torchrun each rank answers its share of the rows, and every rank scores all the answers,
     gathered in row order: some metrics (BLEU, CIDEr) are not means over samples, and every rank
@@ -62,18 +64,18 @@ def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 
     clip = cfg.data.metric == "clip_score"  # the one metric that reads the images, not the references
     prompts, predictions, references, clip_per_sample, numbers = [], [], [], [], []
     for i in range(rows.start, rows.stop, batch_size):
-        samples = usable_samples(ds, list(range(i, min(i + batch_size, rows.stop))), cfg.data)
-        if not samples:
+        scored = samples(ds, list(range(i, min(i + batch_size, rows.stop))), cfg.data, built.family)
+        if not scored:
             continue
-        images = [image for _, _, image, _ in samples]
-        first = [dialog[0] for *_, dialog in samples]  # a conversation is scored on its first exchange
-        answers = answer(cfg, built, images, [q for q, _ in first])
-        if clip:  # scored batch by batch, so the split's images are never all in memory
-            clip_per_sample += clip_scores(images, answers, cfg.data.clip_model, built.device)
+        first = [dialog[0][0] for *_, dialog in scored]
+        images = [ims[:image_counts(dialog, len(ims))[0]] for _, _, ims, dialog in scored]
+        answers = answer(cfg, built, images, first)
+        if clip:  # scored batch by batch, so the split's images are never all in memory; a sample by its first
+            clip_per_sample += clip_scores([ims[0] for ims in images], answers, cfg.data.clip_model, built.device)
         predictions += answers
-        prompts += [q for q, _ in first]
-        references += [references_of(cfg.data, row) for _, row, _, _ in samples]
-        numbers += [index for index, *_ in samples]
+        prompts += first
+        references += [references_of(cfg.data, row) for _, row, _, _ in scored]
+        numbers += [index for index, *_ in scored]
     prompts, predictions, references, clip_per_sample, numbers = (distributed.gather(x, built.model) for x in (
         prompts, predictions, references, clip_per_sample, numbers))
     if not predictions:

@@ -87,10 +87,11 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from minivlm.batches import check_images
 from minivlm.build import DTYPES
 from minivlm.config import Config, ConfigError
 from minivlm.distributed import layer_class_names
-from minivlm.models import Layout, get_family, processor
+from minivlm.models import Layout, get_family, per_sample, processor
 from minivlm.modules import matches
 
 GiB = 1024 ** 3
@@ -338,7 +339,9 @@ def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1, rows_per_s
     largest_q, _ = _weight_terms(plan, model, cfg, family)
     # The checkpoint's preprocessor_config.json, with model.processor's resolution keys on top: the
     # image processor the run builds (models/processor.py).
-    layout = family.layout(model, {**_preprocessor(cfg.model.name_or_path), **cfg.model.processor})
+    check_images(family, cfg.data.max_images, "data.max_images is")
+    layout = per_sample(family.layout(model, {**_preprocessor(cfg.model.name_or_path), **cfg.model.processor}),
+                        cfg.data.max_images)
     _activation_terms(plan, layout, cfg, largest_q, answer_tokens, rows_per_sample, sampled)
     if layout.image_tokens >= cfg.data.max_length:
         fewer = f" or lower model.processor's {' / '.join(family.RESOLUTION)}" if family.RESOLUTION else ""

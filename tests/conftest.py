@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -143,3 +145,24 @@ tiny_llava_onevision = tiny_fixture("llava_onevision", "save_tiny_llava_onevisio
 tiny_internvl = tiny_fixture("internvl", "save_tiny_internvl")
 tiny_mistral3 = tiny_fixture("mistral3", "save_tiny_mistral3")
 tiny_mllama = tiny_fixture("mllama", "save_tiny_mllama")
+
+
+def write_pair_rows(folder: Path, n: int = 4) -> Path:
+    """A JSON Lines file of `n` two-image rows (ShareGPT's `images` list, each image placed by an
+    <image> marker in the question): which of the two holds the red shape, left or right, as
+    answer (chosen) and its opposite (rejected), for SFT, DPO and GRPO alike; in words the tiny
+    test tokenizers know."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        red = i % 2
+        names = []
+        for k in range(2):
+            name = f"{i}_{k}.png"
+            Image.new("RGB", (32 + 8 * k, 32), (220, 40, 40) if k == red else (40, 40, 220)).save(folder / name)
+            names.append(name)
+        rows.append({"images": names, "question": "which is red, left <image> or right <image>",
+                     "answer": ["left", "right"][red], "rejected": ["right", "left"][red]})
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

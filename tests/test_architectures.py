@@ -6,6 +6,7 @@ token-normalised accumulation, exact resume."""
 from __future__ import annotations
 
 import json
+import re
 
 import bitsandbytes as bnb
 import pytest
@@ -42,10 +43,10 @@ def resizable(request):
     return request.param, request.getfixturevalue(f"tiny_{request.param}")
 
 
-def images(sizes: list[tuple[int, int]]) -> list[Image.Image]:
-    """Plain images of the given sizes, each its own colour: under dynamic resolution, each size
-    is its own number of image tokens."""
-    return [Image.new("RGB", size, (200, 40 * i % 255, 30 * i % 255)) for i, size in enumerate(sizes)]
+def images(sizes: list[tuple[int, int]]) -> list[list[Image.Image]]:
+    """One plain image for each sample, of the given sizes, each its own colour: under dynamic
+    resolution, each size is its own number of image tokens."""
+    return [[Image.new("RGB", size, (200, 40 * i % 255, 30 * i % 255))] for i, size in enumerate(sizes)]
 
 
 def labelled_spans(labels: torch.Tensor) -> list[list[int]]:
@@ -176,6 +177,26 @@ def test_planned_activations_match_what_autograd_saves_at_two_resolutions(arch, 
     answer_tokens = int((batch["labels"][:, 1:] != -100).sum()) / 2
     plan = plan_memory(cfg, answer_tokens=answer_tokens)
     assert counted(name, batch, built.processor) in plan.tokens  # the plan counted this resolution's tokens
+    actual = saved_for_backward(built.model, lambda: sft.answer_loss_sum(cfg, built, batch).backward())
+    assert abs(plan.act_saved - actual) < 0.15 * actual, (plan.act_saved, actual)
+
+
+@pytest.mark.parametrize("name", [a for a in ARCHITECTURES if get_family(a).MAX_IMAGES is None])
+def test_the_plan_counts_data_max_images_images_per_sample(name, request, tmp_path):
+    """Two images a sample (data.max_images = 2) in the families that take several: the plan counts
+    each image's tokens as the processor makes them beside another (LLaVA-OneVision's without its
+    anyres crops), and what it keeps for backward is within 15% of what autograd keeps."""
+    path = request.getfixturevalue(f"tiny_{name}")
+    resolution, size = RESOLUTIONS[name][0]
+    cfg = tiny_config(path, tmp_path, tmp_path / "run", family=name, batch_size=2)
+    cfg.model.processor, cfg.data.max_images = resolution, 2
+    built = build(cfg)
+    two = [ims + other for ims, other in zip(images([size, size]), images([size, size]))]
+    batch = built.family.training_batch(built.processor, two, [[("what shapes are these", "a red circle")]] * 2)
+    cfg.data.max_length = batch["input_ids"].shape[1]
+    plan = plan_memory(cfg, answer_tokens=int((batch["labels"][:, 1:] != -100).sum()) / 2)
+    each = int(re.search(r"2 images per sample, each (?:up to )?(\d+) image tokens", plan.tokens).group(1))
+    assert ((batch["input_ids"] == image_token_id(built.processor)).sum(1) == 2 * each).all(), plan.tokens
     actual = saved_for_backward(built.model, lambda: sft.answer_loss_sum(cfg, built, batch).backward())
     assert abs(plan.act_saved - actual) < 0.15 * actual, (plan.act_saved, actual)
 

@@ -105,12 +105,12 @@ ROW_CASES = {
     "empty answer list": (write_png, {"answer": []}, "the answer is null"),
     "conversation with wrong roles": (write_png, {"conversations": [{"from": "gpt", "value": "a"},
                                                                     {"from": "human", "value": "q"}]},
-                                      r"expected alternating human/gpt turns, got \['gpt', 'human'\]"),
+                                      r"expected alternating user/assistant \(human/gpt\) turns, got \['gpt', 'human'\]"),
     "conversation with an odd turn": (write_png, {"conversations": [{"from": "human", "value": "q"}]},
-                                      r"expected alternating human/gpt turns, got \['human'\]"),
+                                      r"expected alternating user/assistant \(human/gpt\) turns, got \['human'\]"),
     "conversation with an empty answer": (write_png, {"conversations": [{"from": "human", "value": "q"},
                                                                         {"from": "gpt", "value": ""}]},
-                                          "a gpt turn has no text"),
+                                          "an assistant turn has no text"),
 }
 
 

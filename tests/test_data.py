@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -186,3 +187,119 @@ def test_a_stream_is_read_epoch_after_epoch_reshuffled_and_resumes_where_it_was(
     assert inline[4].window == [[20, 21, 22, 23, 24]] and inline[4].resume_at == {"epoch": 1, "row": 1, "read": 25}
     same_steps(inline, steps(2, 0))
     same_steps(inline[5:], steps(0, 5, inline[4].resume_at))
+
+
+def conversation_layouts(a: str, b: str) -> dict[str, dict]:
+    """One two-image, two-exchange sample (an image in each user turn) in the layouts datasets
+    come in: TRL's and HF's chat messages, LLaVA's JSON, ShareGPT's (LLaMA-Factory) messages."""
+    return {
+        "hf": {"images": [a, b], "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a red circle"}]},
+            {"role": "user", "content": [{"type": "text", "text": "and this one"}, {"type": "image"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a blue square"}]}]},
+        "llava": {"image": [a, b], "conversations": [
+            {"from": "human", "value": "<image>\nwhat is it"}, {"from": "gpt", "value": "a red circle"},
+            {"from": "human", "value": "and this one <image>"}, {"from": "gpt", "value": "a blue square"}]},
+        "sharegpt": {"images": [a, b], "messages": [
+            {"role": "user", "content": "<image>what is it"}, {"role": "assistant", "content": "a red circle"},
+            {"role": "user", "content": "and this one<image>"}, {"role": "assistant", "content": "a blue square"}]},
+    }
+
+
+def layout_config(path, name: str, **kw) -> DataConfig:
+    image_column = "image" if name == "llava" else "images"
+    conversations = "conversations" if name == "llava" else "messages"
+    return DataConfig(dataset=str(path), image_column=image_column, conversations_column=conversations,
+                      image_root=str(path.parent), max_images=2, **kw)
+
+
+def test_every_conversation_layout_gives_the_same_tensors(tiny_qwen2_5_vl, tmp_path):
+    import datasets as hf_datasets
+    from minivlm.models import qwen2_5_vl
+
+    processor = qwen2_5_vl.load_processor(str(tiny_qwen2_5_vl))
+    pictures = [Image.new("RGB", (48, 32), (220, 40, 40)), Image.new("RGB", (32, 64), (50, 80, 220))]
+    for i, picture in enumerate(pictures):
+        picture.save(tmp_path / f"{i}.png")
+    batches = {}
+    for name, row in conversation_layouts("0.png", "1.png").items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        cfg = layout_config(path, name)
+        batches[name] = collate(load_split(cfg, "train"), [0], cfg, qwen2_5_vl, processor)
+    # TRL's own: the images themselves in a `datasets` column, beside the same messages.
+    in_memory = hf_datasets.Dataset.from_list([{**conversation_layouts("", "")["hf"], "images": pictures}])
+    batches["in memory"] = collate(in_memory, [0], layout_config(tmp_path / "hf.jsonl", "hf"), qwen2_5_vl, processor)
+    first = batches.pop("hf")
+    assert first["image_grid_thw"].shape[0] == 2 and (first["labels"] != -100).any()
+    for name, batch in batches.items():
+        assert batch.keys() == first.keys(), name
+        assert all(torch.equal(batch[k], first[k]) for k in first), name
+
+
+def test_a_corrupt_second_image_skips_its_row_counted(tiny_qwen2_5_vl, tmp_path):
+    from minivlm.data import skipped_count
+    from minivlm.models import qwen2_5_vl
+
+    processor = qwen2_5_vl.load_processor(str(tiny_qwen2_5_vl))
+    Image.new("RGB", (32, 32), (220, 40, 40)).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    rows = [conversation_layouts("good.png", second)["llava"] for second in ("good.png", "bad.png", "good.png")]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = layout_config(path, "llava")
+    before = skipped_count()
+    with pytest.warns(UserWarning, match=r"skipped row 1 of split 'train': image .*bad.png cannot be read: .* "
+                                         r"\(image 2 of 2\) \(\d+ bad row\(s\) skipped so far"):
+        batch = collate(load_split(cfg, "train"), [0, 1, 2], cfg, qwen2_5_vl, processor)
+    assert skipped_count() == before + 1
+    assert batch["input_ids"].shape[0] == 2 and batch["image_grid_thw"].shape[0] == 4  # two rows, two images each
+
+
+def test_markers_must_match_the_images(tmp_path):
+    from minivlm.data import BadSample, sample_of
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    cfg = DataConfig(dataset="x", image_column="images", image_root=str(tmp_path), max_images=2)
+    with pytest.raises(BadSample, match=r"2 image\(s\) and 1 <image> marker\(s\)"):
+        sample_of(cfg, {"images": ["a.png", "a.png"], "question": "<image> what", "answer": "a"})
+    with pytest.raises(BadSample, match="an answer holds an <image> marker"):
+        sample_of(cfg, {"images": ["a.png"], "question": "what", "answer": "<image>"})
+    images, dialog = sample_of(cfg, {"images": ["a.png", "a.png"], "question": "what", "answer": "a"})
+    assert len(images) == 2 and dialog == [("what", "a")]  # no markers: both go first
+    with pytest.raises(BadSample, match="an empty list"):
+        sample_of(cfg, {"images": [], "question": "what", "answer": "a"})
+
+
+def test_more_images_than_max_images_drop_the_sample_with_the_key_to_raise(tiny_qwen2_5_vl, tmp_path):
+    from minivlm.models import qwen2_5_vl
+
+    processor = qwen2_5_vl.load_processor(str(tiny_qwen2_5_vl))
+    Image.new("RGB", (32, 32), (220, 40, 40)).save(tmp_path / "a.png")
+    rows = [{"images": ["a.png"] * n, "question": "what", "answer": "red"} for n in (1, 3, 2)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(dataset=str(path), image_column="images", image_root=str(tmp_path), max_images=2)
+    with pytest.warns(UserWarning, match=r"dropped sample\(s\) 1 \(3 images\): more than data.max_images = 2; raise it"):
+        batch = collate(load_split(cfg, "train"), [0, 1, 2], cfg, qwen2_5_vl, processor)
+    assert batch["image_grid_thw"].shape[0] == 3  # rows 0 and 2: one image and two
+
+
+def test_each_image_of_a_sample_is_cropped_by_the_same_policy(tmp_path):
+    from minivlm.batches import samples
+    from minivlm.models import qwen2_5_vl
+
+    for i in range(2):
+        Image.new("RGB", (64, 48), (200, 60 * i, 0)).save(tmp_path / f"{i}.png")
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"images": ["0.png", "1.png"], "question": "what", "answer": "red"}) + "\n")
+    cfg = DataConfig(dataset=str(path), image_column="images", image_root=str(tmp_path), max_images=2,
+                     random_resized_crop=[0.3, 0.5])
+    ds = load_split(cfg, "train")
+    (_, _, images, _), = samples(ds, [0], cfg, qwen2_5_vl, torch.Generator().manual_seed(0))
+    areas = [im.size[0] * im.size[1] / (64 * 48) for im in images]
+    assert all(0.25 <= a <= 0.55 for a in areas), areas  # each cropped, within the scale (rounding aside)
+    assert images[0].size != images[1].size or images[0].getpixel((0, 0)) != images[1].getpixel((0, 0))
+    (_, _, uncropped, _), = samples(ds, [0], cfg, qwen2_5_vl)  # validation: no generator, no crop
+    assert [im.size for im in uncropped] == [(64, 48)] * 2

@@ -65,7 +65,7 @@ def randomize_adapters(model, seed=0) -> None:
 
 def answer_logp(model, processor, family, image, prompt: str, answer: str) -> torch.Tensor:
     """log π(answer | image, prompt) from the full logits of a one-row batch: plain torch, no dpo.py."""
-    batch = family.training_batch(processor, [image], [[(prompt, answer)]])
+    batch = family.training_batch(processor, [[image]], [[(prompt, answer)]])
     labels = batch.pop("labels")[0, 1:]
     logps = torch.log_softmax(model(**batch).logits[0, :-1].float(), dim=-1)
     keep = labels != -100
@@ -501,3 +501,26 @@ def test_resume_refuses_another_reference_model():
     assert resume_conflicts(config("sft", "runs/a/last"), config("sft", "runs/b/last")) == []
     assert resume_conflicts(config("dpo", "runs/a/last"), config("dpo", "runs/b/last")) == [
         "train.init_from: 'runs/a/last' -> 'runs/b/last'"]
+
+
+def test_a_pair_takes_its_images_once_for_both_answers(tiny_qwen2_5_vl, tmp_path):
+    """Two-image preference rows: the chosen and the rejected row each hold both images, where
+    the question's markers put them, and the labels are each row's own answer."""
+    from conftest import write_pair_rows
+    from minivlm.models import qwen2_5_vl
+
+    path = write_pair_rows(tmp_path / "pairs", 2)
+    cfg = dpo_config(tiny_qwen2_5_vl, tmp_path, tmp_path / "run", family="qwen2_5_vl")
+    cfg.data = dataclasses.replace(cfg.data, dataset=str(path), image_column="images", image_root=str(path.parent),
+                                   answer_column="answer", rejected_column="rejected", max_images=2)
+    processor = qwen2_5_vl.load_processor(str(tiny_qwen2_5_vl))
+    batch = dpo.collate_pairs(load_split(cfg.data, "train"), [0, 1], cfg.data, qwen2_5_vl, processor)
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids(qwen2_5_vl.END_OF_TURN)
+    words = {w: tok("left" if w == "l" else "right", add_special_tokens=False)["input_ids"] + [end]
+             for w in "lr"}
+    assert [row[row != -100].tolist() for row in batch["labels"]] == [words["l"], words["r"], words["r"], words["l"]]
+    assert batch["image_grid_thw"].shape[0] == 8  # 4 rows × 2 images
+    image = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    per_row = (batch["input_ids"] == image).sum(1)
+    assert torch.equal(per_row[:2], per_row[2:]) and (per_row > 0).all()  # a pair's rows: the same images

@@ -21,13 +21,13 @@ def test_batched_answers_equal_one_at_a_time(family, request, tmp_path):
         for n, p in built.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.5)
-    images = [Image.new("RGB", (32 + 8 * i, 32), (60 * i, 120, 200 - 40 * i)) for i in range(3)]
+    images = [[Image.new("RGB", (32 + 8 * i, 32), (60 * i, 120, 200 - 40 * i))] for i in range(3)]
     # Prompts of different lengths, so the batch really is padded.
     prompts = ["what color is the shape", "where", "what shape is it"]
     built.model.train()
     batched = answer(cfg, built, images, prompts)
     assert built.model.training
-    single = [answer(cfg, built, [im], [p])[0] for im, p in zip(images, prompts)]
+    single = [answer(cfg, built, [ims], [p])[0] for ims, p in zip(images, prompts)]
     assert batched == single
     assert any(batched)  # something was generated
 
@@ -47,7 +47,7 @@ def test_batching_leaves_the_processor_as_it_was(family, request, tmp_path):
                     backend_truncation=tok.backend_tokenizer.truncation)
 
     before = state()
-    images = [Image.new("RGB", (32, 32), (200, 30, 30)), Image.new("RGB", (32, 32), (30, 30, 200))]
+    images = [[Image.new("RGB", (32, 32), (200, 30, 30))], [Image.new("RGB", (32, 32), (30, 30, 200))]]
     get_family(family).training_batch(processor, images, [[("what color is the shape", "red")], [("where", "top left")]])
     left = get_family(family).generation_batch(processor, images, ["what color is the shape", "where"])
     assert left["attention_mask"][1, 0] == 0  # generation did pad on the left

@@ -34,7 +34,7 @@ def trained_adapter(cfg):
 
 
 def sample_batch(built):
-    images = [Image.new("RGB", (32, 32), (200, 40, 40)), Image.new("RGB", (40, 32), (40, 40, 200))]
+    images = [[Image.new("RGB", (32, 32), (200, 40, 40))], [Image.new("RGB", (40, 32), (40, 40, 200))]]
     batch = built.family.training_batch(built.processor, images, [[("what color is the shape", "red")],
                                                                    [("where is it", "top left")]])
     return model_inputs(batch, torch.device("cpu"), torch.float32)
@@ -83,7 +83,7 @@ def test_merged_export_loads_in_plain_transformers_and_answers_alike(tiny_palige
     images = [Image.new("RGB", (32, 32), (200, 40, 40))]
     with torch.no_grad():
         ours = built.model(**inputs).logits
-    ours_text = answer(cfg, built, images, ["what color is the shape"])[0]
+    ours_text = answer(cfg, built, [images], ["what color is the shape"])[0]
 
     merged = AutoModelForImageTextToText.from_pretrained(out).eval()
     assert not any(type(m).__name__ in ("Linear4bit", "LoRALinear") for m in merged.modules())

@@ -29,8 +29,9 @@ def family(request):
     return request.param, request.getfixturevalue(f"tiny_{request.param}")
 
 
-def images(n: int) -> list[Image.Image]:
-    return [Image.new("RGB", (40 + 20 * i, 30), (200, 40 * i, 0)) for i in range(n)]
+def images(n: int) -> list[list[Image.Image]]:
+    """One image for each of `n` samples."""
+    return [[Image.new("RGB", (40 + 20 * i, 30), (200, 40 * i, 0))] for i in range(n)]
 
 
 @pytest.mark.parametrize("system", ["", "be brief"])

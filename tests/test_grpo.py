@@ -177,41 +177,46 @@ def test_sampled_completions_are_scored_token_for_token(tiny_paligemma, shapes_d
     each completion's first end token, which half the vocabulary is here, so that most end early."""
     from conftest import tiny_config
     from minivlm.build import build
-    from minivlm.data import image_of, load_split, prompt_of, rows_of
+    from minivlm.data import images_of, load_split, prompt_of, rows_of
     from minivlm.objectives.grpo import answer_token_types, completion_log_probs, sample, scoring_batch, texts
 
     cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path)
     built = build(cfg)
     built.model.generation_config.eos_token_id = list(range(0, built.model.config.text_config.vocab_size, 2))
     rows = rows_of(load_split(cfg.data, "train"), [0, 1])
-    images, prompts = [image_of(cfg.data, r) for r in rows], [prompt_of(cfg.data, r) for r in rows]
+    images, prompts = [images_of(cfg.data, r) for r in rows], [prompt_of(cfg.data, r) for r in rows]
     types = answer_token_types(built)
     assert types == {"token_type_ids": 1}
 
     inputs = built.family.generation_batch(built.processor, images, prompts)
     torch.manual_seed(0)
     sampled, ended = sample(cfg, built, inputs, 3, 1.0, 1.0, 6)
-    scored = scoring_batch(built.model, inputs, sampled, ended, 3, types)
+    scored = scoring_batch(inputs, sampled, ended, 3, types)
     decoded = texts(built.processor, sampled, ended)
     torch.manual_seed(0)
     out = built.model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6,
-                               num_return_sequences=3, output_logits=True, return_dict_in_generate=True)
+                               num_return_sequences=3, output_logits=True, return_dict_in_generate=True,
+                               suppress_tokens=[built.processor.image_token_id])
     width = inputs["input_ids"].shape[1]
-    completion = out.sequences[:, width:]
-    assert len(decoded) == 6 and torch.equal(scored["input_ids"][:, width:width + completion.shape[1]], completion)
+    completion = out.sequences[:, width:]  # prompt order: prompt 0's three completions, then prompt 1's
+    # The scoring batch is the two prompts three times over, end to end: completion g of prompt i is
+    # its row 2g + i.
+    order = [3 * i + g for g in range(3) for i in range(2)]
+    assert len(decoded) == 6 and torch.equal(scored["input_ids"][:, width:width + completion.shape[1]], completion[order])
+    assert torch.equal(scored["input_ids"][:, :width], torch.cat([inputs["input_ids"]] * 3))
 
     labels = scored["labels"]
     assert (labels[:, :width] == -100).all()  # the prompt, image tokens included, never
-    ends = completion % 2 == 0
+    ends = completion[order] % 2 == 0
     for row in range(6):
         first_end = int(ends[row].nonzero()[0, 0]) if ends[row].any() else completion.shape[1] - 1
-        assert (labels[row, width:width + first_end + 1] == completion[row, :first_end + 1]).all()
+        assert (labels[row, width:width + first_end + 1] == completion[order][row, :first_end + 1]).all()
         assert (labels[row, width + first_end + 1:] == -100).all()
         assert (scored["attention_mask"][row, width + first_end + 1:] == 0).all()
     assert sum(int(e.any()) for e in ends) >= 3  # the end-token masking was exercised
 
     built.model.eval()
-    logp, mask = completion_log_probs(cfg, built, scored, sampled.shape[1])
+    logp, mask = completion_log_probs(cfg, built, scored, sampled.shape[1], 3)  # back in prompt order
     drawn = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(logp[mask], drawn[:, :logp.shape[1]][mask], atol=1e-4, rtol=1e-4)
 
@@ -352,14 +357,14 @@ def test_the_plan_counts_the_sampling_kv_cache_as_generate_holds_it(tiny_paligem
     """--dry-run's sampling term against the keys and values generate really keeps, for batch_size
     prompts × num_generations rows at the length they reach; and the training rows it plans for."""
     from minivlm.build import build
-    from minivlm.data import image_of, load_split, prompt_of, rows_of
+    from minivlm.data import images_of, load_split, prompt_of, rows_of
     from minivlm.objectives import grpo, sft
     from minivlm.plan import plan_memory
 
     cfg = grpo_config(tiny_paligemma, shapes_data, tmp_path)
     built = build(cfg)
     rows = rows_of(load_split(cfg.data, "train"), [0, 1])
-    inputs = built.family.generation_batch(built.processor, [image_of(cfg.data, r) for r in rows],
+    inputs = built.family.generation_batch(built.processor, [images_of(cfg.data, r) for r in rows],
                                            [prompt_of(cfg.data, r) for r in rows])
     out = built.model.generate(**inputs, do_sample=True, num_return_sequences=3, max_new_tokens=5, min_new_tokens=5,
                                return_dict_in_generate=True)
@@ -391,3 +396,37 @@ def test_prompts_longer_than_max_length_are_dropped_with_a_warning(tiny_paligemm
     survivors = [i for i, n in zip([0, 1, 2], lengths) if n <= min(lengths)]
     assert kept["numbers"] == survivors and len(kept["inputs"]["input_ids"]) == len(survivors)
     assert kept["prompts"] == [whole["prompts"][i] for i in survivors]
+
+
+def test_two_image_prompts_are_sampled_once_and_scored_token_for_token(tiny_qwen2_5_vl, tmp_path):
+    """Qwen2.5-VL prompts of two images each: grpo.collate places them at the markers, generate
+    samples a group per prompt from one encoding of its images, and the scoring batch (the prompt's
+    images and all, the batch listed three times end to end, which keeps every image with its row)
+    gives the log-probabilities the sampler drew from."""
+    from conftest import tiny_config, write_pair_rows
+    from minivlm.build import build
+    from minivlm.data import load_split
+    from minivlm.objectives import grpo
+
+    path = write_pair_rows(tmp_path / "pairs", 2)
+    cfg = tiny_config(tiny_qwen2_5_vl, path, tmp_path / "run", family="qwen2_5_vl")
+    cfg.data.image_column, cfg.data.image_root, cfg.data.max_images, cfg.data.eval_split = "images", str(path.parent), 2, ""
+    built = build(cfg)
+    prompts = grpo.collate(load_split(cfg.data, "train"), [0, 1], cfg.data, built.family, built.processor)
+    inputs = prompts["inputs"]
+    assert inputs["image_grid_thw"].shape[0] == 4 and prompts["prompts"][0] == "which is red, left <image> or right <image>"
+    torch.manual_seed(0)
+    sampled, ended = grpo.sample(cfg, built, inputs, 3, 1.0, 1.0, 5)
+    scored = grpo.scoring_batch(inputs, sampled, ended, 3, grpo.answer_token_types(built))
+    assert scored["image_grid_thw"].shape[0] == 12  # each prompt's two images, for each of its 3 completions
+    torch.manual_seed(0)
+    out = built.model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=5,
+                               num_return_sequences=3, output_logits=True, return_dict_in_generate=True,
+                               suppress_tokens=[built.processor.image_token_id])
+    assert not (out.sequences[:, inputs["input_ids"].shape[1]:] == built.processor.image_token_id).any()
+    completion = out.sequences[:, inputs["input_ids"].shape[1]:]
+    assert torch.equal(sampled, completion)
+    built.model.eval()
+    logp, mask = grpo.completion_log_probs(cfg, built, scored, sampled.shape[1], 3)
+    drawn = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logp[mask], drawn[:, :logp.shape[1]][mask], atol=1e-4, rtol=1e-4)

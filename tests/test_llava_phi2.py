@@ -39,7 +39,7 @@ def test_multi_turn_labels_cover_every_answer(tiny_llava_phi2):
     processor = llava_phi2.load_processor(tiny_llava_phi2)
     tok = processor.tokenizer
     dialogs = [[("what color is the shape", "red"), ("where is it", "top left")], [("what shape is it", "circle")]]
-    batch = llava_phi2.training_batch(processor, [Image.new("RGB", (40, 30)), Image.new("RGB", (30, 60))], dialogs)
+    batch = llava_phi2.training_batch(processor, [[Image.new("RGB", (40, 30))], [Image.new("RGB", (30, 60))]], dialogs)
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     for row, dialog in enumerate(dialogs):
         labels = batch["labels"][row]
@@ -141,8 +141,8 @@ def test_early_stopping_keeps_the_best(tiny_paligemma, shapes_data, tmp_path, mo
 
 
 @pytest.mark.parametrize("turns, message", [
-    ([{"from": "human", "value": "a"}], "expected alternating human/gpt turns"),
-    ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}], "expected alternating human/gpt turns"),
+    ([{"from": "human", "value": "a"}], r"expected alternating user/assistant \(human/gpt\) turns"),
+    ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}], r"expected alternating user/assistant \(human/gpt\) turns"),
 ])
 def test_malformed_conversations_are_named(turns, message):
     from minivlm.config import ConfigError, DataConfig

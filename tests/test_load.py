@@ -70,7 +70,7 @@ def assert_same_model(a: torch.nn.Module, b: torch.nn.Module, same_path: bool = 
 
 def batch(family: str, path) -> dict:
     processor = get_family(family).load_processor(str(path))
-    images = [Image.new("RGB", (40, 30), (200, 40, 0)), Image.new("RGB", (30, 50), (0, 90, 200))]
+    images = [[Image.new("RGB", (40, 30), (200, 40, 0))], [Image.new("RGB", (30, 50), (0, 90, 200))]]
     dialogs = [[("what shape is it", "circle")], [("where is it", "top left")]]
     return get_family(family).training_batch(processor, images, dialogs)
 

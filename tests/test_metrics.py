@@ -18,7 +18,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from conftest import tiny_config
 from minivlm.build import build
 from minivlm.config import validate
-from minivlm.data import image_of, load_split, rows_of
+from minivlm.data import images_of, load_split, rows_of
 from minivlm.evaluate import evaluate
 from minivlm.metrics import (_tokens, accuracy, anls, bleu4, cider_d, clip_scores, levenshtein,
                              relaxed_accuracy, vqa_accuracy, vqa_normalize)
@@ -271,7 +271,7 @@ def test_evaluate_scores_clip_score_batch_by_batch(tiny_paligemma, shapes_data, 
     monkeypatch.setattr(evaluate_module, "clip_scores", lambda images, *a: batches.append(len(images)) or real(images, *a))
     scored = evaluate(cfg, build(cfg), ds, batch_size=3)
     assert batches == [3, 3, 2]  # scored batch by batch: the split's images are never all in memory
-    images = [image_of(cfg.data, row) for row in rows_of(ds, list(range(len(ds))))]
+    images = [images_of(cfg.data, row)[0] for row in rows_of(ds, list(range(len(ds))))]
     expected = clip_s_by_hand(tiny_clips[0], images, scored["predictions"]).mean().item()
     assert scored["score"] == pytest.approx(expected, abs=1e-5)
     assert set(scored) == {"metric", "score", "n", "prompts", "predictions", "references", "rows"}

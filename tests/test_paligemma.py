@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from minivlm.config import ConfigError, DataConfig
-from minivlm.batches import check_dialogs, collate
+from minivlm.batches import check_samples, collate
 from minivlm.data import load_split
 from minivlm.models import FAMILIES, get_family, paligemma
 
@@ -18,8 +18,9 @@ def processor(tiny_paligemma):
     return AutoProcessor.from_pretrained(tiny_paligemma)
 
 
-def images(n: int) -> list[Image.Image]:
-    return [Image.new("RGB", (40, 30), (i * 40, 0, 0)) for i in range(n)]
+def images(n: int) -> list[list[Image.Image]]:
+    """One image for each of `n` samples."""
+    return [[Image.new("RGB", (40, 30), (i * 40, 0, 0))] for i in range(n)]
 
 
 def test_labels_are_exactly_answer_plus_eos(processor):
@@ -72,11 +73,20 @@ def test_too_long_samples_are_dropped_never_cut(processor, shapes_data):
 def test_system_prompt_is_refused():
     """PaliGemma says it has no chat template (CHAT = False); the data layer refuses what needs one."""
     with pytest.raises(ConfigError, match="PaliGemma has no system turn"):
-        check_dialogs(paligemma, [[("what", "red")]], system="be brief")
+        check_samples(paligemma, images(1), [[("what", "red")]], system="be brief")
     chat = ", ".join(name for name in FAMILIES if get_family(name).CHAT)
     assert "idefics2" in chat and "paligemma" not in chat
     with pytest.raises(ConfigError, match=rf"PaliGemma learns one question per sample; .*\({chat}\)"):
-        check_dialogs(paligemma, [[("what", "red"), ("where", "top")]], system="")
+        check_samples(paligemma, images(1), [[("what", "red"), ("where", "top")]], system="")
+
+
+def test_a_second_image_is_refused_naming_the_families_that_take_several():
+    several = [name for name in FAMILIES if get_family(name).MAX_IMAGES is None]
+    assert {"qwen2_5_vl", "idefics2", "smolvlm", "gemma3"} <= set(several) and "paligemma" not in several
+    check_samples(paligemma, images(3), [[("what", "red")]] * 3, system="")  # one each: fine
+    with pytest.raises(ConfigError, match=rf"PaliGemma takes 1 image per sample and a sample here holds 2; "
+                                          rf"several images per sample need one of {', '.join(several)}"):
+        check_samples(paligemma, [images(1)[0], images(2)[0] + images(2)[1]], [[("what", "red")]] * 2, system="")
 
 
 def test_missing_columns_are_named(shapes_data):

@@ -82,7 +82,7 @@ def test_planned_activations_match_what_autograd_saves(small_paligemma):
     cfg = config(small_paligemma, "paligemma")
     built = build(cfg)
     built.model.train()
-    images = [Image.new("RGB", (32, 32), (60 * i, 100, 200)) for i in range(2)]
+    images = [[Image.new("RGB", (32, 32), (60 * i, 100, 200))] for i in range(2)]
     batch = built.family.training_batch(built.processor, images, [[("what shape is it", "a red circle")]] * 2)
     cfg.data.max_length = batch["input_ids"].shape[1]
     answer_tokens = int((batch["labels"][:, 1:] != -100).sum()) / 2

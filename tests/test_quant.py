@@ -86,7 +86,7 @@ def test_train_eval_train_on_4bit(tiny_paligemma, shapes_data, tmp_path):
     built = build(tiny_config(tiny_paligemma, shapes_data, tmp_path))
     model = built.model
     assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
-    batch = built.family.training_batch(built.processor, [Image.new("RGB", (32, 32))],
+    batch = built.family.training_batch(built.processor, [[Image.new("RGB", (32, 32))]],
                                         [[("what shape is it", "circle")]])
     labels = batch.pop("labels")
     for mode in ("train", "eval", "train"):

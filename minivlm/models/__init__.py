@@ -3,6 +3,7 @@
 A family module provides:
   NAME              how messages name it ("PaliGemma")
   CHAT              whether its prompt format is a chat template: a system turn, multi-turn dialogs
+  MAX_IMAGES        images one sample may hold (None: any number, each where its <image> marker is)
   MODEL_CLASS       the transformers class loaded with from_pretrained
   QUANT_SKIP        modules kept unquantized by default
   LORA_TARGETS      modules wrapped by LoRA by default (suffix names)
@@ -12,6 +13,7 @@ A family module provides:
   load_processor(path, trust_remote_code, **resolution)      -> the family's real processor
   training_batch(processor, images, dialogs, system)          -> tensors incl. labels (-100 = no loss)
   generation_batch(processor, images, prompts, system)       -> left-padded tensors for model.generate
+                   (images: a list per sample)
   skeleton(path, dtype)        the model from its config.json alone (the planner builds it on the meta device)
   layout(model, preprocessor)  -> Layout: what the memory planner reads of the model (below)
 
@@ -21,6 +23,7 @@ share their batching in `chat.py`.
 Families import nothing from the rest of minivlm: everything else is built on them.
 """
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
@@ -58,6 +61,21 @@ class Layout:
     # how many such layers project them into keys and values of their own.
     vision_states: int = 0
     vision_state_readers: int = 0
+    # (image tokens, images through the tower) of each image when a sample holds several, for a
+    # processor that treats them differently then (LLaVA-OneVision drops its anyres crops); None:
+    # as one image alone.
+    several: tuple[int, int] | None = None
+
+
+def per_sample(layout: Layout, images: int) -> Layout:
+    """`layout` (one image's) for samples of `images` images (data.max_images): each its own tokens
+    in the text, its own pass through the tower, its own vision states."""
+    if images == 1:
+        return layout
+    tokens, views = layout.several or (layout.image_tokens, layout.images)
+    how = f"{tokens} image tokens, {views} through the tower" if layout.several else layout.how
+    return dataclasses.replace(layout, image_tokens=tokens * images, images=views * images,
+                               vision_states=layout.vision_states * images, how=f"{images} images per sample, each {how}")
 
 
 def from_config(model_class, path: str, dtype) -> object:

@@ -1,20 +1,23 @@
 """What chat-template families share: dialogs in, tokens out, loss on the assistant turns only.
 (Every family also takes `leaves_no_state`, `single_exchange` and `answer_labels` from here.)
 
-A sample is a dialog, a list of (user, assistant) exchanges; single-question data is a dialog
-of one. It is rendered by the processor's own chat template (each checkpoint ships the one it
-was trained with), the image attached to the first user turn:
+A sample is its images and a dialog, a list of (user, assistant) exchanges; single-question data
+is a dialog of one. It is rendered by the processor's own chat template (each checkpoint ships
+the one it was trained with), each image where its <image> marker stands in a user turn, or all
+of them at the start of the first user turn when the dialog has no markers:
 
-    [system]  user: <image> question₁   assistant: answer₁   user: question₂   assistant: answer₂ …
+    [system]  user: <image> question₁   assistant: answer₁   user: <image> question₂   assistant: answer₂ …
 
 The label mask must find each answer in the *processed* tokens, after the processor has
-expanded <image> into many image tokens. We find it in the text instead: render the dialog up
-to "assistant:" of exchange k and up to the end of answer k; tokenized (text only, no images),
-the second has the answer's tokens beyond the shared prefix. The whole text, tokenized the same
-way, is shorter than the processed row by exactly the tokens the processor inserted, all of
-them before the first answer (the image); that difference maps text positions to row positions.
-An answer is labelled up to and including its end token; what a template adds after (a
-newline) is not.
+expanded every image into many tokens (and, in some families, row and column markers). We find
+it in the text instead: render the dialog up to "assistant:" of exchange k and up to the end of
+answer k; tokenized (text only, no images), the second has the answer's tokens beyond the shared
+prefix. In the processed row the answer sits further on by the tokens the processor inserted
+before it: those of the images in turns 1..k (and a BOS). When every image comes before answer
+k, the whole row tells that count: it is the row's length minus its text's. Otherwise the text
+up to answer k is processed with its own images, and the same difference is taken there. No
+image sits in an assistant turn, so no image token is ever labelled. An answer is labelled up to
+and including its end token; what a template adds after (a newline) is not.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from PIL import Image
 
 
 Dialog = list[tuple[str, str]]  # [(user text, assistant text), ...]
+IMAGE = "<image>"  # where a user turn holds one of the sample's images (LLaVA's and TRL's marker)
 
 
 def leaves_no_state(batch_fn: Callable) -> Callable:
@@ -54,23 +58,50 @@ def leaves_no_state(batch_fn: Callable) -> Callable:
     return wrapped
 
 
-def messages(dialog: Dialog, system: str = "", upto: int | None = None, answered: bool = True) -> list[dict]:
-    """Chat messages for the first `upto` exchanges of `dialog` (all by default); the last one
-    without its answer when `answered` is False."""
+def image_counts(dialog: Dialog, images: int) -> list[int]:
+    """How many of the sample's `images` each exchange's user turn holds: as its <image> markers
+    say, or all of them in the first turn when the dialog has none (data.sample_of has checked
+    that a marked dialog marks every image, and only in user turns)."""
+    marked = [user.count(IMAGE) for user, _ in dialog]
+    return marked if sum(marked) else [images] + [0] * (len(dialog) - 1)
+
+
+def _user_content(text: str, images: int) -> list[dict]:
+    """A user turn's content parts: its text with an image part at each marker, or `images` image
+    parts before the text when it has none."""
+    if IMAGE not in text:
+        return [{"type": "image"}] * images + [{"type": "text", "text": text}]
+    parts = []
+    for i, piece in enumerate(text.split(IMAGE)):
+        if i:
+            parts.append({"type": "image"})
+        if piece.strip():
+            parts.append({"type": "text", "text": piece.strip()})
+    return parts
+
+
+def messages(dialog: Dialog, images: int, system: str = "", upto: int | None = None,
+             answered: bool = True) -> list[dict]:
+    """Chat messages for the first `upto` exchanges of `dialog` (all by default) with their share of
+    the sample's `images`; the last one without its answer when `answered` is False."""
     exchanges = dialog[:upto]
     turns = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-    for i, (user, assistant) in enumerate(exchanges):
-        image = [{"type": "image"}] if i == 0 else []
-        turns.append({"role": "user", "content": [*image, {"type": "text", "text": user}]})
+    for i, ((user, assistant), held) in enumerate(zip(exchanges, image_counts(dialog, images))):
+        turns.append({"role": "user", "content": _user_content(user, held)})
         if answered or i < len(exchanges) - 1:
             turns.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
     return turns
 
 
+def plain(text: str) -> str:
+    """A prompt without its <image> markers, for the families that always put their one image first."""
+    return " ".join(piece.strip() for piece in text.split(IMAGE) if piece.strip()) if IMAGE in text else text
+
+
 def single_exchange(dialogs: list[Dialog]) -> tuple[list[str], list[str]]:
     """(prompts, answers) for families without a chat template (CHAT = False): one question per
-    sample, no system turn; batches.check_dialogs has refused anything else before."""
-    return [d[0][0] for d in dialogs], [d[0][1] for d in dialogs]
+    sample, no system turn, its one image first; batches.check_samples has refused anything else."""
+    return [plain(d[0][0]) for d in dialogs], [d[0][1] for d in dialogs]
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -86,22 +117,39 @@ def _shared_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _find(row: list[int], needle: list[int], start: int) -> int:
+    """Where `needle` first begins in `row` at or after `start`; -1 if nowhere."""
+    for i in range(start, len(row) - len(needle) + 1):
+        if row[i:i + len(needle)] == needle:
+            return i
+    return -1
+
+
 def answer_labels(batch: dict[str, torch.Tensor], tokenizer, spans_text: list[list[tuple[str, str]]],
-                  full_texts: list[str], end_token: str) -> torch.Tensor:
+                  header: str, end_token: str) -> torch.Tensor:
     """Labels for a processed `batch`: each answer's tokens up to and including `end_token`, else -100.
 
     spans_text[row] lists, per answer, (text up to the answer, text up to the answer's end);
-    full_texts[row] is the row's whole text before image expansion.
+    `header` is the text the prompt format puts before every answer (the chat template's
+    generation prompt), found with the answer in the processed row after the previous answer.
     """
     end_id = tokenizer.convert_tokens_to_ids(end_token)
+    context = len(_ids(tokenizer, header))
     labels = torch.full_like(batch["input_ids"], -100)
-    for row, (spans, full_text) in enumerate(zip(spans_text, full_texts)):
+    for row, spans in enumerate(spans_text):
         real = batch["attention_mask"][row].nonzero().squeeze(1)  # positions of non-padding tokens
-        inserted = len(real) - len(_ids(tokenizer, full_text))  # image tokens (and a BOS) the processor added
+        ids = batch["input_ids"][row, real].tolist()
+        searched = 0  # where the previous answer ended: this one comes after it
         for before, through in spans:
             through_ids = _ids(tokenizer, through)
             start = _shared_prefix(_ids(tokenizer, before), through_ids)
-            span = real[inserted + start:inserted + len(through_ids)]
+            needle = through_ids[max(start - context, 0):]  # the header, the answer and what ends it
+            found = _find(ids, needle, searched)
+            if found < 0:
+                raise ValueError(f"the answer in {through!r} is not in the processed tokens as its text tokenizes: "
+                                 "the processor changed the text around it")
+            span = real[found + len(needle) - (len(through_ids) - start):found + len(needle)]
+            searched = found + len(needle)
             ends = (batch["input_ids"][row, span] == end_id).nonzero()
             if len(ends) == 0:
                 raise ValueError(f"no {end_token!r} after the answer in {through!r}: the prompt format does "
@@ -111,25 +159,36 @@ def answer_labels(batch: dict[str, torch.Tensor], tokenizer, spans_text: list[li
     return labels
 
 
+def generation_prompt(processor) -> str:
+    """What the chat template writes before an assistant answer, after the user turn's end."""
+    turn = messages([("x", "")], 0, answered=False)
+    asked = processor.apply_chat_template(turn, add_generation_prompt=True)
+    said = processor.apply_chat_template(turn, add_generation_prompt=False)
+    if not asked.startswith(said):
+        raise ValueError(f"the chat template's generation prompt is not an addition at the end of the text "
+                         f"({said!r} -> {asked!r}): answers cannot be found after it")
+    return asked[len(said):]
+
+
 @leaves_no_state
-def training_batch(processor, images: list[Image.Image], dialogs: list[Dialog], end_of_turn: str,
+def training_batch(processor, images: list[list[Image.Image]], dialogs: list[Dialog], end_of_turn: str,
                    system: str = "") -> dict[str, torch.Tensor]:
-    """Processor tensors plus `labels`: every assistant answer and its end-of-turn token, else -100."""
+    """Processor tensors plus `labels`: every assistant answer and its end-of-turn token, else -100.
+    `images`: each sample's, in the order its dialog places them."""
     render = processor.apply_chat_template
-    full_texts = [render(messages(d, system)) for d in dialogs]
-    spans = [[(render(messages(d, system, k, answered=False), add_generation_prompt=True),
-               render(messages(d, system, k))) for k in range(1, len(d) + 1)] for d in dialogs]
-    batch = dict(processor(text=full_texts, images=[[im] for im in images], padding=True, padding_side="right",
-                           return_tensors="pt"))
-    batch["labels"] = answer_labels(batch, processor.tokenizer, spans, full_texts, end_of_turn)
+    full_texts = [render(messages(d, len(ims), system)) for d, ims in zip(dialogs, images)]
+    spans = [[(render(messages(d, len(ims), system, k, answered=False), add_generation_prompt=True),
+               render(messages(d, len(ims), system, k))) for k in range(1, len(d) + 1)]
+             for d, ims in zip(dialogs, images)]
+    batch = dict(processor(text=full_texts, images=images, padding=True, padding_side="right", return_tensors="pt"))
+    batch["labels"] = answer_labels(batch, processor.tokenizer, spans, generation_prompt(processor), end_of_turn)
     return batch
 
 
 @leaves_no_state
-def generation_batch(processor, images: list[Image.Image], prompts: list[str],
+def generation_batch(processor, images: list[list[Image.Image]], prompts: list[str],
                      system: str = "") -> dict[str, torch.Tensor]:
     # Left padding: generation appends at the right end, so every row must end with its prompt.
-    texts = [processor.apply_chat_template(messages([(p, "")], system, answered=False), add_generation_prompt=True)
-             for p in prompts]
-    return dict(processor(text=texts, images=[[im] for im in images], padding=True, padding_side="left",
-                          return_tensors="pt"))
+    texts = [processor.apply_chat_template(messages([(p, "")], len(ims), system, answered=False),
+                                           add_generation_prompt=True) for p, ims in zip(prompts, images)]
+    return dict(processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt"))

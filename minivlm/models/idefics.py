@@ -18,7 +18,8 @@ from minivlm.models import Layout, chat, from_config, processor
 
 NAME = "IDEFICS"
 MODEL_CLASS = IdeficsForVisionText2Text
-CHAT = False  # no chat template: one question per sample, no system turn (batches.check_dialogs)
+CHAT = False  # no chat template: one question per sample, no system turn (batches.check_samples)
+MAX_IMAGES = 1  # its processor interleaves more; the captioning recipe has one per sample, and no markers are placed here
 # lm_head and embed_tokens are decoupled layers (extra rows for added tokens) and never quantized.
 QUANT_SKIP = ["vision_model", "perceiver_resampler", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj"]  # in self-attention and in the gated cross-attention
@@ -29,21 +30,23 @@ RESOLUTION = ()  # CLIP at its checkpoint's one size
 
 
 @chat.leaves_no_state
-def training_batch(processor, images: list[Image.Image], dialogs: list[chat.Dialog],
+def training_batch(processor, images: list[list[Image.Image]], dialogs: list[chat.Dialog],
                    system: str = "") -> dict[str, torch.Tensor]:
     prompts, answers = chat.single_exchange(dialogs)
     tok = processor.tokenizer
     full = [f"{p} {a}{tok.eos_token}" for p, a in zip(prompts, answers)]
-    batch = dict(processor(text=[[im, t.removesuffix(tok.eos_token)] for im, t in zip(images, full)],
+    batch = dict(processor(text=[[*ims, t.removesuffix(tok.eos_token)] for ims, t in zip(images, full)],
                            add_eos_token=True, padding=True, padding_side="right", return_tensors="pt"))
-    batch["labels"] = chat.answer_labels(batch, tok, [[(p, t)] for p, t in zip(prompts, full)], full, tok.eos_token)
+    # No header before the answer: it is found as itself and the EOS, which the prompt never holds.
+    batch["labels"] = chat.answer_labels(batch, tok, [[(p, t)] for p, t in zip(prompts, full)], "", tok.eos_token)
     return batch
 
 
 @chat.leaves_no_state
-def generation_batch(processor, images: list[Image.Image], prompts: list[str],
+def generation_batch(processor, images: list[list[Image.Image]], prompts: list[str],
                      system: str = "") -> dict[str, torch.Tensor]:
-    return dict(processor(text=[[im, p] for im, p in zip(images, prompts)], padding=True, padding_side="left",
+    return dict(processor(text=[[*ims, chat.plain(p)] for ims, p in zip(images, prompts)], padding=True,
+                          padding_side="left",
                           return_tensors="pt"))
 
 

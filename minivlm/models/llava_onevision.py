@@ -3,7 +3,7 @@ patches) -> 2-layer MLP projector -> Qwen2 decoder, in ChatML.
 
 AnyRes: the processor picks, among image_grid_pinpoints, the resolution that best fits the
 image, cuts it into crops of 384 px and adds the whole image scaled down: 1 + crops images
-through the tower. In the text the whole image is 729 tokens, the crops one grid of features
+through the tower (only the whole image when a sample holds several). In the text the whole image is 729 tokens, the crops one grid of features
 with the padding cropped away and an image_newline after each row; a grid of more than
 anyres_max_9 crops' worth (9 × 729) is interpolated down to about that. The model splits the
 tower's output by the same pinpoints, read from its own config: image_grid_pinpoints is set on
@@ -20,6 +20,7 @@ from minivlm.models import Layout, chat, from_config, processor
 NAME = "LLaVA-OneVision"
 MODEL_CLASS = LlavaOnevisionForConditionalGeneration
 CHAT = True  # a chat template: a system turn and multi-turn dialogs
+MAX_IMAGES = None  # any number per sample, each where its <image> marker stands
 QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_tower", "multi_modal_projector"]
@@ -53,5 +54,8 @@ def layout(model: LlavaOnevisionForConditionalGeneration, preprocessor: dict) ->
     crops = max(h * w // v.image_size ** 2 for h, w in pinpoints)
     how = (f"up to {n} image tokens ({side}² for the whole image + a grid of up to {crops} crops, "
            f"newlines included, capped at {c.vision_aspect_ratio})")
+    # Several images a sample: each is the whole image alone, no crops (the image processor's
+    # need_patching), and a newline (less the CLS under the "default" feature strategy).
+    alone = side ** 2 + 1 - (c.vision_feature_select_strategy == "default")
     return Layout(c.get_text_config(), v.hidden_size, v.intermediate_size, n, 1 + crops, side ** 2, how,
-                  vision_hidden_states=v.num_hidden_layers + 1)
+                  vision_hidden_states=v.num_hidden_layers + 1, several=(alone, 1))

@@ -148,6 +148,7 @@ def assemble(language_model: str, vision_model: str, out: str | Path, seed: int 
 NAME = "LLaVA-Phi-2"
 MODEL_CLASS = LlavaPhi
 CHAT = True  # a chat template: a system turn and multi-turn dialogs
+MAX_IMAGES = 1  # the LLaVA-1.5 recipe: one image per conversation
 QUANT_SKIP = ["vision_tower", "projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 LORA_SKIP = ["vision_tower", "projector"]

@@ -21,7 +21,8 @@ from minivlm.models import Layout, chat, from_config, processor
 
 NAME = "PaliGemma"
 MODEL_CLASS = PaliGemmaForConditionalGeneration
-CHAT = False  # no chat template: one question per sample, no system turn (batches.check_dialogs)
+CHAT = False  # no chat template: one question per sample, no system turn (batches.check_samples)
+MAX_IMAGES = 1  # pretrained and transferred with one image per prefix
 QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_tower", "multi_modal_projector"]
@@ -47,7 +48,7 @@ def _text(processor: PaliGemmaProcessor, prompt: str) -> str:
 
 
 @chat.leaves_no_state
-def training_batch(processor: PaliGemmaProcessor, images: list[Image.Image], dialogs: list[chat.Dialog],
+def training_batch(processor: PaliGemmaProcessor, images: list[list[Image.Image]], dialogs: list[chat.Dialog],
                    system: str = "") -> dict[str, torch.Tensor]:
     prompts, answers = chat.single_exchange(dialogs)
     batch = processor(images=images, text=[_text(processor, p) for p in prompts], suffix=answers,
@@ -59,10 +60,10 @@ def training_batch(processor: PaliGemmaProcessor, images: list[Image.Image], dia
 
 
 @chat.leaves_no_state
-def generation_batch(processor: PaliGemmaProcessor, images: list[Image.Image],
+def generation_batch(processor: PaliGemmaProcessor, images: list[list[Image.Image]],
                      prompts: list[str], system: str = "") -> dict[str, torch.Tensor]:
     # Left padding: generation appends at the right end, so every row must end with its prompt.
-    batch = processor(images=images, text=[_text(processor, p) for p in prompts], padding="longest",
+    batch = processor(images=images, text=[_text(processor, chat.plain(p)) for p in prompts], padding="longest",
                       padding_side="left", return_tensors="pt")
     batch.pop("labels", None)
     return dict(batch)

@@ -22,6 +22,7 @@ from minivlm.models import Layout, chat, from_config, processor
 NAME = "Qwen2.5-VL"
 MODEL_CLASS = Qwen2_5_VLForConditionalGeneration
 CHAT = True  # a chat template: a system turn and multi-turn dialogs
+MAX_IMAGES = None  # any number per sample, each where its <image> marker stands
 QUANT_SKIP = ["visual", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["visual"]  # the ViT's blocks have gate/up/down_proj too

@@ -8,7 +8,7 @@ from functools import partial
 from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
 from minivlm.models import Layout, from_config, processor
-from minivlm.models.qwen2_5_vl import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGETS, QUANT_SKIP,  # noqa: F401
+from minivlm.models.qwen2_5_vl import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGETS, MAX_IMAGES, QUANT_SKIP,  # noqa: F401
                                        RESOLUTION, generation_batch, image_tokens, training_batch)
 
 NAME = "Qwen2-VL"

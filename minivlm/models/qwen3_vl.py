@@ -18,7 +18,7 @@ from functools import partial
 from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 
 from minivlm.models import from_config, processor
-from minivlm.models.qwen2_5_vl import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGETS, QUANT_SKIP,  # noqa: F401
+from minivlm.models.qwen2_5_vl import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGETS, MAX_IMAGES, QUANT_SKIP,  # noqa: F401
                                        RESOLUTION, generation_batch, layout, training_batch)
 
 NAME = "Qwen3-VL"

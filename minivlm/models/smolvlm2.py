@@ -8,7 +8,7 @@ from functools import partial
 from transformers import SmolVLMForConditionalGeneration, SmolVLMProcessor
 
 from minivlm.models import from_config, processor
-from minivlm.models.smolvlm import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGETS, QUANT_SKIP,  # noqa: F401
+from minivlm.models.smolvlm import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGETS, MAX_IMAGES, QUANT_SKIP,  # noqa: F401
                                     RESOLUTION, generation_batch, layout, training_batch)
 
 NAME = "SmolVLM2"

@@ -61,9 +61,9 @@ from torch import nn
 
 from minivlm import distributed
 from minivlm.build import Built
-from minivlm.batches import answer_positions, check_dialogs, empty_batch, random_resized_crop, within_max_length
+from minivlm.batches import answer_positions, empty_batch, samples, within_max_length
 from minivlm.config import Config, DataConfig
-from minivlm.data import rejected_of, usable_samples
+from minivlm.data import rejected_of
 from minivlm.objectives.reference import reference, reference_weights
 from minivlm.precision import logits_of
 
@@ -80,17 +80,14 @@ def collate_pairs(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, fam
     """The family's training batch for the preference pairs `ds[indices]`: rows [chosen₁ … chosenₙ,
     rejected₁ … rejectedₙ], labels on each row's answer. Bad rows are skipped (data.on_bad_sample),
     and a pair with either row longer than data.max_length is dropped whole."""
-    samples = usable_samples(ds, indices, cfg)
-    if not samples:  # a batch of zero rows, which the loop skips, as batches.collate's
+    pairs = samples(ds, indices, cfg, family, generator)  # one crop per image of a pair: both answers see it
+    if not pairs:  # a batch of zero rows, which the loop skips, as batches.collate's
         return empty_batch()
-    images = [image for _, _, image, _ in samples]
-    if cfg.random_resized_crop and generator is not None:  # one crop per pair: both answers see it
-        images = [random_resized_crop(im, cfg.random_resized_crop, generator) for im in images]
-    chosen = [dialog for *_, dialog in samples]
-    rejected = [[(dialog[0][0], rejected_of(cfg, row))] for _, row, _, dialog in samples]
-    check_dialogs(family, chosen, cfg.system_prompt)
+    images = [images for _, _, images, _ in pairs]
+    chosen = [dialog for *_, dialog in pairs]
+    rejected = [[(dialog[0][0], rejected_of(cfg, row))] for _, row, _, dialog in pairs]
     return within_max_length(family, processor, images + images, chosen + rejected, cfg,
-                             [index for index, *_ in samples], rows_per_sample=ROWS_PER_SAMPLE)
+                             [index for index, *_ in pairs], rows_per_sample=ROWS_PER_SAMPLE)
 
 
 collate = collate_pairs

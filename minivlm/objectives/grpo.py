@@ -32,7 +32,7 @@ A step (backward_window), for the train.batch_size prompts of each micro-batch (
 
   1. sample num_generations completions per prompt with the policy in eval mode (sample); the
      image goes through the processor and the vision tower once per prompt (the forwards of
-     steps 3 and 4 take it once per completion: scoring_batch expands the prompt's inputs);
+     steps 3 and 4 take it once per completion: scoring_batch repeats the prompts' inputs);
   2. score them with the rewards (minivlm/rewards.py) and take the group advantages;
   3. with iterations > 1, keep π_old's log-probabilities (a forward without gradient); with
      beta > 0, π_ref's (objectives/reference.py: the adapters off, or train.init_from's);
@@ -56,11 +56,12 @@ import torch
 from PIL import Image
 
 from minivlm import distributed
-from minivlm.batches import check_dialogs, random_resized_crop, short_enough
+from minivlm.batches import samples, short_enough
 from minivlm.build import Built
 from minivlm.config import CHOICES, Config, DataConfig
-from minivlm.data import rows_of, usable_samples
+from minivlm.data import rows_of
 from minivlm.evaluate import generated
+from minivlm.models.processor import image_token_id
 from minivlm.objectives.reference import reference, reference_weights
 from minivlm.objectives.sft import answer_loss_sum
 from minivlm.precision import logits_of
@@ -137,7 +138,7 @@ def divisor(mask: torch.Tensor, loss_type: str) -> int:
 def answer_token_types(built: Built) -> dict[str, int]:
     """The type ids (TOKEN_TYPES) the family gives an answer token, read off one training batch."""
     image = Image.new("RGB", (32, 32))
-    batch = built.family.training_batch(built.processor, [image], [[("a", "b")]])
+    batch = built.family.training_batch(built.processor, [[image]], [[("a", "b")]])
     answer = (batch["labels"][0] != -100).nonzero()[0, 0]
     return {key: int(batch[key][0, answer]) for key in TOKEN_TYPES if key in batch}
 
@@ -151,29 +152,46 @@ def sample(cfg: Config, built: Built, inputs: dict[str, torch.Tensor], group: in
     expands the prompt's encoded inputs to its `group` rows. A completion cut off at
     max_new_tokens has no end token and is kept whole."""
     # top_k=0: a checkpoint's generation_config may set top_k (50 by default), which would sample
-    # from fewer tokens than top_p and temperature say.
+    # from fewer tokens than top_p and temperature say. The image token is never sampled: in the
+    # scoring forward it would be taken for an image's slot ("image features and image tokens do
+    # not match"); a trained model gives it no mass anyway.
+    image = image_token_id(built.processor)
     completion = generated(cfg, built, inputs, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                           max_new_tokens=max_new_tokens, num_return_sequences=group).cpu()
+                           max_new_tokens=max_new_tokens, num_return_sequences=group,
+                           suppress_tokens=[image] if image is not None else None).cpu()
     is_end = torch.isin(completion, torch.tensor(built.model.generation_config.eos_token_id).flatten())
     # Up to and with the first end token: the count of ends strictly before each position is 0.
     return completion, (is_end.cumsum(1) - is_end.long()) == 0
 
 
-def scoring_batch(model: torch.nn.Module, inputs: dict[str, torch.Tensor], completion: torch.Tensor,
-                  mask: torch.Tensor, group: int, types: dict[str, int]) -> dict[str, torch.Tensor]:
-    """The batch that scores sampled completions: the prompts' inputs expanded to `group` rows each
-    (by the model's own _expand_inputs_for_generation, which knows how its family lays out
-    pixel_values) with the sampled ids appended as they are, not decoded and re-tokenised, which
-    could split them otherwise. Labels are each completion up to and with its first end token;
-    the prompt (image tokens included) and what follows the end never. `types`: answer_token_types."""
-    input_ids, expanded = model._expand_inputs_for_generation(expand_size=group, input_ids=inputs["input_ids"],
-                                                               **{k: v for k, v in inputs.items() if k != "input_ids"})
-    scored = {**expanded, "input_ids": torch.cat([input_ids, completion], 1),
+def scoring_batch(inputs: dict[str, torch.Tensor], completion: torch.Tensor, mask: torch.Tensor, group: int,
+                  types: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The batch that scores sampled completions: the prompts' inputs `group` times over, end to end,
+    with the sampled ids appended as they are, not decoded and re-tokenised, which could split them
+    otherwise. End to end, every tensor of the batch stays in sample order, whatever it is per
+    (a row, an image, Qwen's patches of every image): the batch of the prompts listed `group` times.
+    Its rows are therefore in completion order (the first completion of every prompt, then the
+    second...), where `completion` and `mask` are in prompt order (completion_log_probs puts them
+    back). Labels are each completion up to and with its first end token; the prompt (image
+    tokens included) and what follows the end never. `types`: answer_token_types."""
+    expanded = {key: torch.cat([value] * group) for key, value in inputs.items()}
+    completion, mask = _in_completion_order(completion, group), _in_completion_order(mask, group)
+    scored = {**expanded, "input_ids": torch.cat([expanded["input_ids"], completion], 1),
               "attention_mask": torch.cat([expanded["attention_mask"], mask.long()], 1),
-              "labels": torch.cat([torch.full_like(input_ids, -100), completion.masked_fill(~mask, -100)], 1)}
+              "labels": torch.cat([torch.full_like(expanded["input_ids"], -100), completion.masked_fill(~mask, -100)], 1)}
     for key, value in types.items():
         scored[key] = torch.cat([expanded[key], torch.full_like(completion, value)], 1)
     return scored
+
+
+def _in_completion_order(x: torch.Tensor, group: int) -> torch.Tensor:
+    """(prompts × group, ...) rows in prompt order (a prompt's completions together, as generate
+    returns them) -> in completion order (the g-th completion of every prompt, g = 0, 1, ...)."""
+    return x.view(-1, group, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+
+
+def _in_prompt_order(x: torch.Tensor, group: int) -> torch.Tensor:
+    return x.view(group, -1, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
 
 
 def texts(processor, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -183,18 +201,20 @@ def texts(processor, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
     return [t.strip() for t in decoded]
 
 
-def completion_log_probs(cfg: Config, built: Built, batch: dict[str, torch.Tensor], length: int,
+def completion_log_probs(cfg: Config, built: Built, batch: dict[str, torch.Tensor], length: int, group: int,
                          model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log π(token) of each completion token, the mask of those tokens), both (rows, `length`): the
-    completions are the last `length` columns of the scoring batch, and only the positions that
-    predict them go through the lm_head (precision.logits_of)."""
+    """(log π(token) of each completion token, the mask of those tokens), both (rows, `length`), rows
+    in prompt order: the completions are the last `length` columns of the scoring batch (of
+    `group` completions a prompt), and only the positions that predict them go through the lm_head
+    (precision.logits_of)."""
     labels = batch["labels"]
     predicting = torch.zeros_like(labels, dtype=torch.bool)
     predicting[:, -length - 1:-1] = True
     logits = logits_of(cfg, built, batch, at=predicting, model=model).view(len(labels), length, -1)
     ids = labels[:, -length:]
     mask = ids != -100
-    return token_log_probs(logits, ids.clamp(min=0).to(logits.device)), mask.to(logits.device)
+    logp = token_log_probs(logits, ids.clamp(min=0).to(logits.device))
+    return _in_prompt_order(logp, group), _in_prompt_order(mask.to(logits.device), group)
 
 
 def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: ModuleType, processor,
@@ -202,20 +222,17 @@ def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: M
     """The prompts of `ds[indices]` for sampling: {"inputs": the family's generation batch (one row per
     prompt), "prompts", "rows", "numbers" (the rows' indices)}, the last three for the rewards. Bad rows
     are skipped (data.on_bad_sample), and so are prompts longer than data.max_length tokens."""
-    samples = usable_samples(ds, indices, cfg)
-    images = [image for _, _, image, _ in samples]
-    if cfg.random_resized_crop and generator is not None:
-        images = [random_resized_crop(im, cfg.random_resized_crop, generator) for im in images]
-    prompts = [dialog[0][0] for *_, dialog in samples]
-    check_dialogs(family, [[(p, "")] for p in prompts], cfg.system_prompt)
-    inputs = family.generation_batch(processor, images, prompts, system=cfg.system_prompt) if samples else {}
-    keep = short_enough(inputs, family, processor, cfg, [i for i, *_ in samples]) if samples else None
+    chosen = samples(ds, indices, cfg, family, generator)
+    images = [images for _, _, images, _ in chosen]
+    prompts = [dialog[0][0] for *_, dialog in chosen]
+    inputs = family.generation_batch(processor, images, prompts, system=cfg.system_prompt) if chosen else {}
+    keep = short_enough(inputs, family, processor, cfg, [i for i, *_ in chosen]) if chosen else None
     if keep is not None and not keep.all():
-        samples, images, prompts = ([x for x, k in zip(xs, keep.tolist()) if k] for xs in (samples, images, prompts))
+        chosen, images, prompts = ([x for x, k in zip(xs, keep.tolist()) if k] for xs in (chosen, images, prompts))
         # Processed again without them: some processors flatten a batch's images into rows of no sample.
-        inputs = family.generation_batch(processor, images, prompts, system=cfg.system_prompt) if samples else {}
-    return {"inputs": inputs, "prompts": prompts, "rows": [row for _, row, _, _ in samples],
-            "numbers": [i for i, *_ in samples]}
+        inputs = family.generation_batch(processor, images, prompts, system=cfg.system_prompt) if chosen else {}
+    return {"inputs": inputs, "prompts": prompts, "rows": [row for _, row, _, _ in chosen],
+            "numbers": [i for i, *_ in chosen]}
 
 
 @dataclasses.dataclass
@@ -286,16 +303,16 @@ def roll_out(cfg: Config, built: Built, batch: dict, state: State) -> Rollout | 
                                   repeated(batch["numbers"], g.num_generations))
     old_logp = ref_logp = None
     if g.iterations > 1 or g.beta:
-        scored = scoring_batch(built.model, batch["inputs"], completion, mask, g.num_generations, state.types)
+        scored = scoring_batch(batch["inputs"], completion, mask, g.num_generations, state.types)
         if g.iterations > 1:  # π_old: the policy as it sampled, without dropout
             was_training = built.model.training
             built.model.eval()
             with torch.no_grad():
-                old_logp = completion_log_probs(cfg, built, scored, completion.shape[1])[0]
+                old_logp = completion_log_probs(cfg, built, scored, completion.shape[1], g.num_generations)[0]
             built.model.train(was_training)
         if g.beta:
             with reference(built.model, state.reference):
-                ref_logp = completion_log_probs(cfg, built, scored, completion.shape[1])[0]
+                ref_logp = completion_log_probs(cfg, built, scored, completion.shape[1], g.num_generations)[0]
     groups = rewards.view(-1, g.num_generations)
     sums = {"reward": rewards.sum(), "reward_std": groups.std(1).sum(),
             "zero_spread": (groups.max(1).values == groups.min(1).values).sum(), "groups": len(groups),
@@ -347,8 +364,8 @@ def backward_window(cfg: Config, built: Built, model: torch.nn.Module, batches: 
                 if filler is not None:
                     scaler.scale(answer_loss_sum(cfg, built, filler, model)).backward()
                 continue
-            scored = scoring_batch(built.model, r.inputs, r.completion, r.mask, g.num_generations, state.types)
-            logp, mask = completion_log_probs(cfg, built, scored, r.completion.shape[1], model)
+            scored = scoring_batch(r.inputs, r.completion, r.mask, g.num_generations, state.types)
+            logp, mask = completion_log_probs(cfg, built, scored, r.completion.shape[1], g.num_generations, model)
             old = r.old_logp if r.old_logp is not None else logp.detach()  # μ = 1: π_old is π_θ, ρ = 1
             summed, _, figures = policy_loss(logp, old, r.ref_logp, r.advantages.to(logp.device), mask, g.loss_type,
                                              g.epsilon, g.epsilon_high or g.epsilon, g.beta, g.max_new_tokens)
