@@ -10,14 +10,15 @@ of them at the start of the first user turn when the dialog has no markers:
 
 The label mask must find each answer in the *processed* tokens, after the processor has
 expanded every image into many tokens (and, in some families, row and column markers). We find
-it in the text instead: render the dialog up to "assistant:" of exchange k and up to the end of
-answer k; tokenized (text only, no images), the second has the answer's tokens beyond the shared
-prefix. In the processed row the answer sits further on by the tokens the processor inserted
-before it: those of the images in turns 1..k (and a BOS). When every image comes before answer
-k, the whole row tells that count: it is the row's length minus its text's. Otherwise the text
-up to answer k is processed with its own images, and the same difference is taken there. No
-image sits in an assistant turn, so no image token is ever labelled. An answer is labelled up to
-and including its end token; what a template adds after (a newline) is not.
+it from the text: render the dialog up to "assistant:" of exchange k and up to the end of answer
+k; tokenized (text only, no images), the second has the answer's tokens beyond the shared
+prefix. Those tokens, with the header the template writes before every answer (its generation
+prompt) in front of them, are then found in the processed row after the previous answer. No
+count of image tokens is needed, so any placement works: an image after an answer, several in
+one turn, a processor that expands an image differently beside others (LLaVA-OneVision drops
+its crops then). The header keeps a user turn that ends in the answer's own tokens from being
+taken for it. No image sits in an assistant turn, so no image token is ever labelled. An answer
+is labelled up to and including its end token; what a template adds after (a newline) is not.
 """
 
 from __future__ import annotations
