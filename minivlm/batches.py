@@ -7,6 +7,7 @@ crops drawn. steps.py decides which samples go into which step.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from types import ModuleType
@@ -16,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from minivlm.config import ConfigError, DataConfig
+from minivlm.config import Config, ConfigError, DataConfig
 from minivlm.data import Rows, usable_samples
 from minivlm.models import FAMILIES, get_family
+from minivlm.models.chat import Media, Video
 from minivlm.models.processor import image_token_id
 
 
@@ -31,12 +33,26 @@ def check_images(family: ModuleType, most: int, where: str) -> None:
                           f"several images per sample need one of {', '.join(several)}")
 
 
+def check_video(family: ModuleType, cfg: Config) -> None:
+    """Refuse video (data.video_column, model.video_processor) for a family that reads none here, and
+    a video resolution key its video processor does not have."""
+    keys = getattr(family, "VIDEO_RESOLUTION", None)
+    if (cfg.data.video_column or cfg.model.video_processor) and keys is None:
+        readers = [name for name in FAMILIES if hasattr(get_family(name), "VIDEO_RESOLUTION")]
+        raise ConfigError(f"{family.NAME} reads no video here (data.video_column, model.video_processor); "
+                          f"video needs one of {', '.join(readers)}")
+    unknown = sorted(set(cfg.model.video_processor) - set(keys or ()))
+    if unknown:
+        raise ConfigError(f"model.video_processor: {family.NAME}'s has no {', '.join(unknown)}; its resolution "
+                          f"controls are {', '.join(keys)}")
+
+
 def check_samples(family: ModuleType, images: list[list[Image.Image]], dialogs: list[list[tuple[str, str]]],
                   system: str) -> None:
     """Refuse what a family cannot write: more images in a sample than it takes (MAX_IMAGES) and,
     without a chat template (CHAT = False), a system turn or more than one exchange in a sample.
     A ConfigError: the fix is in the config or the data."""
-    check_images(family, max(map(len, images), default=0), "a sample here holds")
+    check_images(family, max(map(images_in, images), default=0), "a sample here holds")
     if family.CHAT:
         return
     if system:
@@ -55,17 +71,22 @@ def samples(ds: datasets.Dataset | Rows, indices: list[int], cfg: DataConfig, fa
     (dropped with a warning, as the memory plan counts that many) and, given a `generator`
     (training), each image randomly cropped (random_resized_crop) by the same policy."""
     usable = usable_samples(ds, indices, cfg)
-    check_samples(family, [images for _, _, images, _ in usable], [dialog for *_, dialog in usable], cfg.system_prompt)
-    many = [(index, len(images)) for index, _, images, _ in usable if len(images) > cfg.max_images]
+    check_samples(family, [media for _, _, media, _ in usable], [dialog for *_, dialog in usable], cfg.system_prompt)
+    many = [(index, images_in(media)) for index, _, media, _ in usable if images_in(media) > cfg.max_images]
     if many:
         warnings.warn(f"dropped sample(s) {', '.join(f'{i} ({n} images)' for i, n in many)}: more than "
                       f"data.max_images = {cfg.max_images}; raise it to train on them (the memory plan counts "
                       "that many images per sample)")
-        usable = [sample for sample in usable if len(sample[2]) <= cfg.max_images]
-    if cfg.random_resized_crop and generator is not None:
-        usable = [(index, row, [random_resized_crop(im, cfg.random_resized_crop, generator) for im in images], dialog)
-                  for index, row, images, dialog in usable]
+        usable = [sample for sample in usable if images_in(sample[2]) <= cfg.max_images]
+    if cfg.random_resized_crop and generator is not None:  # images only: a video's frames are left whole
+        crop = functools.partial(random_resized_crop, scale=cfg.random_resized_crop, generator=generator)
+        usable = [(index, row, [m if isinstance(m, Video) else crop(m) for m in media], dialog)
+                  for index, row, media, dialog in usable]
     return usable
+
+
+def images_in(media: list[Media]) -> int:
+    return sum(not isinstance(m, Video) for m in media)
 
 
 def random_resized_crop(image: Image.Image, scale: list[float], generator: torch.Generator,

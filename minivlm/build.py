@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from minivlm import distributed
-from minivlm.batches import check_images
+from minivlm.batches import check_images, check_video
 from minivlm.config import Config, ConfigError
 from minivlm.load import load_pretrained
 from minivlm.lora import count_parameters, inject_lora
@@ -88,11 +88,13 @@ def load_processor(cfg: Config) -> object:
                  else "its resolution is fixed by the checkpoint")
         raise ConfigError(f"model.processor: {family.NAME}'s processor has no {', '.join(unknown)}; {known}")
     check_images(family, cfg.data.max_images, "data.max_images is")
+    check_video(family, cfg)
+    video = {"video_resolution": cfg.model.video_processor} if hasattr(family, "VIDEO_RESOLUTION") else {}
     try:
         # The model classes are the families' own transformers classes; remote code can only
         # come in through a checkpoint's custom processor, so this is where the flag goes.
         return family.load_processor(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
-                                     **cfg.model.processor)
+                                     **video, **cfg.model.processor)
     except OSError as e:
         raise _load_error(cfg.model.name_or_path, e) from None
 

@@ -35,6 +35,9 @@ class ModelConfig:
     # The processor's own resolution controls, named as it names them ([model.processor] max_pixels =
     # 401408 for Qwen-VL): each family lists its own (RESOLUTION in minivlm/models/<family>.py).
     processor: dict = field(default_factory=dict)
+    # The video processor's resolution controls ([model.video_processor] max_pixels = 230400 for
+    # Qwen-VL's frames), for the families that read video (VIDEO_RESOLUTION in their file).
+    video_processor: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -74,6 +77,9 @@ class DataConfig:
     random_resized_crop: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0]: train-time crop scale
     max_length: int = 256  # longer samples are dropped (never cut through image tokens)
     max_images: int = 1  # images one sample may hold (more are dropped); the memory plan counts this many
+    video_column: str = ""  # a video per row: a file (decoded with PyAV) or a list of its frames; "" = no video
+    video_frames: int = 8  # frames sampled from each video, evenly over its length (at most this many with video_fps)
+    video_fps: float = 0.0  # > 0: sample a video file at this many frames per second instead (a frame list: its rate)
     # Read the training split as a `datasets` stream, never downloaded or loaded whole, for a set
     # that does not fit on disk; needs train.max_steps (a stream has no length). See steps.StreamSteps.
     streaming: bool = False
@@ -289,6 +295,8 @@ def validate(cfg: Config) -> None:
          "data.random_resized_crop", "must be [] or [min_scale, max_scale] with 0 < min <= max <= 1"),
         (cfg.data.max_length > 0, "data.max_length", "must be > 0"),
         (cfg.data.max_images > 0, "data.max_images", "must be > 0"),
+        (cfg.data.video_frames > 0, "data.video_frames", "must be > 0"),
+        (cfg.data.video_fps >= 0, "data.video_fps", "must be >= 0 (0: video_frames frames, evenly spaced)"),
         (cfg.data.workers >= 0, "data.workers", "must be >= 0 (0 = prepare batches in the training process)"),
         (cfg.data.eval_samples >= 0, "data.eval_samples", "must be >= 0 (0 = all)"),
         (not cfg.data.streaming or cfg.train.max_steps > 0, "train.max_steps",

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import io
 import itertools
+import math
 import string
 import sys
 import urllib.request
@@ -27,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from minivlm.config import ConfigError, DataConfig, load_config
-from minivlm.models.chat import IMAGE
+from minivlm.models.chat import IMAGE, MARKER, VIDEO, Media, Video
 
 
 class BadSample(ConfigError):
@@ -200,11 +201,12 @@ def required_columns(cfg: DataConfig) -> list[str]:
     """The image column and every column the prompt and answer templates read (and, in preference
     data, the rejected answers')."""
     extra = [c for c in (cfg.references_column, cfg.rejected_column) if c]
+    media = [cfg.video_column] if cfg.video_column else [cfg.image_column]  # video data may hold no images
     if cfg.conversations_column:
-        return [cfg.image_column, cfg.conversations_column, *extra]
+        return [*media, cfg.conversations_column, *extra]
     aliases = {"question": cfg.question_column, "answer": cfg.answer_column}
     fields = _fields(cfg.prompt_template) | _fields(cfg.answer_template or "{answer}")
-    return [cfg.image_column, *sorted(aliases.get(f, f) for f in fields), *extra]
+    return [*media, *sorted(aliases.get(f, f) for f in fields), *extra]
 
 
 def _row_values(cfg: DataConfig, row: dict, template: str) -> dict:
@@ -305,16 +307,17 @@ def references_of(cfg: DataConfig, row: dict) -> list[str]:
 
 def images_of(cfg: DataConfig, row: dict) -> list[Image.Image]:
     """The row's images as RGB, fully decoded: data.image_column holds one image or a list of
-    them (TRL's and ShareGPT's "images"). A BadSample naming the file if any cannot be read: one
-    bad image costs its row."""
+    them (TRL's and ShareGPT's "images"); none in video data without the column. A BadSample
+    naming the file if any cannot be read: one bad image costs its row."""
+    if cfg.video_column and cfg.image_column not in row:
+        return []
     value = row[cfg.image_column]
     values = value if isinstance(value, list) else [value]
     if value is None or not values:
         raise BadSample(f"data.image_column {cfg.image_column!r} is {'null' if value is None else 'an empty list'}")
     images = []
     for i, one in enumerate(values):
-        if isinstance(one, str) and cfg.image_root and not one.startswith(("http://", "https://", "/")):
-            one = str(Path(cfg.image_root) / one)
+        one = rooted(cfg, one)
         if one is None:
             raise BadSample(f"data.image_column {cfg.image_column!r}: image {i + 1} of {len(values)} is null")
         try:
@@ -322,6 +325,61 @@ def images_of(cfg: DataConfig, row: dict) -> list[Image.Image]:
         except BadSample as e:
             raise BadSample(f"{e} (image {i + 1} of {len(values)})" if len(values) > 1 else str(e)) from None
     return images
+
+
+def rooted(cfg: DataConfig, value):
+    """A relative path under data.image_root; anything else as it is."""
+    if isinstance(value, str) and cfg.image_root and not value.startswith(("http://", "https://", "/")):
+        return str(Path(cfg.image_root) / value)
+    return value
+
+
+DEFAULT_FPS = 2.0  # the rate a list of frames is taken at without data.video_fps: Qwen-VL's default sampling
+
+
+def video_of(cfg: DataConfig, row: dict) -> Video:
+    """The row's video (data.video_column): a file, decoded with PyAV, or a list of its frames (images
+    or paths), sampled to at most data.video_frames frames evenly over its length, or a file at
+    data.video_fps frames per second; a BadSample naming the file if it cannot be read."""
+    value = rooted(cfg, row[cfg.video_column])
+    if value is None or value == []:
+        raise BadSample(f"data.video_column {cfg.video_column!r} is {'null' if value is None else 'an empty list'}")
+    if isinstance(value, list):
+        frames = [read_image(rooted(cfg, f)) for f in value]
+        picked = evenly(len(frames), cfg.video_frames)
+        rate = cfg.video_fps or DEFAULT_FPS
+        return Video([frames[i] for i in picked], rate * len(picked) / len(frames))
+    frames, rate = decode_video(value.get("path") if isinstance(value, dict) else value)
+    wanted = cfg.video_frames
+    if cfg.video_fps and rate:
+        wanted = min(wanted, max(1, math.floor(len(frames) / rate * cfg.video_fps)))
+    picked = evenly(len(frames), wanted)
+    return Video([frames[i] for i in picked], (rate or DEFAULT_FPS) * len(picked) / len(frames))
+
+
+def evenly(total: int, n: int) -> list[int]:
+    """`n` (at most `total`) frame indices spread evenly from the first frame: Qwen-VL's sampling."""
+    n = min(n, total)
+    return [int(i * total / n) for i in range(n)]
+
+
+def decode_video(path: str) -> tuple[list[Image.Image], float | None]:
+    """Every frame of a video file as RGB, and its frame rate (None if the file does not say). PyAV
+    (`av`) decodes it, imported here: only video data needs it."""
+    try:
+        import av
+    except ImportError:
+        raise ConfigError("data.video_column names video files, which need PyAV: pip install av") from None
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = [frame.to_image().convert("RGB") for frame in container.decode(stream)]
+            rate = float(stream.average_rate) if stream.average_rate else None
+    except (OSError, ValueError, IndexError, av.FFmpegError) as e:
+        raise BadSample(f"video {path} cannot be read: {type(e).__name__}: {e}") from None
+    if not frames:
+        raise BadSample(f"video {path} has no frames")
+    return frames, rate
 
 
 def read_image(source: Image.Image | str | Path | dict) -> Image.Image:
@@ -333,20 +391,24 @@ def read_image(source: Image.Image | str | Path | dict) -> Image.Image:
         raise BadSample(f"image {name or '(embedded bytes)'} cannot be read: {type(e).__name__}: {e}") from None
 
 
-def sample_of(cfg: DataConfig, row: dict) -> tuple[list[Image.Image], list[tuple[str, str]]]:
-    """(images, exchanges) of one row; a BadSample if either cannot be had, if the dialog's <image>
-    markers do not match its images (none: all go in the first turn; else one each, in user turns)
-    or, in preference data (data.rejected_column), if the rejected answer cannot be had."""
-    images, dialog = images_of(cfg, row), dialog_of(cfg, row)
-    marked = sum(user.count(IMAGE) for user, _ in dialog)
-    if marked not in (0, len(images)):
-        raise BadSample(f"the row has {len(images)} image(s) and {marked} {IMAGE} marker(s): mark every image where "
-                        "it goes, or none (then they all go at the start of the first user turn)")
-    if any(IMAGE in answer for _, answer in dialog):
-        raise BadSample(f"an answer holds an {IMAGE} marker: images go in user turns")
+def sample_of(cfg: DataConfig, row: dict) -> tuple[list[Media], list[tuple[str, str]]]:
+    """(media, exchanges) of one row: its images, then its video (data.video_column); a BadSample if
+    either cannot be had, if the dialog's <image> and <video> markers do not match them (none: all go
+    in the first turn; else one each, in order, in user turns) or, in preference data
+    (data.rejected_column), if the rejected answer cannot be had."""
+    media = images_of(cfg, row) + ([video_of(cfg, row)] if cfg.video_column else [])
+    dialog = dialog_of(cfg, row)
+    marked = [m for user, _ in dialog for m in MARKER.findall(user)]
+    kinds = [VIDEO if isinstance(m, Video) else IMAGE for m in media]
+    if marked and marked != kinds:
+        raise BadSample(f"the row's markers {' '.join(marked)} do not match its media {' '.join(kinds)}: mark each "
+                        "image and video where it goes, in order, or none (then they all go at the start of the "
+                        "first user turn)")
+    if any(MARKER.search(answer) for _, answer in dialog):
+        raise BadSample("an answer holds an <image> or <video> marker: images and videos go in user turns")
     if cfg.rejected_column:
         rejected_of(cfg, row)
-    return images, dialog
+    return media, dialog
 
 
 def answer_text(answer) -> str:
@@ -406,7 +468,8 @@ def warn_unknown_answers(ds: datasets.Dataset | datasets.IterableDataset, cfg: D
     not know), and the model can only learn to write that. Returns how many of the first `rows`
     rows are affected."""
     # Answers only: decoding a thousand images to read strings would cost seconds and memory.
-    texts = head(ds.remove_columns(cfg.image_column), rows)
+    media = [c for c in (cfg.image_column, cfg.video_column) if c in (ds.column_names or [])]
+    texts = head(ds.remove_columns(media), rows)
     bad = []
     for i, row in enumerate(rows_of(texts, list(range(len(texts))))):
         try:
@@ -439,8 +502,9 @@ def undecoded(ds: datasets.Dataset | datasets.IterableDataset) -> datasets.Datas
     for name, feature in (ds.features or {}).items():  # a JSON stream's are unknown: no images to cast
         if isinstance(feature, datasets.Image) and feature.decode:
             ds = ds.cast_column(name, datasets.Image(decode=False))  # a schema change, no data rewritten
-        elif isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image) and feature.feature.decode:
-            ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))  # a list of images per row
+        elif (isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image)
+              and feature.feature.decode):  # a list of images per row
+            ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
     return ds
 
 
@@ -453,8 +517,8 @@ def rows_of(ds: datasets.Dataset | Rows, indices: list[int]) -> list[dict]:
 
 
 def usable_samples(ds: datasets.Dataset | Rows, indices: list[int],
-                   cfg: DataConfig) -> list[tuple[int, dict, list[Image.Image], list[tuple[str, str]]]]:
-    """(index, row, images, exchanges) for each of `ds[indices]` that can be used. A bad one is
+                   cfg: DataConfig) -> list[tuple[int, dict, list[Media], list[tuple[str, str]]]]:
+    """(index, row, media, exchanges) for each of `ds[indices]` that can be used. A bad one is
     skipped with a warning (once per row, with the running count) or, with data.on_bad_sample =
     "fail", stops everything with a ConfigError naming the row, the problem and the fix."""
     samples = []

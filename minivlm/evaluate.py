@@ -21,7 +21,7 @@ from minivlm.checkpoint import write_atomic
 from minivlm.config import Config
 from minivlm.batches import check_samples, samples
 from minivlm.data import references_of, to_rgb
-from minivlm.models.chat import image_counts
+from minivlm.models.chat import Video, media_counts
 from minivlm.precision import autocast, model_inputs
 from minivlm.metrics import METRICS, clip_scores
 
@@ -43,8 +43,8 @@ def generated(cfg: Config, built: Built, batch: dict[str, torch.Tensor], **setti
 def answer(cfg: Config, built: Built, images: list[list[Image.Image]], prompts: list[str]) -> list[str]:
     """Greedy-decode one answer per (images, prompt), as a batch."""
     check_samples(built.family, images, [[(p, "")] for p in prompts], cfg.data.system_prompt)
-    batch = built.family.generation_batch(built.processor, [[to_rgb(im) for im in ims] for ims in images], prompts,
-                                          system=cfg.data.system_prompt)
+    batch = built.family.generation_batch(built.processor, [[m if isinstance(m, Video) else to_rgb(m) for m in ims]
+                                                            for ims in images], prompts, system=cfg.data.system_prompt)
     # synced_gpus: under FSDP a rank whose answers are done keeps stepping until all are, since
     # every forward gathers weights from every rank.
     new_tokens = generated(cfg, built, batch, max_new_tokens=cfg.train.max_new_tokens, do_sample=False,
@@ -68,7 +68,7 @@ def evaluate(cfg: Config, built: Built, ds: datasets.Dataset, batch_size: int = 
         if not scored:
             continue
         first = [dialog[0][0] for *_, dialog in scored]
-        images = [ims[:image_counts(dialog, len(ims))[0]] for _, _, ims, dialog in scored]
+        images = [ims[:media_counts(dialog, len(ims))[0]] for _, _, ims, dialog in scored]
         answers = answer(cfg, built, images, first)
         if clip:  # scored batch by batch, so the split's images are never all in memory; a sample by its first
             clip_per_sample += clip_scores([ims[0] for ims in images], answers, cfg.data.clip_model, built.device)

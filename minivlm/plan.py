@@ -77,6 +77,7 @@ real built model to the byte and the activation term against the tensors autogra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -87,7 +88,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from minivlm.batches import check_images
+from minivlm.batches import check_images, check_video
 from minivlm.build import DTYPES
 from minivlm.config import Config, ConfigError
 from minivlm.distributed import layer_class_names
@@ -318,8 +319,8 @@ def _activation_terms(plan: Plan, layout: Layout, cfg: Config, largest_q: int, a
     plan.act_full = plan.act_saved + workspace
     plan.act_ckpt = (plan.act_full - layer_saves + layers * tokens * e * tc.hidden_size + tokens * per_layer
                      - max(layout.vision_state_readers - 1, 0) * cross_kv)
-    plan.vision_transient = B * images * patches * e * ((4 + layout.vision_hidden_states) * layout.vision_width
-                                                         + 2 * layout.vision_intermediate)
+    plan.vision_transient = B * (images * patches + layout.video_patches) * e * (
+        (4 + layout.vision_hidden_states) * layout.vision_width + 2 * layout.vision_intermediate)
     if sampled:
         plan.sampling = tokens * tc.num_hidden_layers * 2 * e * kv
     plan.tokens = (f"batch {B} × max_length {T} tokens, {layout.how}; logits at {answer_tokens} answer tokens/sample "
@@ -340,8 +341,14 @@ def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1, rows_per_s
     # The checkpoint's preprocessor_config.json, with model.processor's resolution keys on top: the
     # image processor the run builds (models/processor.py).
     check_images(family, cfg.data.max_images, "data.max_images is")
-    layout = per_sample(family.layout(model, {**_preprocessor(cfg.model.name_or_path), **cfg.model.processor}),
-                        cfg.data.max_images)
+    check_video(family, cfg)
+    preprocessor = _preprocessor(cfg.model.name_or_path)
+    layout = per_sample(family.layout(model, {**preprocessor, **cfg.model.processor}), cfg.data.max_images)
+    if cfg.data.video_column:
+        tokens, patches, how = family.video_tokens(model, {**preprocessor, **cfg.model.video_processor},
+                                                   cfg.data.video_frames)
+        layout = dataclasses.replace(layout, image_tokens=layout.image_tokens + tokens, video_patches=patches,
+                                     how=f"{layout.how}; {how}")
     _activation_terms(plan, layout, cfg, largest_q, answer_tokens, rows_per_sample, sampled)
     if layout.image_tokens >= cfg.data.max_length:
         fewer = f" or lower model.processor's {' / '.join(family.RESOLUTION)}" if family.RESOLUTION else ""

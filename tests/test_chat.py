@@ -46,15 +46,16 @@ def test_the_families_that_take_several_images_are_those_the_issue_names():
 
 def test_markers_place_images_and_no_markers_put_them_all_first():
     dialog = [(q, a) for q, a in zip(PLACEMENTS["split"], ANSWERS)]
-    turns = chat.messages(dialog, 2)
+    turns = chat.messages(dialog, two_images())
     assert [t["content"] for t in turns if t["role"] == "user"] == [
         [{"type": "image"}, {"type": "text", "text": "look at this"}],
         [{"type": "text", "text": "where is it now"}],
         [{"type": "text", "text": "now"}, {"type": "image"}, {"type": "text", "text": ": and its colour"}]]
-    unmarked = chat.messages([(q, a) for q, a in zip(PLACEMENTS["unmarked"], ANSWERS)], 3, upto=2, answered=False)
-    assert unmarked[0]["content"] == [{"type": "image"}] * 3 + [{"type": "text", "text": "what changed"}]
+    unmarked = chat.messages([(q, a) for q, a in zip(PLACEMENTS["unmarked"], ANSWERS)], two_images() * 2, upto=2,
+                             answered=False)
+    assert unmarked[0]["content"] == [{"type": "image"}] * 4 + [{"type": "text", "text": "what changed"}]
     assert [t["role"] for t in unmarked] == ["user", "assistant", "user"]
-    assert chat.image_counts(dialog, 2) == [1, 0, 1]
+    assert chat.media_counts(dialog, 2) == [1, 0, 1]
     assert chat.plain("<image>\nwhat is it") == "what is it"
 
 

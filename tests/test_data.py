@@ -262,9 +262,9 @@ def test_markers_must_match_the_images(tmp_path):
 
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     cfg = DataConfig(dataset="x", image_column="images", image_root=str(tmp_path), max_images=2)
-    with pytest.raises(BadSample, match=r"2 image\(s\) and 1 <image> marker\(s\)"):
+    with pytest.raises(BadSample, match=r"markers <image> do not match its media <image> <image>"):
         sample_of(cfg, {"images": ["a.png", "a.png"], "question": "<image> what", "answer": "a"})
-    with pytest.raises(BadSample, match="an answer holds an <image> marker"):
+    with pytest.raises(BadSample, match="an answer holds an <image> or <video> marker"):
         sample_of(cfg, {"images": ["a.png"], "question": "what", "answer": "<image>"})
     images, dialog = sample_of(cfg, {"images": ["a.png", "a.png"], "question": "what", "answer": "a"})
     assert len(images) == 2 and dialog == [("what", "a")]  # no markers: both go first

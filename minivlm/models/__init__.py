@@ -16,6 +16,10 @@ A family module provides:
                    (images: a list per sample)
   skeleton(path, dtype)        the model from its config.json alone (the planner builds it on the meta device)
   layout(model, preprocessor)  -> Layout: what the memory planner reads of the model (below)
+A family that reads video also provides (the others refuse data.video_column):
+  VIDEO_RESOLUTION  the video processor's resolution controls that model.video_processor may set
+  video_tokens(model, preprocessor, frames) -> (text tokens, tower patches, how counted) of a video
+  load_processor(..., video_resolution=...)  with a video processor that needs no torchvision
 
 A dialog is a list of (user, assistant) exchanges; most data has one. Chat-template families
 share their batching in `chat.py`.
@@ -65,6 +69,7 @@ class Layout:
     # processor that treats them differently then (LLaVA-OneVision drops its anyres crops); None:
     # as one image alone.
     several: tuple[int, int] | None = None
+    video_patches: int = 0  # positions through the tower per sample for its video (data.video_column)
 
 
 def per_sample(layout: Layout, images: int) -> Layout:

@@ -24,14 +24,31 @@ is labelled up to and including its end token; what a template adds after (a new
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from transformers.video_utils import VideoMetadata
 
 
 Dialog = list[tuple[str, str]]  # [(user text, assistant text), ...]
 IMAGE = "<image>"  # where a user turn holds one of the sample's images (LLaVA's and TRL's marker)
+VIDEO = "<video>"  # ... one of its videos
+MARKER = re.compile(f"({re.escape(IMAGE)}|{re.escape(VIDEO)})")
+
+
+@dataclass
+class Video:
+    """A video as the model reads it: the frames sampled from it (data.video_frames, data.video_fps)
+    and their rate, which Qwen2.5-VL turns into the time of its rotary positions."""
+
+    frames: list[Image.Image]
+    fps: float
+
+
+Media = Image.Image | Video  # what a sample's markers place, in order
 
 
 def leaves_no_state(batch_fn: Callable) -> Callable:
@@ -59,36 +76,42 @@ def leaves_no_state(batch_fn: Callable) -> Callable:
     return wrapped
 
 
-def image_counts(dialog: Dialog, images: int) -> list[int]:
-    """How many of the sample's `images` each exchange's user turn holds: as its <image> markers
-    say, or all of them in the first turn when the dialog has none (data.sample_of has checked
-    that a marked dialog marks every image, and only in user turns)."""
-    marked = [user.count(IMAGE) for user, _ in dialog]
-    return marked if sum(marked) else [images] + [0] * (len(dialog) - 1)
+def media_counts(dialog: Dialog, media: int) -> list[int]:
+    """How many of the sample's `media` (images and videos) each exchange's user turn holds: as its
+    markers say, or all of them in the first turn when the dialog has none (data.sample_of has
+    checked that a marked dialog marks every one, in order and of its kind, and only in user turns)."""
+    marked = [len(MARKER.findall(user)) for user, _ in dialog]
+    return marked if sum(marked) else [media] + [0] * (len(dialog) - 1)
 
 
-def _user_content(text: str, images: int) -> list[dict]:
-    """A user turn's content parts: its text with an image part at each marker, or `images` image
-    parts before the text when it has none."""
-    if IMAGE not in text:
-        return [{"type": "image"}] * images + [{"type": "text", "text": text}]
+def kind(item: Media) -> str:
+    return "video" if isinstance(item, Video) else "image"
+
+
+def _user_content(text: str, media: list[Media]) -> list[dict]:
+    """A user turn's content parts: its text with an image or video part at each marker, or a part
+    for each of `media` before the text when it has none."""
+    if not MARKER.search(text):
+        return [{"type": kind(m)} for m in media] + [{"type": "text", "text": text}]
     parts = []
-    for i, piece in enumerate(text.split(IMAGE)):
-        if i:
-            parts.append({"type": "image"})
-        if piece.strip():
+    for piece in MARKER.split(text):
+        if piece in (IMAGE, VIDEO):
+            parts.append({"type": "image" if piece == IMAGE else "video"})
+        elif piece.strip():
             parts.append({"type": "text", "text": piece.strip()})
     return parts
 
 
-def messages(dialog: Dialog, images: int, system: str = "", upto: int | None = None,
+def messages(dialog: Dialog, media: list[Media], system: str = "", upto: int | None = None,
              answered: bool = True) -> list[dict]:
     """Chat messages for the first `upto` exchanges of `dialog` (all by default) with their share of
-    the sample's `images`; the last one without its answer when `answered` is False."""
+    the sample's `media`; the last one without its answer when `answered` is False."""
     exchanges = dialog[:upto]
     turns = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-    for i, ((user, assistant), held) in enumerate(zip(exchanges, image_counts(dialog, images))):
-        turns.append({"role": "user", "content": _user_content(user, held)})
+    held = 0
+    for i, ((user, assistant), n) in enumerate(zip(exchanges, media_counts(dialog, len(media)))):
+        turns.append({"role": "user", "content": _user_content(user, media[held:held + n])})
+        held += n
         if answered or i < len(exchanges) - 1:
             turns.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
     return turns
@@ -97,6 +120,20 @@ def messages(dialog: Dialog, images: int, system: str = "", upto: int | None = N
 def plain(text: str) -> str:
     """A prompt without its <image> markers, for the families that always put their one image first."""
     return " ".join(piece.strip() for piece in text.split(IMAGE) if piece.strip()) if IMAGE in text else text
+
+
+def processor_media(media: list[list[Media]]) -> dict:
+    """A batch's media as the processor takes them: `images`, one list per sample, and `videos`, one
+    list of frames per video, with each video's frame rate (`video_metadata`); each key only if the
+    batch holds one."""
+    images = [[m for m in ms if not isinstance(m, Video)] for ms in media]
+    videos = [v for ms in media for v in ms if isinstance(v, Video)]
+    given = {"images": images} if any(images) else {}
+    if videos:
+        given["videos"] = [v.frames for v in videos]
+        given["video_metadata"] = [VideoMetadata(total_num_frames=len(v.frames), fps=v.fps,
+                                                 frames_indices=list(range(len(v.frames)))) for v in videos]
+    return given
 
 
 def single_exchange(dialogs: list[Dialog]) -> tuple[list[str], list[str]]:
@@ -162,7 +199,7 @@ def answer_labels(batch: dict[str, torch.Tensor], tokenizer, spans_text: list[li
 
 def generation_prompt(processor) -> str:
     """What the chat template writes before an assistant answer, after the user turn's end."""
-    turn = messages([("x", "")], 0, answered=False)
+    turn = messages([("x", "")], [], answered=False)
     asked = processor.apply_chat_template(turn, add_generation_prompt=True)
     said = processor.apply_chat_template(turn, add_generation_prompt=False)
     if not asked.startswith(said):
@@ -172,24 +209,26 @@ def generation_prompt(processor) -> str:
 
 
 @leaves_no_state
-def training_batch(processor, images: list[list[Image.Image]], dialogs: list[Dialog], end_of_turn: str,
+def training_batch(processor, images: list[list[Media]], dialogs: list[Dialog], end_of_turn: str,
                    system: str = "") -> dict[str, torch.Tensor]:
     """Processor tensors plus `labels`: every assistant answer and its end-of-turn token, else -100.
-    `images`: each sample's, in the order its dialog places them."""
+    `images`: each sample's images and videos, in the order its dialog places them."""
     render = processor.apply_chat_template
-    full_texts = [render(messages(d, len(ims), system)) for d, ims in zip(dialogs, images)]
-    spans = [[(render(messages(d, len(ims), system, k, answered=False), add_generation_prompt=True),
-               render(messages(d, len(ims), system, k))) for k in range(1, len(d) + 1)]
+    full_texts = [render(messages(d, ims, system)) for d, ims in zip(dialogs, images)]
+    spans = [[(render(messages(d, ims, system, k, answered=False), add_generation_prompt=True),
+               render(messages(d, ims, system, k))) for k in range(1, len(d) + 1)]
              for d, ims in zip(dialogs, images)]
-    batch = dict(processor(text=full_texts, images=images, padding=True, padding_side="right", return_tensors="pt"))
+    batch = dict(processor(text=full_texts, **processor_media(images), padding=True, padding_side="right",
+                           return_tensors="pt"))
     batch["labels"] = answer_labels(batch, processor.tokenizer, spans, generation_prompt(processor), end_of_turn)
     return batch
 
 
 @leaves_no_state
-def generation_batch(processor, images: list[list[Image.Image]], prompts: list[str],
+def generation_batch(processor, images: list[list[Media]], prompts: list[str],
                      system: str = "") -> dict[str, torch.Tensor]:
     # Left padding: generation appends at the right end, so every row must end with its prompt.
-    texts = [processor.apply_chat_template(messages([(p, "")], len(ims), system, answered=False),
+    texts = [processor.apply_chat_template(messages([(p, "")], ims, system, answered=False),
                                            add_generation_prompt=True) for p, ims in zip(prompts, images)]
-    return dict(processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt"))
+    return dict(processor(text=texts, **processor_media(images), padding=True, padding_side="left",
+                          return_tensors="pt"))

@@ -54,11 +54,14 @@ class ImagesOnly(VideoProcessorMixin):
         return None
 
 
-def load(name_or_path: str, trust_remote_code: bool = False, parts: type | None = None, **resolution):
+def load(name_or_path: str, trust_remote_code: bool = False, parts: type | None = None, video: type | None = None,
+         video_resolution: dict | None = None, **resolution):
     """The checkpoint's processor; its image processor built with `resolution` (model.processor).
-    `parts`: the family's processor class, if AutoProcessor cannot build it without torchvision."""
+    `parts`: the family's processor class, if AutoProcessor cannot build it without torchvision;
+    `video`: then the family's own video processor without torchvision (else ImagesOnly), built
+    from the image processor and `video_resolution` (model.video_processor)."""
     if parts is not None and not is_torchvision_available():
-        processor = _from_parts(parts, name_or_path, resolution)
+        processor = _from_parts(parts, name_or_path, resolution, video, video_resolution or {})
     else:
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         if resolution:  # from_pretrained's kwargs override the saved config before __init__ reads it
@@ -81,10 +84,11 @@ def call_settings(saved: dict, processor_class: str | None) -> dict:
     return {**saved, **defaults}
 
 
-def _from_parts(cls: type, name_or_path: str, resolution: dict):
+def _from_parts(cls: type, name_or_path: str, resolution: dict, video: type | None, video_resolution: dict):
     processor_dict, kwargs = cls.get_processor_dict(name_or_path)  # chat template and processor_config.json
-    parts = {"image_processor": AutoImageProcessor.from_pretrained(name_or_path, **resolution),
-             "tokenizer": AutoTokenizer.from_pretrained(name_or_path), "video_processor": ImagesOnly()}
+    image_processor = AutoImageProcessor.from_pretrained(name_or_path, **resolution)
+    parts = {"image_processor": image_processor, "tokenizer": AutoTokenizer.from_pretrained(name_or_path),
+             "video_processor": video(image_processor, **video_resolution) if video else ImagesOnly()}
     return cls.from_args_and_dict([parts[a] for a in cls.get_attributes()], processor_dict, **kwargs)
 
 

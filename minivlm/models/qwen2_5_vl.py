@@ -15,7 +15,11 @@ included), so training and batched generation need nothing here but the chat tem
 
 from functools import partial
 
+import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.video_processing_utils import VideoProcessorMixin
+from transformers.video_utils import VideoMetadata
 
 from minivlm.models import Layout, chat, from_config, processor
 
@@ -29,7 +33,57 @@ LORA_SKIP = ["visual"]  # the ViT's blocks have gate/up/down_proj too
 RESOLUTION = ("min_pixels", "max_pixels")  # h·w bounds of each image, in pixels
 END_OF_TURN = "<|im_end|>"
 
-load_processor = partial(processor.load, parts=Qwen2_5_VLProcessor)
+VIDEO_RESOLUTION = ("min_pixels", "max_pixels")  # h·w bounds of each video frame, in pixels
+
+
+class VideoFrames(VideoProcessorMixin):
+    """Qwen2-VL's video processor without torchvision (processor.py): a video is its frames, each
+    resized, rescaled and normalized by the image processor as an image is, at the video's own
+    min/max pixels, then paired along time. The image processor writes every image as a still
+    video of temporal_patch_size (2) equal frames, patches (h, w) ordered as the video processor
+    orders them within a time step; a video keeps one copy per frame and puts frame pairs in the
+    two time slots: (t/2 · h/14 · w/14, 3 · 2 · 14 · 14) patches, grid (t/2, h/14, w/14), the layout
+    of transformers' Qwen2VLVideoProcessor.patchify (tests/test_video.py checks it against that
+    code). An odd frame count repeats the last frame, as it does. Resized by PIL, not torchvision:
+    pixels may differ from the real video processor's by the two libraries' bicubic filters."""
+
+    model_input_names = ["pixel_values_videos", "video_grid_thw"]
+
+    def __init__(self, image_processor, min_pixels: int | None = None, max_pixels: int | None = None,
+                 temporal_patch_size: int = 2):
+        self.image_processor, self.temporal_patch_size = image_processor, temporal_patch_size
+        # model.video_processor's bounds, else the images': transformers builds Qwen's video processor
+        # from preprocessor_config.json too when a checkpoint has no video config of its own.
+        self.size = {"shortest_edge": min_pixels or image_processor.size["shortest_edge"],
+                     "longest_edge": max_pixels or image_processor.size["longest_edge"]}
+        self.merge_size, self.patch_size = image_processor.merge_size, image_processor.patch_size
+
+    def __call__(self, videos: list[list], video_metadata: list | None = None, return_tensors=None,
+                 **kwargs) -> BatchFeature:
+        t, p = self.temporal_patch_size, self.patch_size
+        patches, grids = [], []
+        for frames in videos:
+            frames = list(frames) + list(frames[-1:]) * (-len(frames) % t)
+            out = self.image_processor(images=frames, size=self.size, return_tensors="pt")
+            _, h, w = out["image_grid_thw"][0].tolist()
+            one = out["pixel_values"].view(len(frames), h * w, 3, t, p, p)[:, :, :, 0]  # each frame once
+            paired = one.view(len(frames) // t, t, h * w, 3, p, p).permute(0, 2, 3, 1, 4, 5)
+            patches.append(paired.reshape(len(frames) // t * h * w, 3 * t * p * p))
+            grids.append([len(frames) // t, h, w])
+        # Qwen2.5-VL's processor reads each video's frame rate here (its second_per_grid_ts); Qwen's 2 fps if not given.
+        rates = video_metadata or [VideoMetadata(total_num_frames=len(f), fps=2.0, frames_indices=list(range(len(f))))
+                                   for f in videos]
+        return BatchFeature({"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids),
+                             "video_metadata": rates})
+
+    def save_pretrained(self, *args, **kwargs) -> list:
+        return []  # as processor.ImagesOnly: a saved processor reloads the checkpoint's real one elsewhere
+
+    def to_dict(self) -> dict:
+        return {}
+
+
+load_processor = partial(processor.load, parts=Qwen2_5_VLProcessor, video=VideoFrames)
 training_batch = partial(chat.training_batch, end_of_turn=END_OF_TURN)
 generation_batch = chat.generation_batch
 skeleton = partial(from_config, MODEL_CLASS)
@@ -42,6 +96,17 @@ def image_tokens(vision, preprocessor: dict) -> tuple[int, str]:
     n = max_pixels // side ** 2
     return n, (f"up to {n} image tokens (max_pixels {max_pixels} / {side}²"
                f"{'' if preprocessor else '; no preprocessor_config.json, the default max_pixels assumed'})")
+
+
+def video_tokens(model: Qwen2_5_VLForConditionalGeneration, preprocessor: dict, frames: int) -> tuple[int, int, str]:
+    """(text tokens, tower patches, how counted) of a video of `frames` frames at the largest frame
+    the video's max_pixels allows (model.video_processor, else the images'): frame pairs × the
+    tokens of one such frame, each token merge² patches."""
+    v = model.config.vision_config
+    steps = -(-frames // 2)  # frame pairs, an odd last frame repeated
+    per_step, _ = image_tokens(v, preprocessor)
+    return steps * per_step, steps * per_step * v.spatial_merge_size ** 2, (
+        f"a video of up to {steps * per_step} video tokens ({frames} frames in {steps} pairs × {per_step})")
 
 
 def layout(model: Qwen2_5_VLForConditionalGeneration, preprocessor: dict) -> Layout:
