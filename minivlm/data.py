@@ -255,11 +255,13 @@ def message_text(value):
 
 def content_text(content: str | list[dict] | None) -> str:
     """A chat message's content as text: a string as it is; a list of parts (the HF chat layout)
-    joined, each {"type": "image"} part an <image> marker, which places the row's next image there."""
+    joined, each {"type": "image"} part an <image> marker and each {"type": "video"} part a <video>
+    one, which place the row's next image or video there."""
     if isinstance(content, str) or content is None:
         return content or ""
-    pieces = [IMAGE if part.get("type") in ("image", "image_url") else part.get("text") or ""
-              for part in content if part.get("type") in ("image", "image_url", "text")]
+    markers = {"image": IMAGE, "image_url": IMAGE, "video": VIDEO}
+    pieces = [markers.get(part.get("type")) or part.get("text") or ""
+              for part in content if part.get("type") in (*markers, "text")]
     return "\n".join(p for p in pieces if p)
 
 

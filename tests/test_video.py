@@ -180,3 +180,8 @@ def test_an_unmarked_video_goes_where_the_rows_media_put_it_and_markers_must_mat
     assert [chat.kind(m) for m in media] == ["image", "video"]
     with pytest.raises(BadSample, match="markers <video> <image> do not match its media <image> <video>"):
         sample_of(cfg, {**row, "question": "<video> then <image>: where"})
+    chat_layout = DataConfig(dataset="x", video_column="video", image_root=str(tmp_path), conversations_column="m")
+    _, dialog = sample_of(chat_layout, {**row, "m": [
+        {"role": "user", "content": [{"type": "text", "text": "first"}, {"type": "image"}, {"type": "video"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "top left"}]}]})
+    assert dialog == [("first\n<image>\n<video>", "top left")]  # HF chat parts become markers, in order
