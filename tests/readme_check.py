@@ -46,6 +46,13 @@ def main() -> None:
     blocks = list(BLOCK.finditer((ROOT / "README.md").read_text()))
     if not blocks:
         sys.exit("readme-check: no <!-- readme-check --> blocks in README.md")
+    # A bare `python` is whatever is on PATH (CI's has no torch): checked commands name the venv's,
+    # and this is caught before the first block runs rather than half an hour into CI.
+    bare = [c for b in blocks if b["lang"] == "bash" for c in commands(b["code"])
+            if c.split()[0] in ("python", "python3", "torchrun", "pip")]
+    if bare:
+        sys.exit("readme-check: these README commands use a bare interpreter; write .venv/bin/...:\n"
+                 + "\n".join(bare))
     for block in blocks:
         lang, code, expect = block["lang"], block["code"], block["expect"]
         if lang == "bash":
