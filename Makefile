@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test mutants base data digits prefs dpo-demo grpo-data grpo-demo pairs-data pairs-demo bench walkthrough readme-check venv clean
+.PHONY: demo test mutants base data digits prefs dpo-demo grpo-data grpo-demo pairs-data pairs-demo video-data video-demo bench walkthrough readme-check venv clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -76,6 +76,16 @@ data/shapes-pairs/pairs.json: $(STAMP) demo/shapes.py demo/make_data.py
 pairs-demo: base/tiny-qwen2_5_vl/config.json pairs-data
 	rm -rf runs/pairs-demo
 	$(PY) train.py --config configs/pairs_demo.toml
+
+# Video: teach the tiny Qwen2.5-VL base which way a shape moves in a 4-frame clip (the README's
+# "Video" paragraph). MPEG-4 clips and JSON Lines written by make_data.py --task clips.
+video-data: data/shapes-clips/clips.jsonl
+data/shapes-clips/clips.jsonl: $(STAMP) demo/shapes.py demo/make_data.py
+	$(PY) demo/make_data.py --task clips --train 1600 --test 200 --out data/shapes-clips
+
+video-demo: base/tiny-qwen2_5_vl/config.json video-data
+	rm -rf runs/video-demo
+	$(PY) train.py --config configs/video_demo.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

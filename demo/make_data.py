@@ -5,6 +5,7 @@
     python demo/make_data.py --task prefs --out data/shapes-prefs  (part of: make dpo-demo)
     python demo/make_data.py --task en --out data/shapes-en        (part of: make grpo-demo)
     python demo/make_data.py --task pairs --out data/shapes-pairs  (part of: make pairs-demo)
+    python demo/make_data.py --task clips --out data/shapes-clips  (part of: make video-demo)
 
 shapes-qa: shape images with questions the base model never saw. digits: one digit an image,
 drawn with varying size, place, slant, stroke and brightness, asked "what digit is this" and
@@ -20,7 +21,10 @@ which demo/rewards.py checks; no caption is ever a label. pairs: two images a sa
 of them holding a red shape, asked "which image has the red shape" and answered "first" or
 "second": a question no single image answers, in words the base never wrote. It is written in
 LLaVA's JSON layout (a list of {"images": [...], "conversations": [...]}, each image placed by an
-<image> marker), train rows then test rows in one file.
+<image> marker), train rows then test rows in one file. clips: a 4-frame video a sample (an .mp4
+file, written with PyAV), the shape in one quadrant for two frames and in the next quadrant over
+for two, asked "where does the shape move" and answered "left", "right", "up" or "down": no single
+frame answers it, and the order of the frames does. JSON Lines, train rows then test rows.
 
 The layout (but pairs') is the `datasets` imagefolder one (images + metadata.jsonl per split), loaded with
 `datasets.load_dataset("imagefolder", data_dir=...)`: the same path a user's own data takes.
@@ -39,7 +43,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from demo.shapes import COLORS, POSITIONS, QUESTIONS, SHAPES, caption, draw, draw_digit, sample  # noqa: E402
+from demo.shapes import COLORS, POSITIONS, QUESTIONS, SHAPES, SIZE, caption, draw, draw_digit, sample  # noqa: E402
 
 
 def shapes_qa(rng: random.Random) -> tuple[Image.Image, dict[str, str]]:
@@ -99,6 +103,44 @@ def write_pairs(out: Path, n_train: int, n_test: int, seed: int = 9000) -> None:
     (out / "pairs.json").write_text(json.dumps(rows))
 
 
+# A clip's move: (from, to) quadrants for each direction, two of each.
+MOVES = {"right": [("top left", "top right"), ("bottom left", "bottom right")],
+         "left": [("top right", "top left"), ("bottom right", "bottom left")],
+         "down": [("top left", "bottom left"), ("top right", "bottom right")],
+         "up": [("bottom left", "top left"), ("bottom right", "top right")]}
+
+
+def clip(rng: random.Random) -> tuple[list[Image.Image], str]:
+    """Four frames of one shape on one background (each drawn from the same seed), in its first
+    quadrant for frames 0-1 and its second for 2-3: Qwen-VL's frame pairs each see one place."""
+    direction = rng.choice(list(MOVES))
+    start, end = rng.choice(MOVES[direction])
+    color, shape, seed = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.randrange(2 ** 31)
+    return [draw(color, shape, where, random.Random(seed)) for where in (start, start, end, end)], direction
+
+
+def write_clips(out: Path, n_train: int, n_test: int, seed: int = 9500) -> None:
+    """out/clips.jsonl, {"video": "clips/00000.mp4", "question", "answer"} per row, and the clips,
+    MPEG-4 at 2 fps (near-lossless: qscale 1); rows [0, n_train) from one seed, the rest another."""
+    import av  # only this task writes video
+
+    (out / "clips").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for start, n, rng in ((0, n_train, random.Random(seed)), (n_train, n_test, random.Random(seed + 1))):
+        for i in range(start, start + n):
+            frames, direction = clip(rng)
+            name = f"clips/{i:05d}.mp4"
+            with av.open(str(out / name), "w") as container:
+                stream = container.add_stream("mpeg4", rate=2, options={"qscale": "1"})
+                stream.width = stream.height = SIZE
+                stream.pix_fmt = "yuv420p"
+                for frame in frames:
+                    container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+                container.mux(stream.encode())
+            rows.append({"video": name, "question": "<video> where does the shape move", "answer": direction})
+    (out / "clips.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 # Each task: (one sample's image and metadata columns, train seed, test seed).
 TASKS = {"shapes-qa": (shapes_qa, 1000, 2000), "digits": (digits, 3000, 4000), "prefs": (prefs, 5000, 6000),
          "en": (en, 7000, 8000)}
@@ -116,7 +158,7 @@ def write_split(folder: Path, n: int, seed: int, task: str = "shapes-qa") -> Non
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", choices=sorted([*TASKS, "pairs"]), default="shapes-qa")
+    ap.add_argument("--task", choices=sorted([*TASKS, "pairs", "clips"]), default="shapes-qa")
     ap.add_argument("--out", type=Path, default=Path("data/shapes-qa"))
     ap.add_argument("--train", type=int, default=800)
     ap.add_argument("--test", type=int, default=200)
@@ -124,6 +166,10 @@ if __name__ == "__main__":
     if args.task == "pairs":
         write_pairs(args.out, args.train, args.test)
         print(f"wrote {args.train} train and {args.test} test pairs to {args.out}/pairs.json")
+        sys.exit()
+    if args.task == "clips":
+        write_clips(args.out, args.train, args.test)
+        print(f"wrote {args.train} train and {args.test} test clips to {args.out}/clips.jsonl")
         sys.exit()
     _, train_seed, test_seed = TASKS[args.task]
     write_split(args.out / "train", args.train, train_seed, args.task)

@@ -43,16 +43,22 @@ def check_video(family: ModuleType, cfg: Config) -> None:
                           f"video needs one of {', '.join(readers)}")
     unknown = sorted(set(cfg.model.video_processor) - set(keys or ()))
     if unknown:
-        raise ConfigError(f"model.video_processor: {family.NAME}'s has no {', '.join(unknown)}; its resolution "
-                          f"controls are {', '.join(keys)}")
+        has = f"its resolution controls are {', '.join(keys)}" if keys else "it has none to set"
+        raise ConfigError(f"model.video_processor: {family.NAME}'s has no {', '.join(unknown)}; {has}")
 
 
 def check_samples(family: ModuleType, images: list[list[Image.Image]], dialogs: list[list[tuple[str, str]]],
                   system: str) -> None:
-    """Refuse what a family cannot write: more images in a sample than it takes (MAX_IMAGES) and,
+    """Refuse what a family cannot write: more images in a sample than it takes (MAX_IMAGES), images
+    and videos in one batch where its processor keeps only one of them (VIDEO_BESIDE_IMAGES) and,
     without a chat template (CHAT = False), a system turn or more than one exchange in a sample.
     A ConfigError: the fix is in the config or the data."""
     check_images(family, max(map(images_in, images), default=0), "a sample here holds")
+    if not getattr(family, "VIDEO_BESIDE_IMAGES", True) and any(map(images_in, images)) and any(
+            isinstance(m, Video) for media in images for m in media):
+        raise ConfigError(f"{family.NAME}'s processor takes a batch's images or its videos, not both (transformers "
+                          "passes both as pixel_values and keeps one): give the video rows no image column, or "
+                          "train on images and on videos in separate runs")
     if family.CHAT:
         return
     if system:

@@ -345,8 +345,10 @@ def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1, rows_per_s
     preprocessor = _preprocessor(cfg.model.name_or_path)
     layout = per_sample(family.layout(model, {**preprocessor, **cfg.model.processor}), cfg.data.max_images)
     if cfg.data.video_column:
-        tokens, patches, how = family.video_tokens(model, {**preprocessor, **cfg.model.video_processor},
-                                                   cfg.data.video_frames)
+        # The video processor's settings as the run builds it: the images', the checkpoint's video
+        # config over them, model.video_processor's keys over both (models/processor.py).
+        video = {**preprocessor, **processor.saved_video_config(cfg.model.name_or_path), **cfg.model.video_processor}
+        tokens, patches, how = family.video_tokens(model, video, cfg.data.video_frames)
         layout = dataclasses.replace(layout, image_tokens=layout.image_tokens + tokens, video_patches=patches,
                                      how=f"{layout.how}; {how}")
     _activation_terms(plan, layout, cfg, largest_q, answer_tokens, rows_per_sample, sampled)

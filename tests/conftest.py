@@ -18,6 +18,14 @@ from demo.pretrain_base import make_model, make_processor  # noqa: E402
 from minivlm.config import from_dict  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def no_bad_rows_from_other_tests():
+    """The process's record of skipped bad rows (data._skipped) starts empty in each test: the
+    warnings carry its running count, which another test's bad rows would otherwise shift."""
+    from minivlm import data
+    data._skipped.clear()
+
+
 def save_paligemma(out: Path, hidden: int = 64, layers: int = 2) -> Path:
     """A random-weight PaliGemma (SigLIP + Gemma, real classes) and its processor, save_pretrained to `out`."""
     torch.manual_seed(0)

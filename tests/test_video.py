@@ -1,9 +1,12 @@
-"""Video: frames sampled from a file (PyAV) or a list as configured, Qwen-VL's torchvision-free video
-processor against transformers' own patch layout, and the label mask around video tokens."""
+"""Video: frames sampled from a file (PyAV) or a list as configured, the torchvision-free video
+processors (Qwen-VL's against transformers' own patch layout and resize, LLaVA-OneVision's against its
+image processor, SmolVLM2's frames held to one count), the label mask around video tokens and the
+planner's count in every family that reads video, and infer.py --video."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import av
 import numpy as np
@@ -14,8 +17,17 @@ from PIL import Image
 from minivlm.batches import collate
 from minivlm.config import ConfigError, DataConfig
 from minivlm.data import load_split, video_of
-from minivlm.models import chat, qwen2_5_vl
+from minivlm.models import chat, get_family, qwen2_5_vl
 from test_architectures import labelled_spans
+
+# The families that read video, and the token each video frame's features take in the text.
+VIDEO_TOKEN = {"qwen2_5_vl": "<|video_pad|>", "qwen2_vl": "<|video_pad|>", "qwen3_vl": "<|video_pad|>",
+               "llava_onevision": "<video>", "smolvlm2": "<image>"}
+# Small frames for the tiny Qwen towers (4 px patches); the others have no video resolution to set.
+# Qwen3-VL's bounds are the clip's, frames × height × width.
+VIDEO_RESOLUTION = {"qwen2_5_vl": {"min_pixels": 64, "max_pixels": 32 * 32},
+                    "qwen2_vl": {"min_pixels": 64, "max_pixels": 32 * 32},
+                    "qwen3_vl": {"min_pixels": 64, "max_pixels": 4 * 32 * 32}}
 
 
 def frame(i: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
@@ -93,32 +105,90 @@ def test_qwen_video_frames_are_laid_out_as_transformers_video_processor_lays_the
     torch.testing.assert_close(ours["pixel_values_videos"], expected[0], rtol=0, atol=0)
 
 
-def test_video_and_image_in_one_dialog_label_only_the_answers(tiny_qwen2_5_vl):
-    """An image in the first turn and a video in the second: both where their markers are, every
-    answer labelled, no image or video token; and the model reads the batch."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    processor = qwen2_5_vl.load_processor(str(tiny_qwen2_5_vl), video_resolution={"min_pixels": 64,
-                                                                                  "max_pixels": 32 * 32})
+@pytest.mark.parametrize("name", VIDEO_TOKEN)
+def test_video_and_image_in_one_dialog_label_only_the_answers(name, request):
+    """A video in the second turn (after an image in the first, where the family takes both in one
+    batch) and a shorter video in the first: each where its marker is, every answer labelled, no
+    video token labelled; and the model reads the batch."""
+    family = get_family(name)
+    path = request.getfixturevalue(f"tiny_{name}")
+    processor = family.load_processor(str(path), video_resolution=VIDEO_RESOLUTION.get(name, {}))
     tok = processor.tokenizer
-    clip = chat.Video([frame(i) for i in range(4)], fps=2.0)
-    dialogs = [[("<image> what is it", "a red circle"), ("and in <video>", "top left")],
+    clip, short = (chat.Video([frame(i) for i in range(n)], fps=2.0) for n in (4, 3))
+    beside = getattr(family, "VIDEO_BESIDE_IMAGES", True)
+    dialogs = [[("<image> what is it" if beside else "what is it", "a red circle"), ("and in <video>", "top left")],
                [("<video> where", "bottom right")]]
-    batch = qwen2_5_vl.training_batch(processor, [[frame(3), clip], [clip]], dialogs)
-    end = tok.convert_tokens_to_ids(qwen2_5_vl.END_OF_TURN)
+    batch = family.training_batch(processor, [[frame(3), clip] if beside else [clip], [short]], dialogs)
+    end = tok.convert_tokens_to_ids(family.END_OF_TURN)
     for row, dialog in enumerate(dialogs):
         assert labelled_spans(batch["labels"][row]) == [tok(a, add_special_tokens=False)["input_ids"] + [end]
                                                         for _, a in dialog]
-    video_token = tok.convert_tokens_to_ids("<|video_pad|>")
-    # 4 frames in pairs; 64×48 down to 32×24 (max_pixels 1024), in the tiny model's 4-px patches
-    assert batch["video_grid_thw"].tolist() == [[2, 6, 8]] * 2
-    assert ((batch["input_ids"] == video_token).sum(1) == 2 * 6 * 8 // 2 ** 2).all()  # merged 2×2
+    video_token = tok.convert_tokens_to_ids(VIDEO_TOKEN[name])
+    assert ((batch["input_ids"] == video_token).sum(1) > 0).all()
     assert not (batch["labels"][batch["input_ids"] == video_token] != -100).any()
     first_answer = (batch["labels"][0] != -100).nonzero()[0]
     assert not (batch["input_ids"][0, :first_answer] == video_token).any()  # the video is in turn 2
-    assert batch["second_per_grid_ts"].tolist() == [1.0, 1.0]  # 2 frames a grid step at 2 fps
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen2_5_vl)
+    if name == "qwen2_5_vl":
+        # 4 frames in pairs; 64×48 down to 32×24 (max_pixels 1024), in the tiny model's 4-px patches
+        assert batch["video_grid_thw"].tolist() == [[2, 6, 8]] * 2
+        assert batch["second_per_grid_ts"].tolist() == [1.0, 1.0]  # 2 frames a grid step at 2 fps
+    model = family.MODEL_CLASS.from_pretrained(path)
     assert torch.isfinite(model(**batch).loss)
+
+
+def test_qwen3_bounds_the_clip_not_each_frame(tiny_qwen3_vl):
+    """Four 64×48 frames at max_pixels 4096: 4·48·64 is over it, so each frame shrinks to 24×32
+    (4·24·32 = 3072; transformers' smart_resize over the clip), where Qwen2.5-VL's per-frame bound
+    would keep 48×64; laid out by transformers' own patchify of the frames at that size."""
+    from minivlm.models import qwen3_vl
+
+    processor = qwen3_vl.load_processor(str(tiny_qwen3_vl), video_resolution=VIDEO_RESOLUTION["qwen3_vl"])
+    ip = processor.image_processor
+    frames = [frame(i * 5) for i in range(4)]
+    resized = []
+    for f in frames:
+        a = np.asarray(f.resize((32, 24), Image.Resampling.BICUBIC)).transpose(2, 0, 1).astype(np.float32)
+        resized.append(torch.from_numpy(np.asarray(ip.normalize(ip.rescale(a, ip.rescale_factor), ip.image_mean,
+                                                                ip.image_std), dtype=np.float32)))
+    expected, grid = patchify(torch.stack(resized)[None], ip.patch_size, ip.merge_size, 2)
+    ours = processor.video_processor([frames])
+    assert grid == [2, 6, 8] and ours["video_grid_thw"].tolist() == [grid]
+    torch.testing.assert_close(ours["pixel_values_videos"], expected[0], rtol=0, atol=1e-6)
+
+
+def test_onevision_frames_are_the_image_processors_whole_view(tiny_llava_onevision):
+    """A LLaVA-OneVision frame is written as its image processor writes an image's whole view (the
+    first of its crops): resized to the tower's size, aspect not kept, and normalized the same."""
+    from minivlm.models import llava_onevision
+
+    processor = llava_onevision.load_processor(str(tiny_llava_onevision))
+    frames = [frame(i * 5, (64, 48)) for i in range(3)]
+    ours = processor.video_processor([frames])["pixel_values_videos"]
+    assert ours.shape == (1, 3, 3, 32, 32)
+    for i, f in enumerate(frames):
+        whole = processor.image_processor(images=[f], return_tensors="pt")["pixel_values"][0][0]
+        torch.testing.assert_close(ours[0, i], whole, rtol=0, atol=1e-6)
+
+
+def test_smolvlm2_holds_a_short_videos_last_frame_and_refuses_images_beside_video(tiny_smolvlm2):
+    """One tensor for a batch's videos: the 3-frame one holds its last frame (pixels and timestamp),
+    so its prompt and its pixels count the same frames. Its processor keeps one of images and
+    videos (both are pixel_values): a batch of both is refused in one line."""
+    from minivlm.batches import check_samples
+    from minivlm.models import smolvlm2
+
+    processor = smolvlm2.load_processor(str(tiny_smolvlm2))
+    videos = [[frame(i) for i in range(n)] for n in (4, 3)]
+    metadata = chat.processor_media([[chat.Video(v, fps=2.0)] for v in videos])["video_metadata"]
+    out = processor.video_processor(videos, video_metadata=metadata)
+    assert out["pixel_values"].shape == (2, 4, 3, 32, 32) and out["pixel_attention_mask"].all()
+    torch.testing.assert_close(out["pixel_values"][1, 3], out["pixel_values"][1, 2], rtol=0, atol=0)
+    assert not torch.equal(out["pixel_values"][1, 2], out["pixel_values"][1, 1])
+    assert [list(m.frames_indices) for m in out["video_metadata"]] == [[0, 1, 2, 3], [0, 1, 2, 2]]
+    clip = chat.Video(videos[0], fps=2.0)
+    check_samples(smolvlm2, [[clip], [clip]], [[("x", "y")]] * 2, "")
+    with pytest.raises(ConfigError, match=r"^SmolVLM2's processor takes a batch's images or its videos, not both"):
+        check_samples(smolvlm2, [[frame(0)], [clip]], [[("x", "y")]] * 2, "")
 
 
 def test_a_video_dataset_collates_and_a_family_without_video_refuses_it(tiny_qwen2_5_vl, tiny_paligemma, tmp_path):
@@ -146,23 +216,52 @@ def test_a_video_dataset_collates_and_a_family_without_video_refuses_it(tiny_qwe
         load_processor(other)
 
 
-def test_the_plan_counts_the_video_tokens_the_processor_makes(tiny_qwen2_5_vl, tmp_path):
-    """--dry-run with data.video_column: data.video_frames frames at the video's largest frame, counted
-    as the processor counts them (a video at that size, through the real processor and VideoFrames)."""
+@pytest.mark.parametrize("name", VIDEO_TOKEN)
+def test_the_plan_counts_the_video_tokens_the_processor_makes(name, request, tmp_path):
+    """--dry-run with data.video_column: data.video_frames frames (5: an odd count) at the video's
+    largest frame, counted as the processor counts them (a video at that size, through the real
+    processor and the family's video stand-in)."""
     from conftest import tiny_config
     from minivlm.build import load_processor
     from minivlm.plan import plan_memory
 
-    cfg = tiny_config(tiny_qwen2_5_vl, tmp_path, tmp_path / "run", family="qwen2_5_vl")
+    path = request.getfixturevalue(f"tiny_{name}")
+    cfg = tiny_config(path, tmp_path, tmp_path / "run", family=name)
     cfg.data.video_column, cfg.data.video_frames = "video", 5
-    cfg.model.video_processor = {"min_pixels": 64, "max_pixels": 32 * 32}
-    clip = chat.Video([frame(i, (32, 32)) for i in range(5)], fps=2.0)  # 32×32: the largest max_pixels allows
-    batch = qwen2_5_vl.training_batch(load_processor(cfg), [[clip]], [[("<video> where", "top left")]])
-    counted = int((batch["input_ids"] == load_processor(cfg).tokenizer.convert_tokens_to_ids("<|video_pad|>")).sum())
+    cfg.model.video_processor = VIDEO_RESOLUTION.get(name, {})
+    family = get_family(name)
+    clip = chat.Video([frame(i, (32, 32)) for i in range(5)], fps=2.0)  # 32×32: the largest the Qwen bounds allow
+    processor = load_processor(cfg)
+    batch = family.training_batch(processor, [[clip]], [[("<video> where", "top left")]])
+    counted = int((batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN[name])).sum())
     plan = plan_memory(cfg)
-    assert f"a video of up to {counted} video tokens (5 frames in 3 pairs" in plan.tokens
-    without = plan_memory(tiny_config(tiny_qwen2_5_vl, tmp_path, tmp_path / "run", family="qwen2_5_vl"))
+    assert re.search(rf"a video of (up to )?{counted} (video|image) tokens \(5 frames", plan.tokens), plan.tokens
+    without = plan_memory(tiny_config(path, tmp_path, tmp_path / "run", family=name))
     assert plan.vision_transient > without.vision_transient
+
+
+def test_infer_answers_about_a_video_file_or_a_folder_of_frames(tiny_qwen2_5_vl, tmp_path):
+    """infer.py --video: one sample, its video at the prompt's <video> marker, sampled by
+    data.video_frames; a folder of frames the same; a marker count that does not fit is one line."""
+    import infer
+
+    write_video(tmp_path / "clip.mp4", frames=8, fps=4)
+    (tmp_path / "frames").mkdir()
+    for i in range(8):
+        frame(i).save(tmp_path / "frames" / f"{i:02d}.png")
+    config = tmp_path / "c.toml"
+    config.write_text(f'[model]\nfamily = "qwen2_5_vl"\nname_or_path = "{tiny_qwen2_5_vl}"\n'
+                      f'[model.video_processor]\nmin_pixels = 64\nmax_pixels = 1024\n'
+                      f'[data]\nvideo_frames = 4\nprompt_template = "{{question}}"\n'
+                      f'[train]\nmax_new_tokens = 3\n')
+    common = ["--config", str(config), "--prompt", "<video> where is the shape"]
+    from_file = infer.main([*common, "--video", str(tmp_path / "clip.mp4")])
+    from_frames = infer.main([*common, "--video", str(tmp_path / "frames")])
+    assert [r["video"] for r in from_file + from_frames] == [str(tmp_path / "clip.mp4"), str(tmp_path / "frames")]
+    assert all(isinstance(r["answer"], str) and r["images"] == [] for r in from_file + from_frames)
+    with pytest.raises(SystemExit, match=r"^error: the prompt has 0 <image> and 2 <video> marker\(s\) for 0 "
+                                         r"image\(s\) and 1 video per sample"):
+        infer.main(["--config", str(config), "--prompt", "<video> <video> x", "--video", str(tmp_path / "clip.mp4")])
 
 
 def test_an_unmarked_video_goes_where_the_rows_media_put_it_and_markers_must_match_kinds(tmp_path):

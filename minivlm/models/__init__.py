@@ -17,9 +17,11 @@ A family module provides:
   skeleton(path, dtype)        the model from its config.json alone (the planner builds it on the meta device)
   layout(model, preprocessor)  -> Layout: what the memory planner reads of the model (below)
 A family that reads video also provides (the others refuse data.video_column):
-  VIDEO_RESOLUTION  the video processor's resolution controls that model.video_processor may set
-  video_tokens(model, preprocessor, frames) -> (text tokens, tower patches, how counted) of a video
+  VIDEO_RESOLUTION  the video processor's resolution controls that model.video_processor may set (may be ())
+  video_tokens(model, video, frames) -> (text tokens, tower patches, how counted) of a video
+                    (video: the video processor's settings, as plan.py gathers them)
   load_processor(..., video_resolution=...)  with a video processor that needs no torchvision
+  VIDEO_BESIDE_IMAGES  (optional, default True) False: a batch holds images or videos, not both
 
 A dialog is a list of (user, assistant) exchanges; most data has one. Chat-template families
 share their batching in `chat.py`.

@@ -8,12 +8,19 @@ with the padding cropped away and an image_newline after each row; a grid of mor
 anyres_max_9 crops' worth (9 × 729) is interpolated down to about that. The model splits the
 tower's output by the same pinpoints, read from its own config: image_grid_pinpoints is set on
 both (MODEL_RESOLUTION), or features and image tokens would not match.
+
+Video: each frame is one 384 px view through the tower (no crops), its 27 × 27 features pooled
+2 × 2 (bilinear) to 14 × 14, the video ended by one image_newline: frames · 14² + 1 tokens. The
+chat template writes a turn's images, then its videos, then its text, wherever the markers were.
 """
 
 import math
 from functools import partial
 
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+
+import torch
+from transformers.feature_extraction_utils import BatchFeature
 
 from minivlm.models import Layout, chat, from_config, processor
 
@@ -27,8 +34,28 @@ LORA_SKIP = ["vision_tower", "multi_modal_projector"]
 RESOLUTION = ("image_grid_pinpoints",)  # [[height, width], ...]: the grids of 384 px crops allowed
 MODEL_RESOLUTION = ("image_grid_pinpoints",)
 END_OF_TURN = "<|im_end|>"
+VIDEO_RESOLUTION = ()  # a frame is the tower's own size (the image processor's): nothing to choose
 
-load_processor = partial(processor.load, parts=LlavaOnevisionProcessor)
+
+class VideoFrames(processor.StandIn):
+    """transformers' LlavaOnevisionVideoProcessor without torchvision: each frame resized to the
+    video config's size (else the images': 384 × 384, aspect not kept), rescaled and normalized:
+    pixel_values_videos (videos, frames, 3, 384, 384), one tensor for the batch."""
+
+    model_input_names = ["pixel_values_videos"]
+
+    def __init__(self, image_processor, saved: dict):
+        self.image_processor, self.saved = image_processor, saved
+        size = saved.get("size") or image_processor.size
+        self.height, self.width = size["height"], size["width"]
+
+    def __call__(self, videos: list[list], return_tensors=None, **kwargs) -> BatchFeature:
+        return BatchFeature({"pixel_values_videos": torch.stack([
+            processor.frame_pixels(self.image_processor, frames, self.height, self.width, self.saved)
+            for frames in processor.held_to_longest(videos)])})
+
+
+load_processor = partial(processor.load, parts=LlavaOnevisionProcessor, video=VideoFrames)
 training_batch = partial(chat.training_batch, end_of_turn=END_OF_TURN)
 generation_batch = chat.generation_batch
 skeleton = partial(from_config, MODEL_CLASS)
@@ -59,3 +86,13 @@ def layout(model: LlavaOnevisionForConditionalGeneration, preprocessor: dict) ->
     alone = side ** 2 + 1 - (c.vision_feature_select_strategy == "default")
     return Layout(c.get_text_config(), v.hidden_size, v.intermediate_size, n, 1 + crops, side ** 2, how,
                   vision_hidden_states=v.num_hidden_layers + 1, several=(alone, 1))
+
+
+def video_tokens(model: LlavaOnevisionForConditionalGeneration, video: dict, frames: int) -> tuple[int, int, str]:
+    """(text tokens, tower patches, how counted) of a video of `frames` frames: each frame's
+    side² features pooled to ⌈side/2⌉², and one newline."""
+    v = model.config.vision_config
+    side = v.image_size // v.patch_size
+    pooled = math.ceil(side / 2) ** 2
+    tokens = frames * pooled + 1
+    return tokens, frames * side ** 2, f"a video of {tokens} video tokens ({frames} frames × {pooled} pooled + 1 newline)"

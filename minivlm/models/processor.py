@@ -12,17 +12,27 @@ hold a video processor, and transformers' video processors need torchvision, whi
 installed beside this project's torch. Without it AutoProcessor refuses to load them at all;
 `load(..., parts=<the processor class>)` then builds the processor from its parts, `ImagesOnly`
 in the video processor's place: images work exactly as with the real one, a video is one clear
-error. (Saved, such a processor writes an empty video processor entry; loading it where
-torchvision is installed is untested here.) Mistral 3's PixtralProcessor reads no video, but
+error. A family that reads video here passes its own stand-in (`video=`): its frames through the
+image processor's own PIL operations (`frame_pixels`), laid out as transformers' video processor
+lays them, with the checkpoint's video_preprocessor_config.json (`saved_video_config`) and
+model.video_processor's keys. (Saved, such a processor writes an empty video processor entry;
+loading it where torchvision is installed is untested here.) Mistral 3's PixtralProcessor reads no video, but
 transformers only exports it with torchvision installed: `pixtral_processor()` imports it.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
 import transformers
 import transformers.processing_utils
+from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-from transformers.utils import is_torchvision_available
+from transformers.image_utils import SizeDict
+from transformers.utils import cached_file, is_torchvision_available
 from transformers.video_processing_utils import VideoProcessorMixin
 
 
@@ -31,20 +41,24 @@ from transformers.video_processing_utils import VideoProcessorMixin
 transformers.processing_utils.transformers_module.VideoProcessorMixin = VideoProcessorMixin
 
 
-class ImagesOnly(VideoProcessorMixin):
-    """Stands in for a processor's video processor where torchvision is missing. Saves nothing,
+class StandIn(VideoProcessorMixin):
+    """What stands in for a processor's video processor where torchvision is missing. Saves nothing,
     so a processor saved from here reloads with the checkpoint's real video processor elsewhere."""
-
-    def __call__(self, *args, **kwargs):
-        raise ValueError("videos need transformers' video processors, which need torchvision; this environment "
-                         "has none (it cannot be installed beside torch 2.13): train on images, or install "
-                         "torchvision where it fits your torch")
 
     def save_pretrained(self, *args, **kwargs) -> list:
         return []
 
     def to_dict(self) -> dict:
         return {}
+
+
+class ImagesOnly(StandIn):
+    """The stand-in of a family that reads no video here: a video is one clear error."""
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError("videos need transformers' video processors, which need torchvision; this environment "
+                         "has none (it cannot be installed beside torch 2.13): train on images, or install "
+                         "torchvision where it fits your torch")
 
     def __getattr__(self, name: str):
         # The video settings a processor reads in passing, with no video in sight (SmolVLM2's
@@ -59,7 +73,8 @@ def load(name_or_path: str, trust_remote_code: bool = False, parts: type | None 
     """The checkpoint's processor; its image processor built with `resolution` (model.processor).
     `parts`: the family's processor class, if AutoProcessor cannot build it without torchvision;
     `video`: then the family's own video processor without torchvision (else ImagesOnly), built
-    from the image processor and `video_resolution` (model.video_processor)."""
+    from the image processor, the checkpoint's saved video settings and `video_resolution`
+    (model.video_processor), which win over them."""
     if parts is not None and not is_torchvision_available():
         processor = _from_parts(parts, name_or_path, resolution, video, video_resolution or {})
     else:
@@ -88,8 +103,42 @@ def _from_parts(cls: type, name_or_path: str, resolution: dict, video: type | No
     processor_dict, kwargs = cls.get_processor_dict(name_or_path)  # chat template and processor_config.json
     image_processor = AutoImageProcessor.from_pretrained(name_or_path, **resolution)
     parts = {"image_processor": image_processor, "tokenizer": AutoTokenizer.from_pretrained(name_or_path),
-             "video_processor": video(image_processor, **video_resolution) if video else ImagesOnly()}
+             "video_processor": (video(image_processor, saved_video_config(name_or_path), **video_resolution)
+                                 if video else ImagesOnly())}
     return cls.from_args_and_dict([parts[a] for a in cls.get_attributes()], processor_dict, **kwargs)
+
+
+def saved_video_config(name_or_path: str) -> dict:
+    """The checkpoint's video_preprocessor_config.json ({} without one: transformers then builds the
+    video processor from the image processor's config, as the stand-ins do)."""
+    path = cached_file(name_or_path, "video_preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    return json.loads(Path(path).read_text()) if path else {}
+
+
+def frame_pixels(image_processor, frames: list[Image.Image], height: int, width: int, saved: dict) -> torch.Tensor:
+    """Video frames as `image_processor` writes an image, each resized to height × width with its
+    resample filter, rescaled and normalized with its mean and std (the `saved` video config's
+    where it has its own): (frames, 3, height, width). Those are the steps of transformers'
+    BaseVideoProcessor, by PIL instead of torchvision (the two libraries' filters differ in the
+    last bits)."""
+    ip, size = image_processor, SizeDict(height=height, width=width)
+    mean, std = saved.get("image_mean", ip.image_mean), saved.get("image_std", ip.image_std)
+    resample = saved.get("resample", ip.resample)
+    out = []
+    for frame in frames:
+        pixels = ip.resize(ip.process_image(frame, do_convert_rgb=True), size, resample=resample)
+        pixels = ip.normalize(ip.rescale(pixels, ip.rescale_factor), mean, std)
+        out.append(torch.from_numpy(np.asarray(pixels, dtype=np.float32)))
+    return torch.stack(out)
+
+
+def held_to_longest(videos: list[list[Image.Image]]) -> list[list[Image.Image]]:
+    """A batch's videos at one frame count, a shorter one holding its last frame: the families
+    whose videos are one (videos, frames, ...) tensor (transformers pads with black frames instead,
+    which SmolVLM's model drops as padding while its prompt still counts them)."""
+    most = max(len(frames) for frames in videos)
+    return [list(frames) + list(frames[-1:]) * (most - len(frames)) for frames in videos]
 
 
 def pixtral_processor() -> type:

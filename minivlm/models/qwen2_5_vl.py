@@ -18,7 +18,6 @@ from functools import partial
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata
 
 from minivlm.models import Layout, chat, from_config, processor
@@ -36,7 +35,7 @@ END_OF_TURN = "<|im_end|>"
 VIDEO_RESOLUTION = ("min_pixels", "max_pixels")  # h·w bounds of each video frame, in pixels
 
 
-class VideoFrames(VideoProcessorMixin):
+class VideoFrames(processor.StandIn):
     """Qwen2-VL's video processor without torchvision (processor.py): a video is its frames, each
     resized, rescaled and normalized by the image processor as an image is, at the video's own
     min/max pixels, then paired along time. The image processor writes every image as a still
@@ -49,22 +48,35 @@ class VideoFrames(VideoProcessorMixin):
 
     model_input_names = ["pixel_values_videos", "video_grid_thw"]
 
-    def __init__(self, image_processor, min_pixels: int | None = None, max_pixels: int | None = None,
+    def __init__(self, image_processor, saved: dict, min_pixels: int | None = None, max_pixels: int | None = None,
                  temporal_patch_size: int = 2):
         self.image_processor, self.temporal_patch_size = image_processor, temporal_patch_size
-        # model.video_processor's bounds, else the images': transformers builds Qwen's video processor
-        # from preprocessor_config.json too when a checkpoint has no video config of its own.
-        self.size = {"shortest_edge": min_pixels or image_processor.size["shortest_edge"],
-                     "longest_edge": max_pixels or image_processor.size["longest_edge"]}
+        # model.video_processor's bounds, else the checkpoint's video_preprocessor_config.json's, else
+        # the images': transformers builds Qwen's video processor from preprocessor_config.json too
+        # when a checkpoint has no video config of its own.
+        bounds = {**self.default_size(image_processor), **saved.get("size", {})}
+        self.size = {"shortest_edge": min_pixels or bounds["shortest_edge"],
+                     "longest_edge": max_pixels or bounds["longest_edge"]}
         self.merge_size, self.patch_size = image_processor.merge_size, image_processor.patch_size
+
+    @staticmethod
+    def default_size(image_processor) -> dict:
+        size = image_processor.size  # a SizeDict
+        return {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}
+
+    def resized(self, frames: list) -> tuple[list, dict]:
+        """The frames and the bounds the image processor resizes each within: the video's own
+        min/max pixels, per frame."""
+        return frames, self.size
 
     def __call__(self, videos: list[list], video_metadata: list | None = None, return_tensors=None,
                  **kwargs) -> BatchFeature:
         t, p = self.temporal_patch_size, self.patch_size
         patches, grids = [], []
         for frames in videos:
-            frames = list(frames) + list(frames[-1:]) * (-len(frames) % t)
-            out = self.image_processor(images=frames, size=self.size, return_tensors="pt")
+            frames, size = self.resized(list(frames))
+            frames = frames + frames[-1:] * (-len(frames) % t)
+            out = self.image_processor(images=frames, size=size, return_tensors="pt")
             _, h, w = out["image_grid_thw"][0].tolist()
             one = out["pixel_values"].view(len(frames), h * w, 3, t, p, p)[:, :, :, 0]  # each frame once
             paired = one.view(len(frames) // t, t, h * w, 3, p, p).permute(0, 2, 3, 1, 4, 5)
@@ -75,12 +87,6 @@ class VideoFrames(VideoProcessorMixin):
                                    for f in videos]
         return BatchFeature({"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids),
                              "video_metadata": rates})
-
-    def save_pretrained(self, *args, **kwargs) -> list:
-        return []  # as processor.ImagesOnly: a saved processor reloads the checkpoint's real one elsewhere
-
-    def to_dict(self) -> dict:
-        return {}
 
 
 load_processor = partial(processor.load, parts=Qwen2_5_VLProcessor, video=VideoFrames)
@@ -98,13 +104,13 @@ def image_tokens(vision, preprocessor: dict) -> tuple[int, str]:
                f"{'' if preprocessor else '; no preprocessor_config.json, the default max_pixels assumed'})")
 
 
-def video_tokens(model: Qwen2_5_VLForConditionalGeneration, preprocessor: dict, frames: int) -> tuple[int, int, str]:
+def video_tokens(model: Qwen2_5_VLForConditionalGeneration, video: dict, frames: int) -> tuple[int, int, str]:
     """(text tokens, tower patches, how counted) of a video of `frames` frames at the largest frame
-    the video's max_pixels allows (model.video_processor, else the images'): frame pairs × the
+    the video's max_pixels allows (`video`: the video processor's settings): frame pairs × the
     tokens of one such frame, each token merge² patches."""
     v = model.config.vision_config
     steps = -(-frames // 2)  # frame pairs, an odd last frame repeated
-    per_step, _ = image_tokens(v, preprocessor)
+    per_step, _ = image_tokens(v, video)
     return steps * per_step, steps * per_step * v.spatial_merge_size ** 2, (
         f"a video of up to {steps * per_step} video tokens ({frames} frames in {steps} pairs × {per_step})")
 
