@@ -23,8 +23,8 @@ of them holding a red shape, asked "which image has the red shape" and answered 
 LLaVA's JSON layout (a list of {"images": [...], "conversations": [...]}, each image placed by an
 <image> marker), train rows then test rows in one file. clips: a 4-frame video a sample (an .mp4
 file, written with PyAV), the shape in one quadrant for two frames and in the next quadrant over
-for two, asked "where does the shape move" and answered "left", "right", "up" or "down": no single
-frame answers it, and the order of the frames does. JSON Lines, train rows then test rows.
+for two, asked "where does the shape move" and answered with the side it moves to, "left", "right",
+"top" or "bottom": no single frame answers it, and the order of the frames does. JSON Lines, train rows then test rows.
 
 The layout (but pairs') is the `datasets` imagefolder one (images + metadata.jsonl per split), loaded with
 `datasets.load_dataset("imagefolder", data_dir=...)`: the same path a user's own data takes.
@@ -103,11 +103,12 @@ def write_pairs(out: Path, n_train: int, n_test: int, seed: int = 9000) -> None:
     (out / "pairs.json").write_text(json.dumps(rows))
 
 
-# A clip's move: (from, to) quadrants for each direction, two of each.
+# A clip's move, named by the side it moves to (words the base already writes, one token each):
+# (from, to) quadrants, two of each. Starting top left, it may move right or down (to the bottom).
 MOVES = {"right": [("top left", "top right"), ("bottom left", "bottom right")],
          "left": [("top right", "top left"), ("bottom right", "bottom left")],
-         "down": [("top left", "bottom left"), ("top right", "bottom right")],
-         "up": [("bottom left", "top left"), ("bottom right", "top right")]}
+         "bottom": [("top left", "bottom left"), ("top right", "bottom right")],
+         "top": [("bottom left", "top left"), ("bottom right", "top right")]}
 
 
 def clip(rng: random.Random) -> tuple[list[Image.Image], str]:

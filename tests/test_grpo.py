@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 from minivlm.objectives.grpo import LOSS_TYPES, group_advantages, policy_loss, token_log_probs
 
@@ -398,6 +399,30 @@ def test_prompts_longer_than_max_length_are_dropped_with_a_warning(tiny_paligemm
     assert kept["prompts"] == [whole["prompts"][i] for i in survivors]
 
 
+def sampled_and_scored_agree(cfg, built, inputs: dict, group: int) -> dict:
+    """grpo.sample's completions of `inputs` are generate's own (one encoding of each prompt's media,
+    no image or video token sampled), and completion_log_probs on grpo.scoring_batch gives the
+    log-probabilities they were drawn from; the scoring batch, returned."""
+    from minivlm.objectives import grpo
+
+    torch.manual_seed(0)
+    sampled, ended = grpo.sample(cfg, built, inputs, group, 1.0, 1.0, 5)
+    scored = grpo.scoring_batch(inputs, sampled, ended, group, grpo.answer_token_types(built))
+    media = [built.processor.image_token_id, getattr(built.processor, "video_token_id", None)]
+    torch.manual_seed(0)
+    out = built.model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=5,
+                               num_return_sequences=group, output_logits=True, return_dict_in_generate=True,
+                               suppress_tokens=[t for t in media if t is not None])
+    completion = out.sequences[:, inputs["input_ids"].shape[1]:]
+    assert not torch.isin(completion, torch.tensor([t for t in media if t is not None])).any()
+    assert torch.equal(sampled, completion)
+    built.model.eval()
+    logp, mask = grpo.completion_log_probs(cfg, built, scored, sampled.shape[1], group)
+    drawn = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logp[mask], drawn[:, :logp.shape[1]][mask], atol=1e-4, rtol=1e-4)
+    return scored
+
+
 def test_two_image_prompts_are_sampled_once_and_scored_token_for_token(tiny_qwen2_5_vl, tmp_path):
     """Qwen2.5-VL prompts of two images each: grpo.collate places them at the markers, generate
     samples a group per prompt from one encoding of its images, and the scoring batch (the prompt's
@@ -415,18 +440,28 @@ def test_two_image_prompts_are_sampled_once_and_scored_token_for_token(tiny_qwen
     prompts = grpo.collate(load_split(cfg.data, "train"), [0, 1], cfg.data, built.family, built.processor)
     inputs = prompts["inputs"]
     assert inputs["image_grid_thw"].shape[0] == 4 and prompts["prompts"][0] == "which is red, left <image> or right <image>"
-    torch.manual_seed(0)
-    sampled, ended = grpo.sample(cfg, built, inputs, 3, 1.0, 1.0, 5)
-    scored = grpo.scoring_batch(inputs, sampled, ended, 3, grpo.answer_token_types(built))
+    scored = sampled_and_scored_agree(cfg, built, inputs, 3)
     assert scored["image_grid_thw"].shape[0] == 12  # each prompt's two images, for each of its 3 completions
-    torch.manual_seed(0)
-    out = built.model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=5,
-                               num_return_sequences=3, output_logits=True, return_dict_in_generate=True,
-                               suppress_tokens=[built.processor.image_token_id])
-    assert not (out.sequences[:, inputs["input_ids"].shape[1]:] == built.processor.image_token_id).any()
-    completion = out.sequences[:, inputs["input_ids"].shape[1]:]
-    assert torch.equal(sampled, completion)
-    built.model.eval()
-    logp, mask = grpo.completion_log_probs(cfg, built, scored, sampled.shape[1], 3)
-    drawn = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(logp[mask], drawn[:, :logp.shape[1]][mask], atol=1e-4, rtol=1e-4)
+
+
+def test_a_video_prompt_is_sampled_once_and_scored_token_for_token(tiny_qwen2_5_vl, tmp_path):
+    """The same with a 4-frame video a prompt (frame lists of different brightness): each completion
+    is scored with its own prompt's video, its grid and frame rate listed once per completion."""
+    from conftest import tiny_config
+    from minivlm.build import build
+    from minivlm.data import load_split
+    from minivlm.objectives import grpo
+
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"video": [Image.new("RGB", (32, 32), (60 * i + 10 * f,) * 3) for f in range(4)],
+                                        "question": "<video> where", "answer": "left"} for i in range(2)])
+    cfg = tiny_config(tiny_qwen2_5_vl, tmp_path, tmp_path / "run", family="qwen2_5_vl")
+    cfg.data.video_column, cfg.data.video_frames, cfg.data.eval_split = "video", 4, ""
+    cfg.model.video_processor = {"min_pixels": 64, "max_pixels": 32 * 32}
+    built = build(cfg)
+    inputs = grpo.collate(rows, [0, 1], cfg.data, built.family, built.processor)["inputs"]
+    assert inputs["video_grid_thw"].tolist() == [[2, 8, 8]] * 2
+    scored = sampled_and_scored_agree(cfg, built, inputs, 3)
+    assert scored["video_grid_thw"].shape[0] == 6 and scored["second_per_grid_ts"].shape[0] == 6
+    torch.testing.assert_close(scored["pixel_values_videos"], torch.cat([inputs["pixel_values_videos"]] * 3))

@@ -152,13 +152,14 @@ def sample(cfg: Config, built: Built, inputs: dict[str, torch.Tensor], group: in
     expands the prompt's encoded inputs to its `group` rows. A completion cut off at
     max_new_tokens has no end token and is kept whole."""
     # top_k=0: a checkpoint's generation_config may set top_k (50 by default), which would sample
-    # from fewer tokens than top_p and temperature say. The image token is never sampled: in the
-    # scoring forward it would be taken for an image's slot ("image features and image tokens do
-    # not match"); a trained model gives it no mass anyway.
-    image = image_token_id(built.processor)
+    # from fewer tokens than top_p and temperature say. The image and video tokens are never
+    # sampled: in the scoring forward one would be taken for an image's or a video's slot ("image
+    # features and image tokens do not match"); a trained model gives them no mass anyway.
+    media = [t for t in (image_token_id(built.processor), getattr(built.processor, "video_token_id", None))
+             if t is not None]
     completion = generated(cfg, built, inputs, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                            max_new_tokens=max_new_tokens, num_return_sequences=group,
-                           suppress_tokens=[image] if image is not None else None).cpu()
+                           suppress_tokens=media or None).cpu()
     is_end = torch.isin(completion, torch.tensor(built.model.generation_config.eos_token_id).flatten())
     # Up to and with the first end token: the count of ends strictly before each position is 0.
     return completion, (is_end.cumsum(1) - is_end.long()) == 0
