@@ -95,4 +95,5 @@ def video_tokens(model: LlavaOnevisionForConditionalGeneration, video: dict, fra
     side = v.image_size // v.patch_size
     pooled = math.ceil(side / 2) ** 2
     tokens = frames * pooled + 1
-    return tokens, frames * side ** 2, f"a video of {tokens} video tokens ({frames} frames × {pooled} pooled + 1 newline)"
+    how = f"a video of {tokens} video tokens ({frames} frames × {pooled} pooled + 1 newline)"
+    return tokens, frames * side ** 2, how

@@ -16,8 +16,9 @@ error. A family that reads video here passes its own stand-in (`video=`): its fr
 image processor's own PIL operations (`frame_pixels`), laid out as transformers' video processor
 lays them, with the checkpoint's video_preprocessor_config.json (`saved_video_config`) and
 model.video_processor's keys. (Saved, such a processor writes an empty video processor entry;
-loading it where torchvision is installed is untested here.) Mistral 3's PixtralProcessor reads no video, but
-transformers only exports it with torchvision installed: `pixtral_processor()` imports it.
+loading it where torchvision is installed is untested here.) Mistral 3's PixtralProcessor reads
+no video, but transformers only exports it with torchvision installed: `pixtral_processor()`
+imports it.
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ def video_tokens(model: Qwen3VLForConditionalGeneration, video: dict, frames: in
     frame is at most max_pixels / min(both) pixels, a pair's tokens that over (patch · merge)². The
     timestamps' few text tokens per pair are not counted."""
     v = model.config.vision_config
-    most = video.get("max_pixels") or video.get("size", {}).get("longest_edge") or Qwen3VLVideoProcessor.size["longest_edge"]
+    most = (video.get("max_pixels") or video.get("size", {}).get("longest_edge")
+            or Qwen3VLVideoProcessor.size["longest_edge"])
     n = max(frames, 2)  # as VideoFrames.resized sizes one frame
     steps = -(-frames // 2)
     per_step = most // min(n, round(n / 2) * 2) // (v.patch_size * v.spatial_merge_size) ** 2

@@ -48,8 +48,8 @@ class VideoFrames(processor.StandIn):
         metadata = [VideoMetadata(total_num_frames=m.total_num_frames, fps=m.fps,
                                   frames_indices=list(m.frames_indices) + [m.frames_indices[-1]] * (len(h) - len(f)))
                     for m, h, f in zip(video_metadata, held, videos)]
-        return BatchFeature({"pixel_values": pixels, "pixel_attention_mask": torch.ones_like(pixels[:, :, 0], dtype=torch.long),
-                             "video_metadata": metadata})
+        mask = torch.ones_like(pixels[:, :, 0], dtype=torch.long)  # (videos, frames, h, w): no padding in a frame
+        return BatchFeature({"pixel_values": pixels, "pixel_attention_mask": mask, "video_metadata": metadata})
 
 
 load_processor = partial(processor.load, parts=SmolVLMProcessor, video=VideoFrames)
