@@ -118,7 +118,9 @@ def config(step: Step) -> None:
     stage(1, "minivlm/config.py:load_config")
     print(f"  model   {cfg.model.name_or_path} ({cfg.model.family}), unquantized weights and matmuls in {cfg.model.dtype}")
     print(f"  quant   4-bit {cfg.quant.load_in_4bit}, {cfg.quant.quant_type}, double quantization {cfg.quant.double_quant}")
-    print(f"  lora    r {lora.r}, alpha {lora.alpha} (scale alpha/r = {lora.alpha / lora.r:g}), dropout {lora.dropout}")
+    scale = (f"alpha/√r = {lora.alpha / lora.r ** 0.5:g}, rsLoRA" if lora.use_rslora
+             else f"alpha/r = {lora.alpha / lora.r:g}")
+    print(f"  lora    r {lora.r}, alpha {lora.alpha} (scale {scale}), dropout {lora.dropout}")
     print(f"  train   batch {t.batch_size} × accumulation {t.grad_accum}, lr {t.lr:g} (warmup {t.warmup_steps}, "
           f"{t.schedule}), {t.optimizer}, max_grad_norm {t.max_grad_norm}, bf16 {t.bf16}, fp16 {t.fp16}")
 

@@ -57,6 +57,7 @@ class LoRAConfig:
     targets: list[str] | None = None  # names (suffix match) or "re:<regex>"; None = family default
     skip: list[str] | None = None  # never adapted; None = the family's default
     train_modules: list[str] = field(default_factory=list)  # trained in full, saved with the adapter
+    use_rslora: bool = False  # rsLoRA: scale the update by alpha/√r instead of alpha/r (PEFT's use_rslora)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class TrainConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"  # "cosine", "linear" or "constant" after warmup
     optimizer: str = "paged_adamw_8bit"  # or "adamw_8bit", "adamw"
+    lora_plus_ratio: float = 0.0  # LoRA+: each B learns at this × lr (the paper: 16); 0 = off, as plain LoRA
     max_grad_norm: float = 1.0  # 0 = no clipping
     bf16: bool = False
     fp16: bool = False
@@ -261,7 +263,7 @@ ALIASES = {
     "llm_int8_skip_modules": "skip", "model_id": "name_or_path", "torch_dtype": "dtype",
     "save_total_limit": "keep_checkpoints", "save_steps": "save_every", "eval_steps": "eval_every",
     "dataloader_num_workers": "workers",
-    "beta": "dpo_beta", "label_smoothing": "dpo_label_smoothing",
+    "beta": "dpo_beta", "label_smoothing": "dpo_label_smoothing", "loraplus_lr_ratio": "lora_plus_ratio",
 }
 
 
@@ -286,6 +288,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = use epochs)"),
         (cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
         (cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
+        (cfg.train.lora_plus_ratio >= 0, "train.lora_plus_ratio", "must be >= 0 (0 = off; LoRA+ suggests 16)"),
         (cfg.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = no clipping)"),
         (len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "train.betas",
          "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),

@@ -52,7 +52,7 @@ def export_peft(cfg: Config, built: Built, out: str | Path) -> Path:
         "r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
         "target_modules": sorted(built.adapted), "modules_to_save": cfg.lora.train_modules or None,
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "use_rslora": False, "use_dora": False,
+        "use_rslora": cfg.lora.use_rslora, "use_dora": False,
     }
     with atomic_directory(out) as tmp:  # whole or absent: a crash never leaves half an adapter
         save_file(tensors, tmp / "adapter_model.safetensors")

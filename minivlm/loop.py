@@ -207,7 +207,8 @@ class Run:
 
     def optimizer_step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            # LoRA+: B's group runs at lora_plus_ratio × lr (an optimizer saved before LoRA+ has no scale)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.scaler.step(self.optimizer)  # skipped by the scaler if fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

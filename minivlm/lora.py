@@ -24,6 +24,12 @@ W0 to reach earlier adapters, but only A and B are ever updated.
 B = 0 at init, so the adapted model starts out exactly equal to the base model. The alpha/r
 scale keeps the update's size roughly independent of r, so the learning rate need not be
 retuned when r changes.
+
+rsLoRA (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor", Theorem 3.2): with alpha/r
+the update's scale falls as 1/r, so a large r learns slower and gains nothing over a small
+one; scaling by γ_r = alpha/√r instead keeps the adapter's activations and gradients of order
+1 as r grows (`rslora=True`, lora.use_rslora). Only the constant changes: the same A, B, merge.
+LoRA+ (Hayou et al. 2024) changes the optimizer, not the layer: optim.build_optimizer.
 """
 
 from __future__ import annotations
@@ -78,14 +84,14 @@ class LoRALinear(nn.Module):
     `dropout` is a probability (the layer's own nn.Dropout) or a dropout module shared with other
     layers (SharedDropout)."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float | nn.Module = 0.0):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float | nn.Module = 0.0, rslora: bool = False):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be > 0, got {r}")
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha = r, alpha
-        self.scaling = alpha / r
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r  # rsLoRA's γ_r, or LoRA's
         device = base.weight.device
         # Adapters stay fp32 whatever the base computes in: the optimizer updates fp32 values, and
         # autocast casts them down for the matmul only (the "master weights" of mixed precision).
@@ -113,7 +119,7 @@ class LoRALinear(nn.Module):
         return y + (delta * self.scaling).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = (alpha/r) · B A, shape (out, in), fp32."""
+        """ΔW = scaling · B A (scaling = alpha/r, or alpha/√r with rsLoRA), shape (out, in), fp32."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
     @torch.no_grad()
@@ -174,6 +180,7 @@ def inject_lora(
     dropout: float,
     train_modules: list[str] = (),
     shared_dropout: bool = False,
+    rslora: bool = False,
 ) -> list[str]:
     """Freeze `model`, wrap every targeted linear in a LoRALinear, in place; return the wrapped names.
 
@@ -182,7 +189,8 @@ def inject_lora(
     A module is targeted when its name matches a `targets` pattern (suffix) and no `skip`
     pattern (anywhere). Modules named in `train_modules` are unfrozen and trained in full (in
     fp32). With `shared_dropout`, all adapters share one SharedDropout (one mask per input
-    tensor). Raises ValueError if a target hits nothing or hits a module that is not linear.
+    tensor). `rslora` scales every adapter by alpha/√r. Raises ValueError if a target hits nothing
+    or hits a module that is not linear.
     """
     model.requires_grad_(False)
     chosen = []
@@ -199,7 +207,7 @@ def inject_lora(
     if shared_dropout and dropout > 0:
         dropout = SharedDropout(dropout)
     for name in chosen:
-        replace_module(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
+        replace_module(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora))
     for pattern in train_modules:
         hits = [m for n, m in model.named_modules() if matches(n, pattern, anywhere=False)]
         if not hits:

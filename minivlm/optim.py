@@ -18,12 +18,23 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     quantized (Dettmers et al. 2022), in paged memory that spills to CPU RAM under GPU
     memory pressure instead of failing. On the CPU there is nothing to page from: the same
     8-bit AdamW runs, not paged, and one line says so.
+
+    LoRA+ (Hayou et al. 2024, train.lora_plus_ratio = λ): in a LoRA layer of large width, A and B
+    at one learning rate cannot both learn efficiently; B at λ·lr can (their Theorem 1, λ ≈ 16
+    in their runs). Every B gets its own parameter group whose `lr_scale` λ the loop multiplies
+    into the scheduled lr (loop.optimizer_step). PEFT's create_loraplus_optimizer also puts every
+    1-D trainable (biases and norms of modules trained in full) in B's group; here they stay at lr.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.lora_plus_ratio:
+        params = [{"params": [p for n, p in named if not n.endswith(".lora_B")], "lr_scale": 1.0},
+                  {"params": [p for n, p in named if n.endswith(".lora_B")], "lr_scale": cfg.lora_plus_ratio}]
+    else:
+        params = [{"params": [p for _, p in named], "lr_scale": 1.0}]
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, **kwargs)
-    paged = cfg.optimizer == "paged_adamw_8bit" and params[0].is_cuda
+    paged = cfg.optimizer == "paged_adamw_8bit" and named[0][1].is_cuda
     if cfg.optimizer == "paged_adamw_8bit" and not paged:
         print("optimizer: paged_adamw_8bit pages only on CUDA; using the same 8-bit AdamW, not paged, on the CPU")
     return (bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit)(params, **kwargs)

@@ -43,7 +43,19 @@ def sample_batch(built):
 @pytest.mark.parametrize("family", ["paligemma", "idefics2", *ARCHITECTURES])
 def test_peft_loads_our_adapter_with_the_same_logits(family, request, tmp_path):
     path = request.getfixturevalue(f"tiny_{family}")
-    cfg = tiny_config(path, tmp_path, tmp_path / "run", family=family)
+    peft_answers_alike(tiny_config(path, tmp_path, tmp_path / "run", family=family), path, tmp_path)
+
+
+def test_peft_loads_an_rslora_adapter_with_the_same_logits(tiny_paligemma, tmp_path):
+    """lora.use_rslora is written as PEFT's use_rslora: PEFT scales by alpha/√r too."""
+    cfg = tiny_config(tiny_paligemma, tmp_path, tmp_path / "run")
+    cfg.lora.use_rslora = True
+    assert peft_answers_alike(cfg, tiny_paligemma, tmp_path)["use_rslora"] is True
+
+
+def peft_answers_alike(cfg, path, tmp_path) -> dict:
+    """Our adapter on the float base, exported in PEFT's layout and loaded by PeftModel on the same
+    base, gives the same logits; the exported adapter_config.json, returned."""
     cfg.quant.load_in_4bit = False  # the reference: PEFT on the float base, our adapter on ours
     built = trained_adapter(cfg)
     built.model.eval()
@@ -63,6 +75,7 @@ def test_peft_loads_our_adapter_with_the_same_logits(family, request, tmp_path):
     with torch.no_grad():
         theirs = peft_model(**inputs).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    return config
 
 
 def test_merged_export_loads_in_plain_transformers_and_answers_alike(tiny_paligemma, shapes_data, tmp_path):

@@ -253,6 +253,40 @@ def test_the_optimizer_steps_with_the_clipped_gradient_and_the_scheduled_lr(tiny
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+def test_lora_plus_steps_every_b_at_ratio_times_lr_in_the_groups_peft_makes(optimizer):
+    """train.lora_plus_ratio = 16: every lora_B in a group of its own, the rest at lr, as PEFT's
+    create_loraplus_optimizer groups the same model's adapters; and the loop's scheduled lr
+    reaches B's group times 16 at each step."""
+    import copy
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+    from minivlm.lora import inject_lora
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.ReLU(), torch.nn.Linear(8, 4, bias=False))
+    ours = copy.deepcopy(net)
+    inject_lora(ours, ["0", "2"], [], r=2, alpha=4, dropout=0.0)
+    opt = build_optimizer(ours, TrainConfig(optimizer=optimizer, lr=1e-3, lora_plus_ratio=16))
+    names = {id(p): n for n, p in ours.named_parameters()}
+    scales = {names[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    peft_model = get_peft_model(net, LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
+    theirs = create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    peft_names = {id(p): n.removeprefix("base_model.model.").removesuffix(".default.weight")
+                  for n, p in peft_model.named_parameters()}
+    assert scales == {peft_names[id(p)]: g["lr"] / 1e-3 for g in theirs.param_groups for p in g["params"]}
+    assert sorted(scales.values()) == [1.0, 1.0, 16.0, 16.0]
+    for p in ours.parameters():
+        if p.requires_grad:
+            p.grad = torch.ones_like(p)
+    loop.Run.optimizer_step(SimpleNamespace(optimizer=opt, scaler=torch.amp.GradScaler("cpu", enabled=False)), 5e-4)
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([5e-4, 8e-3])
+    plain = build_optimizer(ours, TrainConfig(optimizer=optimizer, lr=1e-3))
+    assert [g["lr_scale"] for g in plain.param_groups] == [1.0]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
 def test_weight_decay_and_betas_reach_the_optimizer(optimizer):
     """Decoupled weight decay (AdamW): with a zero gradient, Adam's update is 0 and a step only
     shrinks each weight by lr · weight_decay, for fp32 and 8-bit Adam state alike (the 4096-value

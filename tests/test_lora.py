@@ -63,6 +63,19 @@ def test_scaling_is_alpha_over_r():
     torch.testing.assert_close(layer(x) - base(x), delta.expand(3, 32), rtol=1e-5, atol=1e-5)
 
 
+def test_rslora_scales_by_alpha_over_sqrt_r_and_merges_the_same():
+    """rsLoRA: γ_r = alpha/√r (Kalajdzievski 2023), in the forward and in the merged weight."""
+    base = float_linear()
+    layer = LoRALinear(base, r=4, alpha=12, rslora=True)
+    assert layer.scaling == 6.0  # 12 / √4, where alpha/r would be 3
+    randomize_b(layer)
+    x = torch.randn(3, 64)
+    expected = base(x) + 6.0 * x @ layer.lora_A.T @ layer.lora_B.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", BASES)
 def test_merge_equals_unmerged_and_unmerge_restores(kind):
     layer = LoRALinear(BASES[kind](), r=4, alpha=8)
@@ -195,12 +208,14 @@ def test_injector_errors_name_the_problem():
         inject_lora(model, targets=["1"], skip=[], r=2, alpha=2, dropout=0.0)
 
 
-def test_4bit_lora_equals_peft_on_a_transformers_4bit_model(tiny_paligemma, shapes_data, tmp_path):
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_4bit_lora_equals_peft_on_a_transformers_4bit_model(rslora, tiny_paligemma, shapes_data, tmp_path):
     """The QLoRA path users run today as the oracle: transformers loads the base in 4-bit
     (BitsAndBytesConfig: NF4, double quant, the same modules skipped) and PEFT wraps its Linear4bit
     layers. With the same adapter values: the same 4-bit codes, logits, loss, and gradient of
-    every A and B."""
+    every A and B; with lora.use_rslora as with PEFT's use_rslora."""
     cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path)
+    cfg.lora.use_rslora = rslora
     built = build(cfg)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # A and B both random: every gradient is non-zero
@@ -214,7 +229,7 @@ def test_4bit_lora_equals_peft_on_a_transformers_4bit_model(tiny_paligemma, shap
     base = AutoModelForImageTextToText.from_pretrained(tiny_paligemma, quantization_config=quantization,
                                                        dtype=torch.float32, device_map="cpu")
     peft_model = get_peft_model(base, LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0, use_rslora=rslora,
         target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
     theirs = dict(peft_model.named_parameters())
     ours = {n: p for n, p in built.model.named_parameters() if p.requires_grad}
