@@ -54,7 +54,7 @@ LORA, QUANT, LOOP, OPTIM, CKPT, SFT, DPO, METRICS = (f"minivlm/{f}.py" for f in 
 
 MUTANTS = [
     # LoRA: the adapter's math, its dropout, merge, what is frozen and trained.
-    m("lora.scale", LORA, "self.scaling = alpha / r", "self.scaling = alpha / r / 2", "test_lora.py"),
+    m("lora.scale", LORA, "if rslora else alpha / r  #", "if rslora else alpha / r / 2  #", "test_lora.py"),
     m("lora.b-not-zero", LORA, "self.lora_B = nn.Parameter(torch.zeros(", "self.lora_B = nn.Parameter(torch.randn(",
       "test_lora.py"),
     m("lora.no-dropout", LORA, "h = self.dropout(x)", "h = x", "test_lora.py"),
