@@ -19,7 +19,6 @@ from functools import partial
 
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
 
-import torch
 from transformers.feature_extraction_utils import BatchFeature
 
 from minivlm.models import Layout, chat, from_config, processor
@@ -50,9 +49,8 @@ class VideoFrames(processor.StandIn):
         self.height, self.width = size["height"], size["width"]
 
     def __call__(self, videos: list[list], return_tensors=None, **kwargs) -> BatchFeature:
-        return BatchFeature({"pixel_values_videos": torch.stack([
-            processor.frame_pixels(self.image_processor, frames, self.height, self.width, self.saved)
-            for frames in processor.held_to_longest(videos)])})
+        pixels = processor.video_pixels(self.image_processor, videos, self.height, self.width, self.saved)
+        return BatchFeature({"pixel_values_videos": pixels})
 
 
 load_processor = partial(processor.load, parts=LlavaOnevisionProcessor, video=VideoFrames)

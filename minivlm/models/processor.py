@@ -13,7 +13,7 @@ installed beside this project's torch. Without it AutoProcessor refuses to load 
 `load(..., parts=<the processor class>)` then builds the processor from its parts, `ImagesOnly`
 in the video processor's place: images work exactly as with the real one, a video is one clear
 error. A family that reads video here passes its own stand-in (`video=`): its frames through the
-image processor's own PIL operations (`frame_pixels`), laid out as transformers' video processor
+image processor's own PIL operations (`video_pixels`), laid out as transformers' video processor
 lays them, with the checkpoint's video_preprocessor_config.json (`saved_video_config`) and
 model.video_processor's keys. (Saved, such a processor writes an empty video processor entry;
 loading it where torchvision is installed is untested here.) Mistral 3's PixtralProcessor reads
@@ -117,29 +117,25 @@ def saved_video_config(name_or_path: str) -> dict:
     return json.loads(Path(path).read_text()) if path else {}
 
 
-def frame_pixels(image_processor, frames: list[Image.Image], height: int, width: int, saved: dict) -> torch.Tensor:
-    """Video frames as `image_processor` writes an image, each resized to height × width with its
-    resample filter, rescaled and normalized with its mean and std (the `saved` video config's
-    where it has its own): (frames, 3, height, width). Those are the steps of transformers'
-    BaseVideoProcessor, by PIL instead of torchvision (the two libraries' filters differ in the
-    last bits)."""
+def video_pixels(image_processor, videos: list[list[Image.Image]], height: int, width: int, saved: dict) -> torch.Tensor:
+    """A batch's videos as one tensor (videos, frames, 3, height, width), each frame written as
+    `image_processor` writes an image: resized to height × width with its resample filter,
+    rescaled, normalized with its mean and std (the `saved` video config's where it has its own).
+    Those are the steps of transformers' BaseVideoProcessor, by PIL instead of torchvision, whose
+    filters may differ in the last bits. A shorter video holds its last frame up to the longest
+    (transformers pads with black frames, which SmolVLM's model drops as padding while its prompt
+    still counts them, as its code reads)."""
     ip, size = image_processor, SizeDict(height=height, width=width)
     mean, std = saved.get("image_mean", ip.image_mean), saved.get("image_std", ip.image_std)
     resample = saved.get("resample", ip.resample)
-    out = []
-    for frame in frames:
-        pixels = ip.resize(ip.process_image(frame, do_convert_rgb=True), size, resample=resample)
-        pixels = ip.normalize(ip.rescale(pixels, ip.rescale_factor), mean, std)
-        out.append(torch.from_numpy(np.asarray(pixels, dtype=np.float32)))
-    return torch.stack(out)
-
-
-def held_to_longest(videos: list[list[Image.Image]]) -> list[list[Image.Image]]:
-    """A batch's videos at one frame count, a shorter one holding its last frame: the families
-    whose videos are one (videos, frames, ...) tensor (transformers pads with black frames instead,
-    which SmolVLM's model drops as padding while its prompt still counts them)."""
     most = max(len(frames) for frames in videos)
-    return [list(frames) + list(frames[-1:]) * (most - len(frames)) for frames in videos]
+    out = []
+    for frames in videos:
+        for frame in list(frames) + list(frames[-1:]) * (most - len(frames)):
+            pixels = ip.resize(ip.process_image(frame, do_convert_rgb=True), size, resample=resample)
+            pixels = ip.normalize(ip.rescale(pixels, ip.rescale_factor), mean, std)
+            out.append(torch.from_numpy(np.asarray(pixels, dtype=np.float32)))
+    return torch.stack(out).unflatten(0, (len(videos), most))
 
 
 def pixtral_processor() -> type:

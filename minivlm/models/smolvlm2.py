@@ -42,12 +42,11 @@ class VideoFrames(processor.StandIn):
 
     def __call__(self, videos: list[list], video_metadata: list[VideoMetadata], return_tensors=None,
                  **kwargs) -> BatchFeature:
-        held = processor.held_to_longest(videos)
-        pixels = torch.stack([processor.frame_pixels(self.image_processor, frames, self.side, self.side, self.saved)
-                              for frames in held])
+        pixels = processor.video_pixels(self.image_processor, videos, self.side, self.side, self.saved)
+        held = pixels.shape[1]  # the longest video's frames: a shorter one's last index is held as its frame is
         metadata = [VideoMetadata(total_num_frames=m.total_num_frames, fps=m.fps,
-                                  frames_indices=list(m.frames_indices) + [m.frames_indices[-1]] * (len(h) - len(f)))
-                    for m, h, f in zip(video_metadata, held, videos)]
+                                  frames_indices=list(m.frames_indices) + [m.frames_indices[-1]] * (held - len(f)))
+                    for m, f in zip(video_metadata, videos)]
         mask = torch.ones_like(pixels[:, :, 0], dtype=torch.long)  # (videos, frames, h, w): no padding in a frame
         return BatchFeature({"pixel_values": pixels, "pixel_attention_mask": mask, "video_metadata": metadata})
 
