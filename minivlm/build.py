@@ -150,7 +150,7 @@ def build(cfg: Config, processor: object | None = None) -> Built:
         targets=family.LORA_TARGETS if cfg.lora.targets is None else cfg.lora.targets,
         skip=family.LORA_SKIP if cfg.lora.skip is None else cfg.lora.skip,
         r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, train_modules=cfg.lora.train_modules,
-        shared_dropout=cfg.lora.shared_dropout, rslora=cfg.lora.use_rslora,
+        shared_dropout=cfg.lora.shared_dropout, rslora=cfg.lora.use_rslora, dora=cfg.lora.use_dora,
     )
     trainable, total = count_parameters(model)
     return Built(model, processor, family, device, quantized, adapted, trainable, total)

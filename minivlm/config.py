@@ -58,6 +58,7 @@ class LoRAConfig:
     skip: list[str] | None = None  # never adapted; None = the family's default
     train_modules: list[str] = field(default_factory=list)  # trained in full, saved with the adapter
     use_rslora: bool = False  # rsLoRA: scale the update by alpha/√r instead of alpha/r (PEFT's use_rslora)
+    use_dora: bool = False  # DoRA: a trained magnitude per output feature, LoRA on the direction (PEFT's use_dora)
 
 
 @dataclass

@@ -32,27 +32,30 @@ if TYPE_CHECKING:
 # the arguments answer at once, not after seconds of imports.
 
 
+def peft_key(name: str) -> str:
+    """Our parameter name as PEFT's adapter file spells it; modules trained in full (train_modules,
+    PEFT's modules_to_save) keep their own names."""
+    if name.endswith((".lora_A", ".lora_B")):
+        return f"base_model.model.{name}.weight"
+    if name.endswith(".lora_magnitude"):  # DoRA's m
+        return f"base_model.model.{name}_vector"
+    return f"base_model.model.{name}"
+
+
 def export_peft(cfg: Config, built: Built, out: str | Path) -> Path:
     """Write `built.model`'s adapters (and train_modules) in PEFT's LoRA layout."""
     from safetensors.torch import save_file
 
     from minivlm.checkpoint import atomic_directory
-    from minivlm.lora import LoRALinear
+    from minivlm.lora import trainable_state_dict
 
-    tensors = {}
-    for name, module in built.model.named_modules():
-        if isinstance(module, LoRALinear):
-            tensors[f"base_model.model.{name}.lora_A.weight"] = module.lora_A.detach().contiguous()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = module.lora_B.detach().contiguous()
-    for name, param in built.model.named_parameters():  # train_modules = PEFT's modules_to_save
-        if param.requires_grad and not name.endswith((".lora_A", ".lora_B")):
-            tensors[f"base_model.model.{name}"] = param.detach().contiguous()
+    tensors = {peft_key(name): p.detach().contiguous() for name, p in trainable_state_dict(built.model).items()}
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": cfg.model.name_or_path,
         "r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
         "target_modules": sorted(built.adapted), "modules_to_save": cfg.lora.train_modules or None,
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "use_rslora": cfg.lora.use_rslora, "use_dora": False,
+        "use_rslora": cfg.lora.use_rslora, "use_dora": cfg.lora.use_dora,
     }
     with atomic_directory(out) as tmp:  # whole or absent: a crash never leaves half an adapter
         save_file(tensors, tmp / "adapter_model.safetensors")

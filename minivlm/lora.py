@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from minivlm.modules import matches, replace_module
-from minivlm.quant import dequantize
+from minivlm.quant import dequantize, dequantized_weight
 
 
 class SharedDropout(nn.Module):
@@ -146,8 +146,80 @@ class LoRALinear(nn.Module):
         w.copy_((w.float() - self.delta_weight()).to(w.dtype))
         self.merged = False
 
+    def base_weight(self) -> torch.Tensor:
+        """The frozen W (out, in) as forward computes with it: a 4-bit one dequantized (one layer's worth)."""
+        return dequantized_weight(self.base) if isinstance(self.base, bnb.nn.Linear4bit) else self.base.weight
+
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al. 2024, "Weight-Decomposed Low-Rank Adaptation"): LoRA on the direction of W,
+    and a trained magnitude per output feature.
+
+        W' = m · (W + s·BA) / ‖W + s·BA‖_c          eq. 5; ‖·‖_c: the norm of each output row,
+                                                      m (out,) trained, initialised to ‖W‖_c
+        y  = W'x + bias
+           = base(x) + (m/‖·‖_c − 1) · Wx + (m/‖·‖_c) · s·BAx
+
+    The norm is detached (§4.3: "treating ‖V + ∆V‖_c as a constant"): it moves with B and A, no
+    gradient flows through it, and backward keeps nothing of it but one (out,) vector. It needs W
+    itself: a 4-bit W is dequantized for it, one layer at a time, and freed before the next layer.
+    With B = 0 at init, m/‖W‖_c = 1: the model starts as its base, as with LoRA.
+
+    Wx is base(x) less its bias: no second matmul, and a 4-bit base keeps only its codes for
+    backward. In training with dropout the adapter reads dropout(x), and so must Wx (PEFT's
+    DoraLinearVariant.forward): then base(dropout(x)) is computed once more.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float | nn.Module = 0.0, rslora: bool = False):
+        super().__init__(base, r, alpha, dropout, rslora)
+        self.lora_magnitude = nn.Parameter(torch.empty(self.out_features, device=base.weight.device))
+        self.reset_magnitude()
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """m = ‖W + s·BA‖_c: the adapted layer computes what it did without DoRA (B = 0: the base)."""
+        self.lora_magnitude.copy_(self.weight_norm())
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """‖W + s·BA‖_c, (out,), fp32, outside autograd."""
+        return torch.linalg.norm(self.base_weight().float() + self.delta_weight(), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged or not self.enabled:
+            return y
+        dropped = self.training and not isinstance(self.dropout, nn.Identity)
+        h = self.dropout(x) if dropped else x
+        base_h = self.base(h) if dropped else y  # W·h (+ bias, taken off below)
+        if self.base.bias is not None:
+            base_h = base_h - self.base.bias
+        if not torch.is_autocast_enabled(h.device.type):
+            h = h.to(self.lora_A.dtype)
+        lora = nn.functional.linear(nn.functional.linear(h, self.lora_A), self.lora_B)  # (…, out)
+        scale = self.lora_magnitude / self.weight_norm()  # (out,): m / ‖W + s·BA‖_c
+        return y + ((scale - 1) * base_h + scale * lora * self.scaling).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← m/‖W + s·BA‖_c · (W + s·BA); the norm is kept, unmerge needs it and W no longer holds it."""
+        if self.merged:
+            return
+        self._merged_norm = self.weight_norm()
+        super().merge()  # W + s·BA (a 4-bit base dequantized first)
+        w = self.base.weight
+        w.copy_(((self.lora_magnitude / self._merged_norm)[:, None] * w.float()).to(w.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = self.base.weight
+        w.copy_((w.float() * (self._merged_norm / self.lora_magnitude)[:, None]).to(w.dtype))
+        super().unmerge()
 
 
 @contextlib.contextmanager
@@ -181,6 +253,7 @@ def inject_lora(
     train_modules: list[str] = (),
     shared_dropout: bool = False,
     rslora: bool = False,
+    dora: bool = False,
 ) -> list[str]:
     """Freeze `model`, wrap every targeted linear in a LoRALinear, in place; return the wrapped names.
 
@@ -189,7 +262,7 @@ def inject_lora(
     A module is targeted when its name matches a `targets` pattern (suffix) and no `skip`
     pattern (anywhere). Modules named in `train_modules` are unfrozen and trained in full (in
     fp32). With `shared_dropout`, all adapters share one SharedDropout (one mask per input
-    tensor). `rslora` scales every adapter by alpha/√r. Raises ValueError if a target hits nothing
+    tensor). `rslora` scales every adapter by alpha/√r; `dora` makes each a DoRALinear. Raises ValueError if a target hits nothing
     or hits a module that is not linear.
     """
     model.requires_grad_(False)
@@ -206,8 +279,9 @@ def inject_lora(
                          f"linear layers look like: {linears[:6]}")
     if shared_dropout and dropout > 0:
         dropout = SharedDropout(dropout)
+    layer = DoRALinear if dora else LoRALinear
     for name in chosen:
-        replace_module(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora))
+        replace_module(model, name, layer(model.get_submodule(name), r, alpha, dropout, rslora))
     for pattern in train_modules:
         hits = [m for n, m in model.named_modules() if matches(n, pattern, anywhere=False)]
         if not hits:
@@ -223,7 +297,7 @@ def inject_lora(
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a fine-tune adds to its base: every parameter that requires grad (A, B, train_modules)."""
+    """What a fine-tune adds to its base: every parameter that requires grad (A, B, DoRA's m, train_modules)."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -19,7 +19,8 @@ Weights (resident for the whole run)
   float modules    everything else (vision tower, projector, embeddings, lm_head, norms): n · b.
                    Tied weights (PaliGemma's lm_head = embed_tokens) are counted once.
 Training state (only for what trains: LoRA's A and B, and lora.train_modules)
-  LoRA adapters    A (r × in) and B (out × r) per targeted linear, fp32: 4 bytes/param.
+  LoRA adapters    A (r × in) and B (out × r) per targeted linear, fp32: 4 bytes/param; with
+                   DoRA (lora.use_dora) also its magnitude m (out).
   train_modules    cast to fp32 (master weights): 4 bytes/param instead of b.
   gradients        one fp32 gradient per trainable param: 4 bytes/param.
   optimizer        adamw: two fp32 moments, 8 bytes/param. adamw_8bit / paged_adamw_8bit: two
@@ -40,7 +41,11 @@ Activations (per step, for batch B × data.max_length tokens T: the worst case t
                    written as 5 elementwise ops and keeps 5·e·i.
     LoRA           nothing extra without dropout (A reads the tensor the base layer keeps anyway).
                    With dropout each adapter keeps its mask (1 byte) and dropped copy (e) of its
-                   input; with lora.shared_dropout, once per distinct input.
+                   input; with lora.shared_dropout, once per distinct input. DoRA keeps two
+                   (tokens × out) tensors per adapter for m's and B's gradients, the base output
+                   Wx and the adapter output BAx: 2·e·out. Its weight norm ‖W + s·BA‖ holds,
+                   for a moment, W dequantized, in fp32, and s·BA in fp32 (the largest adapted
+                   layer's: 4 + 4 bytes/param more in the workspace).
   IDEFICS's gated cross-attention blocks (one every cross_layer_interval layers) are counted as
   one more decoder layer each. Llama 3.2 Vision's cross-attention layers are among its decoder
   layers, and read V vision positions a sample (tiles × patches): the projected states (e·h
@@ -155,6 +160,7 @@ class Plan:
     fsdp: bool = False  # train.fsdp: the layers sharded across the ranks
     layer_bytes: int = 0  # weights inside the transformer layers (what FSDP shards)
     largest_layer: int = 0  # ... of the largest one
+    largest_adapted: int = 0  # in × out of the largest adapted linear
     notes: list[str] = field(default_factory=list)
     tokens: str = ""  # how the sequence length and image tokens were counted
 
@@ -214,6 +220,7 @@ def _weight_terms(plan: Plan, model: nn.Module, cfg: Config, family: ModuleType)
             if any(matches(name, pat, anywhere=False) for pat in cfg.lora.train_modules)}
     quant_ids = {id(model.get_submodule(n).weight) for n in quantized}
     trainable_numels = [m.in_features * cfg.lora.r for m in adapted] + [m.out_features * cfg.lora.r for m in adapted]
+    trainable_numels += [m.out_features for m in adapted] if cfg.lora.use_dora else []  # DoRA's m
     largest_q = largest = 0
     for p in list(model.parameters()) + list(model.buffers()):  # parameters() yields tied weights once
         largest = max(largest, p.numel() * b)
@@ -229,6 +236,8 @@ def _weight_terms(plan: Plan, model: nn.Module, cfg: Config, family: ModuleType)
             plan.float_bytes += p.numel() * p.element_size()
     plan.quantized, plan.adapted = len(quantized), len(adapted)
     plan.lora_params = sum(m.in_features + m.out_features for m in adapted) * cfg.lora.r
+    plan.lora_params += sum(m.out_features for m in adapted) * cfg.lora.use_dora
+    plan.largest_adapted = max((m.in_features * m.out_features for m in adapted), default=0)
     plan.trainable_bytes = 4 * (plan.lora_params + plan.full_params)
     plan.grad_bytes = 4 * (plan.lora_params + plan.full_params)
     plan.optim_bytes = sum(optimizer_bytes(n, cfg.train.optimizer) for n in trainable_numels)
@@ -265,23 +274,29 @@ def _preprocessor(path: str) -> dict:
 def _per_token_layer_bytes(tc, e: int, cfg: Config) -> int:
     """Bytes one decoder layer keeps for backward, per token (see the module docstring)."""
     h, i, heads = tc.hidden_size, tc.intermediate_size, tc.num_attention_heads
-    q = heads * (getattr(tc, "head_dim", None) or h // heads)
-    # (the tensor each adapter reads, its width), in q, k, v, o, (gate,) up, down order.
+    head_dim = getattr(tc, "head_dim", None) or h // heads
+    q, kv = heads * head_dim, getattr(tc, "num_key_value_heads", heads) * head_dim
+    # (the tensor each adapter reads, its width), in q, k, v, o, (gate,) up, down order; and the
+    # width each writes.
     if tc.model_type == "phi":  # one LayerNorm, attention and MLP in parallel on its output
         norms, mlp = e * h + 8, 5 * e * i
         adapter_inputs = [("norm", h)] * 3 + [("attention", q), ("norm", h), ("mlp", i)]
+        outputs = [q, kv, kv, h, i, h]
     else:
         norms, mlp = 2 * (4 * h + 4), e * h + 4 * e * i
         adapter_inputs = [("attention norm", h)] * 3 + [("attention", q)] + [("mlp norm", h)] * 2 + [("mlp", i)]
+        outputs = [q, kv, kv, h, i, i, h]
     attention = e * h + 5 * e * q + 4 * heads
+    targets = cfg.lora.targets or []
+    n = len(adapter_inputs) if not targets else min(len(targets), len(adapter_inputs))
     lora = 0
     if cfg.lora.dropout > 0:  # mask (1 byte) + dropped copy (e) per adapter input
-        targets = cfg.lora.targets or []
-        n = len(adapter_inputs) if not targets else min(len(targets), len(adapter_inputs))
         inputs = adapter_inputs[:n]
         if cfg.lora.shared_dropout:  # one mask per tensor read: q/k/v share one, gate/up one
             inputs = list(dict(inputs).items())
         lora = sum(width for _, width in inputs) * (1 + e)
+    if cfg.lora.use_dora:  # Wx and BAx, kept for m's and B's gradients
+        lora += 2 * e * sum(outputs[:n])
     return norms + attention + mlp + lora
 
 
@@ -315,6 +330,7 @@ def _activation_terms(plan: Plan, layout: Layout, cfg: Config, largest_q: int, a
     # Alive only for a moment in backward, on top of what is saved:
     workspace = (tokens * 3 * e * tc.hidden_size  # gradients of the hidden states
                  + largest_q * e  # one dequantized 4-bit weight
+                 + 8 * plan.largest_adapted * cfg.lora.use_dora  # DoRA's norm: W and s·BA in fp32
                  + 8 * answers * tc.vocab_size)  # fp32 gradient of the log-probabilities and its input
     plan.act_full = plan.act_saved + workspace
     plan.act_ckpt = (plan.act_full - layer_saves + layers * tokens * e * tc.hidden_size + tokens * per_layer

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bitsandbytes as bnb
 import torch
+from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from torch import nn
 
 from minivlm.modules import matches, replace_module
@@ -108,9 +109,16 @@ def quantize_linears(
     return names
 
 
+def dequantized_weight(layer: bnb.nn.Linear4bit) -> torch.Tensor:
+    """The float weight (out, in) the 4-bit kernel computes with, in the layer's compute dtype."""
+    # Under FSDP the weight is a plain view of a flat parameter: its quant_state is on the layer.
+    fix_4bit_weight_quant_state_from_module(layer)
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(layer.compute_dtype)
+
+
 def dequantize(layer: bnb.nn.Linear4bit) -> nn.Linear:
     """A float `nn.Linear` holding exactly the values the 4-bit kernel computes with."""
-    w = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(layer.compute_dtype)
+    w = dequantized_weight(layer)
     out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                     device=w.device, dtype=w.dtype)
     out.weight.data.copy_(w)

@@ -53,6 +53,13 @@ def test_peft_loads_an_rslora_adapter_with_the_same_logits(tiny_paligemma, tmp_p
     assert peft_answers_alike(cfg, tiny_paligemma, tmp_path)["use_rslora"] is True
 
 
+def test_peft_loads_a_dora_adapter_with_the_same_logits(tiny_paligemma, tmp_path):
+    """lora.use_dora: each magnitude written as PEFT's lora_magnitude_vector, and use_dora in the config."""
+    cfg = tiny_config(tiny_paligemma, tmp_path, tmp_path / "run")
+    cfg.lora.use_dora = True
+    assert peft_answers_alike(cfg, tiny_paligemma, tmp_path)["use_dora"] is True
+
+
 def peft_answers_alike(cfg, path, tmp_path) -> dict:
     """Our adapter on the float base, exported in PEFT's layout and loaded by PeftModel on the same
     base, gives the same logits; the exported adapter_config.json, returned."""
@@ -72,6 +79,7 @@ def peft_answers_alike(cfg, path, tmp_path) -> dict:
     assert not torch.allclose(plain, ours, atol=1e-3)  # the adapters matter, so the comparison means something
     peft_model = PeftModel.from_pretrained(base, out).eval()
     assert sum(1 for n, _ in peft_model.named_parameters() if "lora_A" in n) == len(built.adapted)
+    assert sum(1 for n, _ in peft_model.named_parameters() if "magnitude" in n) == len(built.adapted) * cfg.lora.use_dora
     with torch.no_grad():
         theirs = peft_model(**inputs).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)

@@ -16,9 +16,9 @@ from minivlm.build import build
 from minivlm.batches import collate
 from minivlm.data import load_split
 from minivlm.objectives.sft import answer_loss_sum, answer_tokens
-from minivlm.lora import LoRALinear, SharedDropout, count_parameters, inject_lora, merge_lora, trainable_state_dict
+from minivlm.lora import DoRALinear, LoRALinear, SharedDropout, count_parameters, inject_lora, merge_lora, trainable_state_dict
 from minivlm.modules import matches
-from minivlm.quant import quantize_linears
+from minivlm.quant import dequantize, quantize_linears
 
 
 def float_linear(seed: int = 0, bias: bool = True) -> nn.Linear:
@@ -40,14 +40,45 @@ def randomize_b(layer: LoRALinear) -> None:
         layer.lora_B.normal_()
 
 
+LAYERS = {"lora": LoRALinear, "dora": DoRALinear}
+
+
+def randomize(layer: LoRALinear) -> None:
+    """B random, and DoRA's magnitude off its init: every part of the layer shows in its output."""
+    randomize_b(layer)
+    if isinstance(layer, DoRALinear):
+        with torch.no_grad():
+            layer.lora_magnitude.mul_(1 + 0.2 * torch.randn_like(layer.lora_magnitude))
+
+
+@pytest.mark.parametrize("layer_class", LAYERS.values(), ids=LAYERS)
 @pytest.mark.parametrize("kind", BASES)
-def test_zero_init_b_leaves_output_unchanged(kind):
+def test_zero_init_b_leaves_output_unchanged(kind, layer_class):
     base = BASES[kind]()
     x = torch.randn(5, 64)
     expected = base(x)
-    layer = LoRALinear(base, r=4, alpha=8)
+    layer = layer_class(base, r=4, alpha=8)
     assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
-    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(layer(x), expected, rtol=0 if layer_class is LoRALinear else 1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", BASES)
+def test_dora_is_magnitude_times_the_normalised_adapted_weight(kind):
+    """DoRA's eq. 5, W' = m · (W + s·BA) / ‖W + s·BA‖_c, written out on the dequantized weight; the
+    norm is a constant to autograd (§4.3): m's gradient is (ŷ-direction · upstream), nothing more."""
+    layer = DoRALinear(BASES[kind](), r=4, alpha=8)
+    randomize(layer)
+    w = layer.base_weight().float()
+    assert torch.equal(w, dequantize(layer.base).weight) if kind == "nf4" else w is layer.base.weight
+    direction = w + layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()
+    norm = direction.norm(dim=1)
+    x = torch.randn(5, 64)
+    expected = x @ (layer.lora_magnitude.detach()[:, None] * direction / norm[:, None]).T + layer.base.bias
+    y = layer(x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    torch.testing.assert_close(layer.lora_magnitude.grad, (x @ (direction / norm[:, None]).T).sum(0),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_scaling_is_alpha_over_r():
@@ -76,17 +107,21 @@ def test_rslora_scales_by_alpha_over_sqrt_r_and_merges_the_same():
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layer_class", LAYERS.values(), ids=LAYERS)
 @pytest.mark.parametrize("kind", BASES)
-def test_merge_equals_unmerged_and_unmerge_restores(kind):
-    layer = LoRALinear(BASES[kind](), r=4, alpha=8)
-    randomize_b(layer)
+def test_merge_equals_unmerged_and_unmerge_restores(kind, layer_class):
+    layer = layer_class(BASES[kind](), r=4, alpha=8)
+    randomize(layer)
     x = torch.randn(7, 64)
     unmerged = layer(x)
+    before = layer.base_weight().float().clone()
     layer.merge()
     assert layer.merged and type(layer.base) is nn.Linear  # a 4-bit base became a float Linear
+    assert not torch.allclose(layer.base.weight, before, atol=1e-3)
     torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
     layer.unmerge()
     assert not layer.merged
+    torch.testing.assert_close(layer.base.weight, before, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
     layer.unmerge()  # idempotent: a second unmerge must not subtract ΔW twice
     torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
@@ -208,36 +243,52 @@ def test_injector_errors_name_the_problem():
         inject_lora(model, targets=["1"], skip=[], r=2, alpha=2, dropout=0.0)
 
 
-@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
-def test_4bit_lora_equals_peft_on_a_transformers_4bit_model(rslora, tiny_paligemma, shapes_data, tmp_path):
-    """The QLoRA path users run today as the oracle: transformers loads the base in 4-bit
-    (BitsAndBytesConfig: NF4, double quant, the same modules skipped) and PEFT wraps its Linear4bit
-    layers. With the same adapter values: the same 4-bit codes, logits, loss, and gradient of
-    every A and B; with lora.use_rslora as with PEFT's use_rslora."""
+# Each variant as its LoraConfig keys; our config keys have PEFT's names.
+VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True},
+            "dora-dropout": {"use_dora": True, "lora_dropout": 0.1}}
+
+
+def peft_name(name: str) -> str:
+    """Our trainable's name as it is in a PeftModel (adapter "default")."""
+    module, attr = name.rsplit(".", 1)
+    attr = {"lora_magnitude": "lora_magnitude_vector"}.get(attr, attr)
+    return f"base_model.model.{module}.{attr}.default.weight"
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "nf4"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_equal_peft_on_a_transformers_model(variant, quantized, tiny_paligemma, shapes_data, tmp_path):
+    """The path users run today as the oracle: transformers loads the base (in 4-bit with
+    BitsAndBytesConfig: NF4, double quant, the same modules skipped) and PEFT wraps its linears.
+    With the same adapter values: the same base weights, logits, loss, gradient of every trainable
+    tensor (A, B, DoRA's magnitude), and merged weights; with each variant's flag set as PEFT's."""
+    options = VARIANTS[variant]
     cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path)
-    cfg.lora.use_rslora = rslora
+    cfg.quant.load_in_4bit = quantized
+    cfg.lora.dropout = options.get("lora_dropout", 0.0)
+    cfg.lora.use_rslora, cfg.lora.use_dora = options.get("use_rslora", False), options.get("use_dora", False)
     built = build(cfg)
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # A and B both random: every gradient is non-zero
-        for p in built.model.parameters():
+    with torch.no_grad():  # A and B both random: every gradient is non-zero; m off its init too
+        for n, p in built.model.named_parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+                noise = torch.randn(p.shape, generator=gen) * 0.1
+                p.mul_(1 + noise) if n.endswith("lora_magnitude") else p.copy_(noise)
+    skip = [f"model.{m}" if m != "lm_head" else m for m in built.family.QUANT_SKIP]
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.float32,
-                                      llm_int8_skip_modules=[f"model.{m}" if m != "lm_head" else m
-                                                             for m in built.family.QUANT_SKIP])
-    base = AutoModelForImageTextToText.from_pretrained(tiny_paligemma, quantization_config=quantization,
-                                                       dtype=torch.float32, device_map="cpu")
+                                      bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_paligemma, dtype=torch.float32, device_map="cpu",
+                                                       quantization_config=quantization if quantized else None)
     peft_model = get_peft_model(base, LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0, use_rslora=rslora,
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, **{"lora_dropout": 0.0, **options},
         target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
     theirs = dict(peft_model.named_parameters())
     ours = {n: p for n, p in built.model.named_parameters() if p.requires_grad}
-    assert len(ours) == sum(1 for n in theirs if ".lora_" in n) == 28
+    assert len(ours) == sum(1 for n in theirs if ".lora_" in n) == 14 * (3 if cfg.lora.use_dora else 2)
     for name, p in ours.items():
         with torch.no_grad():
-            theirs[f"base_model.model.{name}.default.weight"].copy_(p)
-    for name in built.quantized:  # the decoder's 14 projections, each under its adapter
+            theirs[peft_name(name)].copy_(p)
+    for name in built.adapted:  # the decoder's 14 projections, each under its adapter
         assert torch.equal(built.model.get_submodule(f"{name}.base").weight.data,
                            peft_model.get_submodule(f"base_model.model.{name}.base_layer").weight.data)
 
@@ -245,15 +296,27 @@ def test_4bit_lora_equals_peft_on_a_transformers_4bit_model(rslora, tiny_paligem
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = batch["labels"][:, 1:]
     built.model.train(), peft_model.train()
+    torch.manual_seed(1)  # with dropout: the same masks, drawn in the same order
     loss = answer_loss_sum(cfg, built, batch) / answer_tokens(batch)
     loss.backward()
+    torch.manual_seed(1)
     logits = peft_model(**inputs).logits
     reference = F.cross_entropy(logits[:, :-1][targets != -100], targets[targets != -100])
     reference.backward()
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():
-        torch.testing.assert_close(built.model(**inputs).logits, logits, rtol=1e-5, atol=1e-5)
     for name, p in ours.items():
-        g = theirs[f"base_model.model.{name}.default.weight"].grad
+        g = theirs[peft_name(name)].grad
         assert g.abs().sum() > 0, name
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        torch.testing.assert_close(built.model(**inputs).logits, logits, rtol=1e-5, atol=1e-5)
+
+    merged, their_merged = merge_lora(built.model), peft_model.merge_and_unload()
+    for name in built.adapted:
+        mine, other = merged.get_submodule(name), their_merged.get_submodule(name)
+        if quantized:  # PEFT quantizes the merged weight again; ours stays float (LoRALinear.merge)
+            holder = nn.Sequential(mine)
+            quantize_linears(holder, [], torch.float32, torch.device("cpu"))
+            mine, other = dequantize(holder[0]), dequantize(other)
+        torch.testing.assert_close(mine.weight, other.weight, rtol=1e-5, atol=1e-6)

@@ -53,10 +53,12 @@ def small_paligemma(tmp_path_factory) -> Path:
     return save_paligemma(tmp_path_factory.mktemp("small-paligemma"), hidden=256, layers=6)
 
 
-@pytest.mark.parametrize("model", ["tiny_paligemma", "small_paligemma", "tiny_idefics2", "tiny_llava_phi2"])
-def test_planned_weights_adapters_and_optimizer_equal_the_built_model(model, request):
+@pytest.mark.parametrize("model,dora", [("tiny_paligemma", False), ("small_paligemma", False), ("small_paligemma", True),
+                                        ("tiny_idefics2", False), ("tiny_llava_phi2", False)])
+def test_planned_weights_adapters_and_optimizer_equal_the_built_model(model, dora, request):
     family = {"tiny_idefics2": "idefics2", "tiny_llava_phi2": "llava_phi2"}.get(model, "paligemma")
     cfg = config(request.getfixturevalue(model), family, r=16)
+    cfg.lora.use_dora = dora
     if family == "llava_phi2":
         cfg.lora.train_modules = ["projector"]
     plan = plan_memory(cfg)
@@ -76,10 +78,12 @@ def test_planned_weights_adapters_and_optimizer_equal_the_built_model(model, req
     assert plan.grad_bytes == 4 * built.trainable_params
 
 
-def test_planned_activations_match_what_autograd_saves(small_paligemma):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_planned_activations_match_what_autograd_saves(dora, small_paligemma):
     """Bytes of the tensors kept for backward in one training forward (counted by a saved-tensors
     hook, parameters excluded, shared storage once) against the plan's no-checkpointing term."""
     cfg = config(small_paligemma, "paligemma")
+    cfg.lora.use_dora = dora
     built = build(cfg)
     built.model.train()
     images = [[Image.new("RGB", (32, 32), (60 * i, 100, 200))] for i in range(2)]
