@@ -15,8 +15,9 @@ from transformers import PreTrainedModel
 from minivlm import distributed
 from minivlm.batches import check_images, check_video
 from minivlm.config import Config, ConfigError
-from minivlm.load import load_pretrained
+from minivlm.load import float_weights, load_pretrained
 from minivlm.lora import count_parameters, inject_lora
+from minivlm.lora_init import initialize
 from minivlm.models import get_family
 from minivlm.quant import quantize_linears
 
@@ -113,6 +114,8 @@ def build(cfg: Config, processor: object | None = None) -> Built:
     storage = dtype if cfg.train.fsdp else torch.uint8  # FSDP shards one float dtype per layer (quant.py)
     if processor is None:
         processor = load_processor(cfg)
+    # lora_init's W for a layer: the layer's own float weight, unless it is 4-bit (set below).
+    float_weight = None
     try:
         if issubclass(family.MODEL_CLASS, PreTrainedModel):
             # Streamed: read one tensor at a time, each 4-bit weight quantized as it arrives, straight
@@ -122,10 +125,15 @@ def build(cfg: Config, processor: object | None = None) -> Built:
             model, quantized = load_pretrained(family.MODEL_CLASS, cfg.model.name_or_path, dtype, device,
                                                quant.load_in_4bit, skip, quant.quant_type, quant.double_quant,
                                                storage, shared)
+            if quantized and cfg.lora.init != "default":  # lora_init needs W, and the model holds Q(W)
+                float_weight = float_weights(family.MODEL_CLASS, cfg.model.name_or_path, dtype, shared)
         else:
             # LLaVA-Phi is assembled from two checkpoints by its own from_pretrained: loaded whole in
             # float on the host, then quantized one layer at a time onto the device.
             model = family.MODEL_CLASS.from_pretrained(cfg.model.name_or_path, dtype=dtype)
+            if quant.load_in_4bit and cfg.lora.init != "default":  # lora_init needs W: kept until it has run
+                floats = {n: m.weight for n, m in model.named_modules() if type(m) is nn.Linear}
+                float_weight = floats.__getitem__
             quantized = (quantize_linears(model, skip, dtype, device, quant.quant_type, quant.double_quant,
                                           storage) if quant.load_in_4bit else [])
             model.to(device)
@@ -152,5 +160,8 @@ def build(cfg: Config, processor: object | None = None) -> Built:
         r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, train_modules=cfg.lora.train_modules,
         shared_dropout=cfg.lora.shared_dropout, rslora=cfg.lora.use_rslora, dora=cfg.lora.use_dora,
     )
+    if cfg.lora.init != "default":
+        initialize(model, cfg.lora.init, float_weight or (lambda name: model.get_submodule(name).base.weight),
+                   cfg.lora.loftq_iterations, quant.quant_type, quant.double_quant)
     trainable, total = count_parameters(model)
     return Built(model, processor, family, device, quantized, adapted, trainable, total)

@@ -59,6 +59,8 @@ class LoRAConfig:
     train_modules: list[str] = field(default_factory=list)  # trained in full, saved with the adapter
     use_rslora: bool = False  # rsLoRA: scale the update by alpha/√r instead of alpha/r (PEFT's use_rslora)
     use_dora: bool = False  # DoRA: a trained magnitude per output feature, LoRA on the direction (PEFT's use_dora)
+    init: str = "default"  # where A, B start: B = 0, or from W: "pissa", "olora", "loftq" (minivlm/lora_init.py)
+    loftq_iterations: int = 1  # LoftQ's alternations of quantize and SVD (PEFT's loftq_iter)
 
 
 @dataclass
@@ -171,6 +173,7 @@ CHOICES = {
     "quant.quant_type": ("nf4", "fp4"),
     "data.on_bad_sample": ("skip", "fail"),
     "train.objective": OBJECTIVES,
+    "lora.init": ("default", "pissa", "olora", "loftq"),  # PEFT's init_lora_weights: True, "pissa", ...
     "train.schedule": ("cosine", "linear", "constant"),
     "train.best_by": ("metric", "val_loss"),
     "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw"),
@@ -265,6 +268,7 @@ ALIASES = {
     "save_total_limit": "keep_checkpoints", "save_steps": "save_every", "eval_steps": "eval_every",
     "dataloader_num_workers": "workers",
     "beta": "dpo_beta", "label_smoothing": "dpo_label_smoothing", "loraplus_lr_ratio": "lora_plus_ratio",
+    "init_lora_weights": "init", "loftq_iter": "loftq_iterations",
 }
 
 
@@ -290,6 +294,9 @@ def validate(cfg: Config) -> None:
         (cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
         (cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
         (cfg.train.lora_plus_ratio >= 0, "train.lora_plus_ratio", "must be >= 0 (0 = off; LoRA+ suggests 16)"),
+        (cfg.lora.loftq_iterations >= 1, "lora.loftq_iterations", "must be >= 1"),
+        (not cfg.lora.use_dora or cfg.lora.init == "default", "lora.use_dora",
+         f"and lora.init = {cfg.lora.init!r} are both set: DoRA starts from B = 0 here; pick one of them"),
         (cfg.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = no clipping)"),
         (len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "train.betas",
          "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),

@@ -26,6 +26,9 @@ from minivlm import plain_warnings
 from minivlm.config import Config, ConfigError, check_output_path, load_config
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from minivlm.build import Built
 
 # torch, transformers and bitsandbytes are imported where they are used: `--help` and a mistake in
@@ -42,6 +45,26 @@ def peft_key(name: str) -> str:
     return f"base_model.model.{name}"
 
 
+def on_the_original_base(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A PiSSA / OLoRA / LoftQ adapter rewritten for the checkpoint's own W, as PEFT's
+    save_pretrained(path_initial_model_for_weight_conversion=...) does.
+
+    Trained, the layer computes W_res + s·BA with W_res = W − s·B₀A₀ (lora_init), which is
+    W + s·(BA − B₀A₀) = W + s·B'A' with A' = [A; A₀] (2r × in) and B' = [B, −B₀] (out × 2r). For
+    LoftQ, W_res was Q_T and this holds up to LoftQ's own error, W − Q_T − s·B₀A₀.
+    """
+    import torch
+
+    from minivlm.lora import LoRALinear
+
+    out = dict(state)
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoRALinear):
+            out[f"{name}.lora_A"] = torch.cat([layer.lora_A.detach(), layer.lora_A0], dim=0)
+            out[f"{name}.lora_B"] = torch.cat([layer.lora_B.detach(), -layer.lora_B0], dim=1)
+    return out
+
+
 def export_peft(cfg: Config, built: Built, out: str | Path) -> Path:
     """Write `built.model`'s adapters (and train_modules) in PEFT's LoRA layout."""
     from safetensors.torch import save_file
@@ -49,10 +72,15 @@ def export_peft(cfg: Config, built: Built, out: str | Path) -> Path:
     from minivlm.checkpoint import atomic_directory
     from minivlm.lora import trainable_state_dict
 
-    tensors = {peft_key(name): p.detach().contiguous() for name, p in trainable_state_dict(built.model).items()}
+    state = trainable_state_dict(built.model)
+    r, alpha = cfg.lora.r, cfg.lora.alpha
+    if cfg.lora.init != "default":
+        state = on_the_original_base(built.model, state)
+        r, alpha = 2 * r, alpha * (2 ** 0.5 if cfg.lora.use_rslora else 2)  # the same s at rank 2r
+    tensors = {peft_key(name): p.detach().contiguous() for name, p in state.items()}
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": cfg.model.name_or_path,
-        "r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
+        "r": r, "lora_alpha": alpha, "lora_dropout": cfg.lora.dropout,
         "target_modules": sorted(built.adapted), "modules_to_save": cfg.lora.train_modules or None,
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
         "use_rslora": cfg.lora.use_rslora, "use_dora": cfg.lora.use_dora,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -60,10 +61,7 @@ def load_pretrained(
     Returns the model and the names of its Linear4bit layers. A path without a config.json or
     safetensors weights raises OSError, as from_pretrained does.
     """
-    config = model_class.config_class.from_pretrained(path, **(config_overrides or {}))
-    files = checkpoint_files(path)
-    with parameters_on_meta():
-        model = model_class._from_config(config, dtype=dtype)
+    model, files = skeleton(model_class, path, dtype, config_overrides)
     quantized = linear4bit_shells(model, skip, dtype, quant_type, double_quant, storage) if load_in_4bit else []
     if tied_4bit := [t for t in model.all_tied_weights_keys if t.rpartition(".")[0] in quantized]:
         raise ValueError(f"{tied_4bit} share their weight with float embeddings: keep them in quant.skip")
@@ -82,6 +80,33 @@ def load_pretrained(
         with suppress(OSError):  # no generation_config.json: keep the one derived from config.json
             model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval(), quantized
+
+
+def skeleton(model_class: type[PreTrainedModel], path: str, dtype: torch.dtype,
+             config_overrides: dict | None = None) -> tuple[PreTrainedModel, list[str]]:
+    """The model built from config.json with its parameters on the meta device; the checkpoint's files."""
+    config = model_class.config_class.from_pretrained(path, **(config_overrides or {}))
+    files = checkpoint_files(path)
+    with parameters_on_meta():
+        model = model_class._from_config(config, dtype=dtype)
+    return model, files
+
+
+def float_weights(model_class: type[PreTrainedModel], path: str, dtype: torch.dtype,
+                  config_overrides: dict | None = None) -> Callable[[str], torch.Tensor]:
+    """A reader of one linear's float weight from the checkpoint, by module name, cast to `dtype`.
+
+    For lora_init on a 4-bit base: the loaded model holds Q(W), and PiSSA, OLoRA and LoftQ need W.
+    Each call reads one tensor from disk: one layer's W in memory at a time.
+    """
+    model, files = skeleton(model_class, path, dtype, config_overrides)
+    where = {name: (file, key) for file, keys in parameter_names(model, files).items() for key, name in keys.items()}
+
+    def read(module: str) -> torch.Tensor:
+        file, key = where[f"{module}.weight"]
+        with safe_open(file, framework="pt", backend="pread") as f:
+            return f.get_tensor(key).to(dtype)
+    return read
 
 
 @contextmanager

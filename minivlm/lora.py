@@ -103,19 +103,23 @@ class LoRALinear(nn.Module):
             self.dropout = dropout
         else:  # dropout 0 costs nothing: no mask drawn, no copy of x
             self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Where A and B started when lora_init took them from W (PiSSA, OLoRA, LoftQ): the frozen
+        # weight is then W − s·B₀A₀, and the model before training is W_res + s·B₀A₀. Not saved.
+        self.register_buffer("lora_A0", None, persistent=False)
+        self.register_buffer("lora_B0", None, persistent=False)
         self.merged = False
-        self.enabled = True  # False inside adapters_off(): the layer is its base alone
+        self.enabled = True  # False inside adapters_off(): the layer as it was before training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.merged or not self.enabled:
+        if self.merged or not self.enabled and self.lora_A0 is None:
             return y
-        h = self.dropout(x)
+        a, b, h = (self.lora_A, self.lora_B, self.dropout(x)) if self.enabled else (self.lora_A0, self.lora_B0, x)
         if not torch.is_autocast_enabled(h.device.type):
             # Without autocast the matmul needs x in A's fp32. Under autocast it casts both to the
             # compute dtype itself: an fp32 copy of x here would only be cast back (same values).
-            h = h.to(self.lora_A.dtype)
-        delta = nn.functional.linear(nn.functional.linear(h, self.lora_A), self.lora_B)  # (…, out)
+            h = h.to(a.dtype)
+        delta = nn.functional.linear(nn.functional.linear(h, a), b)  # (…, out)
         return y + (delta * self.scaling).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -226,6 +230,8 @@ class DoRALinear(LoRALinear):
 def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block, every LoRALinear of `model` computes base(x) alone: `model` is its base model
     again, bit for bit, without a second copy of it in memory. DPO's reference model (objectives/dpo.py).
+    A layer started from W (lora_init: PiSSA, OLoRA, LoftQ) computes W_res x + s·B₀A₀x: its model
+    before training.
 
     Only adapters are switched off: modules trained in full (lora.train_modules) have no frozen
     original to fall back to. A merged adapter is part of its base weight and cannot be switched

@@ -39,6 +39,10 @@ def with_(section: str, **values) -> dict:
     ({"data": {"streaming": True, "eval_split": "test"}, "train": {"max_steps": 5}},
      r"data.eval_samples = 0 must be set with data.streaming = true and a data.eval_split"),
     (with_("data", shuffle_buffer=-1), r"data.shuffle_buffer = -1 must be >= 0"),
+    (with_("lora", init="pisa"), r"lora.init = 'pisa' is not one of .*did you mean 'pissa'\?"),
+    (with_("lora", init="loftq", loftq_iterations=0), r"lora.loftq_iterations = 0 must be >= 1"),
+    (with_("lora", init_lora_weights="loftq"), r"unknown key lora.init_lora_weights; did you mean .init.\?"),
+    (with_("lora", use_dora=True, init="pissa"), r"lora.use_dora = True and lora.init = 'pissa' are both set"),
 ])
 def test_bad_values_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message):

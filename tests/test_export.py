@@ -43,7 +43,9 @@ def sample_batch(built):
 @pytest.mark.parametrize("family", ["paligemma", "idefics2", *ARCHITECTURES])
 def test_peft_loads_our_adapter_with_the_same_logits(family, request, tmp_path):
     path = request.getfixturevalue(f"tiny_{family}")
-    peft_answers_alike(tiny_config(path, tmp_path, tmp_path / "run", family=family), path, tmp_path)
+    cfg = tiny_config(path, tmp_path, tmp_path / "run", family=family)
+    config = peft_answers_alike(cfg, path, tmp_path)
+    assert (config["r"], config["lora_alpha"]) == (cfg.lora.r, cfg.lora.alpha)
 
 
 def test_peft_loads_an_rslora_adapter_with_the_same_logits(tiny_paligemma, tmp_path):
@@ -60,6 +62,16 @@ def test_peft_loads_a_dora_adapter_with_the_same_logits(tiny_paligemma, tmp_path
     assert peft_answers_alike(cfg, tiny_paligemma, tmp_path)["use_dora"] is True
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_loads_a_pissa_or_olora_adapter_on_the_original_base(init, tiny_paligemma, tmp_path):
+    """Trained from W_res = W − s·B₀A₀, the adapter is written for the checkpoint's own W: rank 2r,
+    [A; A₀] and [B, −B₀], alpha doubled (PEFT's path_initial_model_for_weight_conversion)."""
+    cfg = tiny_config(tiny_paligemma, tmp_path, tmp_path / "run")
+    cfg.lora.init = init
+    config = peft_answers_alike(cfg, tiny_paligemma, tmp_path)
+    assert (config["r"], config["lora_alpha"]) == (2 * cfg.lora.r, 2 * cfg.lora.alpha)
+
+
 def peft_answers_alike(cfg, path, tmp_path) -> dict:
     """Our adapter on the float base, exported in PEFT's layout and loaded by PeftModel on the same
     base, gives the same logits; the exported adapter_config.json, returned."""
@@ -71,7 +83,7 @@ def peft_answers_alike(cfg, path, tmp_path) -> dict:
         ours = built.model(**inputs).logits
     out = export.export_peft(cfg, built, tmp_path / "peft")
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["r"] == cfg.lora.r and config["lora_alpha"] == cfg.lora.alpha and config["peft_type"] == "LORA"
+    assert config["peft_type"] == "LORA"
 
     base = AutoModelForImageTextToText.from_pretrained(path).eval()
     with torch.no_grad():
