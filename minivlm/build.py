@@ -159,6 +159,7 @@ def build(cfg: Config, processor: object | None = None) -> Built:
         skip=family.LORA_SKIP if cfg.lora.skip is None else cfg.lora.skip,
         r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, train_modules=cfg.lora.train_modules,
         shared_dropout=cfg.lora.shared_dropout, rslora=cfg.lora.use_rslora, dora=cfg.lora.use_dora,
+        vision=family.VISION_BLOCKS if cfg.lora.vision else None,
     )
     if cfg.lora.init != "default":
         initialize(model, cfg.lora.init, float_weight or (lambda name: model.get_submodule(name).base.weight),

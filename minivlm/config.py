@@ -56,7 +56,8 @@ class LoRAConfig:
     shared_dropout: bool = False  # one dropout mask per input tensor (q/k/v share one, gate/up one)
     targets: list[str] | None = None  # names (suffix match) or "re:<regex>"; None = family default
     skip: list[str] | None = None  # never adapted; None = the family's default
-    train_modules: list[str] = field(default_factory=list)  # trained in full, saved with the adapter
+    train_modules: list[str] = field(default_factory=list)  # trained in full, saved with the adapter (modules_to_save)
+    vision: bool = False  # also adapt every linear of the vision tower's blocks (the family's VISION_BLOCKS)
     use_rslora: bool = False  # rsLoRA: scale the update by alpha/√r instead of alpha/r (PEFT's use_rslora)
     use_dora: bool = False  # DoRA: a trained magnitude per output feature, LoRA on the direction (PEFT's use_dora)
     init: str = "default"  # where A, B start: B = 0, or from W: "pissa", "olora", "loftq" (minivlm/lora_init.py)

@@ -260,6 +260,7 @@ def inject_lora(
     shared_dropout: bool = False,
     rslora: bool = False,
     dora: bool = False,
+    vision: str | None = None,
 ) -> list[str]:
     """Freeze `model`, wrap every targeted linear in a LoRALinear, in place; return the wrapped names.
 
@@ -268,13 +269,19 @@ def inject_lora(
     A module is targeted when its name matches a `targets` pattern (suffix) and no `skip`
     pattern (anywhere). Modules named in `train_modules` are unfrozen and trained in full (in
     fp32). With `shared_dropout`, all adapters share one SharedDropout (one mask per input
-    tensor). `rslora` scales every adapter by alpha/√r; `dora` makes each a DoRALinear. Raises ValueError if a target hits nothing
-    or hits a module that is not linear.
+    tensor). `rslora` scales every adapter by alpha/√r; `dora` makes each a DoRALinear. `vision`
+    (lora.vision: the family's VISION_BLOCKS) adapts every linear inside that module too, skip or
+    not: the tower stays in its own precision, its adapters beside it. Raises ValueError if a
+    target hits nothing or hits a module that is not linear.
     """
     model.requires_grad_(False)
     chosen = []
     for name, module in model.named_modules():
-        if any(matches(name, p, anywhere=False) for p in targets) and not any(matches(name, s, anywhere=True) for s in skip):
+        # type(), not isinstance: an nn.MultiheadAttention's out_proj is read as a raw weight (quant.py).
+        if vision and matches(name, vision, anywhere=True) and type(module) in (nn.Linear, bnb.nn.Linear4bit):
+            chosen.append(name)
+        elif any(matches(name, p, anywhere=False) for p in targets) and not any(matches(name, s, anywhere=True)
+                                                                                  for s in skip):
             if not isinstance(module, (nn.Linear, bnb.nn.Linear4bit)):
                 raise ValueError(f"LoRA target {name!r} is a {type(module).__name__}, not a linear layer; "
                                  "narrow lora.targets (e.g. 'self_attn.q_proj') or add it to lora.skip")

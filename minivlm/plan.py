@@ -213,8 +213,10 @@ def _weight_terms(plan: Plan, model: nn.Module, cfg: Config, family: ModuleType)
     quantized = {name for name, m in model.named_modules()
                  if cfg.quant.load_in_4bit and type(m) is nn.Linear
                  and not any(matches(name, s, anywhere=True) for s in quant_skip)}
+    vision = family.VISION_BLOCKS if cfg.lora.vision else None
     adapted = [m for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and any(matches(name, p, anywhere=False) for p in targets)
+               if vision and matches(name, vision, anywhere=True) and type(m) is nn.Linear
+               or isinstance(m, nn.Linear) and any(matches(name, p, anywhere=False) for p in targets)
                and not any(matches(name, s, anywhere=True) for s in lora_skip)]
     full = {id(p) for name, m in model.named_modules() for p in m.parameters()
             if any(matches(name, pat, anywhere=False) for pat in cfg.lora.train_modules)}

@@ -62,6 +62,16 @@ def test_peft_loads_a_dora_adapter_with_the_same_logits(tiny_paligemma, tmp_path
     assert peft_answers_alike(cfg, tiny_paligemma, tmp_path)["use_dora"] is True
 
 
+def test_peft_loads_vision_adapters_and_modules_to_save_with_the_same_logits(tiny_paligemma, tmp_path):
+    """lora.vision's adapters go under target_modules like the decoder's; lora.train_modules (the
+    projector, trained in full) as PEFT's modules_to_save, its tensors under their own names."""
+    cfg = tiny_config(tiny_paligemma, tmp_path, tmp_path / "run")
+    cfg.lora.vision, cfg.lora.train_modules = True, ["multi_modal_projector"]
+    config = peft_answers_alike(cfg, tiny_paligemma, tmp_path)
+    assert config["modules_to_save"] == ["multi_modal_projector"]
+    assert any("vision_tower" in t for t in config["target_modules"])
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_peft_loads_a_pissa_or_olora_adapter_on_the_original_base(init, tiny_paligemma, tmp_path):
     """Trained from W_res = W − s·B₀A₀, the adapter is written for the checkpoint's own W: rank 2r,
@@ -98,11 +108,17 @@ def peft_answers_alike(cfg, path, tmp_path) -> dict:
     return config
 
 
-def test_merged_export_loads_in_plain_transformers_and_answers_alike(tiny_paligemma, shapes_data, tmp_path):
-    """train.py (4-bit base) -> python -m minivlm.export --merge -> AutoModelForImageTextToText."""
+VISION = ["lora.vision=true", 'lora.train_modules=["multi_modal_projector"]']
+
+
+@pytest.mark.parametrize("extra", [[], VISION], ids=["decoder", "vision+projector"])
+def test_merged_export_loads_in_plain_transformers_and_answers_alike(extra, tiny_paligemma, shapes_data, tmp_path):
+    """train.py (4-bit base) -> python -m minivlm.export --merge -> AutoModelForImageTextToText. With
+    lora.vision, the tower's adapters are merged too (Unsloth users found theirs silently were not:
+    unslothai/unsloth#1352): its weights are no longer the checkpoint's, and the logits still match."""
     sets = sum((["--set", s] for s in [f"model.name_or_path={tiny_paligemma}", f"data.dataset={shapes_data}",
                                          'data.eval_split=""', "train.eval_every=0", f"train.output_dir={tmp_path / 'run'}",
-                                         "train.max_steps=3", "train.lr=5e-2", "train.max_new_tokens=4"]), [])
+                                         "train.max_steps=3", "train.lr=5e-2", "train.max_new_tokens=4", *extra]), [])
     config = str(ROOT / "configs/demo.toml")
     train.main(["--config", config, *sets])
     out = export.main(["--config", config, "--checkpoint", str(tmp_path / "run/last"), "--out", str(tmp_path / "merged"),
@@ -120,6 +136,13 @@ def test_merged_export_loads_in_plain_transformers_and_answers_alike(tiny_palige
 
     merged = AutoModelForImageTextToText.from_pretrained(out).eval()
     assert not any(type(m).__name__ in ("Linear4bit", "LoRALinear") for m in merged.modules())
+    original = AutoModelForImageTextToText.from_pretrained(tiny_paligemma).state_dict()
+    changed = {n for n, w in merged.state_dict().items() if not torch.equal(w, original[n])}
+    tower = {n for n in changed if "vision_tower" in n}
+    assert bool(tower) == bool(extra) and any("multi_modal_projector" in n for n in changed) == bool(extra)
+    if extra:  # every linear of the tower's blocks, merged
+        assert {n for n in tower if n.endswith(".weight")} == {n for n, w in original.items() if "vision_tower" in n
+                                                                and ("_proj.weight" in n or "fc" in n) and w.ndim == 2}
     with torch.no_grad():
         theirs = merged(**inputs).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)  # fp32 compute here; bf16 needs ~1e-2

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
 from conftest import tiny_config
+from tiny import ARCHITECTURES
 from minivlm.build import build
 from minivlm.batches import collate
 from minivlm.data import load_split
@@ -320,3 +321,23 @@ def test_variants_equal_peft_on_a_transformers_model(variant, quantized, tiny_pa
             quantize_linears(holder, [], torch.float32, torch.device("cpu"))
             mine, other = dequantize(holder[0]), dequantize(other)
         torch.testing.assert_close(mine.weight, other.weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["paligemma", "idefics2", "smolvlm", "idefics", "llava_phi2", *ARCHITECTURES])
+def test_lora_vision_adapts_every_linear_of_the_tower_blocks_and_nothing_else(family, request, tmp_path):
+    """lora.vision: every linear inside the family's VISION_BLOCKS (attention and MLP) gets an adapter
+    over its float weight; outside the tower only the decoder's targets, none of the projector's."""
+    path = request.getfixturevalue(f"tiny_{family}")
+    cfg = tiny_config(path, tmp_path, tmp_path / "run", family=family)
+    cfg.lora.vision = True
+    built = build(cfg)
+    blocks = built.family.VISION_BLOCKS
+    tower = {n: m for n, m in built.model.named_modules() if matches(n, blocks, anywhere=True)}
+    adapted = {n for n, m in tower.items() if isinstance(m, LoRALinear)}
+    assert not [n for n, m in tower.items() if type(m) is nn.Linear and not n.endswith(".base")]
+    assert all(type(tower[n].base) is nn.Linear for n in adapted)  # in the tower's own precision
+    kinds = {n.rsplit(".", 1)[-1] for n in adapted}
+    assert kinds & {"q_proj", "qkv"} and kinds & {"fc1", "fc2", "up_proj", "linear_fc1"}, kinds
+    outside = set(built.adapted) - adapted
+    assert outside and all(any(matches(n, t, anywhere=False) for t in built.family.LORA_TARGETS) for n in outside)
+    assert not any(matches(n, s, anywhere=True) for n in outside for s in built.family.LORA_SKIP)

@@ -8,6 +8,7 @@ A family module provides:
   QUANT_SKIP        modules kept unquantized by default
   LORA_TARGETS      modules wrapped by LoRA by default (suffix names)
   LORA_SKIP         modules never adapted by default
+  VISION_BLOCKS     the vision tower's transformer blocks: lora.vision adapts every linear inside
   RESOLUTION        the processor's resolution controls that model.processor may set (processor.py)
   MODEL_RESOLUTION  (optional) those of them the model's config holds too, set on both
   load_processor(path, trust_remote_code, **resolution)      -> the family's real processor

@@ -22,6 +22,8 @@ MAX_IMAGES = None  # any number per sample, each where its <image> marker stands
 QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_tower", "multi_modal_projector"]
+# lora.vision adapts every linear in here: SigLIP's encoder layers: self_attn.{q,k,v,out}_proj, mlp.fc1/fc2.
+VISION_BLOCKS = "vision_tower"
 RESOLUTION = ("do_pan_and_scan", "pan_and_scan_max_num_crops", "pan_and_scan_min_crop_size",
               "pan_and_scan_min_ratio_to_activate")
 END_OF_TURN = "<end_of_turn>"

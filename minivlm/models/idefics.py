@@ -24,6 +24,8 @@ MAX_IMAGES = 1  # its processor interleaves more; the captioning recipe has one 
 QUANT_SKIP = ["vision_model", "perceiver_resampler", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj"]  # in self-attention and in the gated cross-attention
 LORA_SKIP = ["vision_model", "perceiver_resampler"]
+# lora.vision adapts every linear in here: CLIP's encoder layers: self_attn.{q,k,v,out}_proj, mlp.fc1/fc2.
+VISION_BLOCKS = "vision_model"
 
 load_processor = processor.load
 RESOLUTION = ()  # CLIP at its checkpoint's one size

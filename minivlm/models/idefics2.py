@@ -18,6 +18,8 @@ MAX_IMAGES = None  # any number per sample, each where its <image> marker stands
 QUANT_SKIP = ["vision_model", "connector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_model", "connector"]
+# lora.vision adapts every linear in here: SigLIP's encoder layers: self_attn.{q,k,v,out}_proj, mlp.fc1/fc2.
+VISION_BLOCKS = "vision_model"
 END_OF_TURN = "<end_of_utterance>"
 # The image processor's size bound and whether it cuts each image into 4 crops + the whole.
 RESOLUTION = ("size", "do_image_splitting")

@@ -22,6 +22,8 @@ MAX_IMAGES = None  # any number per sample, each where its <image> marker stands
 QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_tower", "multi_modal_projector"]  # the ViT's attention has q/k/v_proj too
+# lora.vision adapts every linear in here: InternViT's layers: attention.{q,k,v}_proj, projection_layer, mlp.fc1/fc2.
+VISION_BLOCKS = "vision_tower"
 RESOLUTION = ("crop_to_patches", "min_patches", "max_patches")
 END_OF_TURN = "<|im_end|>"
 

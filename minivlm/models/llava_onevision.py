@@ -30,6 +30,8 @@ MAX_IMAGES = None  # any number per sample, each where its <image> marker stands
 QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_tower", "multi_modal_projector"]
+# lora.vision adapts every linear in here: SigLIP's encoder layers: self_attn.{q,k,v,out}_proj, mlp.fc1/fc2.
+VISION_BLOCKS = "vision_tower"
 RESOLUTION = ("image_grid_pinpoints",)  # [[height, width], ...]: the grids of 384 px crops allowed
 MODEL_RESOLUTION = ("image_grid_pinpoints",)
 END_OF_TURN = "<|im_end|>"

@@ -152,6 +152,8 @@ MAX_IMAGES = 1  # the LLaVA-1.5 recipe: one image per conversation
 QUANT_SKIP = ["vision_tower", "projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 LORA_SKIP = ["vision_tower", "projector"]
+# lora.vision adapts every linear in here: CLIP's encoder layers: self_attn.{q,k,v,out}_proj, mlp.fc1/fc2.
+VISION_BLOCKS = "vision_tower"
 
 load_processor = processor.load
 RESOLUTION = ()  # CLIP at its checkpoint's one size

@@ -21,6 +21,8 @@ MAX_IMAGES = None  # any number per sample, each where its <image> marker stands
 QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_tower", "multi_modal_projector"]  # the ViT's blocks have the same names
+# lora.vision adapts every linear in here: Pixtral's layers: attention.{q,k,v,o}_proj, feed_forward.{gate,up,down}_proj.
+VISION_BLOCKS = "vision_tower"
 RESOLUTION = ("size",)  # {"longest_edge": px}
 END_OF_TURN = "</s>"
 

@@ -24,6 +24,8 @@ QUANT_SKIP = ["vision_model", "multi_modal_projector", "lm_head", "embed_tokens"
 # The cross-attention layers' q/k/v/o_proj are adapted too, as the self-attention ones.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_model", "multi_modal_projector"]
+# lora.vision adapts every linear in here: its local and global layers: self_attn.{q,k,v,o}_proj, mlp.fc1/fc2.
+VISION_BLOCKS = "vision_model"
 # None: every image is padded to max_image_tiles tiles, the number the tile position embeddings
 # were trained for (a checkpoint's shapes), so a smaller image costs the tower no less.
 RESOLUTION = ()

@@ -26,6 +26,8 @@ MAX_IMAGES = 1  # pretrained and transferred with one image per prefix
 QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_tower", "multi_modal_projector"]
+# lora.vision adapts every linear in here: SigLIP's encoder layers: self_attn.{q,k,v,out}_proj, mlp.fc1/fc2.
+VISION_BLOCKS = "vision_tower"
 RESOLUTION = ()  # fixed by the checkpoint: the 224, 448 and 896 variants are separate models
 load_processor = processor.load
 

@@ -29,6 +29,9 @@ MAX_IMAGES = None  # any number per sample, each where its <image> marker stands
 QUANT_SKIP = ["visual", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["visual"]  # the ViT's blocks have gate/up/down_proj too
+# lora.vision adapts every linear in here: the ViT's blocks: attn.qkv, attn.proj, mlp.{gate,up,down}_proj;
+# not visual.merger, the projector.
+VISION_BLOCKS = "visual.blocks"
 RESOLUTION = ("min_pixels", "max_pixels")  # h·w bounds of each image, in pixels
 END_OF_TURN = "<|im_end|>"
 

@@ -28,7 +28,8 @@ from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoP
 
 from minivlm.models import from_config, processor, qwen2_5_vl
 from minivlm.models.qwen2_5_vl import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGETS, MAX_IMAGES, QUANT_SKIP,  # noqa: F401
-                                       RESOLUTION, VIDEO_RESOLUTION, generation_batch, layout, training_batch)
+                                       RESOLUTION, VIDEO_RESOLUTION, VISION_BLOCKS, generation_batch, layout,
+                                       training_batch)
 
 NAME = "Qwen3-VL"
 MODEL_CLASS = Qwen3VLForConditionalGeneration

@@ -19,7 +19,7 @@ from transformers.video_utils import VideoMetadata
 
 from minivlm.models import from_config, processor
 from minivlm.models.smolvlm import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGETS, MAX_IMAGES, QUANT_SKIP,  # noqa: F401
-                                    RESOLUTION, generation_batch, layout, training_batch)
+                                    RESOLUTION, VISION_BLOCKS, generation_batch, layout, training_batch)
 
 NAME = "SmolVLM2"
 MODEL_CLASS = SmolVLMForConditionalGeneration
