@@ -16,6 +16,7 @@ SFT objective (minivlm/objectives/sft.py), which the library modules never impor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 from dataclasses import dataclass, field
 import sys
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
-from safetensors import safe_open
 
 from minivlm import plain_warnings
 from minivlm.build import DTYPES, Built, build
@@ -34,8 +34,10 @@ from minivlm.config import Config, ConfigError, load_config, to_dict
 from minivlm.batches import answer_positions
 from minivlm.data import load_split
 from minivlm.steps import total_steps, train_loader
-from minivlm.load import checkpoint_files, parameter_names, parameters_on_meta
-from minivlm.lora import logical_numel
+from minivlm.load import float_weights
+from minivlm.lora import DoRALinear, logical_numel
+from minivlm.lora_init import loftq, nf4_roundtrip, olora, pissa
+from minivlm.modules import matches
 from minivlm.objectives.sft import answer_loss_sum, answer_tokens, backward_window
 from minivlm.optim import build_optimizer, lr_at
 from minivlm.precision import autocast, logits_of
@@ -79,15 +81,7 @@ def quantized_bytes(p: bnb.nn.Params4bit) -> int:
 
 def float_weight(cfg: Config, built: Built, module_name: str) -> torch.Tensor:
     """The checkpoint's own tensor for `module_name`.weight, read by the names load.py streams by."""
-    with parameters_on_meta():  # a skeleton of the unmodified model: parameter names, no storage
-        config = built.family.MODEL_CLASS.config_class.from_pretrained(cfg.model.name_or_path)
-        skeleton = built.family.MODEL_CLASS._from_config(config)
-    for file, keys in parameter_names(skeleton, checkpoint_files(cfg.model.name_or_path)).items():
-        for key, name in keys.items():
-            if name == f"{module_name}.weight":
-                with safe_open(file, framework="pt") as f:
-                    return f.get_tensor(key).to(DTYPES[cfg.model.dtype])
-    raise KeyError(module_name)
+    return float_weights(built.family.MODEL_CLASS, cfg.model.name_or_path, DTYPES[cfg.model.dtype])(module_name)
 
 
 @dataclass
@@ -206,6 +200,68 @@ def inject(step: Step) -> None:
     describe("lora_B (zeros: ΔW = 0)", adapter.lora_B)
     print(f"  scaling alpha/r = {adapter.scaling:g}; the base weight requires grad: {layer.weight.requires_grad}")
     step.adapter = adapter
+    with torch.random.fork_rng(devices=[]):  # the variants draw numbers; the step after them must not notice
+        variants(step)
+
+
+def substage(title: str, where: str) -> None:
+    print(f"\n§4 · {title} — {where}")
+
+
+@torch.no_grad()
+def variants(step: Step) -> None:
+    """§4's variants, each on the first decoder layer's q_proj (or, for the NF4 errors, on every
+    adapted layer): what its flag changes, checked or measured here, not trained."""
+    cfg, built, model, name, layer, facts = step.cfg, step.built, step.model, step.name, step.layer, step.facts
+    r, alpha = cfg.lora.r, cfg.lora.alpha
+    substage("rsLoRA", "minivlm/lora.py:LoRALinear (lora.use_rslora)")
+    for rank in (r, 8 * r):
+        print(f"  r {rank:>3}: alpha/r = {alpha / rank:<6.4g} alpha/√r = {alpha / rank ** 0.5:.4g}")
+    substage("LoRA+", "minivlm/optim.py:build_optimizer (train.lora_plus_ratio)")
+    plus = dataclasses.replace(cfg.train, lora_plus_ratio=16.0, optimizer="adamw")
+    for group in build_optimizer(model, plus).param_groups:
+        print(f"  {len(group['params']):>2} tensors at lr × {group['lr_scale']:g}")
+
+    substage("DoRA", "minivlm/lora.py:DoRALinear (lora.use_dora)")
+    dora = DoRALinear(layer, r, alpha)  # beside the same 4-bit W, not put in the model
+    x = torch.randn(3, dora.in_features, generator=torch.Generator().manual_seed(0))
+    describe("m = ‖W‖_c at init", dora.lora_magnitude)
+    start = (dora(x) - layer(x)).abs().max().item()
+    dora.lora_B.normal_(0, 0.02)
+    direction = dora.base_weight().float() + dora.delta_weight()
+    eq5 = x @ (dora.lora_magnitude[:, None] * direction / direction.norm(dim=1, keepdim=True)).T
+    facts["dora"] = {"at init": start, "eq. 5": (dora(x) - eq5).abs().max().item()}
+    print(f"  at init (B = 0) |DoRA(x) − W x| max {start:.3g}; with B ≠ 0, |DoRA(x) − m·(W + sBA)/‖W + sBA‖_c x| "
+          f"max {facts['dora']['eq. 5']:.3g}")
+
+    substage("PiSSA, OLoRA, LoftQ", "minivlm/lora_init.py:pissa, minivlm/lora_init.py:olora, "
+             "minivlm/lora_init.py:loftq (lora.init)")
+    roundtrip = nf4_roundtrip(cfg.quant.quant_type, cfg.quant.double_quant, DTYPES[cfg.model.dtype])
+    scaling = step.adapter.scaling
+    errors: dict[str, list[float]] = {k: [] for k in ("QLoRA", "PiSSA", "OLoRA", "LoftQ T=1", "LoftQ T=2", "LoftQ T=5")}
+    read = float_weights(built.family.MODEL_CLASS, cfg.model.name_or_path, DTYPES[cfg.model.dtype])
+    for adapted in built.adapted:  # ‖W − (Q(W_res) + s·B₀A₀)‖ / ‖W‖: what the 4-bit model at step 0 has lost
+        w = read(adapted).float()
+        def lost(frozen: torch.Tensor, repair: torch.Tensor) -> float:
+            return (torch.linalg.norm(w - roundtrip(frozen) - repair) / torch.linalg.norm(w)).item()
+        errors["QLoRA"].append(lost(w, 0))
+        for label, init in (("PiSSA", pissa), ("OLoRA", olora)):
+            a, b = init(w, r, scaling)
+            errors[label].append(lost(w - scaling * b @ a, scaling * b @ a))
+        for t in (1, 2, 5):
+            a, b, frozen = loftq(w, r, scaling, t, roundtrip)
+            errors[f"LoftQ T={t}"].append(lost(frozen, scaling * b @ a))
+    facts["init errors"] = {k: sum(v) / len(v) for k, v in errors.items()}
+    print(f"  ‖W − (Q(W_res) + s·B₀A₀)‖ / ‖W‖, the mean over {len(built.adapted)} adapted layers:")
+    for label, mean in facts["init errors"].items():
+        print(f"    {label:<10} {mean:.4f}  ({mean / facts['init errors']['QLoRA']:.2f} × QLoRA's)")
+
+    substage("LoRA on the vision tower", "minivlm/lora.py:inject_lora (lora.vision, lora.train_modules)")
+    blocks = built.family.VISION_BLOCKS
+    tower = [m for n, m in model.named_modules() if matches(n, blocks, anywhere=True) and type(m) is torch.nn.Linear]
+    print(f"  lora.vision = true would add {len(tower)} adapters in {blocks} "
+          f"({sum(r * (m.in_features + m.out_features) for m in tower):,} values, fp32) beside its "
+          f"{str(tower[0].weight.dtype).removeprefix('torch.')} weights")
 
 
 def processor_and_label_mask(step: Step) -> None:

@@ -76,8 +76,11 @@ def test_walkthrough_step_agrees_with_bitsandbytes_and_the_loop(run):
 def test_walkthrough_prints_the_sections_of_the_doc_in_order(run):
     _, printed = run
     doc_sections = re.findall(r"^## (\d+)\. (.+)$", DOC.read_text(), flags=re.M)
-    printed_sections = re.findall(r"^§(\d+) (.+?) — ", printed, flags=re.M)
+    printed_sections = re.findall(r"^§(\d+) ([^·].*?) — ", printed, flags=re.M)
     assert printed_sections == doc_sections
+    # §4's variants: the doc's ### headings there, printed as "§4 · title".
+    inject = DOC.read_text().split("\n## 4. ")[1].split("\n## 5. ")[0]
+    assert re.findall(r"^§4 · (.+?) — ", printed, flags=re.M) == re.findall(r"^### (.+)$", inject, flags=re.M)
     assert [title for _, title in doc_sections] == walkthrough.STAGES
     # One function per section, in the doc's order: the doc and the code keep the same outline.
     assert [f.__doc__.split(":")[0] for f in walkthrough.SECTIONS] == [f"§{n}" for n, _ in doc_sections]
@@ -105,3 +108,13 @@ def test_every_code_reference_names_a_real_function(run):
     missing = [f"{file}:{name}" for file, name in sorted(references)
                if not (ROOT / file).is_file() or not defined(ROOT / file, name)]
     assert not missing, f"docs/qlora.md or the walkthrough point to what does not exist: {missing}"
+
+
+def test_walkthrough_variants_hold_their_equations(run):
+    """§4's variants: DoRA starts as its base and computes its eq. 5; PiSSA and OLoRA lose to NF4 no
+    more than plain QLoRA; LoftQ less, and less again as its iterations rise."""
+    facts, _ = run
+    assert facts["dora"]["at init"] < 1e-5 and facts["dora"]["eq. 5"] < 1e-5
+    e = facts["init errors"]
+    assert e["LoftQ T=5"] < e["LoftQ T=2"] < e["LoftQ T=1"] < e["QLoRA"]
+    assert e["PiSSA"] < e["QLoRA"] and e["OLoRA"] <= 1.01 * e["QLoRA"]
