@@ -41,15 +41,26 @@ from minivlm.quant import quantize_into
 
 def pissa(w: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(A₀ (r, in), B₀ (out, r)) with s·B₀A₀ = the rank-r truncated SVD of w (out, in)."""
-    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+    u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)  # float64: see `padded`
     root = torch.sqrt(sv[:r] / scaling)  # √(S_r/s) on both sides: s·B₀A₀ = U_r S_r V_rᵀ
-    return root[:, None] * vh[:r], u[:, :r] * root
+    return padded(root[:, None] * vh[:r], u[:, :r] * root, r)
 
 
 def olora(w: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(A₀, B₀) = (R[:r], Q[:, :r]) of w = QR, as PEFT's olora_init (which leaves s in the residual)."""
-    q, rr = torch.linalg.qr(w)
-    return rr[:r].contiguous(), q[:, :r].contiguous()
+    q, rr = torch.linalg.qr(w.double())
+    return padded(rr[:r], q[:, :r], r)
+
+
+def padded(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A₀ and B₀ at rank r, in fp32. W (out, in) has only min(out, in) directions, so beyond them A's
+    rows and B's columns are 0; such a pair stays 0 in training (each one's gradient is the other's
+    multiple). Computed in float64 and rounded: LAPACK's fp32 result depends on its thread count in
+    the last bits, and W_res is quantized, where one bit can change a code. Ranks of a torchrun job
+    (one thread each), a resumed run and an export must all make the same start from the same W."""
+    k = a.shape[0]
+    a, b = nn.functional.pad(a, (0, 0, 0, r - k)), nn.functional.pad(b, (0, r - k))
+    return a.float().contiguous(), b.float().contiguous()
 
 
 def loftq(w: torch.Tensor, r: int, scaling: float, iterations: int,
@@ -90,7 +101,8 @@ def initialize(model: nn.Module, init: str, read_weight: Callable[[str], torch.T
         dtype = base.compute_dtype if four_bit else base.weight.dtype
         w = read_weight(name).to(layer.lora_A.device, torch.float32)
         if init == "loftq":
-            settings = (base.weight.quant_type, base.weight.compress_statistics) if four_bit else (quant_type, double_quant)
+            settings = ((base.weight.quant_type, base.weight.compress_statistics) if four_bit
+                        else (quant_type, double_quant))
             roundtrip = nf4_roundtrip(*settings, dtype)
             a, b, frozen = loftq(w, layer.r, layer.scaling, iterations, roundtrip)
             frozen = frozen if four_bit else roundtrip(frozen)

@@ -39,7 +39,11 @@ def relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 # load_in_4bit, fsdp, data.streaming, train.objective
 CASES = {"nf4": (True, False, False, "sft"), "float": (False, False, False, "sft"),
          "nf4-fsdp": (True, True, False, "sft"), "nf4-streamed": (True, False, True, "sft"),
-         "nf4-grpo": (True, False, False, "grpo")}
+         "nf4-grpo": (True, False, False, "grpo"), "nf4-dora": (True, False, False, "sft"),
+         "nf4-dora-fsdp": (True, True, False, "sft"), "nf4-pissa": (True, False, False, "sft")}
+# LoRA variants' keys, by case: DoRA replicated and sharded (its m, and W dequantized from a flat
+# FSDP shard for the norm); PiSSA's start made from W by each rank.
+LORA = {"nf4-dora": {"use_dora": True}, "nf4-dora-fsdp": {"use_dora": True}, "nf4-pissa": {"init": "pissa"}}
 
 
 def test_two_ranks_train_as_one_process_on_the_combined_batch(tiny_paligemma, shapes_data, tmp_path):
@@ -60,6 +64,7 @@ def test_two_ranks_train_as_one_process_on_the_combined_batch(tiny_paligemma, sh
             cfg = to_dict(tiny_config(tiny_paligemma, shapes_data, out / "run", batch_size=batch_size, grad_accum=2,
                                       max_steps=STEPS, eval_every=2 if fsdp else 0, fsdp=fsdp, objective=objective))
             cfg["quant"]["load_in_4bit"] = load_in_4bit
+            cfg["lora"].update(LORA.get(case, {}))
             # GRPO: every sample the likeliest token (the same on any rank), so all advantages are 0
             # and the gradient is the KL term's, B being non-zero at step 1 (ddp_worker.py).
             cfg["grpo"].update(num_generations=2, max_new_tokens=3, top_p=1e-9, beta=0.5)

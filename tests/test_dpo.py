@@ -183,6 +183,22 @@ def test_loss_equals_trls_on_the_same_log_probabilities(label_smoothing):
     assert ours.item() != pytest.approx(math.log(2), abs=1e-3)  # far from the trivial point
 
 
+@pytest.mark.parametrize("lora", [{"use_dora": True}, {"init": "pissa"}, {"init": "olora"}, {"init": "loftq"}],
+                         ids=["dora", "pissa", "olora", "loftq"])
+def test_step_zero_is_log_2_for_every_lora_variant(lora, tiny_paligemma, prefs_data, tmp_path):
+    """π_ref is the model before training for each variant on the 4-bit base: DoRA's m/‖W‖_c = 1,
+    and for a start taken from W, adapters_off computes W_res + s·B₀A₀, not W_res alone."""
+    cfg = dpo_config(tiny_paligemma, prefs_data, tmp_path)
+    for key, value in lora.items():
+        setattr(cfg.lora, key, value)
+    built = build(cfg)
+    batch = dpo.collate_pairs(load_split(cfg.data, "train"), [0, 1, 2, 3], cfg.data, built.family, built.processor)
+    built.model.train()
+    loss, _, rewards = dpo.backward_window(cfg, built, built.model, [batch],
+                                           torch.amp.GradScaler("cpu", enabled=False), None)
+    assert loss == pytest.approx(math.log(2), abs=1e-6) and rewards["reward_margin"] == 0
+
+
 def test_adapters_off_is_the_base_model_and_step_zero_is_log_2(tiny_paligemma, prefs_data, tmp_path):
     """With adapters off, the policy's log-probabilities are the base model's (loaded on its own,
     without minivlm); with B = 0 (step 0), the loss is log 2 and every reward 0, dropout or not."""

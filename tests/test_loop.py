@@ -131,10 +131,12 @@ def test_batch4_accum1_equals_batch1_accum4(tiny_paligemma, shapes_data, tmp_pat
     assert not all(torch.allclose(naive[n], one_batch[n], rtol=1e-3, atol=1e-6) for n in one_batch)
 
 
-@pytest.mark.parametrize("streaming", [False, True])
-def test_resume_n_plus_n_equals_2n(tiny_paligemma, shapes_data, tmp_path, monkeypatch, streaming):
+@pytest.mark.parametrize("streaming,lora", [(False, {}), (True, {}), (False, {"use_dora": True}),
+                                            (False, {"init": "loftq"})], ids=["map", "stream", "dora", "loftq"])
+def test_resume_n_plus_n_equals_2n(tiny_paligemma, shapes_data, tmp_path, monkeypatch, streaming, lora):
     """A run killed right after its step-4 checkpoint, resumed, ends bit-identical to an unbroken run;
-    reading a stream too (data.streaming), whose save says where to read on."""
+    reading a stream too (data.streaming), whose save says where to read on; with DoRA's magnitudes
+    saved and restored, and with LoftQ's start (W_res, B₀A₀) made again from W by the resumed build."""
     def cfg_for(out):
         # r=64 makes some adapters >= 4096 values, so bitsandbytes keeps their Adam moments in
         # 8 bits (with shared quantization maps): the state that is hardest to save and restore.
@@ -144,6 +146,8 @@ def test_resume_n_plus_n_equals_2n(tiny_paligemma, shapes_data, tmp_path, monkey
                           grad_accum=1 if streaming else 2, max_steps=8, warmup_steps=2, lr=5e-3, save_every=4)
         cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 64, 16.0, 0.1
         cfg.data.streaming, cfg.data.eval_samples = streaming, 8
+        for key, value in lora.items():
+            setattr(cfg.lora, key, value)
         return cfg
 
     # 24 samples = 6 steps per epoch: crosses an epoch
@@ -170,6 +174,7 @@ def test_resume_n_plus_n_equals_2n(tiny_paligemma, shapes_data, tmp_path, monkey
         assert torch.equal(sa[k], sb[k]), k
     # And the runs really trained: the adapters moved from B = 0.
     assert any(k.endswith("lora_B") and a[k].abs().sum() > 0 for k in a)
+    assert any(k.endswith("lora_magnitude") for k in a) == bool(lora.get("use_dora"))
     log = [json.loads(line) for line in (tmp_path / "split/log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 9))
 

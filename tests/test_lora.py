@@ -17,7 +17,8 @@ from minivlm.build import build
 from minivlm.batches import collate
 from minivlm.data import load_split
 from minivlm.objectives.sft import answer_loss_sum, answer_tokens
-from minivlm.lora import DoRALinear, LoRALinear, SharedDropout, count_parameters, inject_lora, merge_lora, trainable_state_dict
+from minivlm.lora import (DoRALinear, LoRALinear, SharedDropout, count_parameters, inject_lora, merge_lora,
+                          trainable_state_dict)
 from minivlm.modules import matches
 from minivlm.quant import dequantize, quantize_linears
 
