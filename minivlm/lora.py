@@ -277,11 +277,12 @@ def inject_lora(
     model.requires_grad_(False)
     chosen = []
     for name, module in model.named_modules():
+        targeted = any(matches(name, p, anywhere=False) for p in targets)
+        skipped = any(matches(name, s, anywhere=True) for s in skip)
         # type(), not isinstance: an nn.MultiheadAttention's out_proj is read as a raw weight (quant.py).
         if vision and matches(name, vision, anywhere=True) and type(module) in (nn.Linear, bnb.nn.Linear4bit):
             chosen.append(name)
-        elif any(matches(name, p, anywhere=False) for p in targets) and not any(matches(name, s, anywhere=True)
-                                                                                  for s in skip):
+        elif targeted and not skipped:
             if not isinstance(module, (nn.Linear, bnb.nn.Linear4bit)):
                 raise ValueError(f"LoRA target {name!r} is a {type(module).__name__}, not a linear layer; "
                                  "narrow lora.targets (e.g. 'self_attn.q_proj') or add it to lora.skip")

@@ -376,6 +376,9 @@ def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1, rows_per_s
                           f"image tokens: such samples are dropped; raise data.max_length{fewer}")
     if not cfg.quant.load_in_4bit:
         plan.notes.append("quant.load_in_4bit is off: every weight is counted in float")
+    if cfg.lora.vision:  # its adapters and their training state are counted above; its activations are not
+        plan.notes.append(f"lora.vision: what each layer of {family.VISION_BLOCKS} keeps for its adapters' gradients "
+                          "is not counted (the vision activations above are one layer's, as for a frozen tower)")
     return plan
 
 
