@@ -317,6 +317,25 @@ def test_one_update_per_sample_never_clips_and_the_kl_starts_at_zero(tiny_palige
     assert [r["clip_fraction"] == 0.0 for r in log] == [True, False] * 3
 
 
+@pytest.mark.parametrize("lora", [{"init": "pissa"}, {"use_dora": True}], ids=["pissa", "dora"])
+def test_the_kl_starts_at_zero_for_a_lora_variant(lora, tiny_paligemma, shapes_data, tmp_path, monkeypatch):
+    """π_ref with the adapters off is the model before training for each variant: PiSSA's is
+    W_res + s·B₀A₀ (not W_res), DoRA's m/‖W‖_c = 1. So step 1's KL is 0 and a later one's is not."""
+    from minivlm.build import build
+    from minivlm.data import load_split
+    from minivlm.loop import train
+    from minivlm.objectives import grpo
+
+    monkeypatch.chdir(tmp_path)
+    cfg = grpo_config(tiny_paligemma, shapes_data, tmp_path / "run", beta=0.5, epsilon=1e-6)
+    cfg.lora.dropout = 0.0
+    for key, value in lora.items():
+        setattr(cfg.lora, key, value)
+    train(cfg, build(cfg), grpo, load_split(cfg.data, "train"))
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert log[0]["kl"] == 0.0 and log[-1]["kl"] > 0
+
+
 FAILING = """
 calls = 0
 
