@@ -111,7 +111,8 @@ def peft_answers_alike(cfg, path, tmp_path) -> dict:
 VISION = ["lora.vision=true", 'lora.train_modules=["multi_modal_projector"]']
 
 
-@pytest.mark.parametrize("extra", [[], VISION], ids=["decoder", "vision+projector"])
+@pytest.mark.parametrize("extra", [[], VISION, ["lora.use_dora=true"], ['lora.init="pissa"']],
+                         ids=["decoder", "vision+projector", "dora", "pissa"])
 def test_merged_export_loads_in_plain_transformers_and_answers_alike(extra, tiny_paligemma, shapes_data, tmp_path):
     """train.py (4-bit base) -> python -m minivlm.export --merge -> AutoModelForImageTextToText. With
     lora.vision, the tower's adapters are merged too (Unsloth users found theirs silently were not:
@@ -139,8 +140,9 @@ def test_merged_export_loads_in_plain_transformers_and_answers_alike(extra, tiny
     original = AutoModelForImageTextToText.from_pretrained(tiny_paligemma).state_dict()
     changed = {n for n, w in merged.state_dict().items() if not torch.equal(w, original[n])}
     tower = {n for n in changed if "vision_tower" in n}
-    assert bool(tower) == bool(extra) and any("multi_modal_projector" in n for n in changed) == bool(extra)
-    if extra:  # every linear of the tower's blocks, merged
+    vision = extra == VISION
+    assert bool(tower) == vision and any("multi_modal_projector" in n for n in changed) == vision
+    if vision:  # every linear of the tower's blocks, merged
         assert {n for n in tower if n.endswith(".weight")} == {n for n, w in original.items() if "vision_tower" in n
                                                                 and ("_proj.weight" in n or "fc" in n) and w.ndim == 2}
     with torch.no_grad():
