@@ -164,8 +164,9 @@ def build_model(sizes: dict, out: str) -> dict:
 
 
 def adapter_key(name: str) -> str:
-    """A LoRA module's name from `language_model.` on: the same on both sides, whatever wraps the model."""
-    return name[name.index("language_model."):]
+    """A LoRA module's name from `language_model.` on: the same on both sides, whatever wraps the model
+    (a vision tower's adapter, lora.vision, keeps its whole name)."""
+    return name[name.index("language_model."):] if "language_model." in name else name
 
 
 @torch.no_grad()
@@ -265,7 +266,10 @@ fp16 = {str(spec['dtype'] == 'float16').lower()}
     cfg = load_config(config, spec["set"])
     t0 = time.perf_counter()
     built = build(cfg)
-    set_lora_A({adapter_key(name): built.model.get_submodule(name).lora_A for name in built.adapted}, spec["seed"])
+    if getattr(cfg.lora, "init", "default") == "default":  # a start taken from W (ablate.py's lora.init variants) is kept as made
+        # The decoder's A as the PEFT side draws them; lora.vision's are the variant's own.
+        set_lora_A({adapter_key(name): built.model.get_submodule(name).lora_A for name in built.adapted
+                    if "language_model." in name}, spec["seed"])
     load_s = time.perf_counter() - t0
     ds = load_split(cfg.data, cfg.data.train_split)
 
