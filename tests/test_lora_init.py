@@ -196,3 +196,20 @@ def test_a_rank_above_the_weights_own_is_padded_with_zeros(init):
     assert a.shape == (12, 16) and b.shape == (8, 12)
     assert not a[8:].any() and not b[:, 8:].any() and a[:8].abs().sum(1).min() > 0
     torch.testing.assert_close((1.0 if init is olora else 2.0) * b @ a, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", [pissa, olora], ids=["pissa", "olora"])
+def test_the_start_is_the_same_bits_at_any_thread_count(init):
+    """LAPACK's fp32 SVD and QR change in their last bits with the thread count (each torchrun rank
+    runs one thread; a resumed run may have more), and W_res is quantized, where one bit can change
+    a code. Computed in float64 and rounded once, the start is the same at 1 and 2 threads."""
+    w = torch.randn(512, 128, generator=torch.Generator().manual_seed(0)) * 0.05
+    threads = torch.get_num_threads()
+    try:
+        starts = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            starts.append(init(w, 8, 2.0))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(x, y) for x, y in zip(*starts))
