@@ -234,8 +234,6 @@ def variants(step: Step) -> None:
     print(f"  at init (B = 0) |DoRA(x) − W x| max {start:.3g}; with B ≠ 0, |DoRA(x) − m·(W + sBA)/‖W + sBA‖_c x| "
           f"max {facts['dora']['eq. 5']:.3g}")
 
-    substage("PiSSA, OLoRA, LoftQ", "minivlm/lora_init.py:pissa, minivlm/lora_init.py:olora, "
-             "minivlm/lora_init.py:loftq (lora.init)")
     roundtrip = nf4_roundtrip(cfg.quant.quant_type, cfg.quant.double_quant, DTYPES[cfg.model.dtype])
     scaling = step.adapter.scaling
     errors: dict[str, list[float]] = {k: [] for k in ("QLoRA", "PiSSA", "OLoRA", "LoftQ T=1", "LoftQ T=2", "LoftQ T=5")}
@@ -251,10 +249,14 @@ def variants(step: Step) -> None:
         for t in (1, 2, 5):
             a, b, frozen = loftq(w, r, scaling, t, roundtrip)
             errors[f"LoftQ T={t}"].append(lost(frozen, scaling * b @ a))
-    facts["init errors"] = {k: sum(v) / len(v) for k, v in errors.items()}
-    print(f"  ‖W − (Q(W_res) + s·B₀A₀)‖ / ‖W‖, the mean over {len(built.adapted)} adapted layers:")
-    for label, mean in facts["init errors"].items():
-        print(f"    {label:<10} {mean:.4f}  ({mean / facts['init errors']['QLoRA']:.2f} × QLoRA's)")
+    facts["init errors"] = means = {k: sum(v) / len(v) for k, v in errors.items()}
+    for title, where, labels in (("PiSSA", "pissa", ["PiSSA"]), ("OLoRA", "olora", ["OLoRA"]),
+                                 ("LoftQ", "loftq", ["LoftQ T=1", "LoftQ T=2", "LoftQ T=5"])):
+        substage(title, f"minivlm/lora_init.py:{where} (lora.init = \"{where}\")")
+        print(f"  what the 4-bit model at step 0 has lost of W, ‖W − (Q(W_res) + s·B₀A₀)‖ / ‖W‖, "
+              f"the mean over {len(built.adapted)} adapted layers:")
+        for label in ["QLoRA", *labels]:
+            print(f"    {label:<10} {means[label]:.4f}  ({means[label] / means['QLoRA']:.2f} × QLoRA's, B = 0)")
 
     substage("LoRA on the vision tower", "minivlm/lora.py:inject_lora (lora.vision, lora.train_modules)")
     blocks = built.family.VISION_BLOCKS
