@@ -67,10 +67,10 @@ def loftq(w: torch.Tensor, r: int, scaling: float, iterations: int,
           roundtrip: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A_T, B_T, the float W that quantizes to Q_T); `roundtrip(x)` = dequantize(quantize(x))."""
     frozen = w
-    for _ in range(iterations):
-        q = roundtrip(frozen)
-        a, b = pissa(w - q, r, scaling)  # s·BA = SVD_r(W − Q_t)
-        if _ < iterations - 1:
+    for t in range(1, iterations + 1):
+        q = roundtrip(frozen)  # Q_t
+        a, b = pissa(w - q, r, scaling)  # s·B_tA_t = SVD_r(W − Q_t)
+        if t < iterations:  # the last Q_t is the one kept: the next pass would quantize another W
             frozen = w - scaling * b @ a
     return a, b, frozen
 
