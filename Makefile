@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 # make demo FAMILY=qwen2_5_vl: the same demo on a tiny Qwen2.5-VL (demo/pretrain_base.py lists the bases).
 FAMILY ?= paligemma
 BASE   := base/tiny-$(FAMILY)
@@ -16,11 +16,13 @@ export TOKENIZERS_PARALLELISM=false
 .PHONY: demo test mutants base data digits prefs dpo-demo grpo-data grpo-demo pairs-data pairs-demo video-data video-demo bench walkthrough readme-check venv clean
 
 venv: $(STAMP)
-$(STAMP): requirements.txt
+# torch first, on its own, as pinned in pyproject.toml: on this machine's index, the CPU wheel. Then
+# minivlm itself, editable, with the test extra (the trackers, the web page and the test oracles).
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -e ".[test]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 # The tiny base VLM (PaliGemma architecture, or FAMILY's), pretrained here on synthetic captions.

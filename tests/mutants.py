@@ -256,7 +256,7 @@ MUTANTS = [
       "test_resume_checks.py::test_resume_completes_the_end_a_crash_cut_short_and_says_what"),
     m("finish.before-measured-on-every-resume", "minivlm/finish.py", "if not fresh and path.is_file():", "if False:",
       "test_resume_checks.py::test_resume_completes_the_end_a_crash_cut_short_and_says_what"),
-    m("finish.end-never-completed", "train.py", "return complete(cfg, args, resume, meta, steps, eval_ds, objective)",
+    m("finish.end-never-completed", "minivlm/cli/train.py", "return complete(cfg, args, resume, meta, steps, eval_ds, objective)",
       'return {"steps": meta["step"], "nothing_to_do": True}',
       "test_resume_checks.py::test_resume_completes_the_end_a_crash_cut_short_and_says_what"),
     m("data.exif-ignored", "minivlm/data.py", "if image.getexif().get(ORIENTATION, 1) != 1:", "if False:",

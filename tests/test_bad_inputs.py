@@ -224,7 +224,7 @@ def test_output_paths_are_checked(tmp_path):
 def infer(tmp_path: Path, *args: str) -> str:
     """infer.py's error line; the model path does not exist, so reaching the model load would fail otherwise."""
     sys.path.insert(0, str(ROOT))
-    import infer as infer_cli
+    from minivlm.cli import infer as infer_cli
     config = tmp_path / "c.toml"
     config.write_text(f'[model]\nname_or_path = "{tmp_path / "no-model"}"\n')
     with pytest.raises(SystemExit) as info:
@@ -273,7 +273,7 @@ def test_unusual_modes_keep_their_gradient(case, tmp_path):
 def test_infer_folder_streams_images(tmp_path):
     """300 images listed and batched with file handles bounded (the old code held one per image)."""
     sys.path.insert(0, str(ROOT))
-    from infer import image_batches, image_files
+    from minivlm.cli.infer import image_batches, image_files
     for i in range(300):
         write_png(tmp_path / f"{i:03}.png")
     fds = lambda: len(list(Path("/proc/self/fd").iterdir()))  # noqa: E731

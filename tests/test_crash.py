@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import killed_run
-import train
+from minivlm.cli import train
 from conftest import ROOT
 from minivlm.checkpoint import latest_checkpoint
 

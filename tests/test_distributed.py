@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import ddp_worker
-import train
+from minivlm.cli import train
 from conftest import ROOT, tiny_config
 from minivlm.config import to_dict
 

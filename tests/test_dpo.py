@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import PaliGemmaForConditionalGeneration
 
-import train as train_cli
+from minivlm.cli import train as train_cli
 from conftest import ROOT, count_steps, crash_after_first_save, write_split
 from minivlm.objectives import dpo
 from minivlm.build import build, load_processor

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import infer
-import train
+from minivlm.cli import infer
+from minivlm.cli import train
 from conftest import ROOT, count_steps, write_split
 from minivlm.objectives import sft
 

@@ -11,7 +11,7 @@ from peft import PeftModel
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-import train
+from minivlm.cli import train
 from conftest import ROOT, tiny_config
 from tiny import ARCHITECTURES
 from minivlm import export

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor
 
-import train
+from minivlm.cli import train
 from conftest import ROOT, tiny_config, write_split
 from minivlm.build import build
 from minivlm.config import DataConfig

@@ -354,7 +354,7 @@ def test_a_reward_that_fails_mid_run_is_one_message_and_the_last_save_is_intact(
     """Through train.py: the evaluation before training calls the reward once, step 1 once and is saved,
     step 2's call returns None for its last completion: one error line naming the reward, the row and
     the completion, and the step-1 save loads."""
-    import train
+    from minivlm.cli import train
     from minivlm.checkpoint import latest_checkpoint, read_state
 
     monkeypatch.chdir(tmp_path)

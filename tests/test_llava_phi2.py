@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import infer
-import train
+from minivlm.cli import infer
+from minivlm.cli import train
 from conftest import ROOT, tiny_config
 from minivlm.build import build
 from minivlm.lora import LoRALinear

@@ -129,7 +129,7 @@ def test_dry_run_of_a_seed_config_reads_no_weights(monkeypatch, capsys):
     import safetensors.torch
     from transformers import PreTrainedModel
 
-    import train
+    from minivlm.cli import train
 
     def refuse(*args, **kwargs):
         raise AssertionError("--dry-run read weights")

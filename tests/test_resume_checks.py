@@ -13,7 +13,7 @@ import torch
 
 import minivlm.build
 import minivlm.loop
-import train
+from minivlm.cli import train
 from conftest import ROOT
 from minivlm.config import load_config, to_dict
 

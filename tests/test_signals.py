@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import train
+from minivlm.cli import train
 from conftest import ROOT, count_steps
 from minivlm.loop import StopSignal
 from minivlm.objectives import sft

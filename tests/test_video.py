@@ -243,7 +243,7 @@ def test_the_plan_counts_the_video_tokens_the_processor_makes(name, request, tmp
 def test_infer_answers_about_a_video_file_or_a_folder_of_frames(tiny_qwen2_5_vl, tmp_path):
     """infer.py --video: one sample, its video at the prompt's <video> marker, sampled by
     data.video_frames; a folder of frames the same; a marker count that does not fit is one line."""
-    import infer
+    from minivlm.cli import infer
 
     write_video(tmp_path / "clip.mp4", frames=8, fps=4)
     (tmp_path / "frames").mkdir()
