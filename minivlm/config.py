@@ -132,6 +132,11 @@ class TrainConfig:
     device: str = "auto"  # "auto" = cuda if available, else cpu
     max_new_tokens: int = 16
     max_nonfinite_steps: int = 10  # stop after this many consecutive steps with a NaN/inf loss
+    # Experiment trackers sent what log.jsonl gets (minivlm/trackers.py): any of "tensorboard",
+    # "wandb", "mlflow", "trackio"; each an optional extra, pip install 'minivlm[wandb]'.
+    report_to: list[str] = field(default_factory=list)
+    run_name: str = ""  # the trackers' name for this run; "" = output_dir's last part
+    project: str = "minivlm"  # the W&B / Trackio project, the MLflow experiment
 
 
 @dataclass
@@ -163,6 +168,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
+
+# train.report_to's choices: minivlm/trackers.py has one class each.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 # The training objectives, each a module minivlm/objectives/<name>.py: adding one is its file and
 # its name here. (The families' names are minivlm/models' own: families import nothing of minivlm.)
@@ -345,6 +353,10 @@ def validate(cfg: Config) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{key} = {_get(cfg, key)!r} {msg}")
+    for name in cfg.train.report_to:
+        if name not in TRACKERS:
+            raise ConfigError(f"train.report_to has {name!r}, which is not one of {list(TRACKERS)}"
+                              f"{_did_you_mean(name, TRACKERS)}")
     for key in ("lora.targets", "lora.skip", "lora.train_modules", "quant.skip"):
         _check_patterns(key, _get(cfg, key) or [])
     if cfg.train.objective == "grpo":
@@ -458,7 +470,7 @@ FREE_ON_RESUME = frozenset({
     "train.eval_every", "train.early_stopping_patience", "train.best_by", "train.init_from", "train.device",
     "train.max_new_tokens", "train.gradient_checkpointing", "train.max_nonfinite_steps",
     "data.eval_split", "data.eval_samples", "data.metric", "data.references_column", "data.clip_model",
-    "data.workers",
+    "data.workers", "train.report_to", "train.run_name", "train.project",
 })
 
 

@@ -24,6 +24,7 @@ from minivlm.data import references_of, to_rgb
 from minivlm.models.chat import Video, media_counts
 from minivlm.precision import autocast, model_inputs
 from minivlm.metrics import METRICS, clip_scores
+from minivlm.trackers import Trackers
 
 
 @torch.no_grad()
@@ -102,11 +103,14 @@ def show(when: str, scored: dict) -> None:
 
 
 def report(when: str, cfg: Config, built: Built, ds: datasets.Dataset, objective: ModuleType,
-           state) -> tuple[dict[str, float], dict[str, float]]:
-    """`scores` before or after training, printed with a few answers and the objective's line; returns
-    (the scores, as the loop logs them; metrics.json's `<name>_<when>` entries)."""
+           state, trackers: Trackers | None = None, step: int = 0) -> tuple[dict[str, float], dict[str, float]]:
+    """`scores` before or after training, printed with a few answers (and sent to `trackers`, as at
+    `step`) and the objective's line; returns (the scores, as the loop logs them; metrics.json's
+    `<name>_<when>` entries)."""
     answers = evaluate(cfg, built, ds)
     show(when, answers)
+    if trackers is not None:
+        trackers.samples(step, answers)
     figures = scores(cfg, built, ds, objective, state, answers)
     return figures, {f"{cfg.data.metric}_{when}": answers["score"], **objective.report(when, figures)}
 

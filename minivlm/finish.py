@@ -64,17 +64,19 @@ def write_results(cfg: Config, args: argparse.Namespace, metrics: dict, objectiv
     print(f"wrote {out} and {plot_run(cfg.train.output_dir, plotted, title, objective.CURVE, objective.SHARES)}")
 
 
-def measured_before(cfg: Config, built, eval_ds, objective: ModuleType, state, fresh: bool) -> dict:
+def measured_before(cfg: Config, built, eval_ds, objective: ModuleType, state, fresh: bool,
+                    trackers=None) -> dict:
     """The run as it was before training: <output_dir>/before.json, measured once per run (the
     evaluation takes minutes on a real model) and read back by every --resume. A fresh run
-    measures anew, whatever an earlier run left there."""
+    measures anew, whatever an earlier run left there, and sends its answers to `trackers`."""
     from minivlm.checkpoint import write_atomic
     from minivlm.evaluate import report
 
     path = Path(cfg.train.output_dir) / "before.json"
     if not fresh and path.is_file():
         return json.loads(path.read_text())
-    figures, entries = report("before", cfg, built, eval_ds, objective, state) if eval_ds is not None else ({}, {})
+    figures, entries = report("before", cfg, built, eval_ds, objective, state, trackers) \
+        if eval_ds is not None else ({}, {})
     start = {"trainable_params": built.trainable_params, "total_params": built.total_params,
              "figures": figures, "entries": entries}
     if distributed.is_main():

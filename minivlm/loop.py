@@ -29,14 +29,14 @@ import datasets
 import torch
 from tqdm import tqdm
 
-from minivlm import distributed, steps
+from minivlm import distributed, evaluate, steps
 from minivlm.build import Built
 from minivlm.checkpoint import load_adapter, load_training_state, recover, save_checkpoint, write_atomic
 from minivlm.config import Config, to_dict
 from minivlm.data import record_skipped
-from minivlm.evaluate import scores
 from minivlm.lora import logical_numel
 from minivlm.optim import build_optimizer, lr_at
+from minivlm.trackers import Trackers
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) of the SXM data-centre parts, for MFU (a PCIe H100 peaks
@@ -134,11 +134,13 @@ class Run:
     """What training changes as it goes: the optimizer and its GradScaler, the step, the last loss,
     the loop's `state` saved with every checkpoint (the best so far, the evaluations since it and,
     reading a stream, where the next step starts), the step log and the saves. The objective's
-    state (its setup's) is saved and restored too where it has a state_dict (GRPO's sampled batch)."""
+    state (its setup's) is saved and restored too where it has a state_dict (GRPO's sampled batch).
+    What the log gets, train.report_to's trackers get too."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, resume: str | Path | None,
-                 objective_state=None):
+                 objective_state=None, trackers: Trackers | None = None):
         t, self.cfg, self.model = cfg.train, cfg, model
+        self.trackers = trackers or Trackers()
         self.carried = objective_state if hasattr(objective_state, "state_dict") else None
         self.out, self.main = Path(t.output_dir), distributed.is_main()
         self.optimizer = build_optimizer(model, t)
@@ -169,6 +171,7 @@ class Run:
     def write(self, record: dict) -> None:
         self.log.write(json.dumps(record) + "\n")
         self.log.flush()
+        self.trackers.log(record)
 
     def save(self, step: int, best: bool = False) -> None:
         """One directory per step, however many reasons there are to save it (best, save_every, the end)."""
@@ -250,13 +253,16 @@ NAMES = {"val_loss": "validation loss", "val_reward": "held-out reward"}  # as t
 
 def evaluate_and_keep_best(cfg: Config, built: Built, objective: ModuleType, state, ds: datasets.Dataset, run: Run,
                            bar: tqdm) -> bool:
-    """Score the eval split (evaluate.scores) and log it; save a new best (train.best_by); return whether
+    """Score the eval split (evaluate.scores) and log it, its first answers to the trackers; save a new
+    best (train.best_by); return whether
     train.early_stopping_patience evaluations have gone by without one."""
     t = cfg.train
     # Generation puts the model in eval mode without grad: the moment bitsandbytes would repack
     # 4-bit weights on some CPUs, which quant.py turns off so training can go on.
-    record = {"step": run.step, **scores(cfg, built, ds, objective, state)}
+    answers = evaluate.evaluate(cfg, built, ds)
+    record = {"step": run.step, **evaluate.scores(cfg, built, ds, objective, state, answers)}
     run.write(record)
+    run.trackers.samples(run.step, answers)
     shown = [objective.CURVE[1], cfg.data.metric, *([objective.PLOTTED] if objective.PLOTTED else [])]
     run.shown = {k: f"{v:.4f}" for k, v in record.items() if k in shown}
     bar.write(f"step {run.step}: " + ", ".join(f"{NAMES.get(k, k.replace('_', ' '))} {record[k]:.4f}" for k in shown))
@@ -282,7 +288,7 @@ def best_figure(state: dict, best_by: str) -> float:
 
 def train(cfg: Config, built: Built, objective: ModuleType, train_ds: datasets.Dataset | datasets.IterableDataset,
           eval_ds: datasets.Dataset | None = None, resume: str | Path | None = None, before: dict | None = None,
-          state=None) -> dict:
+          state=None, trackers: Trackers | None = None) -> dict:
     """Train the adapters of `built.model` on `train_ds` with `objective` (a minivlm/objectives module;
     `state`: its setup's, made here if not given); write checkpoints and a JSONL log to output_dir.
 
@@ -290,7 +296,8 @@ def train(cfg: Config, built: Built, objective: ModuleType, train_ds: datasets.D
     the end and at each new best; `last` points at the newest, `best` at the best. With
     train.eval_every, the eval split is scored every that many steps (evaluate_and_keep_best); a
     fresh run logs `before` (the scores before training, which train.py has measured) as step 0,
-    so curves start where training did. NaN/inf steps are skipped (Run.skipped). SIGTERM or SIGINT
+    so curves start where training did. What the log gets goes to `trackers` too (train.report_to's,
+    opened by train.py). NaN/inf steps are skipped (Run.skipped). SIGTERM or SIGINT
     (StopSignal) ends the run after the current step, saved like the end. Returns {"step",
     "loss", "train_seconds", "best_<best_by>", "stopped_early", "signal"}.
     """
@@ -298,7 +305,7 @@ def train(cfg: Config, built: Built, objective: ModuleType, train_ds: datasets.D
     world = distributed.world_size()
     state = objective.setup(cfg, built) if state is None else state
     total = steps.total_steps(t, train_ds, world, objective.iterations(cfg))
-    run = Run(cfg, model, device, resume, state)
+    run = Run(cfg, model, device, resume, state, trackers)
     if run.start == 0 and t.eval_every and eval_ds is not None and before is not None:
         run.write({"step": 0, **before})
     # Under torchrun the training forward goes through DDP (or FSDP); checkpoints and generation use

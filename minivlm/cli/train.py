@@ -144,13 +144,12 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     from minivlm import distributed
     from minivlm.build import build, load_processor, pick_device
     from minivlm.checkpoint import load_adapter
-    from minivlm.data import load_scored, load_split, skipped_rows, warn_unknown_answers
-    from minivlm.evaluate import report
-    from minivlm.finish import complete, measured_before, shown, trained_figures, trained_out, write_results
-    from minivlm.loop import NonFiniteLoss, train
+    from minivlm.data import load_scored, load_split, warn_unknown_answers
+    from minivlm.finish import complete, shown, trained_out
     from minivlm.models import get_family
     from minivlm.objectives import get_objective
     from minivlm.steps import total_steps
+    from minivlm.trackers import check_installed, start as start_trackers
 
     objective = get_objective(cfg.train.objective)  # minivlm/objectives/: what a step optimizes
 
@@ -162,6 +161,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
             return {"dry_run": True, "total_bytes": plan.total()}
         # Everything that can go wrong before the model is read (minutes, for a big one).
         check_output_dir(cfg.train.output_dir)
+        check_installed(cfg.train.report_to)
         if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"train.device = {cfg.train.device!r} but this machine has no usable CUDA GPU "
                               "(torch.cuda.is_available() is False); set train.device = \"cpu\" or \"auto\"")
@@ -200,11 +200,32 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     print(f"{len(built.quantized)} linears in 4-bit, {len(built.adapted)} with LoRA; trainable params "
           f"{built.trainable_params:,} of {built.total_params:,} ({100 * built.trainable_params / built.total_params:.2f}%)")
 
+    try:  # train.report_to's trackers (rank 0's), closed however the run ends: a resume reopens them
+        tracking = start_trackers(cfg, resumed_at=meta["step"] if meta else None, main=distributed.is_main())
+    except ConfigError as e:
+        fail(str(e))
+    with tracking as tracked:
+        metrics = train_and_end(cfg, args, built, objective, state, train_ds, eval_ds, resume, tracked)
+    distributed.close()
+    return metrics
+
+
+def train_and_end(cfg: Config, args: argparse.Namespace, built, objective, state, train_ds, eval_ds,
+                  resume: Path | None, tracked) -> dict:
+    """The scores before training, training, the scores after it and the run's end (metrics.json,
+    curves.png), each sent to the trackers too; returns metrics.json's figures."""
+    from minivlm import distributed
+    from minivlm.data import skipped_rows
+    from minivlm.evaluate import report
+    from minivlm.finish import measured_before, trained_figures, write_results
+    from minivlm.loop import NonFiniteLoss, train
+
     try:
-        start = measured_before(cfg, built, eval_ds, objective, state, fresh=resume is None)
+        start = measured_before(cfg, built, eval_ds, objective, state, fresh=resume is None,
+                                trackers=tracked)
         metrics = {"trainable_params": built.trainable_params, "total_params": built.total_params, **start["entries"]}
         result = train(cfg, built, objective, train_ds, eval_ds=eval_ds, resume=resume,
-                       before=start["figures"] or None, state=state)
+                       before=start["figures"] or None, state=state, trackers=tracked)
     except NonFiniteLoss as e:
         fail(str(e))
     # data.on_bad_sample = "fail" met a bad row, or a GRPO reward failed (rewards.RewardError): the
@@ -223,11 +244,11 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         sys.exit(128 + result["signal"])  # the shell's convention for "ended by signal N"
     metrics.update(trained_figures(cfg, result))
     if eval_ds is not None:
-        metrics.update(report("after", cfg, built, eval_ds, objective, state)[1])
+        metrics.update(report("after", cfg, built, eval_ds, objective, state, tracked, result["step"])[1])
         print(f"training took {result['train_seconds']:.0f}s")
     if distributed.is_main():  # every rank scored the same gathered answers; rank 0 writes
         write_results(cfg, args, metrics, objective, eval_ds is not None)
-    distributed.close()
+        tracked.end(result["step"], cfg.train.output_dir)
     return metrics
 
 
