@@ -254,8 +254,8 @@ NAMES = {"val_loss": "validation loss", "val_reward": "held-out reward"}  # as t
 def evaluate_and_keep_best(cfg: Config, built: Built, objective: ModuleType, state, ds: datasets.Dataset, run: Run,
                            bar: tqdm) -> bool:
     """Score the eval split (evaluate.scores) and log it, its first answers to the trackers; save a new
-    best (train.best_by); return whether
-    train.early_stopping_patience evaluations have gone by without one."""
+    best (train.best_by); return whether train.early_stopping_patience evaluations have gone by
+    without one."""
     t = cfg.train
     # Generation puts the model in eval mode without grad: the moment bitsandbytes would repack
     # 4-bit weights on some CPUs, which quant.py turns off so training can go on.
