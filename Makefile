@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test mutants base data digits prefs dpo-demo grpo-data grpo-demo pairs-data pairs-demo video-data video-demo bench walkthrough readme-check venv clean
+.PHONY: browser demo test mutants base data digits prefs dpo-demo grpo-data grpo-demo pairs-data pairs-demo video-data video-demo bench walkthrough readme-check venv clean
 
 venv: $(STAMP)
 # torch first, on its own, as pinned in pyproject.toml: on this machine's index, the CPU wheel. Then
@@ -89,8 +89,15 @@ video-demo: base/tiny-qwen2_5_vl/config.json video-data
 	rm -rf runs/video-demo
 	$(PY) train.py --config configs/video_demo.toml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
+
+# tests/test_web.py drives the web page in a real browser: Debian's Chromium (Playwright cannot
+# download its own browsers without the network), installed here where it is missing.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  chromium >/dev/null) || (echo "make: tests/test_web.py needs Chromium; install Debian's package: sudo apt-get \
+	install chromium" >&2; exit 1)
 
 # Break the core one small way at a time and check that the tests notice (tests/mutants.py, about
 # 15 minutes; not part of CI: run it before a restructuring and after).
