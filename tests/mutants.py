@@ -52,6 +52,8 @@ def m(name: str, file: str, old: str, new: str, *tests: str, why: str = "") -> M
 LORA, QUANT, LOOP, OPTIM, CKPT, SFT, DPO, METRICS = (f"minivlm/{f}.py" for f in (
     "lora", "quant", "loop", "optim", "checkpoint", "objectives/sft", "objectives/dpo", "metrics"))
 
+TRACKED = "test_every_tracker_gets_the_log_the_samples_and_the_end_and_a_resume_continues_its_run"
+
 MUTANTS = [
     # LoRA: the adapter's math, its dropout, merge, what is frozen and trained.
     m("lora.scale", LORA, "if rslora else alpha / r  #", "if rslora else alpha / r / 2  #", "test_lora.py"),
@@ -408,6 +410,18 @@ MUTANTS = [
       "    expanded = {key: torch.cat([value] * group) for key, value in inputs.items()}",
       "    expanded = {key: value.repeat_interleave(group, 0) for key, value in inputs.items()}",
       "test_grpo.py::test_two_image_prompts_are_sampled_once_and_scored_token_for_token"),
+    # Trackers and the package.
+    *(m(f"trackers.{name}", "minivlm/trackers.py", old, new, f"test_trackers.py::{TRACKED}") for name, old, new in [
+        ("stale-steps-kept", "purge_step=None if resumed_at is None else resumed_at + 1", "purge_step=None"),
+        ("trackio-run-not-reopened", 'resume="never" if resumed_at is None else "allow"', 'resume="never"'),
+        ("run-ids-forgotten", "if resumed_at is not None and path.is_file() else {}", "if False else {}")]),
+    m("trackers.no-samples-at-evaluations", LOOP, "    run.trackers.samples(run.step, answers)\n", "",
+      f"test_trackers.py::{TRACKED}"),
+    m("trackers.no-end", "minivlm/cli/train.py", '        tracked.end(result["step"], cfg.train.output_dir)\n', "",
+      f"test_trackers.py::{TRACKED}"),
+    m("package.exit-with-figures", "pyproject.toml", 'minivlm-train = "minivlm.cli:train"',
+      'minivlm-train = "minivlm.cli.train:main"',
+      "test_package.py::test_pip_install_puts_the_commands_on_the_path_and_they_train_outside_the_repository"),
 ]
 
 
