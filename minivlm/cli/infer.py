@@ -6,12 +6,14 @@
     python infer.py ... --image a.png b.png --prompt "<image> or <image>: which is red"  # one sample, two images
     python infer.py ... --video clip.mp4 --prompt "what happens"                   # a video (or a folder of frames)
     python infer.py ... --split test --eval --out answers.jsonl                 # a split of data.dataset
+    python infer.py ... --web                      # a page on http://127.0.0.1:7860: base and fine-tuned side by side
 
 --prompt is the question; it goes through data.prompt_template. Several --image files are one
 sample's images, placed at the prompt's <image> markers (or all before it); --video adds a video to that
 sample (after its images), sampled by data.video_frames / data.video_fps. With --split, the questions
 and references come from the dataset, and --eval prints data.metric. --out writes one JSON
-line per answer.
+line per answer. --web (pip install 'minivlm[web]') serves a page instead (minivlm/web.py): its questions
+are asked there, its examples come from --split (default data.eval_split).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 # Only light imports up here: torch, transformers and datasets take seconds, and --help or a
 # mistake in the arguments or config should answer at once. They are imported in main().
 from minivlm import plain_warnings
-from minivlm.config import ConfigError, check_output_path, load_config
+from minivlm.config import Config, ConfigError, check_output_path, load_config
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 BATCH_SIZE = 16
@@ -59,6 +61,16 @@ def image_batches(files: list[Path], batch_size: int = BATCH_SIZE) -> Iterator[l
             yield batch
 
 
+def prompt_for(cfg: Config, question: str) -> str:
+    """The question through data.prompt_template, or a ConfigError if the template reads other columns."""
+    from minivlm.data import prompt_of
+    try:
+        return prompt_of(cfg.data, {cfg.data.question_column: question})
+    except KeyError as e:
+        raise ConfigError(f"data.prompt_template reads column {e} that a single question cannot fill; "
+                          "override it, e.g. --set data.prompt_template='{question}'") from None
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
@@ -72,11 +84,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--eval", action="store_true", help="with --split: print data.metric against the references")
     ap.add_argument("--out", help="write the answers as JSONL here")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--web", action="store_true", help="serve a page that asks the base model and --checkpoint side "
+                    "by side (needs gradio: pip install 'minivlm[web]')")
+    ap.add_argument("--host", default="127.0.0.1", help="with --web: the address to serve on (0.0.0.0: every "
+                    "interface, open to the network)")
+    ap.add_argument("--port", type=int, default=7860, help="with --web: the port to serve on")
     args = ap.parse_args(argv)
     plain_warnings()
     asked = bool(args.image or args.video)  # a question of our own, not the dataset's
     try:
-        if asked == bool(args.split):
+        if args.web:
+            if not args.checkpoint:
+                raise ConfigError("--web shows the base model beside a trained adapter: give --checkpoint")
+            if asked or args.prompt or args.eval or args.out:
+                raise ConfigError("--web takes its image and question on the page: drop --image, --video, --prompt, "
+                                  "--eval and --out")
+        elif asked == bool(args.split):
             raise ConfigError("give --image and/or --video with --prompt, or --split")
         if asked and not args.prompt:
             raise ConfigError(f"{'--image' if args.image else '--video'} needs --prompt, the question to ask")
@@ -85,6 +108,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.out:
             check_output_path(args.out, "--out", directory=False)
         cfg = load_config(args.config, args.set)
+        if args.web:  # before the seconds a model takes to load, as every check here
+            try:
+                from minivlm import web
+            except ModuleNotFoundError as e:
+                if e.name != "gradio":
+                    raise
+                raise ConfigError("--web needs gradio: pip install 'minivlm[web]'") from None
+            prompt_for(cfg, "")  # the page's questions go through data.prompt_template too
+            split = args.split or cfg.data.eval_split
+            rows = web.examples(cfg, split) if split else []
         files = [f for name in args.image or [] for f in image_files(Path(name))]
         # several files, or a video: one sample; a folder: a sample each
         together = len(args.image or []) > 1 or bool(args.video)
@@ -92,7 +125,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cfg.data.video_column = cfg.data.video_column or "video"  # the family is asked whether it reads video
         from minivlm.build import build
         from minivlm.checkpoint import load_adapter, write_atomic
-        from minivlm.data import load_scored, prompt_of, read_image, video_of
+        from minivlm.data import load_scored, read_image, video_of
         from minivlm.evaluate import answer, evaluate
         from minivlm.models.chat import IMAGE, VIDEO
         if asked:
@@ -104,21 +137,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     raise ConfigError(f"--video {args.video} not found")
                 images.append(video_of(cfg.data, {cfg.data.video_column: image_files(video) if video.is_dir()
                                                   else str(video)}))
-            try:
-                prompt = prompt_of(cfg.data, {cfg.data.question_column: args.prompt})
-            except KeyError as e:
-                raise ConfigError(f"data.prompt_template reads column {e} that a single question cannot fill; "
-                                  "override it, e.g. --set data.prompt_template='{question}'") from None
+            prompt = prompt_for(cfg, args.prompt)
             marked = prompt.count(IMAGE)
             if marked not in (0, len(files) if together else 1) or prompt.count(VIDEO) not in (0, bool(args.video)):
                 raise ConfigError(f"the prompt has {marked} {IMAGE} and {prompt.count(VIDEO)} {VIDEO} marker(s) for "
                                   f"{len(files) if together else 1} image(s) and {int(bool(args.video))} video per "
                                   "sample: mark each, or none (all go before the prompt)")
-        else:
+        elif not args.web:
             ds = load_scored(cfg.data, args.split)
         built = build(cfg)
         if args.checkpoint:
             load_adapter(args.checkpoint, built.model)
+        if args.web:
+            web.serve(cfg, built, args.checkpoint, rows, args.host, args.port)  # until Ctrl-C
+            return []
     except (ConfigError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
 
