@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import httpx2
 import torch
-from huggingface_hub import constants, try_to_load_from_cache
+from huggingface_hub import constants, get_session, try_to_load_from_cache
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -44,13 +46,49 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def is_hub_id(name_or_path: str) -> bool:
+    """Whether from_pretrained would take `name_or_path` for a hub id: it takes whatever is not an
+    existing path for one, but a hub id is "name" or "owner/name", so ./x, /x, ~/x and a/b/c can
+    only be paths (mistyped ones)."""
+    return (bool(name_or_path) and not Path(name_or_path).expanduser().exists()
+            and not name_or_path.startswith((".", "/", "~")) and name_or_path.count("/") <= 1)
+
+
+# Why this process reads the hub from its local cache only, once hub_offline_reason has probed it:
+# "" while the endpoint answered, else what went wrong.
+_probed: str | None = None
+
+
+def hub_offline_reason() -> str | None:
+    """Why hub files come from the local cache only ("HF_HUB_OFFLINE=1", or the endpoint that could
+    not be reached); None while the hub is in reach.
+
+    huggingface_hub asks for each file once and, when that cannot connect and the file is not
+    cached, five times more after waits of 1, 2, 4, 8 and 8 s: 23 s a file, and loading a
+    processor asks for six (152 s before a training run's error). Instead, the first call sends one
+    request to the endpoint (HF_ENDPOINT's, through the hub's own client: its proxies too) and, if
+    none connects, turns the process offline as HF_HUB_OFFLINE=1 does: cached files still load,
+    a missing one fails at once. Any HTTP answer, even an error, means the hub is in reach; then
+    its own retries stand, for a hub that answers 5xx is worth waiting for.
+    """
+    global _probed
+    if _probed is None and not constants.HF_HUB_OFFLINE:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+            _probed = ""
+        except httpx2.TransportError as e:  # no HTTP answer: refused, unresolved, timed out, cut off
+            _probed = f"{constants.ENDPOINT} cannot be reached: {type(e).__name__}: {str(e).rstrip('.')}"
+            constants.HF_HUB_OFFLINE = True  # read at each request by huggingface_hub and transformers
+    return (_probed or "HF_HUB_OFFLINE=1") if constants.HF_HUB_OFFLINE else None
+
+
 def check_model_source(name_or_path: str) -> None:
     """Fail at once, in one line, where loading the model would fail later, slowly or misleadingly.
 
     from_pretrained takes whatever is not an existing directory for a hub id: a mistyped path
     would be reported as a Hub or network problem. A hub id missing from the local cache needs
-    the network; offline (HF_HUB_OFFLINE=1, which the Makefile sets) that is known now, online
-    an unreachable Hub is retried for minutes before it fails.
+    the network: with none (HF_HUB_OFFLINE=1, which the Makefile sets, or a hub that cannot be
+    reached: hub_offline_reason) that is known now.
     """
     key = f"model.name_or_path = {name_or_path!r}"
     path = Path(name_or_path).expanduser()
@@ -60,23 +98,25 @@ def check_model_source(name_or_path: str) -> None:
         if not path.is_dir():
             raise ConfigError(f"{key} is a file; point it at the directory that holds config.json and the weights")
         return
-    # A hub id is "name" or "owner/name"; anything else (./x, /x, ~/x, a/b/c) can only be a path.
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    if not is_hub_id(name_or_path):
         raise ConfigError(f"{key}: not found: {path.absolute()}; point it at a directory holding a checkpoint "
                           "(config.json + *.safetensors)")
-    cached = isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
-    if not cached and constants.HF_HUB_OFFLINE:
+    offline = hub_offline_reason()
+    if offline is None:
+        return
+    if not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
         raise ConfigError(f"{key} is not a local directory, and this hub id is not in the Hugging Face cache "
-                          f"(HF_HUB_OFFLINE=1): download it once with network (hf download {name_or_path}) "
+                          f"({offline}): download it once with network (hf download {name_or_path}) "
                           "or point it at a local directory")
+    if _probed:  # offline since the probe, not by the user's HF_HUB_OFFLINE=1: say why
+        warnings.warn(f"{offline}; {name_or_path} is read from the Hugging Face cache")
 
 
 def _load_error(name_or_path: str, e: OSError) -> ConfigError:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return ConfigError(f"cannot load model.name_or_path = {name_or_path!r}: {first_line}; a local directory "
                        "needs config.json and the weights; a hub id must be downloaded first "
-                       f"(hf download {name_or_path}), and HF_HUB_OFFLINE=1 makes a missing one fail at once "
-                       "instead of after minutes of retries")
+                       f"(hf download {name_or_path})")
 
 
 def load_processor(cfg: Config) -> object:

@@ -91,10 +91,11 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
 from minivlm.batches import check_images, check_video
-from minivlm.build import DTYPES
+from minivlm.build import DTYPES, check_model_source, is_hub_id
 from minivlm.config import Config, ConfigError
 from minivlm.distributed import layer_class_names
 from minivlm.models import Layout, get_family, per_sample, processor
@@ -107,6 +108,9 @@ OPTIM_BLOCK = 256  # values per 8-bit optimizer-state block
 OPTIM_MIN_8BIT = 4096  # bitsandbytes keeps smaller tensors' optimizer state in 32 bits
 CUDA_CONTEXT = int(0.5 * GiB)
 HOST_RUNTIME = 2 * GiB
+# The config.json of the seed recipes' models (configs/real/README.md), where the repository is
+# checked out beside this package; an installed package has none, and so no copies to plan from.
+REAL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "real"
 
 
 def nf4_bytes(numel: int, double_quant: bool) -> int:
@@ -163,6 +167,7 @@ class Plan:
     largest_adapted: int = 0  # in × out of the largest adapted linear
     notes: list[str] = field(default_factory=list)
     tokens: str = ""  # how the sequence length and image tokens were counted
+    config_note: str = ""  # says so where a copy of the config stood in (planning_source)
 
     @property
     def weights(self) -> int:
@@ -188,15 +193,40 @@ class Plan:
 # The model on the meta device
 
 
-def meta_model(cfg: Config, family: ModuleType) -> nn.Module:
-    """The family's model with every tensor on the meta device, from config.json only."""
+def planning_source(name_or_path: str) -> tuple[str, str]:
+    """Where the planner reads model.name_or_path's config.json: a local directory as it is; a hub
+    id's files in the Hugging Face cache (its snapshot directory, so no request goes out to ask if
+    they are current); else its copy in configs/real/, by the id's last part
+    (google/paligemma-3b-pt-224 -> configs/real/paligemma-3b-pt-224), also without a request; else
+    the hub. Returns (directory or hub id, "" or a note saying a copy stands in)."""
+    if not is_hub_id(name_or_path):
+        return name_or_path, ""
+    cached = try_to_load_from_cache(name_or_path, "config.json")
+    if isinstance(cached, str):
+        return str(Path(cached).parent), ""
+    copy = REAL_CONFIGS / name_or_path.rpartition("/")[2]
+    if not copy.is_dir():
+        return name_or_path, ""
+    shown = copy.relative_to(Path.cwd()) if copy.is_relative_to(Path.cwd()) else copy
+    return str(copy), f"planning from {shown}/, a copy of {name_or_path}'s config (no download)"
+
+
+def meta_model(cfg: Config, family: ModuleType, source: str) -> nn.Module:
+    """The family's model with every tensor on the meta device, from the config.json at `source`
+    (planning_source) only."""
+    elsewhere = "configs/real/ holds the config.json of the seed recipes' models"
+    try:
+        check_model_source(source)  # a mistyped path, or a hub id out of reach: said at once
+    except ConfigError as e:
+        raise ConfigError(f"{e} ({elsewhere})") from None
     try:
         with torch.device("meta"):
-            return family.skeleton(cfg.model.name_or_path, DTYPES[cfg.model.dtype])
+            return family.skeleton(source, DTYPES[cfg.model.dtype])
     except OSError as e:
+        first_line = str(e).strip().splitlines()[0]
         raise ConfigError(f"--dry-run reads only config.json, and cannot for model.name_or_path = "
-                          f"{cfg.model.name_or_path!r}: {e}\nPoint it at a directory with the checkpoint's config.json "
-                          "(configs/real/ holds those of the seed recipes' models)") from None
+                          f"{cfg.model.name_or_path!r}: {first_line}; point it at a directory with the checkpoint's "
+                          f"config.json ({elsewhere})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,11 +303,18 @@ def _preprocessor(path: str) -> dict:
     return processor.call_settings(saved, saved.get("processor_class") or outer.get("processor_class"))
 
 
+def _attention_widths(tc) -> tuple[int, int]:
+    """(q, kv): the widths of the queries and of the keys (or values), heads × head_dim. A decoder
+    without grouped-query attention (IDEFICS's LLaMA) has no num_key_value_heads: as many as queries."""
+    heads = tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    return heads * head_dim, getattr(tc, "num_key_value_heads", heads) * head_dim
+
+
 def _per_token_layer_bytes(tc, e: int, cfg: Config) -> int:
     """Bytes one decoder layer keeps for backward, per token (see the module docstring)."""
     h, i, heads = tc.hidden_size, tc.intermediate_size, tc.num_attention_heads
-    head_dim = getattr(tc, "head_dim", None) or h // heads
-    q, kv = heads * head_dim, getattr(tc, "num_key_value_heads", heads) * head_dim
+    q, kv = _attention_widths(tc)
     # (the tensor each adapter reads, its width), in q, k, v, o, (gate,) up, down order; and the
     # width each writes.
     if tc.model_type == "phi":  # one LayerNorm, attention and MLP in parallel on its output
@@ -323,7 +360,7 @@ def _activation_terms(plan: Plan, layout: Layout, cfg: Config, largest_q: int, a
     # Cross-attention to vision states: the projected states and the text × vision mask once, and
     # each reading layer's keys and values, with k_norm's fp32 copy of the keys (under
     # checkpointing, one layer's at a time).
-    kv = tc.num_key_value_heads * (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
+    kv = _attention_widths(tc)[1]
     cross_kv = 0  # one reading layer's keys and values
     if layout.vision_states:
         cross_kv = B * layout.vision_states * (2 * e * kv + 4 * kv)
@@ -352,20 +389,21 @@ def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1, rows_per_s
     the rows one sample puts through the forward (DPO's chosen and rejected; GRPO's completions),
     `answer_tokens` a row's loss is taken on, and whether its rows are `sampled` first (GRPO)."""
     family = get_family(cfg.model.family)
-    model = meta_model(cfg, family)
+    source, note = planning_source(cfg.model.name_or_path)
+    model = meta_model(cfg, family, source)
     plan = Plan(model=cfg.model.name_or_path, gradient_checkpointing=cfg.train.gradient_checkpointing,
-                ranks=ranks, fsdp=cfg.train.fsdp)
+                ranks=ranks, fsdp=cfg.train.fsdp, config_note=note)
     largest_q, _ = _weight_terms(plan, model, cfg, family)
     # The checkpoint's preprocessor_config.json, with model.processor's resolution keys on top: the
     # image processor the run builds (models/processor.py).
     check_images(family, cfg.data.max_images, "data.max_images is")
     check_video(family, cfg)
-    preprocessor = _preprocessor(cfg.model.name_or_path)
+    preprocessor = _preprocessor(source)
     layout = per_sample(family.layout(model, {**preprocessor, **cfg.model.processor}), cfg.data.max_images)
     if cfg.data.video_column:
         # The video processor's settings as the run builds it: the images', the checkpoint's video
         # config over them, model.video_processor's keys over both (models/processor.py).
-        video = {**preprocessor, **processor.saved_video_config(cfg.model.name_or_path), **cfg.model.video_processor}
+        video = {**preprocessor, **processor.saved_video_config(source), **cfg.model.video_processor}
         tokens, patches, how = family.video_tokens(model, video, cfg.data.video_frames)
         layout = dataclasses.replace(layout, image_tokens=layout.image_tokens + tokens, video_patches=patches,
                                      how=f"{layout.how}; {how}")
@@ -392,6 +430,7 @@ def format_plan(plan: Plan, gpu_memory: int | None = None) -> str:
                                       else f", per GPU of {plan.ranks}: all replicated (DDP)")
     lines = [
         f"memory plan for {plan.model} (meta device: no weights read{per})",
+        *([f"  note: {plan.config_note}"] if plan.config_note else []),
         f"  {plan.tokens}",
         f"  4-bit weights     {gib(plan.quant_bytes)}  {plan.quantized} linears, {plan.quant_params:,} params, "
         f"NF4 + absmax (~0.52 byte/param)",
