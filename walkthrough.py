@@ -24,24 +24,38 @@ import tempfile
 import time
 from pathlib import Path
 
-import bitsandbytes as bnb
-import torch
 
-from minivlm import plain_warnings
-from minivlm.build import DTYPES, Built, build
-from minivlm.checkpoint import rng_state, save_checkpoint, set_rng_state
-from minivlm.config import Config, ConfigError, load_config, to_dict
-from minivlm.batches import answer_positions
-from minivlm.data import load_split
-from minivlm.steps import total_steps, train_loader
-from minivlm.load import float_weights
-from minivlm.lora import DoRALinear, logical_numel
-from minivlm.lora_init import loftq, nf4_roundtrip, olora, pissa
-from minivlm.modules import matches
-from minivlm.objectives.sft import answer_loss_sum, answer_tokens, backward_window
-from minivlm.optim import build_optimizer, lr_at
-from minivlm.precision import autocast, logits_of
-from minivlm.reference import adam8bit, nf4
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/demo.toml")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value, e.g. --set model.name_or_path=base/other")
+    return ap.parse_args(argv)
+
+
+# Run as a script, the arguments are read before the imports below (torch, transformers and
+# bitsandbytes: seconds), so that --help and a mistyped option answer at once; main() reads them again.
+if __name__ == "__main__":
+    parse_args()
+
+import bitsandbytes as bnb  # noqa: E402
+import torch  # noqa: E402
+
+from minivlm import plain_warnings  # noqa: E402
+from minivlm.build import DTYPES, Built, build  # noqa: E402
+from minivlm.checkpoint import rng_state, save_checkpoint, set_rng_state  # noqa: E402
+from minivlm.config import Config, ConfigError, load_config, to_dict  # noqa: E402
+from minivlm.batches import answer_positions  # noqa: E402
+from minivlm.data import load_split  # noqa: E402
+from minivlm.steps import total_steps, train_loader  # noqa: E402
+from minivlm.load import float_weights  # noqa: E402
+from minivlm.lora import DoRALinear, logical_numel  # noqa: E402
+from minivlm.lora_init import loftq, nf4_roundtrip, olora, pissa  # noqa: E402
+from minivlm.modules import matches  # noqa: E402
+from minivlm.objectives.sft import answer_loss_sum, answer_tokens, backward_window  # noqa: E402
+from minivlm.optim import build_optimizer, lr_at  # noqa: E402
+from minivlm.precision import autocast, logits_of  # noqa: E402
+from minivlm.reference import adam8bit, nf4  # noqa: E402
 
 # The titles of docs/qlora.md's sections, in order; tests/test_walkthrough.py checks that the two agree.
 STAGES = ["Config", "Load", "Quantize", "Inject", "Processor and label mask", "Forward with autocast",
@@ -466,11 +480,7 @@ def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/demo.toml")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a config value, e.g. --set model.name_or_path=base/other")
-    args = ap.parse_args(argv)
+    args = parse_args(argv)
     plain_warnings()
     try:
         cfg = load_config(args.config, args.set)

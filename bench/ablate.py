@@ -22,7 +22,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import compare  # bench/compare.py: the model, the job, the hooks that time it
+
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
+    """This script's --variant flags, and the rest: compare.py's size and job flags."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", action="append", required=True, metavar="LABEL=[@REV][,KEY=VALUE...]")
+    return ap.parse_known_args()
+
+
+# Run as a script, the arguments are read before compare.py is imported (it imports torch: seconds),
+# so that --help answers at once; main() reads them again.
+if __name__ == "__main__":
+    parse_args()
+
+import compare  # noqa: E402  bench/compare.py: the model, the job, the hooks that time it
 
 
 def run_at(src: str | None, spec: dict) -> dict:
@@ -47,9 +60,7 @@ def parse_variant(text: str) -> tuple[str, str | None, list[str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", action="append", required=True, metavar="LABEL=[@REV][,KEY=VALUE...]")
-    ours, rest = ap.parse_known_args()
+    ours, rest = parse_args()
     args = compare.parse_args(rest)
     variants = [parse_variant(v) for v in ours.variant]
 

@@ -75,13 +75,10 @@ import time
 import zlib
 from pathlib import Path
 
-import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Kept unquantized on the PEFT side, as minivlm's paligemma family does. Full dotted prefixes:
 # transformers 5 matches llm_int8_skip_modules from the start of a module's name or as its suffix,
@@ -101,6 +98,59 @@ SIZE_FLAGS = (*MODEL_SIZES, "seed", "dtype")
 QUICK = dict(hidden=64, intermediate=256, layers=2, heads=2, kv_heads=1, head_dim=32, vocab=4096,
              vision_hidden=64, vision_intermediate=128, vision_layers=1, vision_heads=2, image_size=112,
              steps=4, batch_size=2, runs=1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = ap.add_argument_group("model (random weights, PaliGemma architecture)")
+    for name, default in MODEL_SIZES.items():
+        size.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+    job = ap.add_argument_group("training job")
+    job.add_argument("--steps", type=int, default=8, help="optimizer steps per run (>= 3)")
+    job.add_argument("--batch-size", type=int, default=4)
+    job.add_argument("--grad-accum", type=int, default=1)
+    job.add_argument("--lr", type=float, default=1e-3)
+    job.add_argument("--warmup", type=int, default=0, help="the sides' warmups differ (see above); 0 = aligned")
+    job.add_argument("--weight-decay", type=float, default=0.0)
+    job.add_argument("--max-grad-norm", type=float, default=1.0)
+    job.add_argument("--r", type=int, default=8)
+    job.add_argument("--alpha", type=float, default=16.0)
+    job.add_argument("--dropout", type=float, default=0.05)
+    job.add_argument("--dtype", choices=DTYPE_NAMES, help="weights and compute; bfloat16/float16 also turn on the "
+                     "matching autocast on both sides (default: bfloat16 on a CUDA GPU, else float32)")
+    job.add_argument("--seed", type=int, default=0)
+    job.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra minivlm config override, e.g. train.gradient_checkpointing=true (repeatable)")
+    run = ap.add_argument_group("bench")
+    job.add_argument("--workers", type=int, default=0, help="DataLoader worker processes, both sides")
+    run.add_argument("--runs", type=int, default=3, help="runs per side, alternating")
+    run.add_argument("--data", default="data/shapes-qa", help="the imagefolder `make data` writes")
+    run.add_argument("--tolerance", type=float, default=0.02, help="largest relative loss difference accepted")
+    run.add_argument("--out", default="bench/results")
+    run.add_argument("--quick", action="store_true", help="tiny sizes, few steps, one run: a smoke test")
+    args = ap.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            if getattr(args, k) == ap.get_default(k):
+                setattr(args, k, v)
+    if args.steps < 3:
+        ap.error("--steps must be >= 3: steady-state timing starts after step 2")
+    if args.dtype is None:
+        import torch
+        args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    return args
+
+
+# Run as a script, the arguments are read before the imports below (torch: seconds), so that --help
+# and a mistyped option answer at once; main() reads them again. (The spawned runs import this file
+# under another name, and skip this.)
+if __name__ == "__main__":
+    parse_args()
+
+import torch  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,44 +509,6 @@ def markdown(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    size = ap.add_argument_group("model (random weights, PaliGemma architecture)")
-    for name, default in MODEL_SIZES.items():
-        size.add_argument("--" + name.replace("_", "-"), type=int, default=default)
-    job = ap.add_argument_group("training job")
-    job.add_argument("--steps", type=int, default=8, help="optimizer steps per run (>= 3)")
-    job.add_argument("--batch-size", type=int, default=4)
-    job.add_argument("--grad-accum", type=int, default=1)
-    job.add_argument("--lr", type=float, default=1e-3)
-    job.add_argument("--warmup", type=int, default=0, help="the sides' warmups differ (see above); 0 = aligned")
-    job.add_argument("--weight-decay", type=float, default=0.0)
-    job.add_argument("--max-grad-norm", type=float, default=1.0)
-    job.add_argument("--r", type=int, default=8)
-    job.add_argument("--alpha", type=float, default=16.0)
-    job.add_argument("--dropout", type=float, default=0.05)
-    job.add_argument("--dtype", choices=list(DTYPES), default="bfloat16" if torch.cuda.is_available() else "float32",
-                     help="weights and compute; bfloat16/float16 also turn on the matching autocast on both sides")
-    job.add_argument("--seed", type=int, default=0)
-    job.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="extra minivlm config override, e.g. train.gradient_checkpointing=true (repeatable)")
-    run = ap.add_argument_group("bench")
-    job.add_argument("--workers", type=int, default=0, help="DataLoader worker processes, both sides")
-    run.add_argument("--runs", type=int, default=3, help="runs per side, alternating")
-    run.add_argument("--data", default="data/shapes-qa", help="the imagefolder `make data` writes")
-    run.add_argument("--tolerance", type=float, default=0.02, help="largest relative loss difference accepted")
-    run.add_argument("--out", default="bench/results")
-    run.add_argument("--quick", action="store_true", help="tiny sizes, few steps, one run: a smoke test")
-    args = ap.parse_args(argv)
-    if args.quick:
-        for k, v in QUICK.items():
-            if getattr(args, k) == ap.get_default(k):
-                setattr(args, k, v)
-    if args.steps < 3:
-        ap.error("--steps must be >= 3: steady-state timing starts after step 2")
-    return args
 
 
 def data_order(n: int, args: argparse.Namespace) -> list[int]:

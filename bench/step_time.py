@@ -16,17 +16,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minivlm.build import build  # noqa: E402
-from minivlm.config import load_config  # noqa: E402
-from minivlm.data import load_split  # noqa: E402
-from minivlm.loop import train  # noqa: E402
-from minivlm.objectives import get_objective  # noqa: E402
 
 
 def measure(config: str, overrides: list[str], steps: int) -> dict:
+    # Imported here, in the process that measures: torch and transformers take seconds, and
+    # --help should not wait for them.
+    import torch
+
+    from minivlm.build import build
+    from minivlm.config import load_config
+    from minivlm.data import load_split
+    from minivlm.loop import train
+    from minivlm.objectives import get_objective
+
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(config, [*overrides, f"train.max_steps={steps}", f"train.output_dir={out}"])
         built = build(cfg)

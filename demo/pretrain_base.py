@@ -20,15 +20,34 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
-                          PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                          Qwen2_5_VLProcessor, SiglipVisionConfig)
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+# The bases this script builds (BASES, below, makes each one's processor and model), and their
+# pretraining steps (batch 32). The Qwen2.5-VL base learns more slowly: its loss was still falling
+# at 1500 steps (0.10 against PaliGemma's 0.03).
+STEPS = {"paligemma": 1500, "qwen2_5_vl": 2000}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=sorted(STEPS), default="paligemma")
+    ap.add_argument("--out", type=Path, default=None, help="default: base/tiny-<family>")
+    ap.add_argument("--steps", type=int, default=None, help="default: the family's (STEPS)")
+    return ap.parse_args(argv)
+
+
+# Run as a script, the arguments are read before the imports below (torch and transformers:
+# seconds), so that --help and a mistyped option answer at once; the end of the file reads them again.
+if __name__ == "__main__":
+    parse_args()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration,  # noqa: E402
+                          PaliGemmaProcessor, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, SiglipVisionConfig)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from demo.shapes import CAPTION_PROMPTS, COLORS, POSITIONS, QUESTIONS, SHAPES, SIZE, caption, sample  # noqa: E402
@@ -161,9 +180,8 @@ def varied_size(image: Image.Image, rng: random.Random) -> Image.Image:
     return image.resize((rng.choice([32, 48, 64]), rng.choice([32, 48, 64])), Image.BILINEAR)
 
 
-# Each base: its processor, its model, and its pretraining steps (batch 32). The Qwen2.5-VL base
-# learns more slowly: its loss was still falling at 1500 steps (0.10 against PaliGemma's 0.03).
-BASES = {"paligemma": (make_processor, make_model, 1500), "qwen2_5_vl": (make_qwen_processor, make_qwen_model, 2000)}
+# How each base of STEPS is made: its processor, and its model from that processor.
+BASES = {"paligemma": (make_processor, make_model), "qwen2_5_vl": (make_qwen_processor, make_qwen_model)}
 
 
 def pretraining_sample(rng: random.Random) -> tuple[Image.Image, str, str]:
@@ -188,7 +206,7 @@ def pretrain(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed
              family: str = "paligemma") -> None:
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    make_processor_of, make_model_of, _ = BASES[family]
+    make_processor_of, make_model_of = BASES[family]
     fam = get_family(family)
     processor = make_processor_of()
     model = make_model_of(processor)
@@ -235,9 +253,5 @@ def caption_accuracy(model, family, processor, prompt: str, rng: random.Random, 
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", choices=sorted(BASES), default="paligemma")
-    ap.add_argument("--out", type=Path, default=None, help="default: base/tiny-<family>")
-    ap.add_argument("--steps", type=int, default=None, help="default: the family's (BASES)")
-    args = ap.parse_args()
-    pretrain(args.out or Path(f"base/tiny-{args.family}"), args.steps or BASES[args.family][2], family=args.family)
+    args = parse_args()
+    pretrain(args.out or Path(f"base/tiny-{args.family}"), args.steps or STEPS[args.family], family=args.family)

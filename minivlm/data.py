@@ -23,12 +23,31 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-import datasets
-import numpy as np
-from PIL import Image, ImageOps
-
 from minivlm.config import ConfigError, DataConfig, load_config
-from minivlm.models.chat import IMAGE, MARKER, VIDEO, Media, Video
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments of `python -m minivlm.data --config C [--split S]` (main)."""
+    ap = argparse.ArgumentParser(description="List the rows of a split whose image cannot be read or whose "
+                                 "answer is missing (what training skips, or stops at with data.on_bad_sample = "
+                                 "\"fail\"). Exits 1 if there are any.")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--split", help="default: data.train_split")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    return ap.parse_args(argv)
+
+
+# `python -m minivlm.data` runs this whole file before main(). Its arguments are read here, ahead of
+# the imports below (datasets, and torch and transformers through models.chat: seconds), so that
+# --help and a mistyped option answer at once; main() reads them again.
+if __name__ == "__main__":
+    parse_args()
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+from minivlm.models.chat import IMAGE, MARKER, VIDEO, Media, Video  # noqa: E402
 
 
 class BadSample(ConfigError):
@@ -564,13 +583,7 @@ def check_split(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m minivlm.data --config C [--split S]`: list the rows training would skip."""
-    ap = argparse.ArgumentParser(description="List the rows of a split whose image cannot be read or whose "
-                                 "answer is missing (what training skips, or stops at with data.on_bad_sample = "
-                                 "\"fail\"). Exits 1 if there are any.")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--split", help="default: data.train_split")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = ap.parse_args(argv)
+    args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
         split = args.split or cfg.data.train_split

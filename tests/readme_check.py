@@ -10,6 +10,7 @@ the block's last line of output to match REGEX. litgpt's tests/test_readme.py is
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -43,6 +44,8 @@ def run(command: list[str]) -> str:
 
 
 def main() -> None:
+    # No options: the parser is there so that --help explains instead of running every command.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     blocks = list(BLOCK.finditer((ROOT / "README.md").read_text()))
     if not blocks:
         sys.exit("readme-check: no <!-- readme-check --> blocks in README.md")

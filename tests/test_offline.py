@@ -1,5 +1,6 @@
-"""A new user's first minutes without network: --dry-run on a seed recipe plans from configs/real/
-without asking the hub; a hub that cannot be reached costs one try, not huggingface_hub's retries.
+"""A new user's first minutes without network: every --help answers before torch is imported;
+--dry-run on a seed recipe plans from configs/real/ without asking the hub; a hub that cannot be
+reached costs one try, not huggingface_hub's retries.
 
 The hub here is a local endpoint (HF_ENDPOINT) that counts the connections made to it and closes
 each before its TLS handshake: to huggingface_hub, a ConnectError, as with no network at all, which
@@ -20,6 +21,38 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+HEAVY = {"torch", "transformers", "datasets", "bitsandbytes", "matplotlib", "peft"}
+
+
+def commands() -> list[list[str]]:
+    """Every command the project has, as it is run: train.py and infer.py, and each file that parses
+    arguments when run (modules of the package with -m)."""
+    files = [*ROOT.glob("*.py"), *(f for d in ("minivlm", "demo", "bench", "tests") for f in (ROOT / d).rglob("*.py"))]
+    found = [["train.py"], ["infer.py"]]
+    for f in sorted(files):
+        text = f.read_text()
+        if "ArgumentParser(" in text and re.search(r'^if __name__ == "__main__":', text, re.MULTILINE):
+            name = f.relative_to(ROOT)
+            found.append(["-m", ".".join(name.with_suffix("").parts)] if name.parts[0] == "minivlm" else [str(name)])
+    return found
+
+
+def test_the_command_list_holds_every_script():
+    listed = {" ".join(c) for c in commands()}
+    assert {"walkthrough.py", "-m minivlm.data", "-m minivlm.export", "-m minivlm.models.llava_phi2",
+            "demo/pretrain_base.py", "bench/compare.py", "bench/ablate.py", "tests/readme_check.py"} <= listed
+
+
+@pytest.mark.parametrize("command", commands(), ids=" ".join)
+def test_help_answers_without_importing_torch(command):
+    """-X importtime names every module the command imported; none of the heavy libraries may be
+    among them. (Times are in the log, not asserted: the machine's load decides them.)"""
+    proc = subprocess.run([sys.executable, "-X", "importtime", *command, "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stdout[-2000:] + proc.stderr[-2000:]
+    imported = {line.rpartition("|")[2].strip().split(".")[0] for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert not imported & HEAVY, sorted(imported & HEAVY)
 
 
 class Hub(socketserver.ThreadingTCPServer):

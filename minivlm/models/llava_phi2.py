@@ -25,14 +25,30 @@ import json
 from functools import partial
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel,
-                          LlavaProcessor)
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from minivlm.models import Layout, chat, processor
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments of `python -m minivlm.models.llava_phi2`, which writes a model directory (assemble)."""
+    ap = argparse.ArgumentParser(description="Assemble a LLaVA-style model from a CLIP and a Phi checkpoint.")
+    ap.add_argument("--language", default="microsoft/phi-2")
+    ap.add_argument("--vision", default="openai/clip-vit-large-patch14-336")
+    ap.add_argument("--out", required=True)
+    return ap.parse_args(argv)
+
+
+# `python -m minivlm.models.llava_phi2` runs this whole file first: its arguments are read here,
+# ahead of the imports below (torch and transformers: seconds), so that --help and a missing --out
+# answer at once; the end of the file reads them again.
+if __name__ == "__main__":
+    parse_args()
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig,  # noqa: E402
+                          CLIPVisionModel, LlavaProcessor)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
+
+from minivlm.models import Layout, chat, processor  # noqa: E402
 
 # Newlines are Jinja string literals: transformers renders templates with trim_blocks, which
 # would eat a bare newline after a {% tag %}.
@@ -185,9 +201,5 @@ def layout(model: LlavaPhi, preprocessor: dict) -> Layout:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Assemble a LLaVA-style model from a CLIP and a Phi checkpoint.")
-    ap.add_argument("--language", default="microsoft/phi-2")
-    ap.add_argument("--vision", default="openai/clip-vit-large-patch14-336")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = parse_args()
     print(f"assembled {assemble(args.language, args.vision, args.out)}")
