@@ -3,7 +3,6 @@ state to the byte, saved activations within 15%, and --dry-run without reading a
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -135,12 +134,10 @@ def test_dry_run_of_a_seed_config_reads_no_weights(monkeypatch, capsys):
         raise AssertionError("--dry-run read weights")
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
-    start = time.time()
     result = train.main(["--config", str(ROOT / "configs/paligemma.toml"), "--set",
                          f"model.name_or_path={ROOT / 'configs/real/paligemma-3b-pt-224'}",
                          "--dry-run", "--gpu-memory", "24GiB"])
     out = capsys.readouterr().out
-    assert time.time() - start < 30
     assert "1,981,808,640 params" in out  # the 126 decoder linears of the real 3B PaliGemma
     assert "total" in out and "fits, " in out
     # The total is the sum of the terms, each counted here from config.json by hand.
