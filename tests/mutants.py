@@ -419,7 +419,7 @@ MUTANTS = [
       f"test_trackers.py::{TRACKED}"),
     m("trackers.no-end", "minivlm/cli/train.py", '        tracked.end(result["step"], cfg.train.output_dir)\n', "",
       f"test_trackers.py::{TRACKED}"),
-    m("package.exit-with-figures", "pyproject.toml", 'minivlm-train = "minivlm.cli:train"',
+    m("package.exit-with-figures", "pyproject.toml", 'minivlm-train = "minivlm.cli:train_command"',
       'minivlm-train = "minivlm.cli.train:main"',
       "test_package.py::test_pip_install_puts_the_commands_on_the_path_and_they_train_outside_the_repository"),
 ]
