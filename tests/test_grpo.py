@@ -364,7 +364,7 @@ def test_a_reward_that_fails_mid_run_is_one_message_and_the_last_save_is_intact(
             "train.optimizer=adamw", "train.device=cpu", f"train.output_dir={tmp_path / 'run'}", "lora.dropout=0.0",
             "grpo.num_generations=2", "grpo.max_new_tokens=3", 'grpo.rewards=["user_rewards:third_call_fails"]']
     with pytest.raises(SystemExit) as stop:
-        train.main(["--config", str(Path(train.__file__).parent / "configs/demo.toml"), *sum((["--set", s] for s in sets), [])])
+        train.main(["--config", str(Path(__file__).parents[1] / "configs/demo.toml"), *sum((["--set", s] for s in sets), [])])
     message = str(stop.value.code)
     assert message.startswith("error: reward third_call_fails returned None on row ") and "(completion " in message
     assert "the last checkpoint (if any) is intact; continue with: python train.py" in message
