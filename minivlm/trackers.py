@@ -101,7 +101,7 @@ class WandB:
     def __init__(self, cfg: Config, out: Path, saved: dict, resumed_at: int | None):
         import wandb
 
-        self.wandb = wandb
+        self.lib = wandb
         self.id = saved.get("wandb") or secrets.token_hex(4)  # W&B's run ids: short, url-safe
         self.run = wandb.init(project=cfg.train.project, name=cfg.train.run_name or out.name, id=self.id,
                               resume="allow", dir=out)
@@ -112,12 +112,12 @@ class WandB:
         self.run.log(values, step=step)
 
     def table(self, step: int, rows: list[dict]) -> None:
-        table = self.wandb.Table(columns=["prompt", "answer", "references"],
-                                 data=[[r["prompt"], r["answer"], " / ".join(r["references"])] for r in rows])
+        table = self.lib.Table(columns=["prompt", "answer", "references"],
+                               data=[[r["prompt"], r["answer"], " / ".join(r["references"])] for r in rows])
         self.run.log({"samples": table}, step=step)
 
     def files(self, step: int, curves: Path, metrics: Path) -> None:
-        self.run.log({"curves": self.wandb.Image(str(curves))}, step=step)
+        self.run.log({"curves": self.lib.Image(str(curves))}, step=step)
         self.run.summary.update(json.loads(metrics.read_text()))
         self.run.save(str(metrics), base_path=str(metrics.parent), policy="now")
 
@@ -163,32 +163,22 @@ class MLflow:
         self.client.set_terminated(self.id)
 
 
-class Trackio:
-    """A Trackio run, in its local database (TRACKIO_DIR; `trackio show` draws it)."""
+class Trackio(WandB):
+    """A Trackio run, in its local database (TRACKIO_DIR; `trackio show` draws it). Trackio copies
+    W&B's API (init, log, Table, Image, finish): log, table and close are W&B's."""
 
     def __init__(self, cfg: Config, out: Path, saved: dict, resumed_at: int | None):
         import trackio
 
-        self.trackio = trackio
+        self.lib = trackio
         # Trackio finds a run by its name: the resumed run reopens the name the fresh one chose.
         self.id = saved.get("trackio") or cfg.train.run_name or out.name
         self.run = trackio.init(project=cfg.train.project, name=self.id, config=flatten(to_dict(cfg)),
                                 resume="never" if resumed_at is None else "allow", embed=False,
                                 auto_log_cpu=False, auto_log_gpu=False)
 
-    def log(self, step: int, values: dict[str, float]) -> None:
-        self.run.log(values, step=step)
-
-    def table(self, step: int, rows: list[dict]) -> None:
-        table = self.trackio.Table(columns=["prompt", "answer", "references"],
-                                   data=[[r["prompt"], r["answer"], " / ".join(r["references"])] for r in rows])
-        self.run.log({"samples": table}, step=step)
-
     def files(self, step: int, curves: Path, metrics: Path) -> None:
-        self.run.log({"curves": self.trackio.Image(str(curves))}, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
+        self.run.log({"curves": self.lib.Image(str(curves))}, step=step)
 
 
 BACKENDS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow, "trackio": Trackio}
