@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,12 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# Trackio reads TRACKIO_DIR once, when it is first imported, by whichever test that is: set here,
+# before any test runs, its database is this session's and not the user's ~/.cache (where a run of
+# an earlier session, of the same name, would be found again).
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="minivlm-tests-trackio-")
+atexit.register(shutil.rmtree, os.environ["TRACKIO_DIR"], ignore_errors=True)
 
 from demo.make_data import write_split  # noqa: E402
 from demo.pretrain_base import make_model, make_processor  # noqa: E402

@@ -19,12 +19,12 @@ ALL = ["tensorboard", "wandb", "mlflow", "trackio"]
 
 
 def offline(monkeypatch, tmp_path: Path) -> None:
-    """Every tracker local: W&B offline, MLflow in a file store, Trackio's database in tmp_path."""
+    """Every tracker local: W&B offline, MLflow in a file store, Trackio's database in the session's
+    TRACKIO_DIR (conftest.py)."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps file stores for those who ask
-    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
 
 
 def run_demo(tiny_paligemma, shapes_data, out: Path, steps: int, *extra: str, resume: bool = False) -> dict:
