@@ -338,13 +338,16 @@ def forward_with_autocast(step: Step) -> None:
 def loss_over_answer_tokens(step: Step) -> None:
     """§7: The summed cross-entropy over answer tokens."""
     cfg, built, batch, n_tokens, rng, vocab, facts = step.cfg, step.built, step.batch, step.n_tokens, step.rng, step.vocab, step.facts
-    stage(7, "minivlm/objectives/sft.py:answer_loss_sum")
+    stage(7, "minivlm/objectives/sft.py:answer_loss_sum → minivlm/logprobs.py:answer_log_probs")
     set_rng_state(rng)
     with torch.no_grad():
         loss_sum = answer_loss_sum(cfg, built, batch)
     facts["loss_per_token"] = loss_sum.item() / n_tokens
     print(f"  Σ −log p(answer token) = {loss_sum.item():.4f} over {n_tokens} tokens: {facts['loss_per_token']:.4f} per token "
           f"(uniform guessing over {vocab} tokens: ln {vocab} = {torch.log(torch.tensor(float(vocab))):.4f})")
+    chunk = cfg.train.logits_chunk
+    print(f"  train.logits_chunk = {chunk}: the lm_head ran on the {n_tokens} answer rows in "
+          f"{-(-n_tokens // chunk) if chunk else 1} chunk(s), each recomputed in backward instead of kept")
 
 
 def backward(step: Step) -> None:

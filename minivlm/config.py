@@ -120,6 +120,10 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    # Answer tokens whose logits exist at once: the lm_head and log-softmax run on this many rows at a
+    # time, recomputed in backward, so no (answer tokens × vocab) tensor is kept (minivlm/logprobs.py).
+    # 0 = all at once, as the model's own forward does.
+    logits_chunk: int = 256
     # Under torchrun: shard the frozen base's layers across the ranks (FSDP) instead of replicating
     # it (DDP), for a base no single GPU holds. Unverified on GPUs so far (README, distributed.py).
     fsdp: bool = False
@@ -297,6 +301,7 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
         (cfg.train.lr > 0, "train.lr", "must be > 0"),
         (cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
+        (cfg.train.logits_chunk >= 0, "train.logits_chunk", "must be >= 0 (answer tokens per chunk; 0 = all at once)"),
         (cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
         (cfg.train.epochs >= 1 or cfg.train.max_steps > 0, "train.epochs", "must be >= 1 (or set train.max_steps)"),
         (cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = use epochs)"),
@@ -468,7 +473,7 @@ def to_dict(cfg: Config) -> dict:
 FREE_ON_RESUME = frozenset({
     "train.output_dir", "train.max_steps", "train.epochs", "train.save_every", "train.keep_checkpoints",
     "train.eval_every", "train.early_stopping_patience", "train.best_by", "train.init_from", "train.device",
-    "train.max_new_tokens", "train.gradient_checkpointing", "train.max_nonfinite_steps",
+    "train.max_new_tokens", "train.gradient_checkpointing", "train.logits_chunk", "train.max_nonfinite_steps",
     "data.eval_split", "data.eval_samples", "data.metric", "data.references_column", "data.clip_model",
     "data.workers", "train.report_to", "train.run_name", "train.project",
 })

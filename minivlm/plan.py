@@ -56,8 +56,10 @@ Activations (per step, for batch B × data.max_length tokens T: the worst case t
   With gradient checkpointing each layer keeps only its input (e·h per token) and one layer is
   recomputed at a time in backward: L·e·h + one layer's full set.
   Logits: minivlm runs the lm_head at labelled (answer) positions only, so the vocabulary-sized
-  term is (B × answer tokens) × V, not B·T·V: cross-entropy keeps fp32 log-probabilities
-  (4 bytes) and backward holds their fp32 gradient and the result (8 more): 12·A·V.
+  term is (B × answer tokens) × V, not B·T·V: the log-softmax keeps fp32 log-probabilities
+  (4 bytes) and backward holds their fp32 gradient and the result (8 more): 12·A·V. With
+  train.logits_chunk = c (logprobs.py) nothing vocabulary-sized is kept: the same 12 bytes a
+  row, for min(A, c) rows at a time, alive only while a chunk runs.
   Also counted: the T×T attention mask (1 byte, once), the final norm, the largest 4-bit weight
   dequantized for its matmul (bitsandbytes dequantizes per layer, per call), and the gradient
   flowing back through the hidden states (3 · e·h per token).
@@ -155,6 +157,7 @@ class Plan:
     act_full: int = 0  # ... without
     act_saved: int = 0  # of act_full, the tensors kept for backward (the rest is backward workspace)
     logits_bytes: int = 0
+    logits_chunk: int = 0  # answer rows through the lm_head at a time; 0 = all
     vision_transient: int = 0  # the frozen vision tower's one-layer peak while it runs
     sampling: int = 0  # GRPO: generate's KV cache for the sampled rows
     gradient_checkpointing: bool = False
@@ -348,14 +351,18 @@ def _activation_terms(plan: Plan, layout: Layout, cfg: Config, largest_q: int, a
     per_layer = _per_token_layer_bytes(tc, e, cfg)
     tokens = B * T
     answers = B * answer_tokens
-    plan.logits_bytes = 12 * answers * tc.vocab_size
+    chunk = cfg.train.logits_chunk if not cfg.train.fsdp else 0  # logprobs.answer_log_probs: FSDP takes full logits
+    logit_rows = min(answers, chunk) if chunk else answers
+    kept_rows = 0 if chunk else answers  # rows of fp32 log-probabilities kept for backward
+    plan.logits_bytes = 12 * logit_rows * tc.vocab_size
+    plan.logits_chunk = chunk
     layer_saves = layers * tokens * per_layer
     # Kept for backward (without checkpointing): what saved_tensors_hooks sees in tests/test_plan.py.
     plan.act_saved = (layer_saves
                       + B * T * T  # the bool T×T attention mask
                       + tokens * 4 * tc.hidden_size  # the final norm's fp32 copy
                       + answers * e * tc.hidden_size  # lm_head input at answer positions
-                      + 4 * answers * tc.vocab_size)  # fp32 log-probabilities
+                      + 4 * kept_rows * tc.vocab_size)  # fp32 log-probabilities
     plan.act_saved += B * images * patches * e * layout.connector_saved_width
     # Cross-attention to vision states: the projected states and the text × vision mask once, and
     # each reading layer's keys and values, with k_norm's fp32 copy of the keys (under
@@ -366,11 +373,12 @@ def _activation_terms(plan: Plan, layout: Layout, cfg: Config, largest_q: int, a
         cross_kv = B * layout.vision_states * (2 * e * kv + 4 * kv)
         plan.act_saved += (B * layout.vision_states * e * (tc.hidden_size + T)
                            + layout.vision_state_readers * cross_kv)
-    # Alive only for a moment in backward, on top of what is saved:
+    # Alive only for a moment in backward, on top of what is saved: the log-probabilities' fp32
+    # gradient and its input (8 bytes a row), and chunked, the chunk's recomputed logits (4 more).
     workspace = (tokens * 3 * e * tc.hidden_size  # gradients of the hidden states
                  + largest_q * e  # one dequantized 4-bit weight
                  + 8 * plan.largest_adapted * cfg.lora.use_dora  # DoRA's norm: W and s·BA in fp32
-                 + 8 * answers * tc.vocab_size)  # fp32 gradient of the log-probabilities and its input
+                 + (12 * logit_rows - 4 * kept_rows) * tc.vocab_size)
     plan.act_full = plan.act_saved + workspace
     plan.act_ckpt = (plan.act_full - layer_saves + layers * tokens * e * tc.hidden_size + tokens * per_layer
                      - max(layout.vision_state_readers - 1, 0) * cross_kv)
@@ -442,7 +450,8 @@ def format_plan(plan: Plan, gpu_memory: int | None = None) -> str:
         f"  activations       {gib(plan.act_ckpt)}  with gradient checkpointing"
         f"{'  <- configured' if plan.gradient_checkpointing else ''}",
         f"                    {gib(plan.act_full)}  without{'' if plan.gradient_checkpointing else '  <- configured'}",
-        f"    of which logits {gib(plan.logits_bytes)}  fp32, answer positions only",
+        f"    of which logits {gib(plan.logits_bytes)}  fp32, answer positions only"
+        f"{f', {plan.logits_chunk} at a time' if plan.logits_chunk else ''}",
         f"  vision transient  {gib(plan.vision_transient)}  frozen tower's peak while it runs (before the rest)",
         *([f"  sampling KV cache {gib(plan.sampling)}  keys and values of the sampled rows, while generating "
            "(before the training forward)"] if plan.sampling else []),

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from minivlm.objectives.grpo import LOSS_TYPES, group_advantages, policy_loss, token_log_probs
+from minivlm.logprobs import log_probs
+from minivlm.objectives.grpo import LOSS_TYPES, group_advantages, policy_loss
 
 
 def test_advantages_are_the_reward_against_its_group_and_zero_where_all_agree():
@@ -27,13 +28,6 @@ def test_advantages_are_the_reward_against_its_group_and_zero_where_all_agree():
             assert unscaled[4 * g + k].item() == pytest.approx(r[k] - mean)
             assert scaled[4 * g + k].item() == pytest.approx((r[k] - mean) / (std + 1e-4))
     assert torch.equal(scaled[4:8], torch.zeros(4)) and torch.equal(unscaled[4:8], torch.zeros(4))
-
-
-def test_token_log_probs_are_the_log_softmax_of_the_chosen_ids():
-    torch.manual_seed(0)
-    logits, ids = torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
-    want = logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(token_log_probs(logits, ids), want)
 
 
 def batch(seed: int = 0, drift: float = 0.3):
@@ -82,7 +76,7 @@ def by_hand(logits, ids, old, ref, advantages, lengths, loss_type: str) -> torch
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_loss_and_gradient_equal_the_formula_on_full_logits(loss_type):
     logits, ids, mask, old, ref, advantages, lengths = batch()
-    summed, count, figures = policy_loss(token_log_probs(logits, ids), old, ref, advantages, mask, loss_type,
+    summed, count, figures = policy_loss(log_probs(logits, ids), old, ref, advantages, mask, loss_type,
                                          EPS_LOW, EPS_HIGH, BETA, MAX_NEW)
     ours = summed / count
     (grad,) = torch.autograd.grad(ours, logits)
@@ -98,7 +92,7 @@ def test_loss_and_gradient_equal_the_formula_on_full_logits(loss_type):
 def test_two_micro_batches_give_the_windows_loss(loss_type):
     """The loop sums the terms of the window's micro-batches and divides by the sum of their counts."""
     logits, ids, mask, old, ref, advantages, _ = batch()
-    logp = token_log_probs(logits, ids)
+    logp = log_probs(logits, ids)
     args = (loss_type, EPS_LOW, EPS_HIGH, BETA, MAX_NEW)
     whole, count, _ = policy_loss(logp, old, ref, advantages, mask, *args)
     halves = [policy_loss(logp[s], old[s], ref[s], advantages[s], mask[s], *args) for s in (slice(0, 2), slice(2, 6))]
@@ -109,12 +103,12 @@ def test_one_update_per_sample_has_ratio_one_and_no_clipping():
     """iterations = 1: π_old is π_θ at the update, so ρ = 1, nothing is clipped, and without the
     KL term the gradient is the policy gradient, −Â ∇log π averaged as loss_type averages."""
     logits, ids, mask, _, _, advantages, lengths = batch()
-    logp = token_log_probs(logits, ids)
+    logp = log_probs(logits, ids)
     summed, count, figures = policy_loss(logp, logp.detach(), None, advantages, mask, "dapo", EPS_LOW, EPS_HIGH, 0.0,
                                          MAX_NEW)
     assert figures == {"clip_fraction": 0.0}
     (grad,) = torch.autograd.grad(summed / count, logits)
-    pg = -(advantages.unsqueeze(1) * token_log_probs(logits, ids) * mask).sum() / mask.sum()
+    pg = -(advantages.unsqueeze(1) * log_probs(logits, ids) * mask).sum() / mask.sum()
     (want,) = torch.autograd.grad(pg, logits)
     torch.testing.assert_close(grad, want)
 
@@ -122,7 +116,7 @@ def test_one_update_per_sample_has_ratio_one_and_no_clipping():
 def test_the_kl_term_is_zero_when_the_policy_is_the_reference():
     """At step 0 the adapters' B is 0, so π_θ = π_ref: with β > 0 the KL term adds nothing."""
     logits, ids, mask, _, _, advantages, _ = batch()
-    logp = token_log_probs(logits, ids)
+    logp = log_probs(logits, ids)
     with_kl = policy_loss(logp, logp.detach(), logp.detach(), advantages, mask, "grpo", EPS_LOW, EPS_HIGH, 0.5, MAX_NEW)
     without = policy_loss(logp, logp.detach(), None, advantages, mask, "grpo", EPS_LOW, EPS_HIGH, 0.0, MAX_NEW)
     assert with_kl[2]["kl"] == 0.0
@@ -156,10 +150,10 @@ def test_loss_and_gradient_equal_trls(loss_type):
     from trl import GRPOTrainer
 
     logits, ids, mask, old, ref, advantages, _ = batch(seed=1)
-    logp = token_log_probs(logits, ids)
+    logp = log_probs(logits, ids)
     summed, count, figures = policy_loss(logp, old, ref, advantages, mask, loss_type, EPS_LOW, EPS_HIGH, BETA, MAX_NEW)
     (grad,) = torch.autograd.grad(summed / count, logits)
-    stand_in = TRLStandIn(token_log_probs(logits, ids), loss_type)
+    stand_in = TRLStandIn(log_probs(logits, ids), loss_type)
     inputs = {"prompt_ids": torch.zeros(6, 2, dtype=torch.long), "prompt_mask": torch.ones(6, 2, dtype=torch.long),
               "completion_ids": ids, "completion_mask": mask, "advantages": advantages, "old_per_token_logps": old,
               "ref_per_token_logps": ref, "num_items_in_batch": mask.sum()}

@@ -65,7 +65,7 @@ from minivlm.batches import answer_positions, empty_batch, samples, within_max_l
 from minivlm.config import Config, DataConfig
 from minivlm.data import rejected_of
 from minivlm.objectives.reference import reference, reference_weights
-from minivlm.precision import logits_of
+from minivlm.logprobs import answer_log_probs
 
 COUNT = "pairs"
 ROWS_PER_SAMPLE = 2  # chosen and rejected, in one forward
@@ -103,15 +103,13 @@ def sequence_logps(cfg: Config, built: Built, batch: dict[str, torch.Tensor],
     """log π(y|x) of every row: its labelled tokens' log-probabilities, summed, in fp32; shape (rows,).
 
     As in sft.answer_loss_sum, only positions that predict an answer token go through the
-    lm_head; the rows of those logits come in row-major order, so each token's row is its
-    position's row in the mask. `model`: see precision.logits_of.
+    lm_head; their log-probabilities come in row-major order, so each token's row is its
+    position's row in the mask. `model`: see logprobs.answer_log_probs.
     """
-    targets = batch["labels"][:, 1:].to(built.device)
-    keep = targets != -100
-    logits = logits_of(cfg, built, batch, at=answer_positions(batch), model=model).float()  # (answer tokens, vocab)
-    token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")
-    rows = keep.nonzero()[:, 0]
-    return torch.zeros(len(targets), device=built.device).index_add(0, rows, token_logps)
+    keep = batch["labels"][:, 1:] != -100
+    token_logps = answer_log_probs(cfg, built, batch, answer_positions(batch), batch["labels"][:, 1:][keep], model)
+    rows = keep.nonzero()[:, 0].to(built.device)
+    return torch.zeros(len(keep), device=built.device).index_add(0, rows, token_logps)
 
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,

@@ -64,7 +64,7 @@ from minivlm.evaluate import generated
 from minivlm.models.processor import image_token_id
 from minivlm.objectives.reference import reference, reference_weights
 from minivlm.objectives.sft import answer_loss_sum
-from minivlm.precision import logits_of
+from minivlm.logprobs import answer_log_probs
 from minivlm.rewards import Rewards, build_rewards
 
 COUNT = "completions"  # what a window's loss is divided by varies with loss_type; the log counts these
@@ -90,13 +90,6 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> t
     if scale:
         centred = centred / (r.std(1, keepdim=True) + 1e-4)
     return centred.flatten()
-
-
-def token_log_probs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits of the positions that predict (B, T) ids -> (B, T) log π(id): the chosen
-    logit minus the log-sum-exp, without the (B, T, V) log-softmax in memory."""
-    logits = logits.float()
-    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
@@ -207,15 +200,14 @@ def completion_log_probs(cfg: Config, built: Built, batch: dict[str, torch.Tenso
     """(log π(token) of each completion token, the mask of those tokens), both (rows, `length`), rows
     in prompt order: the completions are the last `length` columns of the scoring batch (of
     `group` completions a prompt), and only the positions that predict them go through the lm_head
-    (precision.logits_of)."""
+    (logprobs.answer_log_probs, train.logits_chunk rows at a time)."""
     labels = batch["labels"]
     predicting = torch.zeros_like(labels, dtype=torch.bool)
     predicting[:, -length - 1:-1] = True
-    logits = logits_of(cfg, built, batch, at=predicting, model=model).view(len(labels), length, -1)
     ids = labels[:, -length:]
-    mask = ids != -100
-    logp = token_log_probs(logits, ids.clamp(min=0).to(logits.device))
-    return _in_prompt_order(logp, group), _in_prompt_order(mask.to(logits.device), group)
+    mask = ids != -100  # a completion's padding after its end: scored (as token 0), then masked out
+    logp = answer_log_probs(cfg, built, batch, predicting, ids.clamp(min=0).flatten(), model).view(len(labels), length)
+    return _in_prompt_order(logp, group), _in_prompt_order(mask.to(logp.device), group)
 
 
 def collate(ds: datasets.Dataset, indices: list[int], cfg: DataConfig, family: ModuleType, processor,

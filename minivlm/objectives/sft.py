@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import datasets
 import torch
-import torch.nn.functional as F
 
 from minivlm import distributed
 from minivlm.batches import answer_positions, collate
 from minivlm.build import Built
 from minivlm.config import Config
-from minivlm.precision import logits_of
+from minivlm.logprobs import answer_log_probs
 
 COUNT = "answer_tokens"
 EXTRA_FORWARDS = 0
@@ -51,12 +50,12 @@ def answer_loss_sum(cfg: Config, built: Built, batch: dict[str, torch.Tensor],
     Position t predicts token t+1, so the positions that carry loss are those whose *next* label
     is set. Only they go through the lm_head: a PaliGemma sample is 256 image tokens, a prompt
     and a few answer tokens, and full logits would be a (batch, seq, 257152) tensor, kept for
-    backward, of which all but the answer rows are thrown away. Here logits are (n answer
-    tokens, vocab), and only they are upcast to fp32. `model`: see precision.logits_of.
+    backward, of which all but the answer rows are thrown away. Here the lm_head sees the n
+    answer positions only, train.logits_chunk of them at a time (logprobs.answer_log_probs).
+    `model`: see logprobs.answer_log_probs.
     """
-    targets = batch["labels"][:, 1:].to(built.device)
-    logits = logits_of(cfg, built, batch, at=answer_positions(batch), model=model).float()
-    return F.cross_entropy(logits, targets[targets != -100], reduction="sum")
+    targets = batch["labels"][:, 1:]
+    return -answer_log_probs(cfg, built, batch, answer_positions(batch), targets[targets != -100], model).sum()
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
