@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: browser demo test mutants base data digits prefs dpo-demo grpo-data grpo-demo pairs-data pairs-demo video-data video-demo bench walkthrough readme-check venv clean
+.PHONY: browser demo test mutants base data digits prefs dpo-demo grpo-data grpo-demo pairs-data pairs-demo video-data video-demo bench bench-gpu walkthrough readme-check venv clean
 
 venv: $(STAMP)
 # torch first, on its own, as pinned in pyproject.toml: on this machine's index, the CPU wheel. Then
@@ -108,6 +108,11 @@ mutants: $(STAMP)
 # (bench/README.md). Results go to bench/results/.
 bench: $(STAMP) data
 	$(PY) bench/compare.py
+
+# On one CUDA GPU, under 8 minutes: compare.py at PaliGemma-3B's shape and --dry-run's plans against
+# the measured peaks (bench/gpu.py). `bench/gpu.py --quick` is its CPU smoke test (tests/test_bench.py).
+bench-gpu: $(STAMP) base data
+	$(PY) bench/gpu.py
 
 # Every README command marked <!-- readme-check -->, run as printed (needs make demo first).
 readme-check: $(STAMP)

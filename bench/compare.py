@@ -314,6 +314,7 @@ bf16 = {str(spec['dtype'] == 'bfloat16').lower()}
 fp16 = {str(spec['dtype'] == 'float16').lower()}
 """)
     cfg = load_config(config, spec["set"])
+    plan = planned(cfg)
     t0 = time.perf_counter()
     built = build(cfg)
     if getattr(cfg.lora, "init", "default") == "default":  # a start taken from W (ablate.py's lora.init variants) is kept as made
@@ -339,8 +340,19 @@ fp16 = {str(spec['dtype'] == 'float16').lower()}
     return {"side": "minivlm", "device": str(built.device), "load_s": load_s, "train_s": train_s,
             "loss": [r["loss"] for r in steps], "grad_norm": [r["grad_norm"] for r in steps],
             "adapted": sorted(adapter_key(n) for n in built.adapted), "quantized": sorted(built.quantized),
-            "trainable": built.trainable_params,
+            "trainable": built.trainable_params, "plan": plan,
             **recorder.result(cfg.train.grad_accum)}
+
+
+def planned(cfg) -> dict:
+    """--dry-run's peak for the config, with and without the CUDA context (which
+    torch.cuda.max_memory_allocated does not see). {} for a checkout from before minivlm/plan.py."""
+    try:
+        from minivlm.plan import CUDA_CONTEXT, plan_memory
+    except ImportError:
+        return {}
+    total = plan_memory(cfg).total()
+    return {"planned_mib": total / 2**20, "planned_without_context_mib": (total - CUDA_CONTEXT) / 2**20}
 
 
 def run_peft(spec: dict) -> dict:
@@ -463,6 +475,7 @@ def summarize(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
             "load_s": statistics.median(r["load_s"] for r in side_runs),
             "train_s": statistics.median(r["train_s"] for r in side_runs),
             "loss": [statistics.median(step) for step in zip(*(r["loss"] for r in side_runs))],
+            "plan": side_runs[0].get("plan", {}),  # the same config in every run
         }
     m, p = summary["minivlm"], summary["peft"]
     summary["ratio"] = {k: m[k] / p[k] for k in ("samples_per_s", "tokens_per_s", "peak_mib", "peak_rss_mib")}
