@@ -109,7 +109,7 @@ mutants: $(STAMP)
 bench: $(STAMP) data
 	$(PY) bench/compare.py
 
-# On one CUDA GPU, under 8 minutes: compare.py at PaliGemma-3B's shape and --dry-run's plans against
+# On one CUDA GPU, meant to take under 8 minutes: compare.py at PaliGemma-3B's shape and --dry-run's plans against
 # the measured peaks (bench/gpu.py). `bench/gpu.py --quick` is its CPU smoke test (tests/test_bench.py).
 bench-gpu: $(STAMP) base data
 	$(PY) bench/gpu.py

@@ -1,4 +1,4 @@
-"""`make bench-gpu`: what one CUDA GPU can show in under 8 minutes, written to bench/results/.
+"""`make bench-gpu`: what one CUDA GPU can show in a few minutes (meant: under 8; not yet run on one).
 
     .venv/bin/python bench/gpu.py            (on a CUDA GPU; `make bench-gpu` builds the demo base and data first)
     .venv/bin/python bench/gpu.py --quick    (tiny sizes on the CPU: the smoke test make test runs)

@@ -111,6 +111,12 @@ def random_resized_crop(image: Image.Image, scale: list[float], generator: torch
     return image
 
 
+def answer_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The labelled tokens that answer_positions predict, in the same row-major order: (n,)."""
+    targets = batch["labels"][:, 1:]
+    return targets[targets != -100]
+
+
 def answer_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(batch, seq) bool: the positions whose *next* token is a labelled one, the only ones whose
     logits the loss needs (the last position predicts nothing)."""

@@ -3,9 +3,10 @@
 Every objective needs the log-probabilities of the tokens it learns, at the positions that predict
 them: SFT sums their negatives, DPO sums them per row, GRPO takes them token by token. From full
 logits that is an (n, V) tensor for n answer tokens and a V-word vocabulary, whose fp32 copy
-logsumexp keeps for backward, and backward adds its gradient and that gradient's input: about 12
-bytes a logit at the peak. GRPO's 8 completions of 256 tokens over Qwen's 151,936 words: 1.2 GB
-kept, 3.7 GB at the peak, for one micro-batch.
+logsumexp keeps for backward (4 bytes a logit), and backward adds its gradient and that
+gradient's input. GRPO's 8 completions of 256 tokens over Qwen's 151,936 words: 1.2 GB kept by
+one micro-batch. bench/logprobs.py measured the whole peak at about 16 bytes a logit on the CPU
+(8244 MiB for 2,056 answer tokens × PaliGemma's 257,152 words).
 
 With train.logits_chunk = c, the model stops before its lm_head (`final_hidden_states`: the
 (n, H) hidden states at those positions, H ≪ V), and the lm_head and the log-softmax run on c
@@ -18,7 +19,7 @@ rows at a time, each chunk under activation checkpointing:
     backward: z_i computed again, one chunk at a time
 
 Kept for backward: h and the targets. Alive at once: one chunk's logits and their gradient,
-≈ 12 · c · V bytes in bf16, whatever n is. The price is the lm_head's forward run twice on the
+whatever n is (1216 MiB at c = 256 in that bench). The price is the lm_head's forward run twice on the
 answer rows (a small matmul next to the decoder's). c = 0 takes the full logits
 (precision.logits_of), as does FSDP, under which the lm_head's weight exists only inside the
 model's forward. tests/test_logprobs.py: values and gradients equal the full computation, for
@@ -83,14 +84,20 @@ def chunk_log_probs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     return log_probs(z, targets)
 
 
+def logits_chunk(cfg: Config) -> int:
+    """Answer rows through the lm_head at a time: train.logits_chunk, or 0 (all at once, the
+    model's own logits) under FSDP, where the lm_head's weight exists only inside the forward."""
+    return 0 if cfg.train.fsdp else cfg.train.logits_chunk
+
+
 def answer_log_probs(cfg: Config, built: Built, batch: dict[str, torch.Tensor], at: torch.Tensor,
                      targets: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
     """(n,) fp32 log π(target) at the n positions `at` marks ((batch, seq) bool), in row-major
     order, the order of `targets`. `model`: the module to call, if not built.model (its
     DistributedDataParallel wrapper in training)."""
     targets = targets.to(built.device)
-    chunk = cfg.train.logits_chunk
-    if not chunk or cfg.train.fsdp:
+    chunk = logits_chunk(cfg)
+    if not chunk:
         return log_probs(logits_of(cfg, built, batch, at=at, model=model), targets)
     with final_hidden_states(built.model) as (tap, head):
         logits_of(cfg, built, batch, at=at, model=model)

@@ -100,6 +100,7 @@ from minivlm.batches import check_images, check_video
 from minivlm.build import DTYPES, check_model_source, is_hub_id
 from minivlm.config import Config, ConfigError
 from minivlm.distributed import layer_class_names
+from minivlm.logprobs import logits_chunk
 from minivlm.models import Layout, get_family, per_sample, processor
 from minivlm.modules import matches
 
@@ -351,7 +352,7 @@ def _activation_terms(plan: Plan, layout: Layout, cfg: Config, largest_q: int, a
     per_layer = _per_token_layer_bytes(tc, e, cfg)
     tokens = B * T
     answers = B * answer_tokens
-    chunk = cfg.train.logits_chunk if not cfg.train.fsdp else 0  # logprobs.answer_log_probs: FSDP takes full logits
+    chunk = logits_chunk(cfg)
     logit_rows = min(answers, chunk) if chunk else answers
     kept_rows = 0 if chunk else answers  # rows of fp32 log-probabilities kept for backward
     plan.logits_bytes = 12 * logit_rows * tc.vocab_size

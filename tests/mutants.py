@@ -102,7 +102,7 @@ MUTANTS = [
     m("sft.mean-of-means", SFT, "loss = answer_loss_sum(cfg, built, batch, model) / n_tokens",
       "loss = answer_loss_sum(cfg, built, batch, model) / answer_tokens(batch) / len(batches)",
       "test_loop.py::test_batch4_accum1_equals_batch1_accum4"),
-    m("sft.mean-not-sum", SFT, 'targets[targets != -100], model).sum()', 'targets[targets != -100], model).mean()',
+    m("sft.mean-not-sum", SFT, 'answer_targets(batch), model).sum()', 'answer_targets(batch), model).mean()',
       "test_loop.py::test_batch4_accum1_equals_batch1_accum4"),
     m("loop.no-clipping", LOOP,
       'grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf")))',

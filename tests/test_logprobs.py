@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from conftest import tiny_config
-from minivlm.batches import answer_positions
+from minivlm.batches import answer_positions, answer_targets
 from minivlm.build import build
 from minivlm.logprobs import answer_log_probs, log_probs
 from tiny import ARCHITECTURES
@@ -45,8 +45,7 @@ def built_and_batch(path, tmp_path, family: str):
 def log_probs_and_grads(cfg, built, batch: dict, chunk: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     cfg.train.logits_chunk = chunk
     built.model.zero_grad()
-    targets = batch["labels"][:, 1:]
-    logp = answer_log_probs(cfg, built, batch, answer_positions(batch), targets[targets != -100])
+    logp = answer_log_probs(cfg, built, batch, answer_positions(batch), answer_targets(batch))
     # Weighted, so that each token's gradient counts differently: rows mixed up would show.
     (logp * torch.linspace(0.5, 1.5, len(logp))).sum().backward()
     return logp.detach(), {n: p.grad.clone() for n, p in built.model.named_parameters() if p.grad is not None}

@@ -61,11 +61,11 @@ from torch import nn
 
 from minivlm import distributed
 from minivlm.build import Built
-from minivlm.batches import answer_positions, empty_batch, samples, within_max_length
+from minivlm.batches import answer_positions, answer_targets, empty_batch, samples, within_max_length
 from minivlm.config import Config, DataConfig
 from minivlm.data import rejected_of
-from minivlm.objectives.reference import reference, reference_weights
 from minivlm.logprobs import answer_log_probs
+from minivlm.objectives.reference import reference, reference_weights
 
 COUNT = "pairs"
 ROWS_PER_SAMPLE = 2  # chosen and rejected, in one forward
@@ -106,10 +106,9 @@ def sequence_logps(cfg: Config, built: Built, batch: dict[str, torch.Tensor],
     lm_head; their log-probabilities come in row-major order, so each token's row is its
     position's row in the mask. `model`: see logprobs.answer_log_probs.
     """
-    keep = batch["labels"][:, 1:] != -100
-    token_logps = answer_log_probs(cfg, built, batch, answer_positions(batch), batch["labels"][:, 1:][keep], model)
-    rows = keep.nonzero()[:, 0].to(built.device)
-    return torch.zeros(len(keep), device=built.device).index_add(0, rows, token_logps)
+    token_logps = answer_log_probs(cfg, built, batch, answer_positions(batch), answer_targets(batch), model)
+    rows = (batch["labels"][:, 1:] != -100).nonzero()[:, 0].to(built.device)
+    return torch.zeros(len(batch["labels"]), device=built.device).index_add(0, rows, token_logps)
 
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,

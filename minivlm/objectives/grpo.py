@@ -61,10 +61,10 @@ from minivlm.build import Built
 from minivlm.config import CHOICES, Config, DataConfig
 from minivlm.data import rows_of
 from minivlm.evaluate import generated
+from minivlm.logprobs import answer_log_probs
 from minivlm.models.processor import image_token_id
 from minivlm.objectives.reference import reference, reference_weights
 from minivlm.objectives.sft import answer_loss_sum
-from minivlm.logprobs import answer_log_probs
 from minivlm.rewards import Rewards, build_rewards
 
 COUNT = "completions"  # what a window's loss is divided by varies with loss_type; the log counts these

@@ -18,7 +18,7 @@ import datasets
 import torch
 
 from minivlm import distributed
-from minivlm.batches import answer_positions, collate
+from minivlm.batches import answer_positions, answer_targets, collate
 from minivlm.build import Built
 from minivlm.config import Config
 from minivlm.logprobs import answer_log_probs
@@ -54,8 +54,7 @@ def answer_loss_sum(cfg: Config, built: Built, batch: dict[str, torch.Tensor],
     answer positions only, train.logits_chunk of them at a time (logprobs.answer_log_probs).
     `model`: see logprobs.answer_log_probs.
     """
-    targets = batch["labels"][:, 1:]
-    return -answer_log_probs(cfg, built, batch, answer_positions(batch), targets[targets != -100], model).sum()
+    return -answer_log_probs(cfg, built, batch, answer_positions(batch), answer_targets(batch), model).sum()
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
