@@ -109,9 +109,10 @@ mutants: $(STAMP)
 bench: $(STAMP) data
 	$(PY) bench/compare.py
 
-# On one CUDA GPU, meant to take under 8 minutes: compare.py at PaliGemma-3B's shape and --dry-run's plans against
-# the measured peaks (bench/gpu.py). `bench/gpu.py --quick` is its CPU smoke test (tests/test_bench.py).
-bench-gpu: $(STAMP) base data
+# On one CUDA GPU, meant to take under 8 minutes: compare.py at PaliGemma-3B's shape, --dry-run's plans against
+# the measured peaks, and a packing on/off pair on the tiny Qwen2.5-VL (bench/gpu.py). `bench/gpu.py --quick` is
+# its CPU smoke test (tests/test_bench.py).
+bench-gpu: $(STAMP) base data base/tiny-qwen2_5_vl/config.json
 	$(PY) bench/gpu.py
 
 # Every README command marked <!-- readme-check -->, run as printed (needs make demo first).

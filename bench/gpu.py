@@ -10,6 +10,9 @@
    training in a fresh process), for the demo config and for the 3B shape. The plan is for
    full-length batches (data.max_length) and includes the CUDA context, which
    max_memory_allocated does not see: both are shown, and the plan without the context.
+3. A packing pair: one epoch of bench/packing.py's document-like mix through the tiny Qwen2.5-VL
+   base, plain batches against data.packing (and data.group_by_length): padding, tokens/s and
+   peak memory, one fresh process each.
 
 Everything it runs also runs on the CPU (--quick), so the first GPU meets tested code: only the
 device, the sizes and the numbers differ. Writes bench/results/<date>-<gpu>.{md,json}.
@@ -42,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one run, on whatever device there is")
     ap.add_argument("--data", default="data/shapes-qa", help="the imagefolder `make data` writes")
     ap.add_argument("--demo-model", default="base/tiny-paligemma", help="the demo's base (`make base`)")
+    ap.add_argument("--qwen-model", default="base/tiny-qwen2_5_vl",
+                    help="the packing pair's model (`make base FAMILY=qwen2_5_vl`)")
     ap.add_argument("--out", default="bench/results")
     return ap.parse_args(argv)
 
@@ -58,6 +63,21 @@ def planned_against_measured(config: str, overrides: list[str], steps: int) -> d
             else "peak RSS", "device": run["device"], "s_per_step": run["s_per_step"]}
 
 
+def packing_pair(model: str, quick: bool) -> dict:
+    """bench/packing.py's epoch, plain, grouped and packed, one fresh process each (--quick: 16
+    samples at a tenth of the pixels, for the tiny test model's smaller patches)."""
+    from bench.compare import in_fresh_process
+    from bench.packing import MODES, measure, write_docs
+
+    samples = 16 if quick else 256
+    data = ROOT / "bench" / ".cache" / f"docs-mix-{samples}"
+    if not (data / "train" / "metadata.jsonl").is_file():
+        write_docs(data, samples)
+    runs = {mode: in_fresh_process(measure, str(ROOT / model), str(data), mode, 8, 4000 if quick else 40000)
+            for mode in MODES if mode != "both"}
+    return {"samples": samples, **{mode: {k: v for k, v in r.items() if k != "losses"} for mode, r in runs.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -67,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() and not args.quick:
         sys.exit("bench/gpu.py: no CUDA GPU here; `--quick` runs the same steps at tiny sizes on the CPU")
     for path, make in ((ROOT / args.data / "train/metadata.jsonl", "make data"),
-                       (ROOT / args.demo_model / "config.json", "make base")):
+                       (ROOT / args.demo_model / "config.json", "make base"),
+                       (ROOT / args.qwen_model / "config.json", "make base FAMILY=qwen2_5_vl")):
         if not path.is_file():
             sys.exit(f"bench/gpu.py: {path} is missing; run `{make}` first (`make bench-gpu` does)")
 
@@ -80,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     plans = {"demo": planned_against_measured(*demo, steps=3 if args.quick else 10),
              "compare": {**summary["minivlm"]["plan"], "measured_mib": summary["minivlm"]["peak_mib"],
                          "measured_kind": KINDS[summary["minivlm"]["peak_kind"]]}}
+
+    packed = packing_pair(args.qwen_model, args.quick)
 
     labels = {"demo": "configs/demo.toml", "compare": "compare.py's tiny sizes" if args.quick else "PaliGemma-3B shape"}
     mach = compare.machine()
@@ -99,13 +122,20 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---:|---:|---:|---:|",
              *(f"| {labels[name]} | {r['planned_mib']:.0f} MiB | {r['planned_without_context_mib']:.0f} MiB | "
                f"{r['measured_mib']:.0f} MiB ({r['measured_kind']}) | "
-               f"{r['measured_mib'] / r['planned_without_context_mib']:.2f} |" for name, r in plans.items()), ""]
+               f"{r['measured_mib'] / r['planned_without_context_mib']:.2f} |" for name, r in plans.items()), "",
+             f"## Packing: one epoch of {packed['samples']} document-like samples, tiny Qwen2.5-VL, batch 8", "",
+             "| batches | padding | tokens/s | × plain | peak MiB | × plain |", "|---|---:|---:|---:|---:|---:|",
+             *(f"| {mode} | {r['padding']:.1%} | {r['tokens_per_s']:.0f} | "
+               f"{r['tokens_per_s'] / packed['plain']['tokens_per_s']:.2f} | {r['peak_bytes'] / 2**20:.0f} | "
+               f"{r['peak_bytes'] / packed['plain']['peak_bytes']:.2f} |" for mode, r in packed.items()
+               if mode != "samples"), ""]
     text = "\n".join(lines) + "\n"
     print(text)
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{datetime.date.today()}-{mach['name']}-bench-gpu{'-quick' if args.quick else ''}"
-    stem.with_suffix(".json").write_text(json.dumps({"machine": mach, "compare": report, "plans": plans}, indent=1))
+    stem.with_suffix(".json").write_text(json.dumps({"machine": mach, "compare": report, "plans": plans,
+                                                          "packing": packed}, indent=1))
     stem.with_suffix(".md").write_text(text)
     print(f"written: {stem}.json, {stem}.md")
     return status

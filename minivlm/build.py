@@ -14,7 +14,7 @@ from huggingface_hub import constants, get_session, try_to_load_from_cache
 from torch import nn
 from transformers import PreTrainedModel
 
-from minivlm import distributed
+from minivlm import distributed, packing
 from minivlm.batches import check_images, check_video
 from minivlm.config import Config, ConfigError
 from minivlm.load import float_weights, load_pretrained
@@ -130,6 +130,7 @@ def load_processor(cfg: Config) -> object:
         raise ConfigError(f"model.processor: {family.NAME}'s processor has no {', '.join(unknown)}; {known}")
     check_images(family, cfg.data.max_images, "data.max_images is")
     check_video(family, cfg)
+    packing.check(family, cfg)
     video = {"video_resolution": cfg.model.video_processor} if hasattr(family, "VIDEO_RESOLUTION") else {}
     try:
         # The model classes are the families' own transformers classes; remote code can only

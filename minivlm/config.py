@@ -89,6 +89,12 @@ class DataConfig:
     # that does not fit on disk; needs train.max_steps (a stream has no length). See steps.StreamSteps.
     streaming: bool = False
     shuffle_buffer: int = 1000  # data.streaming: rows a stream is shuffled within (datasets' buffer); 0 = in order
+    # Batches of alike lengths: each epoch's shuffle cut into groups of 50 micro-batches, each group
+    # sorted by sample length, so that a micro-batch pads little (steps.grouped_batches).
+    group_by_length: bool = False
+    length_column: str = ""  # data.group_by_length: a column holding each row's length; "" = measured once
+    # A micro-batch's samples end to end in one row, nothing padded (TRL's padding_free; packing.py).
+    packing: bool = False
     workers: int = 0  # DataLoader processes preparing the next steps' batches while this one trains; 0 = inline
     eval_samples: int = 0  # 0 = the whole eval split
     metric: str = "accuracy"  # how answers are scored: see minivlm/metrics.py
@@ -329,6 +335,14 @@ def validate(cfg: Config) -> None:
         (not cfg.data.streaming or not cfg.data.eval_split or cfg.data.eval_samples > 0, "data.eval_samples",
          "must be set with data.streaming = true and a data.eval_split: the eval split's first data.eval_samples "
          "rows are read into memory once and scored at every evaluation (e.g. 500)"),
+        (not (cfg.data.group_by_length and cfg.data.streaming), "data.group_by_length",
+         "needs every row's length before the epoch starts, and a stream (data.streaming = true) is read in "
+         "order; set one of them false"),
+        (not cfg.data.length_column or cfg.data.group_by_length, "data.length_column",
+         "is read only with data.group_by_length = true; set that too, or leave the column empty"),
+        (not (cfg.data.packing and cfg.train.objective == "grpo"), "data.packing",
+         "is for train.objective = \"sft\" and \"dpo\": GRPO scores left-padded prompts and the padding after "
+         "each completion's end; set data.packing = false"),
         (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0 (0 = the stream's own order)"),
         (cfg.train.save_every >= 0, "train.save_every", "must be >= 0 (0 = only at the end)"),
         (cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0 = keep every save)"),

@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from minivlm.build import Built
 from minivlm.config import Config
 from minivlm.modules import replace_module
+from minivlm.packing import pack
 from minivlm.precision import autocast, logits_of
 
 
@@ -94,8 +95,12 @@ def answer_log_probs(cfg: Config, built: Built, batch: dict[str, torch.Tensor], 
                      targets: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
     """(n,) fp32 log π(target) at the n positions `at` marks ((batch, seq) bool), in row-major
     order, the order of `targets`. `model`: the module to call, if not built.model (its
-    DistributedDataParallel wrapper in training)."""
+    DistributedDataParallel wrapper in training). With data.packing the rows are joined first
+    (packing.py): `at` must mark real tokens only, as SFT's and DPO's answer positions do."""
     targets = targets.to(built.device)
+    if cfg.data.packing:  # the rows end to end, unpadded (packing.py); `at` marks real tokens only
+        at = at[batch["attention_mask"].bool().to(at.device)][None]
+        batch = pack(built, batch)
     chunk = logits_chunk(cfg)
     if not chunk:
         return log_probs(logits_of(cfg, built, batch, at=at, model=model), targets)

@@ -219,10 +219,12 @@ class Run:
 
 class Meter:
     """Throughput since the run (re)started: samples and tokens per second (image tokens count,
-    padding not; every rank's), and the model FLOPs utilisation on a GPU whose peak is known."""
+    padding not; every rank's), the share of the step's positions that were padding (none with
+    data.packing; where the batches say), and the model FLOPs utilisation on a GPU whose peak is known."""
 
     def __init__(self, cfg: Config, built: Built, objective: ModuleType):
         self.device, self.samples, self.tokens = built.device, 0, 0
+        self.packed = cfg.data.packing
         self.peak = peak_flops_per_s(built.device, cfg)
         self.flops_per_token = train_flops_per_token(built, cfg.train.gradient_checkpointing, objective.EXTRA_FORWARDS)
         self.t0 = time.perf_counter()
@@ -231,10 +233,15 @@ class Meter:
         """`tokens`: what the step's forwards ran over, every rank's, where its batches do not say
         (GRPO's batches are prompts; its forwards run over the sampled completions too)."""
         self.samples += sum(len(idx) for idx in window)
-        self.tokens += tokens if tokens is not None else int(distributed.total(
-            sum(int(b["attention_mask"].sum()) for b in batches), self.device))
+        padding = {}
+        if tokens is None:
+            real, positions = distributed.totals([sum(int(b["attention_mask"].sum()) for b in batches),
+                                                  sum(b["attention_mask"].numel() for b in batches)], self.device)
+            tokens, padding = int(real), {"padding": 0.0 if self.packed else 1 - real / max(positions, 1)}
+        self.tokens += tokens
         seconds = time.perf_counter() - self.t0
-        speed = {"seconds": seconds, "samples_per_s": self.samples / seconds, "tokens_per_s": self.tokens / seconds}
+        speed = {"seconds": seconds, "samples_per_s": self.samples / seconds, "tokens_per_s": self.tokens / seconds,
+                 **padding}
         if self.peak:  # the share of the GPU's peak the step's math used
             speed["mfu"] = speed["tokens_per_s"] * self.flops_per_token / self.peak
         return speed

@@ -96,6 +96,7 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
+from minivlm import packing
 from minivlm.batches import check_images, check_video
 from minivlm.build import DTYPES, check_model_source, is_hub_id
 from minivlm.config import Config, ConfigError
@@ -407,6 +408,7 @@ def plan_memory(cfg: Config, answer_tokens: int = 32, ranks: int = 1, rows_per_s
     # image processor the run builds (models/processor.py).
     check_images(family, cfg.data.max_images, "data.max_images is")
     check_video(family, cfg)
+    packing.check(family, cfg)
     preprocessor = _preprocessor(source)
     layout = per_sample(family.layout(model, {**preprocessor, **cfg.model.processor}), cfg.data.max_images)
     if cfg.data.video_column:

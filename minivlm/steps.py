@@ -1,6 +1,7 @@
 """Which samples each optimizer step trains on, and how many steps a run has.
 
-An epoch is a shuffle of the training split, a pure function of (seed, epoch); a step is
+An epoch is a shuffle of the training split, a pure function of (seed, epoch) (with
+data.group_by_length, of the samples' lengths too: grouped_batches); a step is
 `grad_accum` micro-batches of it, and under torchrun each micro-batch is world_size × batch_size
 samples, of which each rank takes its slice. So any step can be rebuilt from its number alone:
 a resumed run starts at its step, and DataLoader workers can prepare steps in any process.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import NamedTuple
@@ -26,6 +29,7 @@ import torch
 from minivlm.batches import collate
 from minivlm.config import ConfigError, DataConfig, TrainConfig
 from minivlm.data import Rows, first_rows, identity, skipped_count, skipped_since, undecoded
+from minivlm.distributed import is_main
 from minivlm.models import get_family
 
 
@@ -61,6 +65,53 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+GROUP = 50  # micro-batches sorted together by data.group_by_length: the transformers Trainer's mega-batch
+
+
+def grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """data.group_by_length's index batches for one epoch: epoch_batches' shuffle, cut into groups
+    of GROUP micro-batches, each group sorted longest first and cut into micro-batches, so that
+    a micro-batch holds samples of about one length and pads little. The micro-batches are then
+    shuffled (the same generator: still a function of (seed, epoch) only), the short one at the
+    epoch's end kept last, and the one holding the longest sample put first, so that a run that
+    will run out of memory does so at its first step (as the transformers Trainer's
+    LengthGroupedSampler does)."""
+    n = len(lengths)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    span = batch_size * GROUP
+    ordered = [i for s in range(0, n, span) for i in sorted(order[s:s + span], key=lambda i: -lengths[i])]
+    batches = [ordered[i:i + batch_size] for i in range(0, n, batch_size)]
+    full = n // batch_size
+    batches = [batches[k] for k in torch.randperm(full, generator=g).tolist()] + batches[full:]
+    if full:
+        longest = max(range(full), key=lambda k: max(lengths[i] for i in batches[k]))
+        batches[0], batches[longest] = batches[longest], batches[0]
+    return batches
+
+
+def sample_lengths(ds: datasets.Dataset, cfg: DataConfig, family: str, processor,
+                   collate_fn: Callable = collate) -> list[int]:
+    """Each row's length in tokens, for data.group_by_length: data.length_column's numbers, or
+    measured once by collating every row alone (its longest row: DPO's pair is two), 0 for a
+    row that is skipped. Measuring decodes and processes every image once, as the first epoch will;
+    a large set is better given a length column."""
+    if cfg.length_column:
+        if cfg.length_column not in ds.column_names:
+            raise ConfigError(f"data.length_column = {cfg.length_column!r} is not a column of the training split "
+                              f"(its columns: {', '.join(ds.column_names)}); name one, or leave it empty to measure")
+        return [int(length) for length in ds[cfg.length_column]]
+    module, t0 = get_family(family), time.perf_counter()
+    with warnings.catch_warnings():  # a dropped row warns when it is trained on, not here too
+        warnings.simplefilter("ignore")
+        masks = [collate_fn(ds, [i], cfg, module, processor)["attention_mask"] for i in range(len(ds))]
+    lengths = [int(mask.sum(1).max()) if len(mask) else 0 for mask in masks]
+    if is_main():
+        print(f"data.group_by_length: measured the lengths of {len(ds)} samples in {time.perf_counter() - t0:.1f} s "
+              "(data.length_column skips this)")
+    return lengths
+
+
 def steps_per_epoch(n: int, batch_size: int, grad_accum: int) -> int:
     return math.ceil(math.ceil(n / batch_size) / grad_accum)
 
@@ -94,8 +145,9 @@ class TrainSteps(torch.utils.data.Dataset):
 
     def __init__(self, ds: datasets.Dataset, cfg: DataConfig, family: str, processor, batch_size: int,
                  grad_accum: int, seed: int, first: int, last: int, world_size: int = 1, rank: int = 0,
-                 collate_fn: Callable | None = None, repeat: int = 1):
+                 collate_fn: Callable | None = None, repeat: int = 1, lengths: list[int] | None = None):
         self.ds, self.cfg, self.family, self.processor = ds, cfg, family, processor
+        self.lengths = lengths  # data.group_by_length's (sample_lengths), else None
         self.collate = collate_fn or collate  # dpo.collate_pairs for preference pairs
         self.batch_size, self.grad_accum, self.seed, self.first, self.last = batch_size, grad_accum, seed, first, last
         self.world_size, self.rank, self.repeat = world_size, rank, repeat
@@ -110,7 +162,9 @@ class TrainSteps(torch.utils.data.Dataset):
         served, again = divmod(step, self.repeat)  # the window's number, and whether it repeats
         epoch, offset = divmod(served, self.per_epoch)
         if self._order[0] != epoch:
-            self._order = (epoch, epoch_batches(len(self.ds), self.batch_size * self.world_size, self.seed, epoch))
+            width = self.batch_size * self.world_size
+            self._order = (epoch, epoch_batches(len(self.ds), width, self.seed, epoch) if self.lengths is None
+                           else grouped_batches(self.lengths, width, self.seed, epoch))
         window = self._order[1][offset * self.grad_accum:(offset + 1) * self.grad_accum]
         if again:
             return Step(step, epoch, window, [], {}, None)
@@ -223,8 +277,9 @@ def train_loader(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfi
         steps = StreamSteps(ds, cfg, family, processor, batch_size, grad_accum, seed, first, last, resume_at,
                             world_size, rank, collate_fn, repeat)
     else:
+        lengths = sample_lengths(ds, cfg, family, processor, collate_fn or collate) if cfg.group_by_length else None
         steps = TrainSteps(ds, cfg, family, processor, batch_size, grad_accum, seed, first, last, world_size, rank,
-                           collate_fn, repeat)
+                           collate_fn, repeat, lengths)
     # Its own generator: a DataLoader draws a seed for its workers when iterated, and from the
     # global RNG that would shift every dropout mask after it (and break exact resume).
     return torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=cfg.workers,

@@ -13,7 +13,7 @@ from minivlm.config import ConfigError, DataConfig
 from conftest import tiny_config
 from minivlm.batches import collate, random_resized_crop
 from minivlm.data import answer_of, load_split, prompt_of, required_columns, rows_of, to_rgb
-from minivlm.steps import StreamSteps, epoch_batches, steps_per_epoch, train_loader
+from minivlm.steps import GROUP, StreamSteps, TrainSteps, epoch_batches, grouped_batches, steps_per_epoch, train_loader
 from minivlm.models import paligemma
 
 
@@ -88,6 +88,64 @@ def test_epoch_batches_cover_every_sample_once_and_reshuffle():
     assert first == epoch_batches(10, 3, seed=0, epoch=0)
     assert first != epoch_batches(10, 3, seed=0, epoch=1)
     assert steps_per_epoch(10, 3, 2) == 2
+
+
+def padded_share(batches: list[list[int]], lengths: list[int]) -> float:
+    """The share of a padded batch's positions that are padding, over an epoch's `batches`."""
+    return 1 - sum(lengths) / sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def test_grouped_batches_hold_alike_lengths_and_are_an_epoch_of_their_own_seed():
+    lengths = torch.randint(10, 500, (1003,), generator=torch.Generator().manual_seed(0)).tolist()
+    grouped = grouped_batches(lengths, 4, seed=0, epoch=0)
+    assert sorted(i for b in grouped for i in b) == list(range(1003))  # every sample once
+    assert [len(b) for b in grouped] == [4] * 250 + [3]  # the short batch still last
+    assert grouped == grouped_batches(lengths, 4, seed=0, epoch=0)  # a function of (seed, epoch): exact resume
+    assert grouped != grouped_batches(lengths, 4, seed=0, epoch=1) != grouped_batches(lengths, 4, seed=1, epoch=0)
+    # the longest sample's batch first: a run that runs out of memory does so at step 1
+    assert max(lengths[i] for i in grouped[0]) == max(lengths)
+    plain = epoch_batches(1003, 4, seed=0, epoch=0)
+    assert padded_share(grouped, lengths) < 0.02 < 0.3 < padded_share(plain, lengths)
+    # alike lengths come from within a group of GROUP batches of the epoch's shuffle, not the whole
+    # split sorted: the shortest and longest samples do not always share a step with their likes
+    order = torch.randperm(1003, generator=torch.Generator().manual_seed(0 * 100_003 + 0)).tolist()
+    groups = [set(order[s:s + 4 * GROUP]) for s in range(0, 1003, 4 * GROUP)]
+    assert all(any(set(b) <= g for g in groups) for b in grouped)
+    # and the batches' order is shuffled: not one group after another, longest to shortest
+    assert sum(max(lengths[i] for i in a) > max(lengths[i] for i in b) for a, b in zip(grouped, grouped[1:])) < 200
+
+
+def test_grouped_steps_split_over_ranks_as_one_process_batch(tmp_path):
+    """Under torchrun every rank orders the epoch alike from the same lengths, and rank r collates
+    the r-th slice of each micro-batch: 2 ranks × batch 2 train on one process's batches of 4."""
+    lengths = [(7 * i) % 23 for i in range(40)]
+    cfg = DataConfig()
+
+    def take(ds, idx, *rest):
+        return {"idx": idx}
+    ranks = [TrainSteps(list(range(40)), cfg, "paligemma", None, 2, 1, 0, 0, 10, 2, r, take, 1, lengths)
+             for r in range(2)]
+    one = grouped_batches(lengths, 4, 0, 0)
+    for k in range(10):
+        a, b = ranks[0][k], ranks[1][k]
+        assert a.window == b.window == [one[k]]
+        assert a.batches[0]["idx"] + b.batches[0]["idx"] == one[k]
+
+
+def test_group_by_length_measures_lengths_or_reads_a_column(tiny_paligemma, shapes_data, tmp_path):
+    from minivlm.steps import sample_lengths
+    cfg = tiny_config(tiny_paligemma, shapes_data, tmp_path)
+    processor = paligemma.load_processor(str(tiny_paligemma))
+    ds = load_split(cfg.data, "train")
+    measured = sample_lengths(ds, cfg.data, "paligemma", processor)
+    assert measured == [int(collate(ds, [i], cfg.data, paligemma, processor)["attention_mask"].sum()) for i in range(len(ds))]
+    assert len(set(measured)) > 1  # answers of different lengths
+    cfg.data.length_column = "answer"
+    with pytest.raises(ConfigError, match="not a column"):
+        sample_lengths(ds.remove_columns("answer"), cfg.data, "paligemma", processor)
+    numbered = ds.add_column("n", list(range(len(ds), 0, -1)))
+    cfg.data.length_column = "n"
+    assert sample_lengths(numbered, cfg.data, "paligemma", processor) == list(range(len(ds), 0, -1))
 
 
 def test_answers_the_tokenizer_cannot_spell_are_counted_and_shown(tiny_idefics2, tiny_paligemma, tmp_path):

@@ -131,12 +131,14 @@ def test_batch4_accum1_equals_batch1_accum4(tiny_paligemma, shapes_data, tmp_pat
     assert not all(torch.allclose(naive[n], one_batch[n], rtol=1e-3, atol=1e-6) for n in one_batch)
 
 
-@pytest.mark.parametrize("streaming,lora", [(False, {}), (True, {}), (False, {"use_dora": True}),
-                                            (False, {"init": "loftq"})], ids=["map", "stream", "dora", "loftq"])
-def test_resume_n_plus_n_equals_2n(tiny_paligemma, shapes_data, tmp_path, monkeypatch, streaming, lora):
+@pytest.mark.parametrize("streaming,lora,data", [
+    (False, {}, {}), (True, {}, {}), (False, {"use_dora": True}, {}), (False, {"init": "loftq"}, {}),
+    (False, {}, {"group_by_length": True, "packing": True})], ids=["map", "stream", "dora", "loftq", "grouped"])
+def test_resume_n_plus_n_equals_2n(tiny_paligemma, shapes_data, tmp_path, monkeypatch, streaming, lora, data):
     """A run killed right after its step-4 checkpoint, resumed, ends bit-identical to an unbroken run;
     reading a stream too (data.streaming), whose save says where to read on; with DoRA's magnitudes
-    saved and restored, and with LoftQ's start (W_res, B₀A₀) made again from W by the resumed build."""
+    saved and restored, with LoftQ's start (W_res, B₀A₀) made again from W by the resumed build,
+    and with batches grouped by length (the same grouping, from the lengths measured again) and packed."""
     def cfg_for(out):
         # r=64 makes some adapters >= 4096 values, so bitsandbytes keeps their Adam moments in
         # 8 bits (with shared quantization maps): the state that is hardest to save and restore.
@@ -148,6 +150,8 @@ def test_resume_n_plus_n_equals_2n(tiny_paligemma, shapes_data, tmp_path, monkey
         cfg.data.streaming, cfg.data.eval_samples = streaming, 8
         for key, value in lora.items():
             setattr(cfg.lora, key, value)
+        for key, value in data.items():
+            setattr(cfg.data, key, value)
         return cfg
 
     # 24 samples = 6 steps per epoch: crosses an epoch
@@ -476,6 +480,9 @@ def test_log_reports_tokens_per_second_counting_real_tokens(tiny_paligemma, shap
     last = records[-1]
     assert last["tokens_per_s"] / last["samples_per_s"] == pytest.approx(tokens / 15, rel=1e-9)
     assert "mfu" not in last  # only on a GPU with a known peak
+    # the step's padding: the share of its batch's positions that no sample filled
+    padding = 1 - int(batches[-1]["attention_mask"].sum()) / batches[-1]["attention_mask"].numel()
+    assert last["padding"] == pytest.approx(padding, rel=1e-9) and padding > 0
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -11,6 +11,10 @@ A family module provides:
   VISION_BLOCKS     the vision tower's transformer blocks: lora.vision adapts every linear inside
   RESOLUTION        the processor's resolution controls that model.processor may set (processor.py)
   MODEL_RESOLUTION  (optional) those of them the model's config holds too, set on both
+  PACKING           whether data.packing may join its samples into one row (packing.py): True where its
+                    attention within a sample follows from positions alone (tests/test_packing.py)
+  rope_positions(model, batch)  (optional) its own rotary positions of a padded batch, (k, rows, seq),
+                    where they do not simply count up (Qwen-VL's M-RoPE); packing.py restarts them per sample
   load_processor(path, trust_remote_code, **resolution)      -> the family's real processor
   training_batch(processor, images, dialogs, system)          -> tensors incl. labels (-100 = no loss)
   generation_batch(processor, images, prompts, system)       -> left-padded tensors for model.generate

@@ -19,6 +19,7 @@ NAME = "InternVL"
 MODEL_CLASS = InternVLForConditionalGeneration
 CHAT = True  # a chat template: a system turn and multi-turn dialogs
 MAX_IMAGES = None  # any number per sample, each where its <image> marker stands
+PACKING = True  # data.packing (packing.py): samples end to end in one row
 QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_tower", "multi_modal_projector"]  # the ViT's attention has q/k/v_proj too

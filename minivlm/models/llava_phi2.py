@@ -165,6 +165,7 @@ NAME = "LLaVA-Phi-2"
 MODEL_CLASS = LlavaPhi
 CHAT = True  # a chat template: a system turn and multi-turn dialogs
 MAX_IMAGES = 1  # the LLaVA-1.5 recipe: one image per conversation
+PACKING = True  # data.packing (packing.py): samples end to end in one row
 QUANT_SKIP = ["vision_tower", "projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 LORA_SKIP = ["vision_tower", "projector"]

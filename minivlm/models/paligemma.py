@@ -23,6 +23,7 @@ NAME = "PaliGemma"
 MODEL_CLASS = PaliGemmaForConditionalGeneration
 CHAT = False  # no chat template: one question per sample, no system turn (batches.check_samples)
 MAX_IMAGES = 1  # pretrained and transferred with one image per prefix
+PACKING = True  # data.packing (packing.py): each prefix attends within its own sample
 QUANT_SKIP = ["vision_tower", "multi_modal_projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SKIP = ["vision_tower", "multi_modal_projector"]

@@ -36,6 +36,7 @@ RESOLUTION = ("min_pixels", "max_pixels")  # h·w bounds of each image, in pixel
 END_OF_TURN = "<|im_end|>"
 
 VIDEO_RESOLUTION = ("min_pixels", "max_pixels")  # h·w bounds of each video frame, in pixels
+PACKING = True  # data.packing: samples end to end in one row, M-RoPE positions per sample (rope_positions)
 
 
 class VideoFrames(processor.StandIn):
@@ -96,6 +97,15 @@ load_processor = partial(processor.load, parts=Qwen2_5_VLProcessor, video=VideoF
 training_batch = partial(chat.training_batch, end_of_turn=END_OF_TURN)
 generation_batch = chat.generation_batch
 skeleton = partial(from_config, MODEL_CLASS)
+
+
+def rope_positions(model: Qwen2_5_VLForConditionalGeneration, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(3, rows, seq) M-RoPE positions of a padded batch, each row's from its own 0: transformers'
+    get_rope_index, which the model calls itself when given no position_ids (packing.py gives it some)."""
+    media = {key: batch[key] for key in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if key in batch}
+    positions, _ = model.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                              attention_mask=batch["attention_mask"], **media)
+    return positions
 
 
 def image_tokens(vision, preprocessor: dict) -> tuple[int, str]:

@@ -8,9 +8,9 @@ from functools import partial
 from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
 from minivlm.models import Layout, from_config, processor
-from minivlm.models.qwen2_5_vl import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGETS, MAX_IMAGES,  # noqa: F401
+from minivlm.models.qwen2_5_vl import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGETS, MAX_IMAGES, PACKING,  # noqa: F401
                                        QUANT_SKIP, RESOLUTION, VIDEO_RESOLUTION, VISION_BLOCKS, VideoFrames,
-                                       generation_batch, image_tokens, training_batch, video_tokens)
+                                       generation_batch, image_tokens, rope_positions, training_batch, video_tokens)
 
 NAME = "Qwen2-VL"
 MODEL_CLASS = Qwen2VLForConditionalGeneration

@@ -27,9 +27,9 @@ from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor, smart_resize
 
 from minivlm.models import from_config, processor, qwen2_5_vl
-from minivlm.models.qwen2_5_vl import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGETS, MAX_IMAGES, QUANT_SKIP,  # noqa: F401
-                                       RESOLUTION, VIDEO_RESOLUTION, VISION_BLOCKS, generation_batch, layout,
-                                       training_batch)
+from minivlm.models.qwen2_5_vl import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGETS, MAX_IMAGES,  # noqa: F401
+                                       PACKING, QUANT_SKIP, RESOLUTION, VIDEO_RESOLUTION, VISION_BLOCKS,
+                                       generation_batch, layout, rope_positions, training_batch)
 
 NAME = "Qwen3-VL"
 MODEL_CLASS = Qwen3VLForConditionalGeneration

@@ -14,8 +14,8 @@ from transformers import Idefics3ForConditionalGeneration
 
 from minivlm.models import Layout, from_config
 
-from minivlm.models.idefics2 import (END_OF_TURN, LORA_SKIP, LORA_TARGETS, MAX_IMAGES, QUANT_SKIP,  # noqa: F401
-                                     VISION_BLOCKS, generation_batch, load_processor, training_batch)
+from minivlm.models.idefics2 import (END_OF_TURN, LORA_SKIP, LORA_TARGETS, MAX_IMAGES,  # noqa: F401
+                                     PACKING, QUANT_SKIP, VISION_BLOCKS, generation_batch, load_processor, training_batch)
 
 NAME = "SmolVLM"
 MODEL_CLASS = Idefics3ForConditionalGeneration

@@ -18,8 +18,8 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.video_utils import VideoMetadata
 
 from minivlm.models import from_config, processor
-from minivlm.models.smolvlm import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGETS, MAX_IMAGES, QUANT_SKIP,  # noqa: F401
-                                    RESOLUTION, VISION_BLOCKS, generation_batch, layout, training_batch)
+from minivlm.models.smolvlm import (CHAT, END_OF_TURN, LORA_SKIP, LORA_TARGETS, MAX_IMAGES, PACKING,  # noqa: F401
+                                    QUANT_SKIP, RESOLUTION, VISION_BLOCKS, generation_batch, layout, training_batch)
 
 NAME = "SmolVLM2"
 MODEL_CLASS = SmolVLMForConditionalGeneration
