@@ -425,6 +425,33 @@ def run_peft(spec: dict) -> dict:
 SIDES = {"minivlm": run_minivlm, "peft": run_peft}
 
 
+def rss_bytes() -> tuple[int, int]:
+    """(current RSS, peak RSS) of this process, in bytes."""
+    current = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """`with PeakMemory() as peak:` ... `peak.bytes`: the block's peak memory less what was in use
+    before it: torch.cuda.max_memory_allocated on CUDA, else the process's peak RSS (which never
+    comes down: run the block in a fresh process)."""
+
+    def __enter__(self) -> "PeakMemory":
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.before, _ = rss_bytes()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.bytes = (torch.cuda.max_memory_allocated() if self.cuda else rss_bytes()[1]) - self.before
+
+
 def in_fresh_process(fn, *args):
     """fn(*args) in a new spawned interpreter: nothing loaded or allocated carries over between runs.
     (An executor's process, not a multiprocessing.Pool's: a Pool's are daemons, which may not start

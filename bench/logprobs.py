@@ -47,13 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def rss_bytes() -> tuple[int, int]:
-    """(current RSS, peak RSS) of this process, in bytes."""
-    import resource
-    current = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def measure(model_dir: str, rows: int, length: int, chunk: int) -> dict:
     import torch
     from PIL import Image
@@ -61,6 +54,7 @@ def measure(model_dir: str, rows: int, length: int, chunk: int) -> dict:
     from minivlm.batches import answer_positions
     from minivlm.build import build
     from minivlm.config import from_dict
+    from bench.compare import PeakMemory
     from minivlm.logprobs import answer_log_probs
 
     cuda = torch.cuda.is_available()
@@ -79,20 +73,14 @@ def measure(model_dir: str, rows: int, length: int, chunk: int) -> dict:
     def step() -> None:
         answer_log_probs(cfg, built, batch, answer_positions(batch), targets).sum().backward()
 
-    if cuda:
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        before, _ = rss_bytes()
-    step()
-    peak = (torch.cuda.max_memory_allocated() if cuda else rss_bytes()[1]) - before
+    with PeakMemory() as peak:
+        step()
     built.model.zero_grad()
     start = time.perf_counter()
     step()
     if cuda:
         torch.cuda.synchronize()
-    return {"chunk": chunk, "answer_tokens": len(targets), "peak_bytes": peak,
+    return {"chunk": chunk, "answer_tokens": len(targets), "peak_bytes": peak.bytes,
             "seconds": time.perf_counter() - start}
 
 

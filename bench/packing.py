@@ -86,17 +86,11 @@ def widened(hidden: int, out: Path) -> Path:
     return out
 
 
-def rss_bytes() -> tuple[int, int]:
-    """(current RSS, peak RSS) of this process, in bytes."""
-    import resource
-    current = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def measure(model: str, data: str, mode: str, batch_size: int, max_pixels: int = 40000) -> dict:
     """One epoch of `data` in one of MODES, on the GPU if there is one; the figures of the docstring."""
     import torch
 
+    from bench.compare import PeakMemory
     from minivlm.build import build
     from minivlm.config import from_dict
     from minivlm.data import load_split
@@ -114,19 +108,13 @@ def measure(model: str, data: str, mode: str, batch_size: int, max_pixels: int =
                       "device": "cuda" if cuda else "cpu", "save_every": 0}})
         built = build(cfg)
         ds = load_split(cfg.data, "train")
-        if cuda:
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            before, _ = rss_bytes()
         start = time.perf_counter()
-        train(cfg, built, sft, ds)
+        with PeakMemory() as peak:
+            train(cfg, built, sft, ds)
         seconds = time.perf_counter() - start
-        peak = (torch.cuda.max_memory_allocated() if cuda else rss_bytes()[1]) - before
         log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     return {"mode": mode, "steps": len(log), "padding": statistics.mean(r["padding"] for r in log),
-            "tokens_per_s": log[-1]["tokens_per_s"], "seconds": seconds, "peak_bytes": peak,
+            "tokens_per_s": log[-1]["tokens_per_s"], "seconds": seconds, "peak_bytes": peak.bytes,
             "losses": [r["loss"] for r in log]}
 
 

@@ -14,6 +14,7 @@ from types import ModuleType
 import datasets
 import torch
 from PIL import Image
+from transformers import DynamicCache
 
 from minivlm import distributed
 from minivlm.build import DTYPES, Built
@@ -35,10 +36,49 @@ def generated(cfg: Config, built: Built, batch: dict[str, torch.Tensor], **setti
     model = built.model
     was_training = model.training
     model.eval()
+    inputs = model_inputs(batch, built.device, DTYPES[cfg.model.dtype])
+    group = settings.pop("num_return_sequences", 1)
     with autocast(cfg, built.device):
-        out = model.generate(**model_inputs(batch, built.device, DTYPES[cfg.model.dtype]), use_cache=True, **settings)
+        if group > 1 and getattr(built.family, "PREFILL_ONCE", True):
+            inputs = prefilled_once(model, inputs, group)
+        elif group > 1:
+            settings["num_return_sequences"] = group
+        out = model.generate(**inputs, use_cache=True, **settings)
     model.train(was_training)
     return out[:, batch["input_ids"].shape[1]:]
+
+
+def prefilled_once(model: torch.nn.Module, inputs: dict[str, torch.Tensor], group: int) -> dict:
+    """generate's inputs for `group` completions of each prompt, the prompts run through the model once.
+
+    generate(num_return_sequences=G) copies every prompt G times before its first forward:
+    transformers encodes each image once (mm_encoder_outputs) but the decoder prefills each prompt
+    G times, image tokens included (PaliGemma's 256). Here generate prefills the prompts alone (one
+    greedy token, dropped: no random draw), their KV cache is copied G times in generate's order (a
+    prompt's G rows together), and generate goes on from it. The cache gives up the last prompt
+    token, which generate runs again for the first logits: its keys and values come out the same,
+    as in the prefill it attended to every prompt token too (in PaliGemma's bidirectional prefix
+    as well). Sliding-window layers record their past for that (transformers drops what leaves the
+    window). The images' tensors stay out (the cache holds what they made); the per-token ones (ids,
+    mask, token types) are copied, and so is what transformers keeps on the model between prefill
+    and decoding: Qwen-VL's per-row M-RoPE offset (rope_deltas).
+    """
+    ids = inputs["input_ids"]
+    cache = DynamicCache(config=model.config.get_text_config())
+    for layer in cache.layers:
+        if hasattr(layer, "activate_past_recording"):
+            layer.activate_past_recording()
+    prefill = model.generate(**inputs, past_key_values=cache, max_new_tokens=1, do_sample=False, use_cache=True,
+                             return_dict_in_generate=True)
+    cache = prefill.past_key_values
+    cache.crop(-1)
+    cache.batch_repeat_interleave(group)
+    for module in model.modules():
+        if isinstance(getattr(module, "rope_deltas", None), torch.Tensor):
+            module.rope_deltas = module.rope_deltas.repeat_interleave(group, 0)
+    per_token = {key: value.repeat_interleave(group, 0) for key, value in inputs.items()
+                 if value.shape[:2] == ids.shape}
+    return {**per_token, "past_key_values": cache}
 
 
 def answer(cfg: Config, built: Built, images: list[list[Image.Image]], prompts: list[str]) -> list[str]:

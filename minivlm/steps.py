@@ -58,10 +58,14 @@ def collated_step(parts: TrainSteps | StreamSteps, number: int, epoch: int, rows
     return Step(number, epoch, window, batches, skipped_since(mark), resume_at)
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The random numbers of an epoch's order: a function of (seed, epoch) only, so resume can replay it."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shuffled index batches for one epoch; a function of (seed, epoch) only, so resume can replay it."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
+    """Shuffled index batches for one epoch (epoch_generator's)."""
+    order = torch.randperm(n, generator=epoch_generator(seed, epoch)).tolist()
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
@@ -77,7 +81,7 @@ def grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) 
     will run out of memory does so at its first step (as the transformers Trainer's
     LengthGroupedSampler does)."""
     n = len(lengths)
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    g = epoch_generator(seed, epoch)
     order = torch.randperm(n, generator=g).tolist()
     span = batch_size * GROUP
     ordered = [i for s in range(0, n, span) for i in sorted(order[s:s + span], key=lambda i: -lengths[i])]

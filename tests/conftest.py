@@ -184,3 +184,25 @@ def write_pair_rows(folder: Path, n: int = 4) -> Path:
     path = folder / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def random_b(model: torch.nn.Module, std: float = 0.1, seed: int = 1) -> None:
+    """Every LoRA B drawn at random: at its zero start every A's gradient is zero (a gradient test
+    that could not fail) and the adapters change nothing (a generation test that could not either)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, std)
+
+
+def weighted_log_probs_and_grads(cfg, built, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The answer tokens' log-probabilities (logprobs.answer_log_probs) and every gradient of their
+    weighted sum: each token weighs differently, so tokens or rows mixed up would show."""
+    from minivlm.batches import answer_positions, answer_targets
+    from minivlm.logprobs import answer_log_probs
+
+    built.model.zero_grad()
+    logp = answer_log_probs(cfg, built, batch, answer_positions(batch), answer_targets(batch))
+    (logp * torch.linspace(0.5, 1.5, len(logp))).sum().backward()
+    return logp.detach(), {n: p.grad.clone() for n, p in built.model.named_parameters() if p.grad is not None}

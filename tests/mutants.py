@@ -219,7 +219,7 @@ MUTANTS = [
     m("metrics.cider-sigma", METRICS, "(2 * sigma ** 2)", "(sigma ** 2)", "test_metrics.py"),
 
     # Evaluation.
-    m("evaluate.generates-with-dropout", "minivlm/evaluate.py", "    model.eval()\n    with autocast(", "    model.train()\n    with autocast(",
+    m("evaluate.generates-with-dropout", "minivlm/evaluate.py", "    model.eval()\n    inputs = model_inputs(", "    model.train()\n    inputs = model_inputs(",
       "test_evaluate.py"),
 
     # Data: which tokens carry the loss, and which samples are kept.
@@ -459,6 +459,15 @@ MUTANTS = [
       "test_data.py::test_grouped_steps_split_over_ranks_as_one_process_batch"),
     m("loop.padding-not-logged", "minivlm/loop.py", '"padding": 0.0 if self.packed else 1 - real / max(positions, 1)',
       '"padding": 0.0', "test_loop.py::test_log_reports_tokens_per_second_counting_real_tokens"),
+    m("generate.prompt-copied", "minivlm/evaluate.py", '        if group > 1 and getattr(built.family, "PREFILL_ONCE", True):',
+      "        if False:", "test_evaluate.py::test_a_group_of_completions_prefills_each_prompt_once_and_decodes_as_generate"),
+    m("generate.cache-not-cropped", "minivlm/evaluate.py", "    cache.crop(-1)\n", "",
+      "test_evaluate.py::test_a_group_of_completions_prefills_each_prompt_once_and_decodes_as_generate"),
+    m("generate.rope-deltas-not-copied", "minivlm/evaluate.py",
+      "            module.rope_deltas = module.rope_deltas.repeat_interleave(group, 0)", "            pass",
+      "test_evaluate.py::test_a_group_of_completions_prefills_each_prompt_once_and_decodes_as_generate"),
+    m("generate.sliding-past-dropped", "minivlm/evaluate.py", "            layer.activate_past_recording()", "            pass",
+      "test_evaluate.py::test_a_group_of_completions_prefills_each_prompt_once_and_decodes_as_generate"),
 ]
 
 

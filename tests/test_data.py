@@ -13,7 +13,8 @@ from minivlm.config import ConfigError, DataConfig
 from conftest import tiny_config
 from minivlm.batches import collate, random_resized_crop
 from minivlm.data import answer_of, load_split, prompt_of, required_columns, rows_of, to_rgb
-from minivlm.steps import GROUP, StreamSteps, TrainSteps, epoch_batches, grouped_batches, steps_per_epoch, train_loader
+from minivlm.steps import (GROUP, StreamSteps, TrainSteps, epoch_batches, epoch_generator, grouped_batches,
+                           steps_per_epoch, train_loader)
 from minivlm.models import paligemma
 
 
@@ -108,7 +109,7 @@ def test_grouped_batches_hold_alike_lengths_and_are_an_epoch_of_their_own_seed()
     assert padded_share(grouped, lengths) < 0.02 < 0.3 < padded_share(plain, lengths)
     # alike lengths come from within a group of GROUP batches of the epoch's shuffle, not the whole
     # split sorted: the shortest and longest samples do not always share a step with their likes
-    order = torch.randperm(1003, generator=torch.Generator().manual_seed(0 * 100_003 + 0)).tolist()
+    order = torch.randperm(1003, generator=epoch_generator(0, 0)).tolist()  # the epoch's shuffle
     groups = [set(order[s:s + 4 * GROUP]) for s in range(0, 1003, 4 * GROUP)]
     assert all(any(set(b) <= g for g in groups) for b in grouped)
     # and the batches' order is shuffled: not one group after another, longest to shortest

@@ -10,10 +10,10 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import tiny_config
-from minivlm.batches import answer_positions, answer_targets
+from conftest import random_b, tiny_config, weighted_log_probs_and_grads
+from minivlm.batches import answer_positions
 from minivlm.build import build
-from minivlm.logprobs import answer_log_probs, log_probs
+from minivlm.logprobs import log_probs
 from tiny import ARCHITECTURES
 
 FAMILIES = ["paligemma", "idefics2", "smolvlm", "idefics", "llava_phi2", *ARCHITECTURES]
@@ -31,11 +31,7 @@ def built_and_batch(path, tmp_path, family: str):
     zero: a gradient test that could not fail), and a two-sample training batch."""
     cfg = tiny_config(path, tmp_path, tmp_path / "run", family=family)
     built = build(cfg)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in built.model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.1)
+    random_b(built.model)
     images = [[Image.new("RGB", (32, 32), (200, 40, 40))], [Image.new("RGB", (40, 32), (40, 40, 200))]]
     batch = built.family.training_batch(built.processor, images, [[("what color is the shape", "red")],
                                                                   [("where is it", "top left")]])
@@ -44,11 +40,7 @@ def built_and_batch(path, tmp_path, family: str):
 
 def log_probs_and_grads(cfg, built, batch: dict, chunk: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     cfg.train.logits_chunk = chunk
-    built.model.zero_grad()
-    logp = answer_log_probs(cfg, built, batch, answer_positions(batch), answer_targets(batch))
-    # Weighted, so that each token's gradient counts differently: rows mixed up would show.
-    (logp * torch.linspace(0.5, 1.5, len(logp))).sum().backward()
-    return logp.detach(), {n: p.grad.clone() for n, p in built.model.named_parameters() if p.grad is not None}
+    return weighted_log_probs_and_grads(cfg, built, batch)
 
 
 def assert_chunks_equal_full(cfg, built, batch) -> None:

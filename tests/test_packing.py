@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import random_b, tiny_config, weighted_log_probs_and_grads
 from minivlm.batches import answer_positions, answer_targets
 from minivlm.build import build
 from minivlm.config import ConfigError, validate
@@ -26,25 +26,16 @@ DIALOGS = [[("what color is the shape", "red")], [("where is it", "top left")], 
 
 
 def built_for(path, tmp_path, family: str, **train):
-    """The tiny model with LoRA, its B matrices random (at their zero start every A's gradient is
-    zero: a gradient test that could not fail)."""
+    """The tiny model with LoRA, its B matrices random."""
     cfg = tiny_config(path, tmp_path, tmp_path / "run", family=family, **train)
     built = build(cfg)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in built.model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.1)
+    random_b(built.model)
     return cfg, built
 
 
 def log_probs_and_grads(cfg, built, batch: dict, packing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     cfg.data.packing = packing
-    built.model.zero_grad()
-    logp = answer_log_probs(cfg, built, batch, answer_positions(batch), answer_targets(batch))
-    # Weighted, so that each token's gradient counts differently: samples mixed up would show.
-    (logp * torch.linspace(0.5, 1.5, len(logp))).sum().backward()
-    return logp.detach(), {n: p.grad.clone() for n, p in built.model.named_parameters() if p.grad is not None}
+    return weighted_log_probs_and_grads(cfg, built, batch)
 
 
 @pytest.mark.parametrize("family", PACKING)

@@ -13,6 +13,8 @@ A family module provides:
   MODEL_RESOLUTION  (optional) those of them the model's config holds too, set on both
   PACKING           whether data.packing may join its samples into one row (packing.py): True where its
                     attention within a sample follows from positions alone (tests/test_packing.py)
+  PREFILL_ONCE      (optional, default True) False where GRPO's G completions a prompt cannot go on
+                    from one prefill's copied KV cache (evaluate.prefilled_once): generate then copies the prompt
   rope_positions(model, batch)  (optional) its own rotary positions of a padded batch, (k, rows, seq),
                     where they do not simply count up (Qwen-VL's M-RoPE); packing.py restarts them per sample
   load_processor(path, trust_remote_code, **resolution)      -> the family's real processor

@@ -21,6 +21,7 @@ MODEL_CLASS = IdeficsForVisionText2Text
 CHAT = False  # no chat template: one question per sample, no system turn (batches.check_samples)
 MAX_IMAGES = 1  # its processor interleaves more; the captioning recipe has one per sample, and no markers are placed here
 PACKING = False  # its images enter by cross-attention, an image mask per row: rows cannot be joined
+PREFILL_ONCE = False  # GRPO's groups copy the prompt (evaluate.prefilled_once): its gated cross-attention reads the images at every step
 # lm_head and embed_tokens are decoupled layers (extra rows for added tokens) and never quantized.
 QUANT_SKIP = ["vision_model", "perceiver_resampler", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj"]  # in self-attention and in the gated cross-attention

@@ -112,7 +112,8 @@ class LlavaPhi(nn.Module):
                  **kwargs) -> torch.Tensor:
         new = self.language_model.generate(inputs_embeds=self.embed(input_ids, pixel_values),
                                            attention_mask=attention_mask, **kwargs)
-        return torch.cat([input_ids, new], dim=1)  # generate() from embeddings returns only new tokens
+        # generate() from embeddings returns only the new tokens, num_return_sequences rows a prompt
+        return torch.cat([input_ids.repeat_interleave(len(new) // len(input_ids), 0), new], dim=1)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "LlavaPhi":
@@ -166,6 +167,7 @@ MODEL_CLASS = LlavaPhi
 CHAT = True  # a chat template: a system turn and multi-turn dialogs
 MAX_IMAGES = 1  # the LLaVA-1.5 recipe: one image per conversation
 PACKING = True  # data.packing (packing.py): samples end to end in one row
+PREFILL_ONCE = False  # GRPO's groups copy the prompt (evaluate.prefilled_once): its own generate embeds the images itself, returns ids only
 QUANT_SKIP = ["vision_tower", "projector", "lm_head", "embed_tokens"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 LORA_SKIP = ["vision_tower", "projector"]

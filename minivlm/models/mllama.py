@@ -21,6 +21,7 @@ MODEL_CLASS = MllamaForConditionalGeneration
 CHAT = True  # a chat template: a system turn and multi-turn dialogs
 MAX_IMAGES = 1  # the processor takes more, but the checkpoints were tuned on one image per dialog
 PACKING = False  # its images enter by cross-attention, an image mask per row: rows cannot be joined
+PREFILL_ONCE = False  # GRPO's groups copy the prompt (evaluate.prefilled_once): its cross-attention mask grows each step from the prompt's
 QUANT_SKIP = ["vision_model", "multi_modal_projector", "lm_head", "embed_tokens"]
 # The cross-attention layers' q/k/v/o_proj are adapted too, as the self-attention ones.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -31,8 +31,9 @@ same however the window is split.
 A step (backward_window), for the train.batch_size prompts of each micro-batch ([grpo] keys):
 
   1. sample num_generations completions per prompt with the policy in eval mode (sample); the
-     image goes through the processor and the vision tower once per prompt (the forwards of
-     steps 3 and 4 take it once per completion: scoring_batch repeats the prompts' inputs);
+     prompt goes through the processor, the vision tower and the decoder once per prompt
+     (evaluate.prefilled_once; the forwards of steps 3 and 4 take it once per completion:
+     scoring_batch repeats the prompts' inputs);
   2. score them with the rewards (minivlm/rewards.py) and take the group advantages;
   3. with iterations > 1, keep π_old's log-probabilities (a forward without gradient); with
      beta > 0, π_ref's (objectives/reference.py: the adapters off, or train.init_from's);
@@ -141,8 +142,8 @@ def sample(cfg: Config, built: Built, inputs: dict[str, torch.Tensor], group: in
     """`group` completions of each prompt of `inputs` (the family's generation_batch: one row per
     prompt), sampled from the policy in eval mode (no dropout): (their ids, as generated, and the
     mask of each up to and with its first end token), both (prompts × group, length), a prompt's
-    completions in a row. The images go through the vision tower once per prompt: generate
-    expands the prompt's encoded inputs to its `group` rows. A completion cut off at
+    completions in a row. Each prompt goes through the vision tower and the decoder once, and its
+    `group` rows decode from copies of its KV cache (evaluate.prefilled_once). A completion cut off at
     max_new_tokens has no end token and is kept whole."""
     # top_k=0: a checkpoint's generation_config may set top_k (50 by default), which would sample
     # from fewer tokens than top_p and temperature say. The image and video tokens are never
