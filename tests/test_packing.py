@@ -47,7 +47,12 @@ def test_packed_rows_give_each_sample_its_padded_values_and_gradients(family, re
     packed = pack(built, batch)
     assert packed["input_ids"].shape == (1, lengths.sum()) and "attention_mask" not in packed
     padded, padded_grads = log_probs_and_grads(cfg, built, batch, False)
+    rows = []  # what the decoder's embedding reads: one row of every real token, when packed
+    embed = next(m for n, m in built.model.named_modules() if n.endswith(("embed_tokens", "wte")))
+    hook = embed.register_forward_hook(lambda m, args, out: rows.append(tuple(args[0].shape)))
     joined, grads = log_probs_and_grads(cfg, built, batch, True)
+    hook.remove()
+    assert rows[0] == (1, lengths.sum())
     torch.testing.assert_close(joined, padded, rtol=1e-4, atol=1e-5)
     assert grads.keys() == padded_grads.keys() and padded_grads
     for name in grads:
