@@ -68,9 +68,8 @@ def prefilled_once(model: torch.nn.Module, inputs: dict[str, torch.Tensor], grou
     for layer in cache.layers:
         if hasattr(layer, "activate_past_recording"):
             layer.activate_past_recording()
-    prefill = model.generate(**inputs, past_key_values=cache, max_new_tokens=1, do_sample=False, use_cache=True,
-                             return_dict_in_generate=True)
-    cache = prefill.past_key_values
+    cache = model.generate(**inputs, cache=cache, max_new_tokens=1, do_sample=False, use_cache=True,
+                           return_dict_in_generate=True).cache
     cache.crop(-1)
     cache.batch_repeat_interleave(group)
     for module in model.modules():
@@ -78,7 +77,7 @@ def prefilled_once(model: torch.nn.Module, inputs: dict[str, torch.Tensor], grou
             module.rope_deltas = module.rope_deltas.repeat_interleave(group, 0)
     per_token = {key: value.repeat_interleave(group, 0) for key, value in inputs.items()
                  if value.shape[:2] == ids.shape}
-    return {**per_token, "past_key_values": cache}
+    return {**per_token, "cache": cache}
 
 
 def answer(cfg: Config, built: Built, images: list[list[Image.Image]], prompts: list[str]) -> list[str]:
