@@ -15,7 +15,7 @@
    peak memory, one fresh process each.
 
 Everything it runs also runs on the CPU (--quick), so the first GPU meets tested code: only the
-device, the sizes and the numbers differ. Writes bench/results/<date>-<gpu>.{md,json}.
+device, the sizes and the numbers differ. Writes bench/results/<date>-<gpu>-bench-gpu.{md,json}.
 """
 
 from __future__ import annotations
@@ -67,12 +67,10 @@ def packing_pair(model: str, quick: bool) -> dict:
     """bench/packing.py's epoch, plain, grouped and packed, one fresh process each (--quick: 16
     samples at a tenth of the pixels, for the tiny test model's smaller patches)."""
     from bench.compare import in_fresh_process
-    from bench.packing import MODES, measure, write_docs
+    from bench.packing import MODES, docs_mix, measure
 
     samples = 16 if quick else 256
-    data = ROOT / "bench" / ".cache" / f"docs-mix-{samples}"
-    if not (data / "train" / "metadata.jsonl").is_file():
-        write_docs(data, samples)
+    data = docs_mix(samples)
     runs = {mode: in_fresh_process(measure, str(ROOT / model), str(data), mode, 8, 4000 if quick else 40000)
             for mode in MODES if mode != "both"}
     return {"samples": samples, **{mode: {k: v for k, v in r.items() if k != "losses"} for mode, r in runs.items()}}

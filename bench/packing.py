@@ -39,6 +39,12 @@ MODES = {"plain": {}, "group_by_length": {"group_by_length": True}, "packing": {
 WORDS = "the a page line total table figure date name amount of and in on is to from invoice report".split()
 
 
+def docs_mix(n: int) -> Path:
+    """bench/.cache/docs-mix-<n>, written the first time (write_docs)."""
+    out = ROOT / "bench" / ".cache" / f"docs-mix-{n}"
+    return out if (out / "train" / "metadata.jsonl").is_file() else write_docs(out, n)
+
+
 def write_docs(out: Path, n: int, seed: int = 0) -> Path:
     """An imagefolder of `n` page images of varied size and shape, each with an answer of 1 to 30 words."""
     from PIL import Image, ImageDraw
@@ -133,9 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{BASE} is missing: run `make base FAMILY=qwen2_5_vl` first")
     from bench.compare import in_fresh_process, machine
 
-    data = ROOT / "bench" / ".cache" / f"docs-mix-{args.samples}"
-    if not (data / "train" / "metadata.jsonl").is_file():
-        write_docs(data, args.samples)
+    data = docs_mix(args.samples)
     model = widened(args.hidden, ROOT / "bench" / ".cache" / f"qwen2_5_vl-{args.hidden}") if args.hidden else BASE
     runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
     for _ in range(args.runs):

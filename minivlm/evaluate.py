@@ -37,12 +37,9 @@ def generated(cfg: Config, built: Built, batch: dict[str, torch.Tensor], **setti
     was_training = model.training
     model.eval()
     inputs = model_inputs(batch, built.device, DTYPES[cfg.model.dtype])
-    group = settings.pop("num_return_sequences", 1)
     with autocast(cfg, built.device):
-        if group > 1 and getattr(built.family, "PREFILL_ONCE", True):
-            inputs = prefilled_once(model, inputs, group)
-        elif group > 1:
-            settings["num_return_sequences"] = group
+        if settings.get("num_return_sequences", 1) > 1 and getattr(built.family, "PREFILL_ONCE", True):
+            inputs = prefilled_once(model, inputs, settings.pop("num_return_sequences"))
         out = model.generate(**inputs, use_cache=True, **settings)
     model.train(was_training)
     return out[:, batch["input_ids"].shape[1]:]

@@ -23,9 +23,10 @@ so the restarts cannot be read from them: the family computes them per sample
 (`rope_positions`, from its padded rows), and transformers takes a 4-row `position_ids`, the
 plain per-sample count first (for the mask) and the three M-RoPE rows after it.
 
-Families whose images enter by cross-attention (Mllama, IDEFICS) or by a per-row attention
-pattern of their own (PaliGemma's prefix, Gemma 3's bidirectional images) keep PACKING = False:
-their masks do not come from positions alone.
+PaliGemma's bidirectional prefix and Gemma 3's bidirectional images pack too: transformers
+intersects their patterns with the per-sample blocks. Families whose images enter by
+cross-attention (Mllama, IDEFICS) keep PACKING = False: an image mask per row, which a joined
+row cannot carry.
 
 The attention is still computed over the whole row: an SDPA kernel given a block-diagonal mask
 costs (Σ L_i)² where the padded batch cost b · L_max². Only a varlen kernel (flash-attention's,

@@ -31,6 +31,6 @@ def logits_of(cfg: Config, built: Built, batch: dict[str, torch.Tensor], at: tor
     lm_head to the selected hidden states only, so the other positions never cost a vocab-sized row.
     `model`: the module to call, if not built.model (its DistributedDataParallel wrapper in training)."""
     # No KV cache: nothing here generates, and a cache also hides packed rows (packing.py) from transformers.
-    extra = {"use_cache": False} if at is None else {"use_cache": False, "logits_to_keep": at.to(built.device)}
+    extra = {"use_cache": False, **({} if at is None else {"logits_to_keep": at.to(built.device)})}
     with autocast(cfg, built.device):
         return (model or built.model)(**model_inputs(batch, built.device, DTYPES[cfg.model.dtype]), **extra).logits

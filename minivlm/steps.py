@@ -108,12 +108,16 @@ def sample_lengths(ds: datasets.Dataset, cfg: DataConfig, family: str, processor
     module, t0 = get_family(family), time.perf_counter()
     with warnings.catch_warnings():  # a dropped row warns when it is trained on, not here too
         warnings.simplefilter("ignore")
-        masks = [collate_fn(ds, [i], cfg, module, processor)["attention_mask"] for i in range(len(ds))]
-    lengths = [int(mask.sum(1).max()) if len(mask) else 0 for mask in masks]
+        lengths = [tokens_in(collate_fn(ds, [i], cfg, module, processor)["attention_mask"]) for i in range(len(ds))]
     if is_main():
         print(f"data.group_by_length: measured the lengths of {len(ds)} samples in {time.perf_counter() - t0:.1f} s "
               "(data.length_column skips this)")
     return lengths
+
+
+def tokens_in(mask: torch.Tensor) -> int:
+    """A collated sample's length: its longest row's real tokens (0 for a skipped sample's empty batch)."""
+    return int(mask.sum(1).max()) if len(mask) else 0
 
 
 def steps_per_epoch(n: int, batch_size: int, grad_accum: int) -> int:
